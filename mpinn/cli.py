@@ -1,0 +1,162 @@
+"""Command line: `mpinn data|train|evaluate|predict` (and `python -m mpinn`).
+
+    mpinn data synth data.h5 --samples 100000 --features 64 --classes 10
+    mpiexec -n 4 mpinn train data.h5 --out runs/a --hidden 256,128 --epochs 5
+    mpiexec -n 2 mpinn evaluate runs/a/checkpoint.h5 data.h5
+
+Exit codes: 0 success; 2 bad usage or bad input (one message, from rank 0);
+1 a failure while running (all ranks end; none is left waiting).
+`data` and `predict` are serial and do not initialise MPI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from . import __version__
+from .errors import UsageError
+
+EPILOG = """exit codes: 0 success, 2 bad usage or input, 1 failure while running.
+Run `mpinn COMMAND --help` for a command's options."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of printing and exiting on every rank."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="mpinn", description="Train multilayer perceptrons data-parallel over MPI, "
+               "with input from HDF5 files.", epilog=EPILOG,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"mpinn {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    data = sub.add_parser("data", help="write or inspect dataset files (serial)")
+    dsub = data.add_subparsers(dest="data_command", required=True, parser_class=Parser)
+    s = dsub.add_parser("synth", help="synthetic data labelled by a random teacher network")
+    s.add_argument("out", help="HDF5 file to write (replaced atomically)")
+    s.add_argument("--samples", type=int, required=True, help="training rows")
+    s.add_argument("--features", type=int, default=32, help="input features (default 32)")
+    s.add_argument("--classes", type=int, default=10,
+                   help="classes, or targets with --regression (default 10)")
+    s.add_argument("--test-samples", type=int, help="test rows (default samples/5)")
+    s.add_argument("--seed", type=int, default=0, help="content is a function of the seed")
+    s.add_argument("--regression", action="store_true",
+                   help="write the teacher's float outputs as targets (train with --loss mse)")
+    d = dsub.add_parser("digits", help="scikit-learn's bundled 8x8 digits (1797 samples)")
+    d.add_argument("out", help="HDF5 file to write")
+    d.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
+    i = dsub.add_parser("inspect", help="print layout, sizes, chunking and class balance")
+    i.add_argument("file")
+
+    t = sub.add_parser("train", help="train a model (under mpiexec/srun for several ranks)",
+                       description="Synchronous data-parallel training: every rank computes "
+                       "gradients on its share of each global batch; one Allreduce sums them.",
+                       epilog="Flags override the --config TOML file, which overrides the "
+                       "defaults shown. The resolved configuration is saved as RUN_DIR/config.toml.")
+    t.add_argument("data", nargs="?", help="dataset HDF5 file (or `data` in --config)")
+    t.add_argument("--out", help="run directory (config.toml, metrics.jsonl, summary.json, "
+                   "checkpoint.h5)")
+    t.add_argument("--config", help="TOML file with any of the options below (names with _)")
+    t.add_argument("--hidden", help="hidden layer widths, comma separated (default 256,128)")
+    t.add_argument("--activation", help="relu | tanh | sigmoid (default relu)")
+    t.add_argument("--loss", help="cross-entropy | mse (default cross-entropy)")
+    t.add_argument("--optimizer", help="sgd | momentum | adam (default momentum)")
+    t.add_argument("--lr", type=float, help="learning rate (default 0.01)")
+    t.add_argument("--momentum", type=float, help="momentum coefficient (default 0.9)")
+    t.add_argument("--batch-size", type=int,
+                   help="GLOBAL batch size, split over the ranks (default 128)")
+    t.add_argument("--epochs", type=int, help="epochs; 0 writes the initial checkpoint "
+                   "(default 10)")
+    t.add_argument("--seed", type=int, help="seed of weights and sample order (default 0)")
+    t.add_argument("--dtype", help="float32 | float64 (default float32)")
+    t.add_argument("--weight-decay", type=float, help="L2 weight decay (default 0)")
+    t.add_argument("--no-shuffle", dest="shuffle", action="store_const", const=False,
+                   help="consecutive rows in file order instead of a shuffle per epoch")
+    t.add_argument("--overwrite", action="store_const", const=True,
+                   help="replace a run already in --out")
+
+    e = sub.add_parser("evaluate", help="loss and accuracy of a checkpoint (distributed)")
+    e.add_argument("checkpoint")
+    e.add_argument("data")
+    e.add_argument("--split", choices=("train", "test"), default="test",
+                   help="which split to evaluate (default test)")
+
+    r = sub.add_parser("predict", help="write a checkpoint's outputs for input rows (serial)")
+    r.add_argument("checkpoint")
+    r.add_argument("input", help="HDF5 file with a dataset `x` (or `test/x`) of input rows")
+    r.add_argument("out", help="HDF5 file to write: `outputs` (and `predictions`)")
+    r.add_argument("--dataset", help="input dataset path inside INPUT (default x, then test/x)")
+    return p
+
+
+TRAIN_FLAGS = ("data", "out", "hidden", "activation", "loss", "optimizer", "lr", "momentum",
+               "batch_size", "epochs", "seed", "dtype", "weight_decay", "shuffle", "overwrite")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        # Every rank parsed the same argv and failed alike: only rank 0 speaks.
+        if rank_hint() == 0:
+            print(f"mpinn: error: {exc}", file=sys.stderr)
+        return 2
+    if args.command in ("train", "evaluate"):
+        from . import dist
+        return dist.run_or_abort(dist.world(), lambda: run_parallel(args, dist.world()))
+    try:
+        return run_serial(args)
+    except UsageError as exc:
+        print(f"mpinn: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run_parallel(args: argparse.Namespace, comm) -> int:
+    if args.command == "train":
+        from .config import load_toml, resolve
+        from .train import train
+        toml = load_toml(args.config) if args.config else {}
+        cfg = resolve(toml, {k: getattr(args, k) for k in TRAIN_FLAGS})
+        train(cfg, comm)
+    else:
+        from .infer import run_evaluate
+        run_evaluate(comm, args.checkpoint, args.data, args.split)
+    return 0
+
+
+def run_serial(args: argparse.Namespace) -> int:
+    from . import datasets
+    if args.command == "predict":
+        from .infer import predict
+        n = predict(args.checkpoint, args.input, args.out, args.dataset)
+        print(f"wrote {n} predictions to {args.out}")
+    elif args.data_command == "synth":
+        datasets.write_synth(args.out, args.samples, args.features, args.classes,
+                             args.test_samples, args.seed, args.regression)
+        print(datasets.inspect(args.out))
+    elif args.data_command == "digits":
+        datasets.write_digits(args.out, seed=args.seed)
+        print(datasets.inspect(args.out))
+    elif args.data_command == "inspect":
+        print(datasets.inspect(args.file))
+    return 0
+
+
+def rank_hint() -> int:
+    """This process's rank without initialising MPI (for messages before MPI starts).
+
+    Launchers export it: MPICH/Hydra and Intel MPI PMI_RANK, Open MPI
+    OMPI_COMM_WORLD_RANK, PMIx PMIX_RANK; srun sets SLURM_PROCID (0 for every
+    rank under mpiexec, hence checked last).
+    """
+    import os
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0

@@ -1,0 +1,133 @@
+"""The training configuration: a typed dataclass filled from TOML, then flags.
+
+Precedence: defaults < the `--config` TOML file < command-line flags. Keys are
+the field names below (a TOML file may also spell them with dashes). An unknown
+key or a bad value is a UsageError that names the key. The resolved
+configuration is written to RUN_DIR/config.toml and can be fed back with
+`--config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from typing import Any
+
+try:
+    import tomllib
+except ImportError:  # Python < 3.11
+    import tomli as tomllib
+
+from .errors import UsageError
+from .functional import ACTIVATIONS, LOSSES
+from .model import DTYPES
+from .optim import OPTIMIZERS
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""
+    out: str = ""
+    hidden: tuple[int, ...] = (256, 128)
+    activation: str = "relu"
+    loss: str = "cross-entropy"
+    optimizer: str = "momentum"
+    lr: float = 0.01
+    momentum: float = 0.9
+    batch_size: int = 128
+    epochs: int = 10
+    seed: int = 0
+    dtype: str = "float32"
+    weight_decay: float = 0.0
+    shuffle: bool = True
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        """UsageError naming the first bad field."""
+        choices = {"activation": ACTIVATIONS, "loss": LOSSES, "optimizer": OPTIMIZERS,
+                   "dtype": DTYPES}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise UsageError(f"{key}: {getattr(self, key)!r} is not one of "
+                                 f"{', '.join(allowed)}")
+        positive = {"lr": self.lr, "batch_size": self.batch_size}
+        for key, value in positive.items():
+            if not value > 0:
+                raise UsageError(f"{key} must be positive, got {value}")
+        for key in ("epochs", "weight_decay", "momentum", "seed"):
+            if not getattr(self, key) >= 0:
+                raise UsageError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.momentum >= 1:
+            raise UsageError(f"momentum must be < 1, got {self.momentum}")
+        if not self.data:
+            raise UsageError("data: no dataset file given")
+        if not self.out:
+            raise UsageError("out: no run directory given (--out RUN_DIR)")
+
+
+def parse_hidden(value: Any) -> tuple[int, ...]:
+    """'256,128' or [256, 128] -> (256, 128); '' or [] -> () (a linear model)."""
+    items = value.split(",") if isinstance(value, str) else value
+    if isinstance(value, str) and not value.strip():
+        return ()
+    try:
+        sizes = tuple(int(str(s).strip()) for s in items)
+    except (TypeError, ValueError):
+        raise UsageError(f"hidden: expected comma-separated layer widths like 256,128, "
+                         f"got {value!r}") from None
+    if any(s < 1 for s in sizes):
+        raise UsageError(f"hidden: layer widths must be >= 1, got {value!r}")
+    return sizes
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    if key == "hidden":
+        return parse_hidden(value)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise UsageError(f"{key}: expected true or false, got {value!r}")
+    if kind is int and isinstance(value, bool) or kind is int and isinstance(value, float):
+        raise UsageError(f"{key}: expected an integer, got {value!r}")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{key}: expected {kind.__name__}, got {value!r}") from None
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"--config {path}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"--config {path}: not valid TOML ({exc})") from None
+
+
+def resolve(toml: dict[str, Any], flags: dict[str, Any]) -> TrainConfig:
+    """TrainConfig from a TOML mapping and flags (None means 'not given'), validated."""
+    types = {f.name: (int if f.name == "hidden" else type(f.default)) for f in fields(TrainConfig)}
+    values: dict[str, Any] = {}
+    for source in (toml, flags):
+        for raw_key, value in source.items():
+            key = raw_key.replace("-", "_")
+            if key not in types:
+                raise UsageError(f"unknown configuration key {raw_key!r}; known keys: "
+                                 f"{', '.join(types)}")
+            if value is not None:
+                values[key] = _coerce(key, value, types[key])
+    cfg = TrainConfig(**values)
+    cfg.validate()
+    return cfg
+
+
+def to_toml(cfg: TrainConfig) -> str:
+    """The configuration as TOML (every value is a string, number, bool or int list)."""
+    lines = ["# mpinn resolved training configuration"]
+    for key, value in dataclasses.asdict(cfg).items():
+        if isinstance(value, (tuple, list)):
+            value = list(value)
+        lines.append(f"{key} = {json.dumps(value)}")
+    return "\n".join(lines) + "\n"

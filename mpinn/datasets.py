@@ -1,0 +1,147 @@
+"""Writers of dataset files (layout in data.py): synthetic teacher data and digits.
+
+Synthetic data is generated in fixed blocks of BLOCK rows, each block from its
+own generator seeded by (seed, split, block), so the file's content is a pure
+function of the arguments, whoever writes which blocks. Every writer produces
+the file atomically: an interrupted write leaves no half-written dataset.
+"""
+
+from __future__ import annotations
+
+import os
+
+import h5py
+import numpy as np
+
+from . import __version__
+from .data import SPLITS, describe
+from .errors import UsageError
+from .fileio import atomic_output
+
+BLOCK = 8192  # rows per generator stream in synthetic data
+CHUNK_BYTES = 1 << 20  # target size of one HDF5 chunk of x
+
+
+def _check_writable(path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise UsageError(f"{path}: directory {directory} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise UsageError(f"{path}: directory {directory} is not writable")
+
+
+def _chunk_rows(features: int, n: int) -> int:
+    return max(1, min(n, CHUNK_BYTES // (4 * max(features, 1))))
+
+
+def _create_split(f: h5py.File, split: str, n: int, features: int,
+                  y_shape: tuple[int, ...], y_dtype: str) -> tuple[h5py.Dataset, h5py.Dataset]:
+    """Empty chunked x (n, features) float32 and y (n, *y_shape) in group `split`."""
+    g = f.create_group(split)
+    rows = _chunk_rows(features, n) if n else None
+    x = g.create_dataset("x", (n, features), "float32", chunks=(rows, features) if n else None)
+    y = g.create_dataset("y", (n,) + y_shape, y_dtype, chunks=(rows,) + y_shape if n else None)
+    return x, y
+
+
+class Teacher:
+    """A fixed random tanh network that labels Gaussian inputs: a learnable task."""
+
+    def __init__(self, seed: int, features: int, outputs: int, hidden: int = 64) -> None:
+        rng = np.random.default_rng([seed, 0x7EAC])
+        self.w1 = rng.standard_normal((features, hidden)) * np.sqrt(2.0 / features)
+        self.b1 = rng.standard_normal(hidden) * 0.1
+        self.w2 = rng.standard_normal((hidden, outputs)) * np.sqrt(1.0 / hidden)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return np.tanh(x @ self.w1 + self.b1) @ self.w2
+
+
+def synth_block(teacher: Teacher, seed: int, split: str, block: int, rows: int,
+                features: int, regression: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of block `block` of a split: Gaussian x and the teacher's labels (or targets)."""
+    rng = np.random.default_rng([seed, SPLITS.index(split), block])
+    x = rng.standard_normal((rows, features)).astype(np.float32)
+    out = teacher(x.astype(np.float64))
+    y = out.astype(np.float32) if regression else out.argmax(axis=1).astype(np.int32)
+    return x, y
+
+
+def write_synth(path: str, samples: int, features: int = 32, classes: int = 10,
+                test_samples: int | None = None, seed: int = 0, regression: bool = False) -> None:
+    """Synthetic teacher data: `classes` labels, or `classes` float targets if regression."""
+    if test_samples is None:
+        test_samples = max(1, samples // 5)
+    for name, value, low in (("--samples", samples, 1), ("--features", features, 1),
+                             ("--classes", classes, 1 if regression else 2),
+                             ("--test-samples", test_samples, 0)):
+        if value < low:
+            raise UsageError(f"{name} must be >= {low}, got {value}")
+    _check_writable(path)
+    teacher = Teacher(seed, features, classes)
+    y_shape, y_dtype = ((classes,), "float32") if regression else ((), "int32")
+    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+        for split, n in (("train", samples), ("test", test_samples)):
+            x_d, y_d = _create_split(f, split, n, features, y_shape, y_dtype)
+            for block, start in enumerate(range(0, n, BLOCK)):
+                rows = min(BLOCK, n - start)
+                x, y = synth_block(teacher, seed, split, block, rows, features, regression)
+                x_d[start:start + rows] = x
+                y_d[start:start + rows] = y
+        _attributes(f, "synthetic teacher network", seed, None if regression else classes)
+
+
+def write_digits(path: str, test_fraction: float = 0.2, seed: int = 0) -> None:
+    """scikit-learn's bundled 8x8 digits (1797 samples, 10 classes), pixels scaled to [0, 1]."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise UsageError("`mpinn data digits` needs scikit-learn: pip install 'mpinn[digits]' "
+                         "(or pip install scikit-learn)") from None
+    _check_writable(path)
+    digits = load_digits()
+    x = (digits.data / 16.0).astype(np.float32)
+    y = digits.target.astype(np.int32)
+    order = np.random.default_rng(seed).permutation(len(y))
+    n_test = int(round(test_fraction * len(y)))
+    parts = {"test": order[:n_test], "train": order[n_test:]}
+    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+        for split in SPLITS:
+            rows = np.sort(parts[split])
+            x_d, y_d = _create_split(f, split, len(rows), x.shape[1], (), "int32")
+            x_d[...] = x[rows]
+            y_d[...] = y[rows]
+        _attributes(f, "scikit-learn load_digits (UCI optical digits, 8x8)", seed, 10)
+
+
+def _attributes(f: h5py.File, source: str, seed: int, classes: int | None) -> None:
+    f.attrs["source"] = source
+    f.attrs["seed"] = seed
+    f.attrs["mpinn_version"] = __version__
+    if classes is not None:
+        f.attrs["classes"] = classes
+
+
+def inspect(path: str) -> str:
+    """A human-readable description: layout, sizes, chunking, class balance."""
+    info = describe(path)
+    lines = [f"{path}: {os.path.getsize(path) / 2**20:.1f} MiB, {info.task}, "
+             f"{info.features} features"]
+    with h5py.File(path, "r") as f:
+        for key, value in f.attrs.items():
+            lines.append(f"  attribute {key} = {value}")
+        for split in SPLITS:
+            for name in ("x", "y"):
+                d = f[split][name]
+                lines.append(f"  /{split}/{name}: shape {d.shape}, {d.dtype}, chunks {d.chunks}, "
+                             f"compression {d.compression}")
+            if info.task == "classification":
+                counts = np.zeros(0, np.int64)
+                y = f[split]["y"]
+                for start in range(0, len(y), 1 << 20):
+                    c = np.bincount(y[start:start + (1 << 20)].astype(np.int64).clip(0))
+                    counts = np.pad(counts, (0, max(0, len(c) - len(counts))))
+                    counts[: len(c)] += c
+                balance = ", ".join(f"{k}: {v}" for k, v in enumerate(counts))
+                lines.append(f"  /{split} class counts: {balance}")
+    return "\n".join(lines)

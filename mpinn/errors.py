@@ -1,0 +1,15 @@
+"""The one exception type for bad usage or bad input (exit code 2).
+
+Anything a user can get wrong (flags, config keys, data files) raises UsageError
+with a message that says what is wrong and what to do. Internal invariants are
+asserts; any other exception is a failure while running (exit code 1).
+"""
+
+
+class UsageError(Exception):
+    """Bad usage or bad input: reported once, exit code 2."""
+
+
+class CollectiveError(RuntimeError):
+    """A failure while running that every rank detected alike (e.g. after a
+    consistency check): reported once by rank 0, exit code 1, no abort needed."""

@@ -1,0 +1,102 @@
+"""Using a trained model: distributed evaluation of a checkpoint, and prediction.
+
+    mpiexec -n 2 mpinn evaluate runs/a/checkpoint.h5 data.h5
+    mpinn predict runs/a/checkpoint.h5 inputs.h5 predictions.h5
+
+Rank 0 reads the checkpoint and broadcasts it (one small pickle for the
+metadata, one buffer Bcast for the flat weights), so a thousand ranks do not
+all open the same file.
+"""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+
+from . import checkpoint, dist
+from .errors import UsageError
+from .fileio import atomic_output
+from .model import MLP
+from .train import Problem, check_data, evaluate
+
+EVAL_ROWS = 4096  # rows per forward pass when evaluating or predicting
+
+
+def load_model(comm: dist.Comm, path: str) -> tuple[MLP, str]:
+    """Collective: the checkpoint's model on every rank, and its task."""
+    ckpt, error = None, None
+    if comm.rank == 0:
+        try:
+            ckpt = checkpoint.load(path)
+        except UsageError as exc:
+            error = str(exc)
+    error = dist.first_error(comm, error)
+    if error:
+        raise UsageError(error)
+    arch, task = dist.broadcast_object(comm, (ckpt.arch, ckpt.task) if ckpt else None)
+    model = MLP(arch, EVAL_ROWS)
+    if ckpt is not None:
+        ckpt.restore(model)
+    dist.broadcast(comm, model.params)
+    return model, task
+
+
+def run_evaluate(comm: dist.Comm, ckpt_path: str, data_path: str, split: str) -> dict:
+    """Collective: loss and accuracy of a checkpoint on a split, printed by rank 0."""
+    model, task = load_model(comm, ckpt_path)
+    problem: Problem = check_data(comm, data_path, model.arch.loss,
+                                  features=model.arch.sizes[0], outputs=model.arch.sizes[-1])
+    if problem.info.task != task:
+        raise UsageError(f"{data_path} is a {problem.info.task} dataset but the checkpoint "
+                         f"was trained for {task}")
+    from .data import SplitReader
+    with SplitReader(data_path, split, model.max_rows) as reader:
+        result = evaluate(comm, model, reader, problem)
+    result = {"split": split, "rows": problem.info.rows(split), "ranks": comm.size, **result}
+    line = f"{split}: {result['rows']} rows, loss {result['loss']:.6f}"
+    if result["accuracy"] is not None:
+        line += f", accuracy {result['accuracy']:.4f}"
+    dist.print0(comm, line)
+    return result
+
+
+def predict(ckpt_path: str, input_path: str, out_path: str, dataset: str | None) -> int:
+    """Serial: write the model's outputs (and class predictions) for every input row."""
+    ckpt = checkpoint.load(ckpt_path)
+    model = MLP(ckpt.arch, EVAL_ROWS)
+    ckpt.restore(model)
+    try:
+        src = h5py.File(input_path, "r")
+    except FileNotFoundError:
+        raise UsageError(f"{input_path}: no such file") from None
+    except OSError as exc:
+        raise UsageError(f"{input_path}: not a readable HDF5 file ({exc})") from None
+    with src:
+        candidates = [dataset] if dataset else ["x", "test/x"]
+        name = next((c for c in candidates if c in src), None)
+        if name is None:
+            raise UsageError(f"{input_path}: no input dataset {' or '.join(candidates)} "
+                             f"(choose one with --dataset)")
+        x = src[name]
+        if x.ndim != 2 or x.shape[1] != ckpt.arch.sizes[0]:
+            raise UsageError(f"{input_path}:/{name} has shape {x.shape} but the model expects "
+                             f"rows of {ckpt.arch.sizes[0]} features")
+        n, k = x.shape[0], ckpt.arch.sizes[-1]
+        with atomic_output(out_path) as tmp, h5py.File(tmp, "w") as out:
+            outputs = out.create_dataset("outputs", (n, k), ckpt.arch.dtype)
+            labels = out.create_dataset("predictions", (n,), "int64") \
+                if ckpt.task == "classification" else None
+            for first in range(0, n, EVAL_ROWS):
+                logits = model.forward(x[first:first + EVAL_ROWS])
+                if labels is not None:
+                    labels[first:first + len(logits)] = logits.argmax(axis=1)
+                    logits = softmax(logits)
+                outputs[first:first + len(logits)] = logits
+            out.attrs.update(checkpoint=ckpt_path, input=f"{input_path}:/{name}",
+                             outputs="class probabilities" if labels is not None else "targets")
+    return n
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)

@@ -1,0 +1,50 @@
+"""Phase timers for the training step and their statistics across ranks.
+
+Each rank accumulates seconds per phase; after training, the per-rank means
+per step are reduced (mean and max over ranks: the max is what the job waits
+for). The reduction itself goes through dist.py like every MPI call.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+
+from . import dist
+
+PHASES = ("data", "forward", "backward", "allreduce", "update")
+
+
+class PhaseTimer:
+    """Accumulated wall seconds per phase over counted steps."""
+
+    def __init__(self, phases: tuple[str, ...] = PHASES) -> None:
+        self.phases = phases
+        self.seconds = np.zeros(len(phases))
+        self.steps = 0
+        self._index = {p: i for i, p in enumerate(phases)}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[self._index[name]] += time.perf_counter() - start
+
+    def reset(self) -> None:
+        self.seconds[:] = 0
+        self.steps = 0
+
+    def reduce(self, comm: dist.Comm) -> dict[str, dict[str, float]]:
+        """Collective: {phase: {"mean": s, "max": s}} of seconds per step over ranks."""
+        per_step = self.seconds / max(self.steps, 1)
+        total = per_step.copy()
+        dist.allreduce_sum(comm, total)
+        peak = per_step.copy()
+        dist.allreduce_max(comm, peak)
+        return {p: {"mean": float(total[i] / comm.size), "max": float(peak[i])}
+                for i, p in enumerate(self.phases)}

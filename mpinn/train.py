@@ -1,0 +1,250 @@
+"""The training loop, distributed evaluation, and the run directory.
+
+Launch:  mpiexec -n 4 mpinn train data.h5 --out runs/a --hidden 256,128 --epochs 5
+
+Synchronous data-parallel SGD (DESIGN.md section 1): for every global batch of
+B samples, rank r sums the per-sample gradients of its contiguous share, one
+in-place Allreduce sums those sums over ranks, and every rank divides by B and
+applies the same update. So P ranks compute what one rank would, up to the
+order of floating-point summation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import __version__, checkpoint, data, dist
+from .config import TrainConfig, to_toml
+from .errors import UsageError
+from .fileio import atomic_output
+from .model import MLP, Architecture
+from .optim import make_optimizer
+from .timing import PhaseTimer
+
+INIT_STREAM = 0x1A17  # generator stream of the initial weights: seed -> weights
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What the data file says the model must look like (agreed by all ranks)."""
+
+    info: data.DatasetInfo
+    outputs: int  # classes, or regression targets
+
+    @property
+    def classification(self) -> bool:
+        return self.info.task == "classification"
+
+
+def check_data(comm: dist.Comm, path: str, loss: str, features: int | None = None,
+               outputs: int | None = None) -> Problem:
+    """Collective validation of a dataset file (and, optionally, a model's shape).
+
+    Every rank checks the layout and the labels of its own share of rows, then
+    all ranks agree on the outcome: UsageError on every rank if any found a fault.
+    """
+    error, lo, hi, info = None, 0, -1, None
+    try:
+        info = data.describe(path)
+        if info.task == "regression" and loss == "cross-entropy":
+            raise UsageError(f"{path} holds regression targets: use --loss mse")
+        if info.task == "classification":
+            for split in data.SPLITS:
+                start, stop = data.share(info.rows(split), comm.rank, comm.size)
+                s_lo, s_hi = data.label_range(path, split, start, stop)
+                if stop > start:
+                    lo, hi = (s_lo, s_hi) if hi < lo else (min(lo, s_lo), max(hi, s_hi))
+    except UsageError as exc:
+        error = str(exc)
+    reports = dist.gather_objects(comm, (error, lo, hi))
+    error = next((e for e, _, _ in reports if e is not None), None)
+    if error:
+        raise UsageError(error)
+    assert info is not None
+    n_out = info.outputs
+    if info.task == "classification":
+        lo = min(r[1] for r in reports if r[2] >= r[1])
+        hi = max(r[2] for r in reports if r[2] >= r[1])
+        n_out = n_out or hi + 1
+        if lo < 0 or hi >= n_out:
+            raise UsageError(f"{path}: labels must lie in [0, {n_out - 1}] "
+                             f"({n_out} classes), found labels from {lo} to {hi}")
+        if n_out < 2:
+            raise UsageError(f"{path}: classification needs at least 2 classes, found {n_out}")
+    if features is not None and features != info.features:
+        raise UsageError(f"{path} has {info.features} features but the model expects {features}")
+    if outputs is not None and outputs != n_out:
+        raise UsageError(f"{path} has {n_out} {'classes' if info.task == 'classification' else 'targets'}"
+                         f" but the model has {outputs} outputs")
+    return Problem(info, n_out)
+
+
+def prepare_run_dir(comm: dist.Comm, cfg: TrainConfig) -> None:
+    """Rank 0 creates the run directory; refuses to overwrite a run unless asked."""
+    error = None
+    if comm.rank == 0:
+        try:
+            if os.path.exists(os.path.join(cfg.out, "checkpoint.h5")) and not cfg.overwrite:
+                raise UsageError(f"{cfg.out} already holds a run (checkpoint.h5); choose another "
+                                 f"--out or pass --overwrite to replace it")
+            os.makedirs(cfg.out, exist_ok=True)
+        except UsageError as exc:
+            error = str(exc)
+        except OSError as exc:
+            error = f"cannot create run directory {cfg.out}: {exc.strerror}"
+    error = dist.first_error(comm, error)
+    if error:
+        raise UsageError(error)
+
+
+def evaluate(comm: dist.Comm, model: MLP, reader: data.SplitReader, problem: Problem
+             ) -> dict[str, float | None]:
+    """Collective: mean loss (and accuracy) of the model on all rows of a split.
+
+    Each rank evaluates its contiguous share of the rows; the sums of loss,
+    correct predictions and rows are reduced, then divided.
+    """
+    start, stop = data.share(reader.n, comm.rank, comm.size)
+    sums = np.zeros(3)  # loss, correct, rows
+    for first in range(start, stop, model.max_rows):
+        x, y = reader.read(np.arange(first, min(stop, first + model.max_rows)))
+        logits = model.forward(x)
+        sums += (model.loss(y), count_correct(logits, y, problem), len(y))
+    dist.allreduce_sum(comm, sums)
+    rows = max(sums[2], 1)
+    return {"loss": sums[0] / rows,
+            "accuracy": sums[1] / rows if problem.classification else None}
+
+
+def count_correct(logits: np.ndarray, y: np.ndarray, problem: Problem) -> int:
+    if not problem.classification or len(y) == 0:
+        return 0
+    return int(np.count_nonzero(logits.argmax(axis=1) == y))
+
+
+def train(cfg: TrainConfig, comm: dist.Comm) -> dict:
+    """Train as configured; rank 0 writes the run directory. Returns the summary."""
+    # -- validate everything, then agree, before the first collective of real work
+    problem = check_data(comm, cfg.data, cfg.loss)
+    prepare_run_dir(comm, cfg)
+    info = problem.info
+    rank, size = comm.rank, comm.size
+    arch = Architecture((info.features, *cfg.hidden, problem.outputs), cfg.activation,
+                        cfg.loss, cfg.dtype)
+    max_rows = max(1, -(-cfg.batch_size // size))  # largest share of a global batch
+    model = MLP(arch, max_rows)
+    model.init(np.random.default_rng([cfg.seed, INIT_STREAM]))
+    dist.check_identical(comm, model.params, "initial weights")
+    optimizer = make_optimizer(cfg.optimizer, model.params, cfg.lr, cfg.weight_decay,
+                               cfg.momentum)
+    steps = data.steps_per_epoch(info.n_train, cfg.batch_size)
+
+    dist.print0(comm, f"mpinn {__version__}: {size} ranks ({dist.library()})")
+    dist.print0(comm, f"data {cfg.data}: {info.n_train} train / {info.n_test} test rows, "
+                      f"{info.features} features, {problem.outputs} "
+                      f"{'classes' if problem.classification else 'targets'}")
+    dist.print0(comm, f"model {'-'.join(map(str, arch.sizes))} {arch.activation}, "
+                      f"{arch.loss}, {arch.n_params:,} params ({arch.dtype}); {cfg.optimizer} "
+                      f"lr {cfg.lr}; global batch {cfg.batch_size} (<= {max_rows} per rank), "
+                      f"{steps} steps/epoch")
+    if rank == 0:
+        with atomic_output(os.path.join(cfg.out, "config.toml")) as tmp, open(tmp, "w") as f:
+            f.write(to_toml(cfg))
+        metrics_file = open(os.path.join(cfg.out, "metrics.jsonl"), "w")
+
+    timer = PhaseTimer()
+    train_reader = data.SplitReader(cfg.data, "train", max_rows)
+    test_reader = data.SplitReader(cfg.data, "test", max_rows)
+    steady_seconds, steady_samples, step = 0.0, 0, 0
+    epoch_stats = np.zeros(3)  # loss, correct, rows of this rank in this epoch
+    last: dict = {"loss": None, "accuracy": None}
+    test = evaluate(comm, model, test_reader, problem) if cfg.epochs == 0 else {}
+    for epoch in range(cfg.epochs):
+        epoch_start = time.perf_counter()
+        epoch_stats[:] = 0
+        order = data.epoch_order(cfg.seed, epoch, info.n_train, cfg.shuffle)
+        for indices, batch_rows in data.local_batches(order, cfg.batch_size, rank, size):
+            step_start = time.perf_counter()
+            with timer.phase("data"):
+                x, y = train_reader.read(indices)
+            with timer.phase("forward"):
+                logits = model.forward(x)
+                correct = count_correct(logits, y, problem)
+            with timer.phase("backward"):
+                loss = model.backward(y)  # grads <- sum over this rank's rows
+            with timer.phase("allreduce"):
+                # SUM of per-rank gradient sums: the gradient summed over the global batch.
+                dist.allreduce_sum(comm, model.grads)
+            with timer.phase("update"):
+                # Divide by the true global count (not by P, not by the local count):
+                # g = (1/B) sum_{i in batch} grad loss_i, whatever the shares were.
+                model.grads *= 1.0 / batch_rows
+                optimizer.step(model.grads)
+            epoch_stats += (loss, correct, len(y))
+            timer.steps += 1
+            step += 1
+            if step == 1 and cfg.epochs * steps > 1:
+                timer.reset()  # the first step warms caches and BLAS: not steady state
+            elif step > 1:
+                steady_seconds += time.perf_counter() - step_start
+                steady_samples += batch_rows
+        dist.allreduce_sum(comm, epoch_stats)
+        epoch_seconds = time.perf_counter() - epoch_start
+        last = {"loss": epoch_stats[0] / epoch_stats[2],
+                "accuracy": epoch_stats[1] / epoch_stats[2] if problem.classification else None}
+        test = evaluate(comm, model, test_reader, problem)
+        record = {"epoch": epoch + 1, "step": step, "train_loss": last["loss"],
+                  "train_accuracy": last["accuracy"], "test_loss": test["loss"],
+                  "test_accuracy": test["accuracy"], "seconds": epoch_seconds,
+                  "samples_per_s": info.n_train / epoch_seconds}
+        if rank == 0:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            save_checkpoint(cfg, model, problem, optimizer, epoch + 1, step)
+        dist.print0(comm, format_epoch(record, cfg.epochs, problem.classification))
+    dist.check_identical(comm, model.params, "final weights")
+    if cfg.epochs == 0 and rank == 0:
+        save_checkpoint(cfg, model, problem, optimizer, 0, 0)
+    train_reader.close()
+    test_reader.close()
+
+    peak = np.array([steady_seconds])
+    dist.allreduce_max(comm, peak)
+    summary = {
+        "ranks": size, "mpi": dist.library(), "epochs": cfg.epochs, "steps": step,
+        "batch_size": cfg.batch_size, "params": arch.n_params, "dtype": arch.dtype,
+        "io": "independent",
+        "final_train_loss": last["loss"], "final_train_accuracy": last["accuracy"],
+        "test_loss": test.get("loss"), "test_accuracy": test.get("accuracy"),
+        "samples_per_s": steady_samples / peak[0] if peak[0] > 0 else None,
+        "step_time_s": timer.reduce(comm),
+        "allreduce_bytes_per_step": model.grads.nbytes,
+    }
+    if rank == 0:
+        metrics_file.close()
+        with atomic_output(os.path.join(cfg.out, "summary.json")) as tmp, open(tmp, "w") as f:
+            json.dump(summary, f, indent=2)
+        acc = summary["test_accuracy"]
+        dist.print0(comm, f"done: test loss {summary['test_loss']:.4f}"
+                          + (f", test accuracy {acc:.4f}" if acc is not None else "")
+                          + f"; summary in {os.path.join(cfg.out, 'summary.json')}")
+    return summary
+
+
+def save_checkpoint(cfg: TrainConfig, model: MLP, problem: Problem, optimizer, epoch: int,
+                    step: int) -> None:
+    checkpoint.save(os.path.join(cfg.out, "checkpoint.h5"), model, problem.info.task, epoch,
+                    step, to_toml(cfg), cfg.optimizer, optimizer.state())
+
+
+def format_epoch(r: dict, epochs: int, classification: bool) -> str:
+    def acc(key: str) -> str:
+        return f" acc {r[key]:.4f}" if classification else ""
+    return (f"epoch {r['epoch']}/{epochs}  train loss {r['train_loss']:.4f}{acc('train_accuracy')}"
+            f"  test loss {r['test_loss']:.4f}{acc('test_accuracy')}"
+            f"  {r['samples_per_s']:,.0f} samples/s  {r['seconds']:.2f} s")
