@@ -49,7 +49,7 @@ class Teacher:
 
     def __init__(self, seed: int, features: int, outputs: int, hidden: int = 64) -> None:
         rng = np.random.default_rng([seed, 0x7EAC])
-        self.w1 = rng.standard_normal((features, hidden)) * np.sqrt(2.0 / features)
+        self.w1 = rng.standard_normal((features, hidden)) * np.sqrt(1.0 / features)
         self.b1 = rng.standard_normal(hidden) * 0.1
         self.w2 = rng.standard_normal((hidden, outputs)) * np.sqrt(1.0 / hidden)
 

@@ -1,0 +1,94 @@
+"""Shared helpers: launch real mpiexec jobs (always with a timeout), make data files.
+
+The launcher is $MPINN_MPIEXEC (the Makefile exports the one that belongs to the
+installed MPI), else the `mpiexec` beside this Python (the `mpich` wheel's),
+else the first on PATH.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+HERE = Path(__file__).resolve().parent
+RANKS = (1, 2, 3, 4)  # rank counts the MPI tests run at; 4 ranks oversubscribe 2 cores
+
+
+def mpiexec() -> str:
+    candidates = [os.environ.get("MPINN_MPIEXEC"),
+                  str(Path(sys.executable).parent / "mpiexec"), shutil.which("mpiexec")]
+    for c in candidates:
+        if c and (shutil.which(c) or os.access(c, os.X_OK)):
+            return c
+    raise RuntimeError("no mpiexec found: run the tests through `make test`, or set "
+                       "MPINN_MPIEXEC to your MPI's launcher")
+
+
+def test_env() -> dict[str, str]:
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = "1"
+    return env
+
+
+def run(cmd: list[str], timeout: float = 120, cwd: Path | None = None,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run cmd in its own process group; on timeout kill the whole group and fail."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=cwd, env=env or test_env(), start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout} s (a hang): {' '.join(cmd)}\n{out}\n{err}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def mpinn(n: int | None, *args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    """`mpiexec -n N python -m mpinn ARGS` (or serial with n=None)."""
+    cmd = [sys.executable, "-m", "mpinn", *map(str, args)]
+    if n is not None:
+        cmd = [mpiexec(), "-n", str(n), *cmd]
+    return run(cmd, timeout=timeout, **kw)
+
+
+def mpi_script(n: int, name: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run tests/mpi/NAME under mpiexec -n N."""
+    return run([mpiexec(), "-n", str(n), sys.executable, str(HERE / "mpi" / name),
+                *map(str, args)], timeout=timeout)
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def load_weights(checkpoint: Path) -> list[np.ndarray]:
+    with h5py.File(checkpoint, "r") as f:
+        n = len(f["model"].attrs["sizes"]) - 1
+        return [f["model"][f"{k}{i}"][...] for i in range(n) for k in "Wb"]
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory) -> Path:
+    """A small synthetic classification file: 600 train / 150 test rows, 12 features."""
+    path = tmp_path_factory.mktemp("data") / "synth.h5"
+    ok(mpinn(None, "data", "synth", path, "--samples", 600, "--test-samples", 150,
+             "--features", 12, "--classes", 4, "--seed", 3))
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "digits.h5"
+    ok(mpinn(None, "data", "digits", path))
+    return path

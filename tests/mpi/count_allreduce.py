@@ -1,0 +1,47 @@
+"""Run under mpiexec -n P: count the gradient Allreduces of a real training run.
+
+A thin wrapper around COMM_WORLD records every Allreduce (buffer address and
+size) and forwards it to MPI. Training must make exactly one Allreduce of the
+full gradient buffer per step, always on the same memory.
+Usage: count_allreduce.py DATA.h5 RUN_DIR BATCH EPOCHS
+"""
+
+import sys
+
+import numpy as np
+
+from mpinn import data, dist
+from mpinn.config import resolve
+from mpinn.train import train
+
+
+class CountingComm:
+    def __init__(self, comm):
+        self._comm = comm
+        self.calls = []
+
+    def Allreduce(self, sendbuf, recvbuf, op):
+        arr = np.asarray(recvbuf)
+        self.calls.append((arr.__array_interface__["data"][0], arr.nbytes))
+        return self._comm.Allreduce(sendbuf, recvbuf, op=op)
+
+    def __getattr__(self, name):
+        return getattr(self._comm, name)
+
+
+path, out, batch, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+comm = CountingComm(dist.world())
+cfg = resolve({}, {"data": path, "out": out, "hidden": "16,8", "batch_size": batch,
+                   "epochs": epochs, "overwrite": True})
+summary = train(cfg, comm)
+info = data.describe(path)
+steps = epochs * data.steps_per_epoch(info.n_train, batch)
+assert summary["steps"] == steps
+grad_bytes = summary["allreduce_bytes_per_step"]
+grad_calls = [c for c in comm.calls if c[1] == grad_bytes]
+assert len(grad_calls) == steps, (len(grad_calls), steps)
+assert len({addr for addr, _ in grad_calls}) == 1, "gradient buffer was reallocated"
+others = [c for c in comm.calls if c[1] != grad_bytes]
+assert all(nbytes <= 64 for _, nbytes in others), others  # only small metric reductions
+assert len(others) <= 4 * epochs + 4, len(others)  # per epoch, not per step
+dist.print0(comm, f"allreduce ok: {steps} steps, {len(grad_calls)} gradient Allreduces")

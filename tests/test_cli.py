@@ -1,0 +1,152 @@
+"""The command line and the files it writes, per DESIGN.md section 3."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tomllib
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import load_weights, mpinn, ok, run
+from mpinn.model import MLP, Architecture
+from mpinn.train import INIT_STREAM
+
+
+def test_module_and_console_script_are_the_same_program():
+    via_module = ok(mpinn(None, "train", "--help"))
+    script = shutil.which("mpinn") or str(__import__("pathlib").Path(sys.executable).parent / "mpinn")
+    via_script = ok(run([script, "train", "--help"]))
+    assert via_module.stdout == via_script.stdout
+    for flag in ("--batch-size", "GLOBAL", "--no-shuffle", "--config", "--dtype"):
+        assert flag in via_module.stdout
+    assert "exit codes" in ok(mpinn(None, "--help")).stdout
+
+
+def test_epochs_0_writes_the_initial_weights(synth, tmp_path):
+    ok(mpinn(2, "train", synth, "--out", tmp_path / "a", "--epochs", 0, "--hidden", "10,6",
+             "--seed", 4, "--dtype", "float64"))
+    ok(mpinn(3, "train", synth, "--out", tmp_path / "b", "--epochs", 0, "--hidden", "10,6",
+             "--seed", 4, "--dtype", "float64"))
+    ok(mpinn(1, "train", synth, "--out", tmp_path / "c", "--epochs", 0, "--hidden", "10,6",
+             "--seed", 5, "--dtype", "float64"))
+    a, b, c = (load_weights(tmp_path / r / "checkpoint.h5") for r in "abc")
+    # an independent oracle: the model initialised from the same seed in this process
+    model = MLP(Architecture((12, 10, 6, 4), dtype="float64"), 1)
+    model.init(np.random.default_rng([4, INIT_STREAM]))
+    expected = [v for pair in zip(model.W, model.b) for v in pair]
+    for got_a, got_b, want in zip(a, b, expected):
+        np.testing.assert_array_equal(got_a, want)
+        np.testing.assert_array_equal(got_b, want)
+    assert not np.array_equal(a[0], c[0])
+    with h5py.File(tmp_path / "a" / "checkpoint.h5", "r") as f:
+        assert f["model/W0"].shape == (12, 10) and f["model/b2"].shape == (4,)
+        assert list(f["model"].attrs["sizes"]) == [12, 10, 6, 4]
+        assert f["model"].attrs["activation"] == "relu" and f.attrs["epoch"] == 0
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["epochs"] == 0 and summary["steps"] == 0
+    assert 0 <= summary["test_accuracy"] <= 1
+
+
+def test_run_directory_contract(synth, tmp_path):
+    out = tmp_path / "run"
+    result = ok(mpinn(2, "train", synth, "--out", out, "--epochs", 3, "--hidden", "16",
+                      "--batch-size", 32, "--optimizer", "adam", "--lr", 0.01))
+    assert result.stdout.count("epoch 3/3") == 1 and result.stderr == ""
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3]
+    assert lines[-1]["step"] == 3 * -(-600 // 32)
+    assert lines[-1]["train_loss"] < lines[0]["train_loss"]
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("ranks", "epochs", "final_train_loss", "test_accuracy", "samples_per_s"):
+        assert summary[key] is not None, key
+    assert summary["ranks"] == 2 and summary["final_train_loss"] == lines[-1]["train_loss"]
+    assert summary["test_accuracy"] == lines[-1]["test_accuracy"]
+    assert summary["samples_per_s"] > 0
+    phases = summary["step_time_s"]
+    assert set(phases) == {"data", "forward", "backward", "allreduce", "update"}
+    for stats in phases.values():
+        assert 0 < stats["mean"] <= stats["max"]
+    config = tomllib.loads((out / "config.toml").read_text())
+    assert config["optimizer"] == "adam" and config["hidden"] == [16]
+    assert config["batch_size"] == 32 and config["shuffle"] is True
+
+
+def test_saved_config_reproduces_the_run_bit_for_bit(synth, tmp_path):
+    first = tmp_path / "first"
+    ok(mpinn(2, "train", synth, "--out", first, "--epochs", 2, "--hidden", "12,6",
+             "--activation", "tanh", "--weight-decay", 0.001, "--batch-size", 40))
+    again = tmp_path / "again"
+    ok(mpinn(2, "train", "--config", first / "config.toml", "--out", again))
+    for a, b in zip(load_weights(first / "checkpoint.h5"), load_weights(again / "checkpoint.h5")):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_flags_override_the_config_file(synth, tmp_path):
+    (tmp_path / "c.toml").write_text('hidden = "9"\nepochs = 7\nbatch-size = 50\n')
+    out = tmp_path / "run"
+    ok(mpinn(1, "train", synth, "--config", tmp_path / "c.toml", "--epochs", 1, "--out", out))
+    config = tomllib.loads((out / "config.toml").read_text())
+    assert config["hidden"] == [9] and config["epochs"] == 1 and config["batch_size"] == 50
+
+
+def test_synth_is_a_function_of_its_arguments(tmp_path):
+    for name in ("a", "b"):
+        ok(mpinn(None, "data", "synth", tmp_path / f"{name}.h5", "--samples", 20000,
+                 "--features", 5, "--classes", 3, "--seed", 9))
+    ok(mpinn(None, "data", "synth", tmp_path / "c.h5", "--samples", 20000, "--features", 5,
+             "--classes", 3, "--seed", 10))
+    with h5py.File(tmp_path / "a.h5") as a, h5py.File(tmp_path / "b.h5") as b, \
+            h5py.File(tmp_path / "c.h5") as c:
+        np.testing.assert_array_equal(a["train/x"][...], b["train/x"][...])
+        np.testing.assert_array_equal(a["test/y"][...], b["test/y"][...])
+        assert not np.array_equal(a["train/x"][...], c["train/x"][...])
+        assert a["train/x"].shape == (20000, 5) and a["test/x"].shape == (4000, 5)
+        assert a["train/x"].dtype == np.float32 and a["train/x"].chunks is not None
+        counts = np.bincount(a["train/y"][...], minlength=3)
+        assert len(counts) == 3 and counts.min() > 0
+    listing = ok(mpinn(None, "data", "inspect", tmp_path / "a.h5")).stdout
+    assert "/train/x: shape (20000, 5)" in listing and "class counts" in listing
+
+
+def test_synthetic_task_is_learnable(tmp_path):
+    data = tmp_path / "s.h5"
+    ok(mpinn(None, "data", "synth", data, "--samples", 8000, "--features", 16, "--classes", 5))
+    out = tmp_path / "run"
+    ok(mpinn(2, "train", data, "--out", out, "--hidden", "64", "--epochs", 8, "--lr", 0.05))
+    summary = json.loads((out / "summary.json").read_text())
+    with h5py.File(data) as f:
+        majority = np.bincount(f["test/y"][...]).max() / len(f["test/y"])
+    assert majority < 0.4 and summary["test_accuracy"] > 0.75, (majority, summary)
+
+
+def test_regression_with_mse_and_predict(tmp_path):
+    data = tmp_path / "r.h5"
+    ok(mpinn(None, "data", "synth", data, "--samples", 3000, "--features", 6, "--classes", 2,
+             "--regression"))
+    out = tmp_path / "run"
+    ok(mpinn(2, "train", data, "--out", out, "--loss", "mse", "--activation", "tanh",
+             "--hidden", "32", "--epochs", 10, "--lr", 0.05, "--batch-size", 32))
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["test_loss"] < 0.5 * lines[0]["test_loss"]
+    assert lines[-1]["test_accuracy"] is None
+    ok(mpinn(None, "predict", out / "checkpoint.h5", data, tmp_path / "p.h5"))
+    with h5py.File(tmp_path / "p.h5") as p, h5py.File(data) as d:
+        mse = np.mean((p["outputs"][...] - d["test/y"][...]) ** 2)
+        assert mse == pytest.approx(lines[-1]["test_loss"], rel=1e-4)
+
+
+def test_predict_agrees_with_evaluate(digits, tmp_path):
+    out = tmp_path / "run"
+    ok(mpinn(2, "train", digits, "--out", out, "--hidden", "32", "--epochs", 3,
+             "--optimizer", "adam", "--lr", 0.005))
+    evaluated = ok(mpinn(3, "evaluate", out / "checkpoint.h5", digits)).stdout
+    ok(mpinn(None, "predict", out / "checkpoint.h5", digits, tmp_path / "p.h5"))
+    with h5py.File(tmp_path / "p.h5") as p, h5py.File(digits) as d:
+        accuracy = np.mean(p["predictions"][...] == d["test/y"][...])
+        np.testing.assert_allclose(p["outputs"][...].sum(axis=1), 1, rtol=1e-5)
+        assert np.array_equal(p["outputs"][...].argmax(axis=1), p["predictions"][...])
+    assert f"accuracy {accuracy:.4f}" in evaluated

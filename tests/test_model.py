@@ -1,0 +1,139 @@
+"""The model and optimizers against independent oracles: finite differences, closed forms."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from mpinn import functional as F
+from mpinn.model import MLP, Architecture
+from mpinn.optim import SGD, Adam, Momentum
+
+CASES = list(itertools.product(F.ACTIVATIONS, F.LOSSES))
+
+
+def problem(activation: str, loss: str, targets: str = "labels", n: int = 7):
+    arch = Architecture((5, 6, 4, 3), activation, loss, "float64")
+    model = MLP(arch, max_rows=n)
+    model.init(np.random.default_rng(1))
+    rng = np.random.default_rng(2)
+    for b in model.b:  # non-zero biases so every term of the gradient is exercised
+        b[...] = rng.normal(0, 0.3, b.shape)
+    x = rng.normal(size=(n, 5))
+    y = rng.normal(size=(n, 3)) if targets == "regression" else rng.integers(0, 3, n)
+    return model, x, y
+
+
+def summed_loss(model: MLP, x, y) -> float:
+    model.forward(x)
+    return model.loss(y)
+
+
+@pytest.mark.parametrize("activation,loss", CASES + [(a, "mse-regression") for a in F.ACTIVATIONS])
+def test_gradient_matches_central_differences(activation, loss):
+    targets = "regression" if loss == "mse-regression" else "labels"
+    model, x, y = problem(activation, loss.replace("-regression", ""), targets)
+    model.forward(x)
+    model.backward(y)
+    analytic = model.grads.copy()
+    numeric = np.zeros_like(analytic)
+    h = 1e-6
+    for i in range(model.params.size):
+        saved = model.params[i]
+        model.params[i] = saved + h
+        up = summed_loss(model, x, y)
+        model.params[i] = saved - h
+        down = summed_loss(model, x, y)
+        model.params[i] = saved
+        numeric[i] = (up - down) / (2 * h)
+    # relu's kink: no sample sits within h of it for this data (checked by the tolerance)
+    rel = np.linalg.norm(analytic - numeric) / np.linalg.norm(analytic + numeric)
+    assert rel <= 1e-7, rel
+
+
+def test_zero_rows_give_zero_gradients():
+    model, x, y = problem("tanh", "cross-entropy")
+    model.grads[:] = 123.0
+    model.forward(x[:0])
+    assert model.backward(y[:0]) == 0.0
+    assert not model.grads.any()
+
+
+def test_gradient_is_a_sum_over_rows():
+    """backward() sums per-sample gradients: rows split in two add up to the whole."""
+    model, x, y = problem("sigmoid", "cross-entropy")
+    model.forward(x)
+    total_loss = model.backward(y)
+    whole = model.grads.copy()
+    parts, loss_parts = np.zeros_like(whole), 0.0
+    for rows in (slice(0, 3), slice(3, None)):
+        model.forward(x[rows])
+        loss_parts += model.backward(y[rows])
+        parts += model.grads
+    np.testing.assert_allclose(parts, whole, rtol=1e-12, atol=1e-14)
+    assert loss_parts == pytest.approx(total_loss, rel=1e-12)
+
+
+def test_cross_entropy_is_stable_for_huge_logits():
+    z = np.array([[1000.0, 0.0, -1000.0], [0.0, 1e4, 0.0]])
+    delta = np.empty_like(z)
+    loss = F.softmax_cross_entropy(z, np.array([0, 0]), delta)
+    assert np.isfinite(loss) and loss == pytest.approx(1e4)
+    np.testing.assert_allclose(delta, [[0, 0, 0], [-1, 1, 0]], atol=1e-12)
+
+
+def test_parameter_views_share_the_flat_buffers():
+    model = MLP(Architecture((3, 4, 2)), max_rows=1)
+    assert model.params.size == 3 * 4 + 4 + 4 * 2 + 2 == model.arch.n_params
+    model.params[:] = np.arange(model.params.size)
+    assert model.W[0].shape == (3, 4) and model.W[1].shape == (4, 2)
+    assert model.W[0][0, 1] == 1 and model.b[0][0] == 12 and model.W[1][0, 0] == 16
+    for view in model.W + model.b:
+        assert np.shares_memory(view, model.params)
+    for view in model.dW + model.db:
+        assert np.shares_memory(view, model.grads)
+    assert model.layer_ranges() == [(0, 16), (16, 26)]
+
+
+def test_init_is_a_function_of_the_generator_only():
+    a = MLP(Architecture((8, 16, 3), dtype="float32"), 4)
+    b = MLP(Architecture((8, 16, 3), dtype="float64"), 4)
+    a.init(np.random.default_rng(5))
+    b.init(np.random.default_rng(5))
+    np.testing.assert_array_equal(a.params, b.params.astype(np.float32))
+    # He normal for relu: weight variance close to 2 / fan_in
+    big = MLP(Architecture((400, 300, 2)), 1)
+    big.init(np.random.default_rng(0))
+    assert big.W[0].var() == pytest.approx(2 / 400, rel=0.02)
+
+
+def test_sgd_momentum_adam_closed_forms():
+    g = np.array([0.5, -2.0, 0.0])
+    w = np.array([1.0, 1.0, 1.0])
+    sgd = SGD(w.copy(), lr=0.1, weight_decay=0.01)
+    sgd.step(g.copy())
+    np.testing.assert_allclose(sgd.params, w - 0.1 * (g + 0.01 * w))
+
+    mom = Momentum(w.copy(), lr=0.1, momentum=0.9)
+    mom.step(g.copy())
+    mom.step(g.copy())  # v1 = g, v2 = 0.9 g + g
+    np.testing.assert_allclose(mom.params, w - 0.1 * g - 0.1 * 1.9 * g)
+
+    adam = Adam(w.copy(), lr=0.01)
+    adam.step(g.copy())  # first step: m_hat = g, v_hat = g^2 -> step lr * g / (|g| + eps)
+    np.testing.assert_allclose(adam.params, w - 0.01 * g / (np.abs(g) + 1e-8))
+    adam.step(g.copy())
+    assert int(adam.t) == 2
+    np.testing.assert_allclose(adam.params, w - 0.02 * g / (np.abs(g) + 1e-8), rtol=1e-6)
+
+
+def test_optimizer_steps_do_not_reallocate():
+    w = np.ones(10)
+    for opt in (SGD(w, 0.1, 0.1), Momentum(w, 0.1, 0.1), Adam(w, 0.1, 0.1)):
+        before = [a.__array_interface__["data"][0] for a in (opt.params, *opt.state().values())]
+        opt.step(np.full(10, 0.5))
+        after = [a.__array_interface__["data"][0] for a in (opt.params, *opt.state().values())]
+        assert before == after
+        assert opt.params is w
