@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from . import __version__
 from .errors import UsageError
@@ -58,7 +58,8 @@ def build_parser() -> Parser:
                        description="Synchronous data-parallel training: every rank computes "
                        "gradients on its share of each global batch; one Allreduce sums them.",
                        epilog="Flags override the --config TOML file, which overrides the "
-                       "defaults shown. The resolved configuration is saved as RUN_DIR/config.toml.")
+                       "defaults shown. The resolved configuration is saved as "
+                       "RUN_DIR/config.toml.")
     t.add_argument("data", nargs="?", help="dataset HDF5 file (or `data` in --config)")
     t.add_argument("--out", help="run directory (config.toml, metrics.jsonl, summary.json, "
                    "checkpoint.h5)")

@@ -15,8 +15,8 @@ Each rank opens the file read-only and reads only the rows of its own shares.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import h5py
 import numpy as np
@@ -34,7 +34,6 @@ class DatasetInfo:
     features: int
     task: str  # "classification" or "regression"
     outputs: int  # classes, or regression targets; 0 while classes are still unknown
-    label_dtype: str
 
     def rows(self, split: str) -> int:
         return self.n_train if split == "train" else self.n_test
@@ -64,11 +63,12 @@ def describe(path: str) -> DatasetInfo:
             if y.shape[0] != x.shape[0]:
                 raise UsageError(f"{path}: /{split}/x has {x.shape[0]} rows but "
                                  f"/{split}/y has {y.shape[0]}")
-            if not ((y.ndim == 1 and y.dtype.kind in "iu") or (y.ndim == 2 and y.dtype.kind == "f")):
+            labels = y.ndim == 1 and y.dtype.kind in "iu"
+            if not (labels or (y.ndim == 2 and y.dtype.kind == "f")):
                 raise UsageError(f"{path}: /{split}/y must hold integer labels (N,) or float "
                                  f"targets (N, K), got shape {y.shape} of {y.dtype}")
-            shapes[split] = (x.shape, y.shape, y.dtype)
-        (xtr, ytr, dtr), (xte, yte, dte) = shapes["train"], shapes["test"]
+            shapes[split] = (x.shape, y.shape)
+        (xtr, ytr), (xte, yte) = shapes["train"], shapes["test"]
         if xtr[1] != xte[1]:
             raise UsageError(f"{path}: train has {xtr[1]} features but test has {xte[1]}")
         if len(ytr) != len(yte) or ytr[1:] != yte[1:]:
@@ -77,7 +77,7 @@ def describe(path: str) -> DatasetInfo:
             raise UsageError(f"{path}: the train split is empty")
         task = "classification" if len(ytr) == 1 else "regression"
         outputs = ytr[1] if task == "regression" else int(f.attrs.get("classes", 0))
-        return DatasetInfo(path, xtr[0], xte[0], xtr[1], task, outputs, str(dtr))
+        return DatasetInfo(path, xtr[0], xte[0], xtr[1], task, outputs)
 
 
 def label_range(path: str, split: str, start: int, stop: int) -> tuple[int, int]:
@@ -152,7 +152,7 @@ class SplitReader:
     def close(self) -> None:
         self._file.close()
 
-    def __enter__(self) -> "SplitReader":
+    def __enter__(self) -> SplitReader:
         return self
 
     def __exit__(self, *exc) -> None:

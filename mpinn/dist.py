@@ -13,7 +13,8 @@ from __future__ import annotations
 import hashlib
 import sys
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from mpi4py import MPI
@@ -76,7 +77,8 @@ def check_identical(comm: Comm, buf: np.ndarray, what: str) -> None:
     digests = gather_objects(comm, digest(buf))
     differing = [r for r, d in enumerate(digests) if d != digests[0]]
     if differing:
-        raise CollectiveError(f"{what} differ between ranks: ranks {differing} disagree with rank 0")
+        raise CollectiveError(f"{what} differ between ranks: ranks {differing} "
+                              f"disagree with rank 0")
 
 
 def barrier(comm: Comm) -> None:

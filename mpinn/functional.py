@@ -1,8 +1,9 @@
 """Activations and losses, with the derivatives the backward pass needs.
 
 Everything here works in place on preallocated arrays, so a training step
-allocates nothing proportional to the layer widths (only a few per-sample vectors). Activation derivatives are written in terms of the
-activation's *output* a = f(z), which is what the forward pass keeps.
+allocates nothing proportional to the layer widths (only a few per-sample
+vectors). Activation derivatives are written in terms of the activation's
+*output* a = f(z), which is what the forward pass keeps.
 
 Losses return the SUM over the samples they are given (not the mean): each rank
 sums over its slice, the sums are allreduced, and only then is the total divided

@@ -49,7 +49,6 @@ def run_evaluate(comm: dist.Comm, ckpt_path: str, data_path: str, split: str) ->
     if problem.info.task != task:
         raise UsageError(f"{data_path} is a {problem.info.task} dataset but the checkpoint "
                          f"was trained for {task}")
-    from .data import SplitReader
     with SplitReader(data_path, split, model.max_rows) as reader:
         result = evaluate(comm, model, reader, problem)
     result = {"split": split, "rows": problem.info.rows(split), "ranks": comm.size, **result}

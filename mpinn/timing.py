@@ -8,8 +8,8 @@ for). The reduction itself goes through dist.py like every MPI call.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import numpy as np
 

@@ -79,8 +79,8 @@ def check_data(comm: dist.Comm, path: str, loss: str, features: int | None = Non
     if features is not None and features != info.features:
         raise UsageError(f"{path} has {info.features} features but the model expects {features}")
     if outputs is not None and outputs != n_out:
-        raise UsageError(f"{path} has {n_out} {'classes' if info.task == 'classification' else 'targets'}"
-                         f" but the model has {outputs} outputs")
+        kind = "classes" if info.task == "classification" else "targets"
+        raise UsageError(f"{path} has {n_out} {kind} but the model has {outputs} outputs")
     return Problem(info, n_out)
 
 

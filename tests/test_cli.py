@@ -6,6 +6,7 @@ import json
 import shutil
 import sys
 import tomllib
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -18,7 +19,7 @@ from mpinn.train import INIT_STREAM
 
 def test_module_and_console_script_are_the_same_program():
     via_module = ok(mpinn(None, "train", "--help"))
-    script = shutil.which("mpinn") or str(__import__("pathlib").Path(sys.executable).parent / "mpinn")
+    script = shutil.which("mpinn") or str(Path(sys.executable).parent / "mpinn")
     via_script = ok(run([script, "train", "--help"]))
     assert via_module.stdout == via_script.stdout
     for flag in ("--batch-size", "GLOBAL", "--no-shuffle", "--config", "--dtype"):

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import mpi_script, mpinn, mpiexec, ok
+from conftest import mpi_script, mpiexec, mpinn, ok
 
 
 def expect_usage_error(result, *words):
