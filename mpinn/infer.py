@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 
 from . import checkpoint, dist
+from .data import SplitReader
 from .errors import UsageError
 from .fileio import atomic_output
 from .model import MLP
