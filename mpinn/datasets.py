@@ -19,7 +19,7 @@ from .errors import UsageError
 from .fileio import atomic_output
 
 BLOCK = 8192  # rows per generator stream in synthetic data
-CHUNK_BYTES = 1 << 20  # target size of one HDF5 chunk of x
+CHUNK_BYTES = 64 << 10  # one HDF5 chunk of x: small, since shuffled reads touch single rows
 
 
 def _check_writable(path: str) -> None:
