@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 from . import __version__
 from .errors import UsageError
+from .readers import IO_MODES
+from .sampler import SHUFFLES
 
 EPILOG = """exit codes: 0 success, 2 bad usage or input, 1 failure while running.
 Run `mpinn COMMAND --help` for a command's options."""
@@ -77,8 +79,23 @@ def build_parser() -> Parser:
     t.add_argument("--seed", type=int, help="seed of weights and sample order (default 0)")
     t.add_argument("--dtype", help="float32 | float64 (default float32)")
     t.add_argument("--weight-decay", type=float, help="L2 weight decay (default 0)")
-    t.add_argument("--no-shuffle", dest="shuffle", action="store_const", const=False,
-                   help="consecutive rows in file order instead of a shuffle per epoch")
+    t.add_argument("--shuffle", choices=SHUFFLES,
+                   help="global: a new permutation of all rows every epoch (default); "
+                   "block: permuted blocks of consecutive rows, shuffled within a window in "
+                   "memory (large sequential reads, for files larger than memory; results "
+                   "depend on the rank count); none: file order")
+    t.add_argument("--no-shuffle", dest="shuffle", action="store_const", const="none",
+                   help="the same as --shuffle none: batch k is rows k*B .. k*B+B-1")
+    t.add_argument("--block-rows", type=int,
+                   help="rows per block with --shuffle block (default 1024)")
+    t.add_argument("--window-rows", type=int,
+                   help="rows (over all ranks) shuffled together in memory with --shuffle "
+                   "block (default 65536)")
+    t.add_argument("--io", choices=IO_MODES,
+                   help="mpio: collective MPI-IO reads (needs parallel h5py); independent: "
+                   "every rank reads with the serial driver; auto (default): mpio if available")
+    t.add_argument("--no-prefetch", dest="prefetch", action="store_const", const=False,
+                   help="read each batch when needed instead of during the previous step")
     t.add_argument("--overwrite", action="store_const", const=True,
                    help="replace a run already in --out")
 
@@ -87,6 +104,8 @@ def build_parser() -> Parser:
     e.add_argument("data")
     e.add_argument("--split", choices=("train", "test"), default="test",
                    help="which split to evaluate (default test)")
+    e.add_argument("--io", choices=IO_MODES, default="auto",
+                   help="how ranks read the data (see `mpinn train --help`)")
 
     r = sub.add_parser("predict", help="write a checkpoint's outputs for input rows (serial)")
     r.add_argument("checkpoint")
@@ -97,7 +116,8 @@ def build_parser() -> Parser:
 
 
 TRAIN_FLAGS = ("data", "out", "hidden", "activation", "loss", "optimizer", "lr", "momentum",
-               "batch_size", "epochs", "seed", "dtype", "weight_decay", "shuffle", "overwrite")
+               "batch_size", "epochs", "seed", "dtype", "weight_decay", "shuffle", "block_rows",
+               "window_rows", "io", "prefetch", "overwrite")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -127,7 +147,7 @@ def run_parallel(args: argparse.Namespace, comm) -> int:
         train(cfg, comm)
     else:
         from .infer import run_evaluate
-        run_evaluate(comm, args.checkpoint, args.data, args.split)
+        run_evaluate(comm, args.checkpoint, args.data, args.split, args.io)
     return 0
 
 

@@ -23,6 +23,8 @@ from .errors import UsageError
 from .functional import ACTIVATIONS, LOSSES
 from .model import DTYPES
 from .optim import OPTIMIZERS
+from .readers import IO_MODES
+from .sampler import SHUFFLES
 
 
 @dataclass
@@ -40,18 +42,23 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "float32"
     weight_decay: float = 0.0
-    shuffle: bool = True
+    shuffle: str = "global"
+    block_rows: int = 1024
+    window_rows: int = 65536
+    io: str = "auto"
+    prefetch: bool = True
     overwrite: bool = False
 
     def validate(self) -> None:
         """UsageError naming the first bad field."""
         choices = {"activation": ACTIVATIONS, "loss": LOSSES, "optimizer": OPTIMIZERS,
-                   "dtype": DTYPES}
+                   "dtype": DTYPES, "shuffle": SHUFFLES, "io": IO_MODES}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise UsageError(f"{key}: {getattr(self, key)!r} is not one of "
                                  f"{', '.join(allowed)}")
-        positive = {"lr": self.lr, "batch_size": self.batch_size}
+        positive = {"lr": self.lr, "batch_size": self.batch_size,
+                    "block_rows": self.block_rows, "window_rows": self.window_rows}
         for key, value in positive.items():
             if not value > 0:
                 raise UsageError(f"{key} must be positive, got {value}")

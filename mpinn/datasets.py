@@ -114,6 +114,70 @@ def write_digits(path: str, test_fraction: float = 0.2, seed: int = 0) -> None:
         _attributes(f, "scikit-learn load_digits (UCI optical digits, 8x8)", seed, 10)
 
 
+IDX_NAMES = {"train": ("train-images", "train-labels"), "test": ("t10k-images", "t10k-labels")}
+IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def _find_idx(directory: str, stem: str) -> str:
+    """The idx file `stem*-idx?-ubyte[.gz]` (or `stem.idx?-ubyte`) in directory."""
+    matches = sorted(n for n in os.listdir(directory)
+                     if n.startswith(stem) and "idx" in n and "ubyte" in n)
+    if not matches:
+        raise UsageError(f"{directory}: no {stem}-idx*-ubyte[.gz] file (expected the four "
+                         f"MNIST-format files train-images, train-labels, t10k-images, "
+                         f"t10k-labels)")
+    return os.path.join(directory, matches[0])
+
+
+def read_idx(path: str) -> np.ndarray:
+    """An array from an idx file (the MNIST format), gzipped or not.
+
+    Header: two zero bytes, a type code, the number of dimensions, then each
+    dimension as a big-endian uint32; the values follow, big-endian.
+    """
+    import gzip
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:
+        raise UsageError(f"{path}: cannot read ({exc})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_TYPES:
+        raise UsageError(f"{path}: not an idx file (bad magic number)")
+    ndim = raw[3]
+    dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, 4))
+    dtype = np.dtype(IDX_TYPES[raw[2]])
+    expected = 4 + 4 * ndim + int(np.prod(dims)) * dtype.itemsize
+    if len(raw) != expected:
+        raise UsageError(f"{path}: truncated or oversized idx file ({len(raw)} bytes, "
+                         f"header says {expected})")
+    return np.frombuffer(raw, dtype, offset=4 + 4 * ndim).reshape(dims)
+
+
+def write_idx(path: str, directory: str) -> None:
+    """MNIST-format idx files (MNIST, Fashion-MNIST) -> dataset; pixels scaled to [0, 1]."""
+    if not os.path.isdir(directory):
+        raise UsageError(f"--from {directory}: no such directory")
+    _check_writable(path)
+    splits = {}
+    for split, (images, labels) in IDX_NAMES.items():
+        x = read_idx(_find_idx(directory, images))
+        y = read_idx(_find_idx(directory, labels))
+        if x.ndim < 2 or y.ndim != 1 or len(x) != len(y):
+            raise UsageError(f"{directory}: {split} images {x.shape} and labels {y.shape} "
+                             f"do not match")
+        scale = 255.0 if x.dtype == np.uint8 else 1.0
+        splits[split] = ((x.reshape(len(x), -1) / scale).astype(np.float32), y.astype(np.int32))
+    classes = int(max(y.max() for _, y in splits.values())) + 1
+    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+        for split, (x, y) in splits.items():
+            x_d, y_d = _create_split(f, split, len(x), x.shape[1], (), "int32")
+            x_d[...] = x
+            y_d[...] = y
+        _attributes(f, f"idx files ({os.path.basename(os.path.normpath(directory))})", 0,
+                    classes)
+
+
 def _attributes(f: h5py.File, source: str, seed: int, classes: int | None) -> None:
     f.attrs["source"] = source
     f.attrs["seed"] = seed

@@ -33,6 +33,11 @@ def library() -> str:
     return " ".join(MPI.Get_library_version().splitlines()[0].split())
 
 
+def thread_multiple() -> bool:
+    """Whether MPI lets any thread make MPI calls at any time (MPI_THREAD_MULTIPLE)."""
+    return MPI.Query_thread() == MPI.THREAD_MULTIPLE
+
+
 def allreduce_sum(comm: Comm, buf: np.ndarray) -> None:
     """In place: buf <- sum over ranks of buf. Every rank must call it with the same shape."""
     comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)

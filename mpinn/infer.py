@@ -14,10 +14,10 @@ import h5py
 import numpy as np
 
 from . import checkpoint, dist
-from .data import SplitReader
 from .errors import UsageError
 from .fileio import atomic_output
 from .model import MLP
+from .readers import DataFile, resolve_io
 from .train import Problem, check_data, evaluate
 
 EVAL_ROWS = 4096  # rows per forward pass when evaluating or predicting
@@ -42,16 +42,18 @@ def load_model(comm: dist.Comm, path: str) -> tuple[MLP, str]:
     return model, task
 
 
-def run_evaluate(comm: dist.Comm, ckpt_path: str, data_path: str, split: str) -> dict:
+def run_evaluate(comm: dist.Comm, ckpt_path: str, data_path: str, split: str,
+                 io: str = "auto") -> dict:
     """Collective: loss and accuracy of a checkpoint on a split, printed by rank 0."""
+    io = resolve_io(io)
     model, task = load_model(comm, ckpt_path)
     problem: Problem = check_data(comm, data_path, model.arch.loss,
                                   features=model.arch.sizes[0], outputs=model.arch.sizes[-1])
     if problem.info.task != task:
         raise UsageError(f"{data_path} is a {problem.info.task} dataset but the checkpoint "
                          f"was trained for {task}")
-    with SplitReader(data_path, split, model.max_rows) as reader:
-        result = evaluate(comm, model, reader, problem)
+    with DataFile(data_path, io, comm) as datafile:
+        result = evaluate(comm, model, datafile.reader(split, model.max_rows), problem)
     result = {"split": split, "rows": problem.info.rows(split), "ranks": comm.size, **result}
     line = f"{split}: {result['rows']} rows, loss {result['loss']:.6f}"
     if result["accuracy"] is not None:

@@ -21,9 +21,12 @@ import numpy as np
 from . import __version__, checkpoint, data, dist
 from .config import TrainConfig, to_toml
 from .errors import UsageError
+from .feed import Buffers, Feed
 from .fileio import atomic_output
 from .model import MLP, Architecture
 from .optim import make_optimizer
+from .readers import DataFile, SplitReader, resolve_io
+from .sampler import Sampling, epoch_plan, share, steps_per_epoch
 from .timing import PhaseTimer
 
 INIT_STREAM = 0x1A17  # generator stream of the initial weights: seed -> weights
@@ -55,7 +58,7 @@ def check_data(comm: dist.Comm, path: str, loss: str, features: int | None = Non
             raise UsageError(f"{path} holds regression targets: use --loss mse")
         if info.task == "classification":
             for split in data.SPLITS:
-                start, stop = data.share(info.rows(split), comm.rank, comm.size)
+                start, stop = share(info.rows(split), comm.rank, comm.size)
                 s_lo, s_hi = data.label_range(path, split, start, stop)
                 if stop > start:
                     lo, hi = (s_lo, s_hi) if hi < lo else (min(lo, s_lo), max(hi, s_hi))
@@ -102,17 +105,22 @@ def prepare_run_dir(comm: dist.Comm, cfg: TrainConfig) -> None:
         raise UsageError(error)
 
 
-def evaluate(comm: dist.Comm, model: MLP, reader: data.SplitReader, problem: Problem
+def evaluate(comm: dist.Comm, model: MLP, reader: SplitReader, problem: Problem
              ) -> dict[str, float | None]:
     """Collective: mean loss (and accuracy) of the model on all rows of a split.
 
     Each rank evaluates its contiguous share of the rows; the sums of loss,
-    correct predictions and rows are reduced, then divided.
+    correct predictions and rows are reduced, then divided. Every rank makes
+    the same number of reads (collective with mpio), the last ones maybe empty.
     """
-    start, stop = data.share(reader.n, comm.rank, comm.size)
+    start, stop = share(reader.n, comm.rank, comm.size)
+    rows_per_read = model.max_rows
+    x_buf, y_buf = reader.buffers(rows_per_read)
     sums = np.zeros(3)  # loss, correct, rows
-    for first in range(start, stop, model.max_rows):
-        x, y = reader.read(np.arange(first, min(stop, first + model.max_rows)))
+    largest_share = -(-reader.n // comm.size)
+    for first in range(start, start + largest_share, rows_per_read):
+        indices = np.arange(first, max(first, min(stop, first + rows_per_read)))
+        x, y = reader.read(indices, x_buf, y_buf)
         logits = model.forward(x)
         sums += (model.loss(y), count_correct(logits, y, problem), len(y))
     dist.allreduce_sum(comm, sums)
@@ -130,6 +138,7 @@ def count_correct(logits: np.ndarray, y: np.ndarray, problem: Problem) -> int:
 def train(cfg: TrainConfig, comm: dist.Comm) -> dict:
     """Train as configured; rank 0 writes the run directory. Returns the summary."""
     # -- validate everything, then agree, before the first collective of real work
+    io = resolve_io(cfg.io)
     problem = check_data(comm, cfg.data, cfg.loss)
     prepare_run_dir(comm, cfg)
     info = problem.info
@@ -142,7 +151,10 @@ def train(cfg: TrainConfig, comm: dist.Comm) -> dict:
     dist.check_identical(comm, model.params, "initial weights")
     optimizer = make_optimizer(cfg.optimizer, model.params, cfg.lr, cfg.weight_decay,
                                cfg.momentum)
-    steps = data.steps_per_epoch(info.n_train, cfg.batch_size)
+    steps = steps_per_epoch(info.n_train, cfg.batch_size)
+    sampling = Sampling(cfg.shuffle, cfg.block_rows, cfg.window_rows)
+    # mpio reads are MPI collectives: from the prefetch thread only if MPI allows threads
+    prefetch = cfg.prefetch and (io != "mpio" or dist.thread_multiple())
 
     dist.print0(comm, f"mpinn {__version__}: {size} ranks ({dist.library()})")
     dist.print0(comm, f"data {cfg.data}: {info.n_train} train / {info.n_test} test rows, "
@@ -152,14 +164,23 @@ def train(cfg: TrainConfig, comm: dist.Comm) -> dict:
                       f"{arch.loss}, {arch.n_params:,} params ({arch.dtype}); {cfg.optimizer} "
                       f"lr {cfg.lr}; global batch {cfg.batch_size} (<= {max_rows} per rank), "
                       f"{steps} steps/epoch")
+    dist.print0(comm, f"io {io}{' (collective MPI-IO)' if io == 'mpio' else ''}, "
+                      f"shuffle {cfg.shuffle}, prefetch {'on' if prefetch else 'off'}"
+                      + (" (MPI lacks MPI_THREAD_MULTIPLE)" if cfg.prefetch and not prefetch
+                         else ""))
     if rank == 0:
         with atomic_output(os.path.join(cfg.out, "config.toml")) as tmp, open(tmp, "w") as f:
             f.write(to_toml(cfg))
         metrics_file = open(os.path.join(cfg.out, "metrics.jsonl"), "w")
 
     timer = PhaseTimer()
-    train_reader = data.SplitReader(cfg.data, "train", max_rows)
-    test_reader = data.SplitReader(cfg.data, "test", max_rows)
+    datafile = DataFile(cfg.data, io, comm)
+    train_reader = datafile.reader("train", max_rows)
+    test_reader = datafile.reader("test", max_rows)
+    window_steps = max(1, cfg.window_rows // cfg.batch_size)
+    buffers = Buffers(train_reader, max_rows,
+                      window_steps * max_rows if cfg.shuffle == "block" else 0)
+    read_seconds = 0.0
     steady_seconds, steady_samples, step = 0.0, 0, 0
     epoch_stats = np.zeros(3)  # loss, correct, rows of this rank in this epoch
     last: dict = {"loss": None, "accuracy": None}
@@ -167,11 +188,16 @@ def train(cfg: TrainConfig, comm: dist.Comm) -> dict:
     for epoch in range(cfg.epochs):
         epoch_start = time.perf_counter()
         epoch_stats[:] = 0
-        order = data.epoch_order(cfg.seed, epoch, info.n_train, cfg.shuffle)
-        for indices, batch_rows in data.local_batches(order, cfg.batch_size, rank, size):
+        plan = epoch_plan(sampling, cfg.seed, epoch, info.n_train, cfg.batch_size, rank, size)
+        feed = Feed(train_reader, plan, buffers, prefetch)
+        batches = iter(feed)
+        while True:
             step_start = time.perf_counter()
-            with timer.phase("data"):
-                x, y = train_reader.read(indices)
+            with timer.phase("data"):  # waiting for this step's rows (read ahead if prefetch)
+                batch = next(batches, None)
+            if batch is None:
+                break
+            x, y, batch_rows = batch
             with timer.phase("forward"):
                 logits = model.forward(x)
                 correct = count_correct(logits, y, problem)
@@ -193,6 +219,8 @@ def train(cfg: TrainConfig, comm: dist.Comm) -> dict:
             elif step > 1:
                 steady_seconds += time.perf_counter() - step_start
                 steady_samples += batch_rows
+        feed.close()
+        read_seconds += feed.read_seconds
         dist.allreduce_sum(comm, epoch_stats)
         epoch_seconds = time.perf_counter() - epoch_start
         last = {"loss": epoch_stats[0] / epoch_stats[2],
@@ -210,19 +238,27 @@ def train(cfg: TrainConfig, comm: dist.Comm) -> dict:
     dist.check_identical(comm, model.params, "final weights")
     if cfg.epochs == 0 and rank == 0:
         save_checkpoint(cfg, model, problem, optimizer, 0, 0)
-    train_reader.close()
-    test_reader.close()
+    datafile.close()
 
     peak = np.array([steady_seconds])
     dist.allreduce_max(comm, peak)
+    io_totals = np.array([train_reader.bytes_read, read_seconds])
+    dist.allreduce_sum(comm, io_totals)
+    io_modes = dist.gather_objects(comm, datafile.io_modes)
+    phases = timer.reduce(comm)
+    step_mean = sum(p["mean"] for p in phases.values())
     summary = {
         "ranks": size, "mpi": dist.library(), "epochs": cfg.epochs, "steps": step,
         "batch_size": cfg.batch_size, "params": arch.n_params, "dtype": arch.dtype,
-        "io": "independent",
+        "io": {"reader": io, "shuffle": cfg.shuffle, "prefetch": prefetch,
+               "train_bytes_read": int(io_totals[0]),
+               "read_seconds_per_rank": io_totals[1] / size,
+               "mpio_actual_io_modes": merge_counts(io_modes) if io == "mpio" else None},
+        "data_wait_fraction": phases["data"]["mean"] / step_mean if step_mean else None,
         "final_train_loss": last["loss"], "final_train_accuracy": last["accuracy"],
         "test_loss": test.get("loss"), "test_accuracy": test.get("accuracy"),
         "samples_per_s": steady_samples / peak[0] if peak[0] > 0 else None,
-        "step_time_s": timer.reduce(comm),
+        "step_time_s": phases,
         "allreduce_bytes_per_step": model.grads.nbytes,
     }
     if rank == 0:
@@ -234,6 +270,14 @@ def train(cfg: TrainConfig, comm: dist.Comm) -> dict:
                           + (f", test accuracy {acc:.4f}" if acc is not None else "")
                           + f"; summary in {os.path.join(cfg.out, 'summary.json')}")
     return summary
+
+
+def merge_counts(per_rank: list[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for counts in per_rank:
+        for key, value in counts.items():
+            total[key] = total.get(key, 0) + value
+    return total
 
 
 def save_checkpoint(cfg: TrainConfig, model: MLP, problem: Problem, optimizer, epoch: int,

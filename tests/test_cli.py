@@ -73,7 +73,7 @@ def test_run_directory_contract(synth, tmp_path):
         assert 0 < stats["mean"] <= stats["max"]
     config = tomllib.loads((out / "config.toml").read_text())
     assert config["optimizer"] == "adam" and config["hidden"] == [16]
-    assert config["batch_size"] == 32 and config["shuffle"] is True
+    assert config["batch_size"] == 32 and config["shuffle"] == "global"
 
 
 def test_saved_config_reproduces_the_run_bit_for_bit(synth, tmp_path):

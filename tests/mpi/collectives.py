@@ -4,10 +4,12 @@ Expected values are derived from rank and size, so the same script passes at any
 A failed assert raises on that rank; run_or_abort then aborts the job (exit 1).
 """
 
+import sys
+
 import numpy as np
 from mpi4py import MPI
 
-from mpinn import data, dist
+from mpinn import dist, sampler
 from mpinn.errors import CollectiveError
 
 
@@ -33,27 +35,39 @@ def check(comm) -> None:
     dist.broadcast(comm, root_data)
     assert np.all(root_data == 7.0)
 
-    # every sample exactly once per epoch, whatever P, B and shuffle
-    for n, batch, shuffle in [(103, 10, True), (103, 7, False), (50, 64, True), (5, 2, True),
-                              (3, 8, False)]:
-        order = data.epoch_order(11, 2, n, shuffle)
-        mine = [idx for idx, _ in data.local_batches(order, batch, rank, size)]
-        steps = [len(m) for m in mine]
-        assert len(mine) == data.steps_per_epoch(n, batch)  # all ranks take part in every step
-        everyone = comm.allgather(mine)
-        for step in range(len(mine)):
-            joined = np.concatenate([everyone[r][step] for r in range(size)])
-            # ranks' shares, in rank order, are the global batch: a contiguous split
-            assert np.array_equal(joined, order[step * batch:(step + 1) * batch])
+    # every sample exactly once per epoch, whatever P, B and shuffle mode
+    for n, batch, mode, block, window in [
+            (103, 10, "global", 0, 0), (103, 7, "none", 0, 0), (50, 64, "global", 0, 0),
+            (5, 2, "global", 0, 0), (3, 8, "none", 0, 0), (1000, 64, "block", 16, 256),
+            (997, 30, "block", 7, 100), (40, 16, "block", 64, 10), (9, 4, "block", 2, 4)]:
+        sampling = sampler.Sampling(mode, block or 1024, window or 65536)
+        plan = sampler.epoch_plan(sampling, 11, 2, n, batch, rank, size)
+        assert len(plan) == sampler.steps_per_epoch(n, batch)  # every rank, every step
+        everyone = comm.allgather(plan.steps)
+        for step in range(len(plan)):
+            counts = [len(everyone[r][step]) for r in range(size)]
+            shares = [sampler.share(int(plan.batch_rows[step]), r, size) for r in range(size)]
+            assert counts == [hi - lo for lo, hi in shares]  # the global batch's shares
+            if mode != "block":  # P-invariant modes: the shares ARE the global order's batch
+                joined = np.concatenate([everyone[r][step] for r in range(size)])
+                order = sampler.epoch_order(11, 2, n, mode == "global")
+                assert np.array_equal(joined, order[step * batch:(step + 1) * batch])
         used = np.sort(np.concatenate([i for r in everyone for i in r]))
-        assert np.array_equal(used, np.arange(n)), (n, batch, shuffle)
-        sizes = comm.allgather(steps)
-        for step in range(len(mine)):
-            counts = [s[step] for s in sizes]
-            assert max(counts) - min(counts) <= 1
+        assert np.array_equal(used, np.arange(n)), (n, batch, mode)
+        for first, ranges in plan.windows:  # a window's ranges hold exactly its steps' rows
+            following = [f for f, _ in plan.windows if f > first]
+            stop = following[0] if following else len(plan)
+            rows = np.sort(np.concatenate(plan.steps[first:stop]))
+            covered = np.concatenate([np.arange(a, b) for a, b in ranges] or [np.zeros(0, int)])
+            assert np.array_equal(rows, covered)
 
 
-world = dist.world()
-for comm in (world, MPI.COMM_SELF, world.Dup()):
-    check(comm)
-dist.print0(world, f"collectives ok on {world.size} ranks")
+def main() -> int:
+    world = dist.world()
+    for comm in (world, MPI.COMM_SELF, world.Dup()):
+        check(comm)
+    dist.print0(world, f"collectives ok on {world.size} ranks")
+    return 0
+
+
+sys.exit(dist.run_or_abort(dist.world(), main))  # a failed assert on one rank ends all

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from mpinn import data, dist
+from mpinn import data, dist, sampler
 from mpinn.config import resolve
 from mpinn.train import train
 
@@ -29,19 +29,24 @@ class CountingComm:
         return getattr(self._comm, name)
 
 
-path, out, batch, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-comm = CountingComm(dist.world())
-cfg = resolve({}, {"data": path, "out": out, "hidden": "16,8", "batch_size": batch,
-                   "epochs": epochs, "overwrite": True})
-summary = train(cfg, comm)
-info = data.describe(path)
-steps = epochs * data.steps_per_epoch(info.n_train, batch)
-assert summary["steps"] == steps
-grad_bytes = summary["allreduce_bytes_per_step"]
-grad_calls = [c for c in comm.calls if c[1] == grad_bytes]
-assert len(grad_calls) == steps, (len(grad_calls), steps)
-assert len({addr for addr, _ in grad_calls}) == 1, "gradient buffer was reallocated"
-others = [c for c in comm.calls if c[1] != grad_bytes]
-assert all(nbytes <= 64 for _, nbytes in others), others  # only small metric reductions
-assert len(others) <= 4 * epochs + 4, len(others)  # per epoch, not per step
-dist.print0(comm, f"allreduce ok: {steps} steps, {len(grad_calls)} gradient Allreduces")
+def main() -> int:
+    path, out, batch, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    comm = CountingComm(dist.world())
+    cfg = resolve({}, {"data": path, "out": out, "hidden": "16,8", "batch_size": batch,
+                       "epochs": epochs, "overwrite": True})
+    summary = train(cfg, comm)
+    info = data.describe(path)
+    steps = epochs * sampler.steps_per_epoch(info.n_train, batch)
+    assert summary["steps"] == steps
+    grad_bytes = summary["allreduce_bytes_per_step"]
+    grad_calls = [c for c in comm.calls if c[1] == grad_bytes]
+    assert len(grad_calls) == steps, (len(grad_calls), steps)
+    assert len({addr for addr, _ in grad_calls}) == 1, "gradient buffer was reallocated"
+    others = [c for c in comm.calls if c[1] != grad_bytes]
+    assert all(nbytes <= 64 for _, nbytes in others), others  # only small metric reductions
+    assert len(others) <= 4 * epochs + 4, len(others)  # per epoch, not per step
+    dist.print0(comm, f"allreduce ok: {steps} steps, {len(grad_calls)} gradient Allreduces")
+    return 0
+
+
+sys.exit(dist.run_or_abort(dist.world(), main))

@@ -10,19 +10,19 @@ import sys
 
 from mpi4py import MPI
 
-from mpinn import cli, data
+from mpinn import cli, readers
 
 fail_rank, fail_step = int(sys.argv[1]), int(sys.argv[2])
-original = data.SplitReader.read
+original = readers.SplitReader.read
 calls = {"n": 0}
 
 
-def failing_read(self, indices):
+def failing_read(self, indices, x_out, y_out):
     calls["n"] += 1
     if MPI.COMM_WORLD.rank == fail_rank and calls["n"] == fail_step:
         raise OSError(f"injected read failure on rank {fail_rank} at step {fail_step}")
-    return original(self, indices)
+    return original(self, indices, x_out, y_out)
 
 
-data.SplitReader.read = failing_read
+readers.SplitReader.read = failing_read
 sys.exit(cli.main(sys.argv[4:]))

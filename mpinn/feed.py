@@ -1,0 +1,121 @@
+"""The batches of one epoch for this rank, read ahead while the current step computes.
+
+A Feed walks an EpochPlan (sampler.py) and yields (x, y, global_batch_rows) per
+step. With prefetch, a background thread fills one of two batch slots while
+the training loop computes on the other: the thread takes a free slot, reads
+the next step's rows into it, and hands it over; the loop gives a slot back
+when it asks for the next batch, so a slot is never overwritten while in use.
+The seconds the loop spends waiting for a batch are the step's `data` phase.
+
+In block mode the thread first loads the window (this rank's contiguous file
+ranges for the next window of steps) into memory with one read, then gathers
+each step's rows from it.
+
+Thread safety: h5py serialises all HDF5 calls with one lock, and with the mpio
+reader every read is an MPI collective. So while a Feed's thread runs, the
+training loop makes no HDF5 calls (evaluation happens after close()), and the
+mpio reader prefetches only if MPI granted MPI_THREAD_MULTIPLE.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import numpy as np
+
+from .readers import SplitReader
+from .sampler import EpochPlan
+
+
+class Buffers:
+    """Preallocated memory of the feeds of one reader: two batch slots, one window."""
+
+    def __init__(self, reader: SplitReader, max_rows: int, window_rows: int = 0) -> None:
+        self.slots = [reader.buffers(max_rows) for _ in range(2)]
+        self.window = reader.buffers(window_rows) if window_rows else None
+
+
+class Feed:
+    def __init__(self, reader: SplitReader, plan: EpochPlan, buffers: Buffers,
+                 prefetch: bool) -> None:
+        self.reader, self.plan, self.buffers = reader, plan, buffers
+        self.prefetch = prefetch
+        self.wait_seconds = 0.0  # the loop waiting for data
+        self.read_seconds = 0.0  # reading and gathering (in the thread, if prefetching)
+        self._window_starts = {first: ranges for first, ranges in plan.windows}
+        self._window_index: tuple[np.ndarray, np.ndarray] | None = None
+        self._ready: queue.Queue = queue.Queue()
+        self._free: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+
+    def __iter__(self):
+        if self.prefetch:
+            for slot in range(2):
+                self._free.put(slot)
+            self._thread = threading.Thread(target=self._produce, name="mpinn-prefetch",
+                                            daemon=True)
+            self._thread.start()
+        previous = None
+        for step in range(len(self.plan)):
+            start = time.perf_counter()
+            if self.prefetch:
+                if previous is not None:
+                    self._free.put(previous)
+                item = self._ready.get()
+                if isinstance(item, BaseException):
+                    raise item
+                previous, x, y = item
+            else:
+                x, y = self._fill(step, 0)
+            self.wait_seconds += time.perf_counter() - start
+            yield x, y, int(self.plan.batch_rows[step])
+        self.close()
+
+    def close(self) -> None:
+        """Stop and join the thread (idempotent); no HDF5 call is in flight afterwards."""
+        if self._thread is not None:
+            self._stop = True
+            self._free.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _produce(self) -> None:
+        try:
+            for step in range(len(self.plan)):
+                slot = self._free.get()
+                if slot is None or self._stop:
+                    return
+                self._ready.put((slot, *self._fill(step, slot)))
+        except BaseException as exc:  # handed to the training loop, which raises it
+            self._ready.put(exc)
+
+    def _fill(self, step: int, slot: int) -> tuple[np.ndarray, np.ndarray]:
+        start = time.perf_counter()
+        x_buf, y_buf = self.buffers.slots[slot]
+        indices = self.plan.steps[step]
+        if step in self._window_starts:
+            self._load_window(self._window_starts[step])
+        if self._window_index is None:
+            x, y = self.reader.read(indices, x_buf, y_buf)
+        else:
+            starts, offsets = self._window_index
+            span = np.searchsorted(starts, indices, side="right") - 1
+            positions = offsets[span] + (indices - starts[span])
+            wx, wy = self.buffers.window
+            x, y = x_buf[:len(indices)], y_buf[:len(indices)]
+            np.take(wx, positions, axis=0, out=x)
+            np.take(wy, positions, axis=0, out=y)
+        self.read_seconds += time.perf_counter() - start
+        return x, y
+
+    def _load_window(self, ranges: np.ndarray) -> None:
+        """This rank's file ranges of the next window into the window buffer, in order."""
+        lengths = ranges[:, 1] - ranges[:, 0] if len(ranges) else np.zeros(0, np.int64)
+        rows = int(lengths.sum())
+        wx, wy = self.buffers.window
+        self.reader.read_ranges(ranges, wx[:rows], wy[:rows])
+        starts = ranges[:, 0] if len(ranges) else np.zeros(0, np.int64)
+        self._window_index = (starts, np.r_[0, np.cumsum(lengths)[:-1]].astype(np.int64))

@@ -1,0 +1,190 @@
+"""Reading a dataset's rows: two readers behind one interface.
+
+- `independent`: every rank opens the file read-only with HDF5's serial driver
+  and reads its own rows. Works with any h5py.
+- `mpio`: the file is opened once by all ranks with h5py's `mpio` driver and
+  every read is a COLLECTIVE MPI-IO call (H5FD_MPIO_COLLECTIVE): all ranks take
+  part in every read, with an empty selection when they need no rows, so MPI-IO
+  can merge the ranks' scattered requests into large contiguous ones. Needs an
+  h5py built against parallel HDF5 (`make parallel-hdf5`).
+
+A read of many rows is ONE H5Dread per dataset: the rows are sorted and
+coalesced into runs, the runs become one union-of-hyperslabs selection, and the
+result is put back into the requested order in memory. The low-level API is
+used because h5py's high-level indexing skips the HDF5 call for empty
+selections, which would leave the other ranks waiting in a collective read.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import h5py
+import numpy as np
+
+from .errors import UsageError
+from .sampler import runs
+
+IO_MODES = ("auto", "mpio", "independent")
+# HDF5's H5D_mpio_actual_io_mode_t, as reported after a read with the mpio driver
+ACTUAL_IO_MODES = {0: "none", 1: "chunk-independent", 2: "chunk-collective", 3: "chunk-mixed",
+                   4: "contiguous-collective"}
+
+
+def parallel_hdf5() -> bool:
+    """Whether this h5py was built against parallel HDF5 (the `mpio` driver)."""
+    return bool(h5py.get_config().mpi)
+
+
+def resolve_io(io: str) -> str:
+    """`auto` -> `mpio` if h5py has MPI, else `independent`; check an explicit `mpio`."""
+    if io == "auto":
+        return "mpio" if parallel_hdf5() else "independent"
+    if io == "mpio" and not parallel_hdf5():
+        raise UsageError("--io mpio needs h5py built with parallel HDF5 (h5py.get_config().mpi "
+                         "is False here); build that environment with `make parallel-hdf5`, or "
+                         "use --io independent")
+    return io
+
+
+class DataFile:
+    """A dataset file opened for reading by every rank, serially or with MPI-IO."""
+
+    def __init__(self, path: str, io: str, comm=None) -> None:
+        self.io = io
+        if io == "mpio":
+            self._file = h5py.File(path, "r", driver="mpio", comm=comm)
+            self.dxpl = h5py.h5p.create(h5py.h5p.DATASET_XFER)
+            self.dxpl.set_dxpl_mpio(h5py.h5fd.MPIO_COLLECTIVE)
+        else:
+            # A larger chunk cache than HDF5's 1 MiB for chunked files; contiguous
+            # files (what mpinn writes) bypass it.
+            self._file = h5py.File(path, "r", rdcc_nbytes=32 << 20, rdcc_nslots=100_003)
+            self.dxpl = None
+        self.io_modes: dict[str, int] = {}  # actual MPI-IO mode -> number of reads
+
+    def reader(self, split: str, max_rows: int) -> SplitReader:
+        return SplitReader(self, split, max_rows)
+
+    def record_io_mode(self) -> None:
+        mode = actual_io_mode(self.dxpl)
+        name = ACTUAL_IO_MODES.get(mode, "unknown") if mode is not None else "unknown"
+        self.io_modes[name] = self.io_modes.get(name, 0) + 1
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> DataFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class SplitReader:
+    """Reads chosen rows of one split's x and y into caller-provided buffers."""
+
+    def __init__(self, file: DataFile, split: str, max_rows: int) -> None:
+        self.file = file
+        self.x = file._file[split]["x"]
+        self.y = file._file[split]["y"]
+        self.n = self.x.shape[0]
+        self.features = self.x.shape[1]
+        self.x_dtype, self.y_dtype = self.x.dtype, self.y.dtype
+        self.y_shape = self.y.shape[1:]
+        self._sorted_x, self._sorted_y = self.buffers(max_rows)
+        self.bytes_read = 0
+        self.reads = 0
+
+    def buffers(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """Empty x and y buffers for `rows` rows of this split."""
+        return (np.empty((rows, self.features), self.x_dtype),
+                np.empty((rows, *self.y_shape), self.y_dtype))
+
+    def read(self, indices: np.ndarray, x_out: np.ndarray, y_out: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """Rows `indices` (unique, any order) into x_out[:n], y_out[:n]; returns those views.
+
+        Collective with `mpio`: every rank calls it the same number of times.
+        """
+        n = len(indices)
+        x, y = x_out[:n], y_out[:n]
+        if n and np.all(indices[1:] > indices[:-1]):  # already ascending: read in place
+            self.read_ranges(runs(indices), x, y)
+            return x, y
+        order = np.argsort(indices, kind="stable")
+        sx, sy = self._sorted_x[:n], self._sorted_y[:n]
+        self.read_ranges(runs(indices[order]), sx, sy)
+        x[order] = sx
+        y[order] = sy
+        return x, y
+
+    def read_ranges(self, ranges: np.ndarray, x_out: np.ndarray, y_out: np.ndarray) -> None:
+        """Rows of the [start, stop) ranges (ascending), concatenated, into x_out and y_out."""
+        self._read(self.x, ranges, x_out)
+        self._read(self.y, ranges, y_out)
+        rows = int((ranges[:, 1] - ranges[:, 0]).sum()) if len(ranges) else 0
+        self.bytes_read += rows * (x_out.itemsize * self.features
+                                   + y_out.itemsize * int(np.prod(self.y_shape)))
+        self.reads += 1
+
+    def _read(self, dset: h5py.Dataset, ranges: np.ndarray, out: np.ndarray) -> None:
+        rows = int((ranges[:, 1] - ranges[:, 0]).sum()) if len(ranges) else 0
+        assert out.shape[0] == rows and out.flags.c_contiguous, (out.shape, rows)
+        collective = self.file.dxpl is not None
+        if rows == 0 and not collective:
+            return
+        tail = dset.shape[1:]
+        fspace = dset.id.get_space()
+        fspace.select_none()
+        for start, stop in ranges:
+            fspace.select_hyperslab((int(start),) + (0,) * len(tail), (int(stop - start),) + tail,
+                                    op=h5py.h5s.SELECT_OR)
+        if rows == 0:  # take part in the collective read with nothing to read
+            out = np.empty((1,) + tail, out.dtype)
+            mspace = h5py.h5s.create_simple(out.shape)
+            mspace.select_none()
+        else:
+            mspace = h5py.h5s.create_simple(out.shape)
+        dset.id.read(mspace, fspace, out, dxpl=self.file.dxpl)
+        if collective:
+            self.file.record_io_mode()
+
+
+_hdf5 = None
+
+
+def actual_io_mode(dxpl) -> int | None:
+    """H5Pget_mpio_actual_io_mode of the last read with dxpl (h5py does not wrap it).
+
+    0 means HDF5 did NOT do collective I/O. None if the HDF5 library cannot be found.
+    """
+    global _hdf5
+    if dxpl is None:
+        return None
+    if _hdf5 is None:
+        _hdf5 = _load_hdf5() or False
+    if not _hdf5:
+        return None
+    mode = ctypes.c_int(-1)
+    if _hdf5.H5Pget_mpio_actual_io_mode(ctypes.c_int64(dxpl.id), ctypes.byref(mode)) < 0:
+        return None
+    return mode.value
+
+
+def _load_hdf5():
+    """The HDF5 library this process loaded through h5py (found in /proc/self/maps)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libhdf5" in line}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        name = os.path.basename(path)
+        if name.startswith("libhdf5") and "_hl" not in name:
+            try:
+                return ctypes.CDLL(path)
+            except OSError:
+                continue
+    return None

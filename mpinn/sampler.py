@@ -1,0 +1,120 @@
+"""Which rows each rank trains on at each step of an epoch.
+
+Three shuffle modes, all using every sample exactly once per epoch:
+
+- `global` (default): the epoch's order is a permutation that depends on
+  (seed, epoch) only. Global batch k is order[k*B : (k+1)*B] (the last may be
+  short); rank r of P takes a contiguous share of it (shares differ by at most
+  one sample, and may be empty). P-invariant: results do not depend on P.
+- `none`: the same with order = file order, so batch k is rows k*B .. k*B+B-1.
+  P-invariant.
+- `block`: for files far larger than memory and for fast sequential reads. The
+  file is cut into blocks of `block_rows` consecutive rows and the blocks are
+  permuted (by seed, epoch). Steps are grouped into windows of about
+  `window_rows / B` steps; the rows a window consumes are the next stretch of
+  the permuted blocks, cut into P contiguous pieces, one per rank, sized to that
+  rank's shares of the window's steps. Each rank reads its piece with a few
+  large contiguous reads, shuffles it in memory, and deals it out over the
+  window's steps. Batches mix rows from P regions of the file. NOT P-invariant:
+  which rows meet in a batch depends on P (and on seed and epoch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SHUFFLES = ("global", "block", "none")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    shuffle: str = "global"
+    block_rows: int = 1024
+    window_rows: int = 65536
+
+
+@dataclass
+class EpochPlan:
+    """This rank's rows at every step of one epoch."""
+
+    steps: list[np.ndarray]  # sample indices of this rank, one array per step
+    batch_rows: np.ndarray  # size of the GLOBAL batch at each step
+    # block mode: (first step, file row ranges of this rank's piece) per window
+    windows: list[tuple[int, np.ndarray]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+def share(n: int, rank: int, size: int) -> tuple[int, int]:
+    """[start, stop) of rank's contiguous share of n items; sizes differ by at most one."""
+    q, r = divmod(n, size)
+    start = rank * q + min(rank, r)
+    return start, start + q + (rank < r)
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return -(-n // batch_size)
+
+
+def batch_sizes(n: int, batch_size: int) -> np.ndarray:
+    """Global batch size of every step: B, ..., B, and the remainder last."""
+    sizes = np.full(steps_per_epoch(n, batch_size), batch_size, np.int64)
+    sizes[-1] = n - batch_size * (len(sizes) - 1)
+    return sizes
+
+
+def epoch_order(seed: int, epoch: int, n: int, shuffle: bool) -> np.ndarray:
+    """The global sample order of an epoch: a function of (seed, epoch) only."""
+    if not shuffle:
+        return np.arange(n, dtype=np.int64)
+    return np.random.default_rng([seed, epoch, 0x5A3D]).permutation(n)
+
+
+def runs(rows: np.ndarray) -> np.ndarray:
+    """Sorted unique rows as maximal runs of consecutive values: array of [start, stop)."""
+    if len(rows) == 0:
+        return np.zeros((0, 2), np.int64)
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    starts = rows[np.r_[0, breaks]]
+    stops = rows[np.r_[breaks - 1, len(rows) - 1]] + 1
+    return np.stack([starts, stops], axis=1).astype(np.int64)
+
+
+def epoch_plan(sampling: Sampling, seed: int, epoch: int, n: int, batch_size: int,
+               rank: int, size: int) -> EpochPlan:
+    """The rows of rank `rank` of `size` at every step of epoch `epoch`."""
+    sizes = batch_sizes(n, batch_size)
+    if sampling.shuffle == "block":
+        return _block_plan(sampling, seed, epoch, n, batch_size, sizes, rank, size)
+    order = epoch_order(seed, epoch, n, sampling.shuffle == "global")
+    steps = []
+    for k, rows in enumerate(sizes):
+        lo, hi = share(int(rows), rank, size)
+        steps.append(order[k * batch_size + lo:k * batch_size + hi])
+    return EpochPlan(steps, sizes)
+
+
+def _block_plan(sampling: Sampling, seed: int, epoch: int, n: int, batch_size: int,
+                sizes: np.ndarray, rank: int, size: int) -> EpochPlan:
+    k_rows = sampling.block_rows
+    perm = np.random.default_rng([seed, epoch, 0xB10C]).permutation(-(-n // k_rows))
+    stream = (perm[:, None] * k_rows + np.arange(k_rows)).ravel()
+    stream = stream[stream < n]  # the rows of the blocks, blocks in permuted order
+    window_steps = max(1, sampling.window_rows // batch_size)
+    # counts[k, r]: rows of rank r at step k (its share of the global batch)
+    q, rem = np.divmod(sizes, size)
+    counts = q[:, None] + (np.arange(size)[None, :] < rem[:, None])
+    steps, windows = [], []
+    for w, first in enumerate(range(0, len(sizes), window_steps)):
+        last = min(len(sizes), first + window_steps)
+        window_counts = counts[first:last]
+        pieces = np.r_[0, np.cumsum(window_counts.sum(axis=0))] + first * batch_size
+        piece = stream[pieces[rank]:pieces[rank + 1]]
+        windows.append((first, runs(np.sort(piece))))
+        piece = np.random.default_rng([seed, epoch, w, rank, 0xB10C]).permutation(piece)
+        ends = np.cumsum(window_counts[:, rank])
+        steps += np.split(piece, ends[:-1])
+    return EpochPlan(steps, sizes, windows)
