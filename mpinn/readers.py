@@ -1,14 +1,18 @@
 """Reading a dataset's rows: two readers behind one interface.
 
 - `independent`: every rank opens the file read-only with HDF5's serial driver
-  and reads its own rows. Works with any h5py.
+  and reads its own rows. Works with any h5py. A dataset stored contiguously
+  and uncompressed (as mpinn writes them) is read directly at its file offset
+  through a read-only memory map: HDF5 costs ~15 us per selected row run, a
+  gather from the mapped file ~0.05 us per row. Chunked or filtered datasets go
+  through HDF5.
 - `mpio`: the file is opened once by all ranks with h5py's `mpio` driver and
   every read is a COLLECTIVE MPI-IO call (H5FD_MPIO_COLLECTIVE): all ranks take
   part in every read, with an empty selection when they need no rows, so MPI-IO
   can merge the ranks' scattered requests into large contiguous ones. Needs an
   h5py built against parallel HDF5 (`make parallel-hdf5`).
 
-A read of many rows is ONE H5Dread per dataset: the rows are sorted and
+Through HDF5, a read of many rows is ONE H5Dread per dataset: the rows are sorted and
 coalesced into runs, the runs become one union-of-hyperslabs selection, and the
 result is put back into the requested order in memory. The low-level API is
 used because h5py's high-level indexing skips the HDF5 call for empty
@@ -53,6 +57,7 @@ class DataFile:
 
     def __init__(self, path: str, io: str, comm=None) -> None:
         self.io = io
+        self.path = path
         if io == "mpio":
             self._file = h5py.File(path, "r", driver="mpio", comm=comm)
             self.dxpl = h5py.h5p.create(h5py.h5p.DATASET_XFER)
@@ -94,6 +99,11 @@ class SplitReader:
         self.x_dtype, self.y_dtype = self.x.dtype, self.y.dtype
         self.y_shape = self.y.shape[1:]
         self._sorted_x, self._sorted_y = self.buffers(max_rows)
+        self._direct = None  # (x, y) memory maps, if both can be read directly
+        if file.io == "independent":
+            maps = (direct_map(file.path, self.x), direct_map(file.path, self.y))
+            if maps[0] is not None and maps[1] is not None:
+                self._direct = maps
         self.bytes_read = 0
         self.reads = 0
 
@@ -110,6 +120,11 @@ class SplitReader:
         """
         n = len(indices)
         x, y = x_out[:n], y_out[:n]
+        if self._direct is not None:
+            np.take(self._direct[0], indices, axis=0, out=x)
+            np.take(self._direct[1], indices, axis=0, out=y)
+            self._count(n, x_out, y_out)
+            return x, y
         if n and np.all(indices[1:] > indices[:-1]):  # already ascending: read in place
             self.read_ranges(runs(indices), x, y)
             return x, y
@@ -122,9 +137,19 @@ class SplitReader:
 
     def read_ranges(self, ranges: np.ndarray, x_out: np.ndarray, y_out: np.ndarray) -> None:
         """Rows of the [start, stop) ranges (ascending), concatenated, into x_out and y_out."""
-        self._read(self.x, ranges, x_out)
-        self._read(self.y, ranges, y_out)
         rows = int((ranges[:, 1] - ranges[:, 0]).sum()) if len(ranges) else 0
+        if self._direct is not None:
+            at = 0
+            for start, stop in ranges:
+                x_out[at:at + stop - start] = self._direct[0][start:stop]
+                y_out[at:at + stop - start] = self._direct[1][start:stop]
+                at += stop - start
+        else:
+            self._read(self.x, ranges, x_out)
+            self._read(self.y, ranges, y_out)
+        self._count(rows, x_out, y_out)
+
+    def _count(self, rows: int, x_out: np.ndarray, y_out: np.ndarray) -> None:
         self.bytes_read += rows * (x_out.itemsize * self.features
                                    + y_out.itemsize * int(np.prod(self.y_shape)))
         self.reads += 1
@@ -150,6 +175,16 @@ class SplitReader:
         dset.id.read(mspace, fspace, out, dxpl=self.file.dxpl)
         if collective:
             self.file.record_io_mode()
+
+
+def direct_map(path: str, dset: h5py.Dataset) -> np.ndarray | None:
+    """A read-only memory map of a contiguous, unfiltered, allocated dataset, else None."""
+    if dset.chunks is not None or dset.compression or dset.dtype.hasobject:
+        return None
+    offset = dset.id.get_offset()
+    if offset is None or dset.size == 0:
+        return None
+    return np.memmap(path, dtype=dset.dtype, mode="r", offset=offset, shape=dset.shape)
 
 
 _hdf5 = None

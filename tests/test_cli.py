@@ -106,7 +106,7 @@ def test_synth_is_a_function_of_its_arguments(tmp_path):
         np.testing.assert_array_equal(a["test/y"][...], b["test/y"][...])
         assert not np.array_equal(a["train/x"][...], c["train/x"][...])
         assert a["train/x"].shape == (20000, 5) and a["test/x"].shape == (4000, 5)
-        assert a["train/x"].dtype == np.float32 and a["train/x"].chunks is not None
+        assert a["train/x"].dtype == np.float32 and a["train/x"].id.get_offset() is not None
         counts = np.bincount(a["train/y"][...], minlength=3)
         assert len(counts) == 3 and counts.min() > 0
     listing = ok(mpinn(None, "data", "inspect", tmp_path / "a.h5")).stdout
