@@ -6,7 +6,8 @@
 
 Exit codes: 0 success; 2 bad usage or bad input (one message, from rank 0);
 1 a failure while running (all ranks end; none is left waiting).
-`data` and `predict` are serial and do not initialise MPI.
+`data synth` writes in parallel under mpiexec; the other `data` commands and
+`predict` are serial and do not initialise MPI.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def build_parser() -> Parser:
     p.add_argument("--version", action="version", version=f"mpinn {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    data = sub.add_parser("data", help="write or inspect dataset files (serial)")
+    data = sub.add_parser("data", help="write or inspect dataset files")
     dsub = data.add_subparsers(dest="data_command", required=True, parser_class=Parser)
     s = dsub.add_parser("synth", help="synthetic data labelled by a random teacher network")
     s.add_argument("out", help="HDF5 file to write (replaced atomically)")
@@ -50,11 +51,22 @@ def build_parser() -> Parser:
     s.add_argument("--seed", type=int, default=0, help="content is a function of the seed")
     s.add_argument("--regression", action="store_true",
                    help="write the teacher's float outputs as targets (train with --loss mse)")
+    s.add_argument("--io", choices=IO_MODES, default="auto",
+                   help="under mpiexec, every rank writes its rows: with collective MPI-IO at "
+                   "the rows' offsets (independent), or through parallel HDF5 (mpio); auto: "
+                   "mpio if h5py has it")
+    x = dsub.add_parser("idx", help="MNIST-format idx files (MNIST, Fashion-MNIST), gzipped "
+                        "or not, pixels scaled to [0, 1]")
+    x.add_argument("out", help="HDF5 file to write")
+    x.add_argument("--from", dest="source", required=True, metavar="DIR",
+                   help="directory with train-images, train-labels, t10k-images, t10k-labels")
     d = dsub.add_parser("digits", help="scikit-learn's bundled 8x8 digits (1797 samples)")
     d.add_argument("out", help="HDF5 file to write")
     d.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
     i = dsub.add_parser("inspect", help="print layout, sizes, chunking and class balance")
     i.add_argument("file")
+    i.add_argument("--check", action="store_true",
+                   help="also read every value: finite inputs, labels in range (exit 2 if not)")
 
     t = sub.add_parser("train", help="train a model (under mpiexec/srun for several ranks)",
                        description="Synchronous data-parallel training: every rank computes "
@@ -128,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rank_hint() == 0:
             print(f"mpinn: error: {exc}", file=sys.stderr)
         return 2
-    if args.command in ("train", "evaluate"):
+    if args.command in ("train", "evaluate") or getattr(args, "data_command", "") == "synth":
         from . import dist
         return dist.run_or_abort(dist.world(), lambda: run_parallel(args, dist.world()))
     try:
@@ -139,7 +151,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_parallel(args: argparse.Namespace, comm) -> int:
-    if args.command == "train":
+    if args.command == "data":  # synth: every rank writes its share of the blocks
+        from . import datasets, dist
+        from .readers import resolve_io
+        io = resolve_io(args.io)
+        datasets.write_synth(args.out, args.samples, args.features, args.classes,
+                             args.test_samples, args.seed, args.regression, comm, io)
+        if comm.rank == 0:
+            print(datasets.inspect(args.out))
+        dist.print0(comm, f"written by {comm.size} ranks" + (f" ({io})" if comm.size > 1 else ""))
+    elif args.command == "train":
         from .config import load_toml, resolve
         from .train import train
         toml = load_toml(args.config) if args.config else {}
@@ -157,15 +178,16 @@ def run_serial(args: argparse.Namespace) -> int:
         from .infer import predict
         n = predict(args.checkpoint, args.input, args.out, args.dataset)
         print(f"wrote {n} predictions to {args.out}")
-    elif args.data_command == "synth":
-        datasets.write_synth(args.out, args.samples, args.features, args.classes,
-                             args.test_samples, args.seed, args.regression)
+    elif args.data_command == "idx":
+        datasets.write_idx(args.out, args.source)
         print(datasets.inspect(args.out))
     elif args.data_command == "digits":
         datasets.write_digits(args.out, seed=args.seed)
         print(datasets.inspect(args.out))
     elif args.data_command == "inspect":
         print(datasets.inspect(args.file))
+        if args.check:
+            print(datasets.check_values(args.file))
     return 0
 
 

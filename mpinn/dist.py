@@ -86,6 +86,20 @@ def check_identical(comm: Comm, buf: np.ndarray, what: str) -> None:
                               f"disagree with rank 0")
 
 
+def open_for_writing(comm: Comm, path: str) -> MPI.File:
+    """Collective: an existing file opened for MPI-IO writing by every rank."""
+    return MPI.File.Open(comm, path, MPI.MODE_WRONLY)
+
+
+def write_at_all(fh: MPI.File, offset: int, buf: np.ndarray) -> None:
+    """Collective MPI-IO write of buf's bytes at a byte offset (buf may be empty)."""
+    fh.Write_at_all(offset, buf)
+
+
+def close_file(fh: MPI.File) -> None:
+    fh.Close()
+
+
 def barrier(comm: Comm) -> None:
     comm.Barrier()
 

@@ -155,26 +155,37 @@ class SplitReader:
         self.reads += 1
 
     def _read(self, dset: h5py.Dataset, ranges: np.ndarray, out: np.ndarray) -> None:
-        rows = int((ranges[:, 1] - ranges[:, 0]).sum()) if len(ranges) else 0
-        assert out.shape[0] == rows and out.flags.c_contiguous, (out.shape, rows)
         collective = self.file.dxpl is not None
-        if rows == 0 and not collective:
+        if not len(ranges) and not collective:
             return
-        tail = dset.shape[1:]
-        fspace = dset.id.get_space()
-        fspace.select_none()
-        for start, stop in ranges:
-            fspace.select_hyperslab((int(start),) + (0,) * len(tail), (int(stop - start),) + tail,
-                                    op=h5py.h5s.SELECT_OR)
-        if rows == 0:  # take part in the collective read with nothing to read
-            out = np.empty((1,) + tail, out.dtype)
-            mspace = h5py.h5s.create_simple(out.shape)
-            mspace.select_none()
-        else:
-            mspace = h5py.h5s.create_simple(out.shape)
+        mspace, fspace, out = row_selection(dset, ranges, out)
         dset.id.read(mspace, fspace, out, dxpl=self.file.dxpl)
         if collective:
             self.file.record_io_mode()
+
+
+def row_selection(dset: h5py.Dataset, ranges: np.ndarray, buf: np.ndarray):
+    """(memory space, file space, buffer) for the rows of [start, stop) ranges of dset.
+
+    The file selection is one union of hyperslabs. With no rows, both
+    selections are empty (and buf a 1-row dummy), so that a rank with nothing
+    to move can still take part in a collective H5Dread/H5Dwrite.
+    """
+    rows = int((ranges[:, 1] - ranges[:, 0]).sum()) if len(ranges) else 0
+    assert buf.shape[0] == rows and buf.flags.c_contiguous, (buf.shape, rows)
+    tail = dset.shape[1:]
+    fspace = dset.id.get_space()
+    fspace.select_none()
+    for start, stop in ranges:
+        fspace.select_hyperslab((int(start),) + (0,) * len(tail), (int(stop - start),) + tail,
+                                op=h5py.h5s.SELECT_OR)
+    if rows == 0:
+        buf = np.empty((1,) + tail, buf.dtype)
+        mspace = h5py.h5s.create_simple(buf.shape)
+        mspace.select_none()
+    else:
+        mspace = h5py.h5s.create_simple(buf.shape)
+    return mspace, fspace, buf
 
 
 def direct_map(path: str, dset: h5py.Dataset) -> np.ndarray | None:

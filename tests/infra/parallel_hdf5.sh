@@ -49,17 +49,26 @@ pip=("$venv/bin/python" -m pip install -q)
 MPICC=$MPICC "${pip[@]}" --no-binary=mpi4py mpi4py
 CC=$MPICC HDF5_MPI=ON HDF5_DIR=$HDF5_DIR "${pip[@]}" --no-binary=h5py --no-build-isolation h5py
 "${pip[@]}" -e '.[test]'
-ln -sf "$(command -v "$MPIEXEC")" "$venv/bin/mpiexec"
+# The venv's mpiexec starts this MPI's launcher (a wrapper, not a link: Hydra finds
+# its proxy next to the path it was started as).
+launcher=$(readlink -f "$(command -v "$MPIEXEC")")
+rm -f "$venv/bin/mpiexec"  # never write through an old link into the MPI's own launcher
+printf '#!/bin/sh\nexec %s "$@"\n' "$launcher" > "$venv/bin/mpiexec.tmp"
+chmod +x "$venv/bin/mpiexec.tmp"
+mv "$venv/bin/mpiexec.tmp" "$venv/bin/mpiexec"
 
 # One process, one MPI: the launcher must start a 2-rank world that h5py can use.
-"$venv/bin/mpiexec" -n 2 "$venv/bin/python" - <<'PY'
+check=$(mktemp)
+trap 'rm -f "$check"' EXIT
+cat > "$check" <<'PY'
 import h5py
 from mpi4py import MPI
 comm = MPI.COMM_WORLD
 assert h5py.get_config().mpi, "h5py was built without MPI"
 assert comm.size == 2, f"launcher and mpi4py use different MPIs (world size {comm.size}, expected 2)"
 if comm.rank == 0:
-    print(f"parallel HDF5 ready: h5py {h5py.version.version} (HDF5 {h5py.version.hdf5_version}, mpi), "
-          f"{MPI.Get_library_version().splitlines()[0].strip()}")
+    print(f"parallel HDF5 ready: h5py {h5py.version.version} (HDF5 {h5py.version.hdf5_version}, "
+          f"mpi), {MPI.Get_library_version().splitlines()[0].strip()}")
 PY
+timeout 60 "$venv/bin/mpiexec" -n 2 "$venv/bin/python" "$check"
 touch "$venv/.mpinn-parallel-hdf5"
