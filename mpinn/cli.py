@@ -119,6 +119,17 @@ def build_parser() -> Parser:
     e.add_argument("--io", choices=IO_MODES, default="auto",
                    help="how ranks read the data (see `mpinn train --help`)")
 
+    b = sub.add_parser("bench", help="benchmarks (run under mpiexec)")
+    bsub = b.add_subparsers(dest="bench_command", required=True, parser_class=Parser)
+    bi = bsub.add_parser("io", help="read throughput of every reader and shuffle mode against "
+                         "a raw sequential read, and the data wait of a short training run")
+    bi.add_argument("data", help="dataset HDF5 file")
+    bi.add_argument("--batch-size", type=int, default=512, help="global batch (default 512)")
+    bi.add_argument("--steps", type=int, default=200, help="steps per measurement (default 200)")
+    bi.add_argument("--hidden", default="256,128", help="model of the training run")
+    bi.add_argument("--seed", type=int, default=0)
+    bi.add_argument("--json", help="also write the results to this JSON file")
+
     r = sub.add_parser("predict", help="write a checkpoint's outputs for input rows (serial)")
     r.add_argument("checkpoint")
     r.add_argument("input", help="HDF5 file with a dataset `x` (or `test/x`) of input rows")
@@ -140,7 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rank_hint() == 0:
             print(f"mpinn: error: {exc}", file=sys.stderr)
         return 2
-    if args.command in ("train", "evaluate") or getattr(args, "data_command", "") == "synth":
+    if args.command in ("train", "evaluate", "bench") \
+            or getattr(args, "data_command", "") == "synth":
         from . import dist
         return dist.run_or_abort(dist.world(), lambda: run_parallel(args, dist.world()))
     try:
@@ -160,6 +172,13 @@ def run_parallel(args: argparse.Namespace, comm) -> int:
         if comm.rank == 0:
             print(datasets.inspect(args.out))
         dist.print0(comm, f"written by {comm.size} ranks" + (f" ({io})" if comm.size > 1 else ""))
+    elif args.command == "bench":
+        from .bench import bench_io
+        from .config import parse_hidden
+        if args.batch_size < 1 or args.steps < 1:
+            raise UsageError("--batch-size and --steps must be positive")
+        bench_io(comm, args.data, args.batch_size, args.steps, parse_hidden(args.hidden),
+                 args.seed, args.json)
     elif args.command == "train":
         from .config import load_toml, resolve
         from .train import train

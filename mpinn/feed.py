@@ -35,6 +35,8 @@ class Buffers:
     def __init__(self, reader: SplitReader, max_rows: int, window_rows: int = 0) -> None:
         self.slots = [reader.buffers(max_rows) for _ in range(2)]
         self.window = reader.buffers(window_rows) if window_rows else None
+        for buf in [b for slot in self.slots for b in slot] + list(self.window or ()):
+            buf.fill(0)  # touch every page now, not during the first steps
 
 
 class Feed:

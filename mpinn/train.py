@@ -198,20 +198,8 @@ def train(cfg: TrainConfig, comm: dist.Comm) -> dict:
             if batch is None:
                 break
             x, y, batch_rows = batch
-            with timer.phase("forward"):
-                logits = model.forward(x)
-                correct = count_correct(logits, y, problem)
-            with timer.phase("backward"):
-                loss = model.backward(y)  # grads <- sum over this rank's rows
-            with timer.phase("allreduce"):
-                # SUM of per-rank gradient sums: the gradient summed over the global batch.
-                dist.allreduce_sum(comm, model.grads)
-            with timer.phase("update"):
-                # Divide by the true global count (not by P, not by the local count):
-                # g = (1/B) sum_{i in batch} grad loss_i, whatever the shares were.
-                model.grads *= 1.0 / batch_rows
-                optimizer.step(model.grads)
-            epoch_stats += (loss, correct, len(y))
+            epoch_stats += (*train_step(comm, model, optimizer, timer, x, y, batch_rows,
+                                        problem), len(y))
             timer.steps += 1
             step += 1
             if step == 1 and cfg.epochs * steps > 1:
@@ -270,6 +258,28 @@ def train(cfg: TrainConfig, comm: dist.Comm) -> dict:
                           + (f", test accuracy {acc:.4f}" if acc is not None else "")
                           + f"; summary in {os.path.join(cfg.out, 'summary.json')}")
     return summary
+
+
+def train_step(comm: dist.Comm, model: MLP, optimizer, timer: PhaseTimer, x: np.ndarray,
+               y: np.ndarray, batch_rows: int, problem: Problem) -> tuple[float, int]:
+    """One synchronous step on this rank's rows of a global batch of batch_rows samples.
+
+    Returns this rank's summed loss and correct predictions (before the update).
+    """
+    with timer.phase("forward"):
+        logits = model.forward(x)
+        correct = count_correct(logits, y, problem)
+    with timer.phase("backward"):
+        loss = model.backward(y)  # grads <- sum over this rank's rows
+    with timer.phase("allreduce"):
+        # SUM of per-rank gradient sums: the gradient summed over the global batch.
+        dist.allreduce_sum(comm, model.grads)
+    with timer.phase("update"):
+        # Divide by the true global count (not by P, not by the local count):
+        # g = (1/B) sum_{i in batch} grad loss_i, whatever the shares were.
+        model.grads *= 1.0 / batch_rows
+        optimizer.step(model.grads)
+    return loss, correct
 
 
 def merge_counts(per_rank: list[dict[str, int]]) -> dict[str, int]:
