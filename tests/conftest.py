@@ -92,3 +92,46 @@ def digits(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "digits.h5"
     ok(mpinn(None, "data", "digits", path))
     return path
+
+
+def unavailable(what: str, how: str) -> None:
+    """Skip on a user's machine; under CI=true nothing may skip, so fail instead."""
+    message = f"{what} is not available: {how}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message + " (required under CI=true)")
+    pytest.skip(message)
+
+
+class ParallelEnv:
+    """The venv of `make parallel-hdf5`: h5py with MPI-IO, and its MPI's launcher."""
+
+    def __init__(self, venv: Path) -> None:
+        self.python = venv / "bin" / "python"
+        self.mpiexec = venv / "bin" / "mpiexec"
+
+    def mpinn(self, n: int, *args, timeout: float = 180) -> subprocess.CompletedProcess:
+        return run([str(self.mpiexec), "-n", str(n), str(self.python), "-m", "mpinn",
+                    *map(str, args)], timeout=timeout)
+
+    def script(self, n: int, name: str, *args, timeout: float = 180
+               ) -> subprocess.CompletedProcess:
+        return run([str(self.mpiexec), "-n", str(n), str(self.python), str(HERE / "mpi" / name),
+                    *map(str, args)], timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def parallel_env() -> ParallelEnv:
+    venv = Path(os.environ.get("MPINN_PARALLEL_VENV", HERE.parent / ".venv-phdf5"))
+    if not (venv / ".mpinn-parallel-hdf5").exists():
+        unavailable("the parallel-HDF5 environment", f"run `make parallel-hdf5` (builds {venv}; "
+                    "needs root for Debian's libhdf5-mpich-dev, or HDF5_DIR of a site install)")
+    return ParallelEnv(venv)
+
+
+@pytest.fixture(scope="session")
+def fashion_dir() -> Path:
+    d = Path(os.environ.get("MPINN_FASHION_DIR", HERE.parent / ".venv" / "datasets"
+                            / "fashion-mnist"))
+    if not (d / "train-images-idx3-ubyte.gz").exists():
+        unavailable("Fashion-MNIST", "run `make fashion-mnist` (Debian's dataset-fashion-mnist)")
+    return d

@@ -16,6 +16,12 @@ set -euo pipefail
 
 venv=${1:?usage: parallel_hdf5.sh VENV}
 python=${PYTHON:-python3}
+here=$(cd "$(dirname "$0")" && pwd)
+stamp=$venv/.mpinn-parallel-hdf5
+# Up to date: built after the last change of the package metadata and of this script.
+if [ -f "$stamp" ] && [ "$stamp" -nt "$here/../../setup.cfg" ] && [ "$stamp" -nt "$0" ]; then
+    exit 0
+fi
 
 if [ -z "${HDF5_DIR:-}" ]; then
     multiarch=$(gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)
@@ -71,4 +77,4 @@ if comm.rank == 0:
           f"mpi), {MPI.Get_library_version().splitlines()[0].strip()}")
 PY
 timeout 60 "$venv/bin/mpiexec" -n 2 "$venv/bin/python" "$check"
-touch "$venv/.mpinn-parallel-hdf5"
+touch "$stamp"

@@ -1,0 +1,184 @@
+"""Parallel HDF5 input and output: both readers, collective MPI-IO, parallel writes,
+idx conversion, real Fashion-MNIST training."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import RANKS, load_weights, mpi_script, mpinn, ok
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    path = tmp_path_factory.mktemp("io") / "small.h5"
+    ok(mpinn(None, "data", "synth", path, "--samples", 301, "--test-samples", 40,
+             "--features", 6, "--classes", 3, "--seed", 2))
+    return path
+
+
+@pytest.mark.parametrize("n", RANKS)
+def test_independent_reader_delivers_the_planned_rows(n, small):
+    result = ok(mpi_script(n, "readers_agree.py", small, 16, 50, 301, timeout=120))
+    assert f"readers agree: independent on {n} ranks" in result.stdout
+
+
+def test_parallel_environment_has_mpi_hdf5(parallel_env):
+    result = ok(parallel_env.script(2, "collectives.py", timeout=60))
+    assert "collectives ok on 2 ranks" in result.stdout
+    probe = ok(parallel_env.mpinn(1, "--version"))
+    assert "mpinn" in probe.stdout
+    from conftest import run
+    config = ok(run([str(parallel_env.python), "-c",
+                     "import h5py; print(h5py.get_config().mpi)"]))
+    assert config.stdout.strip() == "True"
+
+
+@pytest.mark.parametrize("n", RANKS)
+def test_both_readers_deliver_identical_batches_collectively(n, small, parallel_env):
+    """mpio (collective MPI-IO) and independent give the oracle's rows at every step."""
+    result = ok(parallel_env.script(n, "readers_agree.py", small, 16, 50, timeout=300))
+    assert f"readers agree: independent mpio on {n} ranks" in result.stdout
+
+
+def train_args(data, out, io, *extra):
+    return ["train", data, "--out", out, "--io", io, "--hidden", "8", "--dtype", "float64",
+            "--batch-size", 50, "--epochs", 2, "--seed", 3, *extra]
+
+
+def test_p_invariance_with_the_mpio_reader(small, parallel_env, tmp_path):
+    weights = {}
+    for n in (1, 2, 3):
+        out = tmp_path / f"mpio{n}"
+        ok(parallel_env.mpinn(n, *train_args(small, out, "mpio"), timeout=300))
+        weights[n] = np.concatenate([w.ravel() for w in load_weights(out / "checkpoint.h5")])
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["io"]["reader"] == "mpio"
+        modes = summary["io"]["mpio_actual_io_modes"]
+        assert modes and set(modes) <= {"contiguous-collective", "chunk-collective",
+                                        "chunk-mixed"}, modes
+    for n in (2, 3):
+        rel = np.linalg.norm(weights[n] - weights[1]) / np.linalg.norm(weights[1])
+        assert rel <= 1e-12, (n, rel)
+    # the other reader, same P: the same batches, so the very same weights
+    ok(parallel_env.mpinn(2, *train_args(small, tmp_path / "ind2", "independent")))
+    independent = np.concatenate([w.ravel() for w in load_weights(tmp_path / "ind2" /
+                                                                  "checkpoint.h5")])
+    np.testing.assert_array_equal(independent, weights[2])
+
+
+def test_block_shuffle_trains_and_reads_in_windows(small, tmp_path):
+    out = tmp_path / "block"
+    ok(mpinn(2, "train", small, "--out", out, "--shuffle", "block", "--block-rows", 16,
+             "--window-rows", 100, "--hidden", "8", "--epochs", 2, "--batch-size", 20))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["io"]["shuffle"] == "block"
+    assert summary["io"]["train_bytes_read"] == 2 * 301 * (6 * 4 + 4)  # each row once per epoch
+
+
+def compare_files(a, b) -> None:
+    with h5py.File(a) as fa, h5py.File(b) as fb:
+        for split in ("train", "test"):
+            for name in ("x", "y"):
+                da, db = fa[split][name], fb[split][name]
+                assert da.shape == db.shape and da.dtype == db.dtype
+                for start in range(0, len(da), 1 << 20):
+                    assert np.array_equal(da[start:start + (1 << 20)], db[start:start + (1 << 20)])
+        assert dict(fa.attrs) == dict(fb.attrs)
+
+
+def test_a_1gb_file_written_by_2_ranks_equals_a_serial_write(tmp_path):
+    args = ["data", "synth", "--samples", 4_000_000, "--features", 64, "--classes", 10,
+            "--test-samples", 100_000, "--seed", 1]
+    serial, parallel = tmp_path / "serial.h5", tmp_path / "parallel.h5"
+    ok(mpinn(None, *args[:2], serial, *args[2:], timeout=300))
+    result = ok(mpinn(2, *args[:2], parallel, *args[2:], "--io", "independent", timeout=300))
+    assert "written by 2 ranks (independent)" in result.stdout
+    assert serial.stat().st_size > 1e9
+    compare_files(serial, parallel)
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_mpio_writes_equal_a_serial_write(parallel_env, tmp_path):
+    args = ["--samples", 50_000, "--features", 20, "--classes", 4, "--test-samples", 999]
+    ok(mpinn(None, "data", "synth", tmp_path / "serial.h5", *args))
+    for n in (2, 3):
+        result = ok(parallel_env.mpinn(n, "data", "synth", tmp_path / f"mpio{n}.h5", *args,
+                                       "--io", "mpio", timeout=300))
+        assert f"written by {n} ranks (mpio)" in result.stdout
+        compare_files(tmp_path / "serial.h5", tmp_path / f"mpio{n}.h5")
+
+
+def write_idx(path, array, code=0x08):
+    header = bytes([0, 0, code, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(data)
+
+
+def test_idx_conversion(tmp_path):
+    rng = np.random.default_rng(0)
+    images = {s: rng.integers(0, 256, (n, 4, 3), dtype=np.uint8) for s, n in
+              (("train", 30), ("t10k", 7))}
+    labels = {s: rng.integers(0, 5, len(images[s]), dtype=np.uint8) for s in images}
+    src = tmp_path / "idx"
+    src.mkdir()
+    for s in images:  # one split gzipped, the other plain: both must work
+        suffix = ".gz" if s == "train" else ""
+        write_idx(src / f"{s}-images-idx3-ubyte{suffix}", images[s])
+        write_idx(src / f"{s}-labels-idx1-ubyte{suffix}", labels[s])
+    out = tmp_path / "out.h5"
+    ok(mpinn(None, "data", "idx", out, "--from", src))
+    with h5py.File(out) as f:
+        np.testing.assert_array_equal(f["train/x"][...],
+                                      (images["train"].reshape(30, 12) / 255.0).astype(np.float32))
+        np.testing.assert_array_equal(f["test/y"][...], labels["t10k"])
+        assert f["train/x"].dtype == np.float32 and f.attrs["classes"] == 5
+        assert f["test/x"][...].max() <= 1.0
+    (src / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x09abc")
+    bad = mpinn(None, "data", "idx", tmp_path / "bad.h5", "--from", src)
+    assert bad.returncode == 2 and "truncated" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "bad.h5").exists()
+
+
+def test_inspect_check_finds_bad_values(small, tmp_path):
+    assert "all valid" in ok(mpinn(None, "data", "inspect", "--check", small)).stdout
+    broken = tmp_path / "nan.h5"
+    broken.write_bytes(small.read_bytes())
+    with h5py.File(broken, "r+") as f:
+        f["train/x"][17, 2] = np.nan
+    result = mpinn(None, "data", "inspect", "--check", broken)
+    assert result.returncode == 2 and "/train/x row 17 is not finite" in result.stderr
+
+
+def test_bench_io_reports_every_mode(small, tmp_path):
+    out = tmp_path / "bench.json"
+    result = ok(mpinn(2, "bench", "io", small, "--batch-size", 32, "--steps", 8,
+                      "--hidden", "8", "--json", out))
+    report = json.loads(out.read_text())
+    assert {(m["reader"], m["shuffle"]) for m in report["modes"]} >= {
+        ("independent", s) for s in ("global", "block", "none")}
+    for m in report["modes"]:
+        assert m["bytes"] > 0 and m["cold_read_vs_raw"] > 0 and m["warm_read_vs_raw"] > 0
+    block = next(m for m in report["modes"] if m["shuffle"] == "block")
+    assert block["reads_per_rank"] < 8  # a window is read at once, not per step
+    assert 0 <= report["training_data_wait_fraction"]["independent"] < 1
+    assert "data wait" in result.stdout
+
+
+def test_fashion_mnist_4_ranks(fashion_dir, tmp_path):
+    data = tmp_path / "fashion.h5"
+    ok(mpinn(None, "data", "idx", data, "--from", fashion_dir, timeout=300))
+    out = tmp_path / "run"
+    result = ok(mpinn(4, "train", data, "--out", out, "--hidden", "256", "--optimizer", "adam",
+                      "--lr", 0.001, "--batch-size", 128, "--epochs", 3, timeout=600))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_accuracy"] >= 0.85, summary
+    assert summary["ranks"] == 4
+    print(result.stdout)
