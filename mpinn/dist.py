@@ -86,6 +86,14 @@ def check_identical(comm: Comm, buf: np.ndarray, what: str) -> None:
                               f"disagree with rank 0")
 
 
+def io_hints(hints: dict[str, str]) -> MPI.Info:
+    """An MPI_Info with MPI-IO hints (ROMIO's names; unknown hints are ignored by MPI)."""
+    info = MPI.Info.Create()
+    for key, value in hints.items():
+        info.Set(key, value)
+    return info
+
+
 def open_for_writing(comm: Comm, path: str) -> MPI.File:
     """Collective: an existing file opened for MPI-IO writing by every rank."""
     return MPI.File.Open(comm, path, MPI.MODE_WRONLY)

@@ -33,6 +33,28 @@ from .errors import UsageError
 from .sampler import runs
 
 IO_MODES = ("auto", "mpio", "independent")
+# MPI-IO hints for reading. ROMIO's data sieving reads the whole extent between
+# a rank's first and last row, and two-phase collective buffering has
+# aggregators read whole file domains: for the scattered rows of a shuffled
+# batch both read most of the file per step (measured here: 30 ms per
+# collective read of 64 rows; 0.8 ms with both off). The reads stay collective
+# calls (MPI_File_read_at_all); ROMIO then serves each rank's pieces directly.
+# On a parallel file system with many ranks aggregation may pay off again:
+# MPINN_MPIO_HINTS="romio_cb_read=enable,cb_nodes=8" replaces these defaults.
+MPIO_READ_HINTS = {"romio_cb_read": "disable", "romio_ds_read": "disable"}
+
+
+def mpio_read_hints() -> dict[str, str]:
+    spec = os.environ.get("MPINN_MPIO_HINTS")
+    if spec is None:
+        return dict(MPIO_READ_HINTS)
+    hints = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"MPINN_MPIO_HINTS: expected key=value, got {item!r}")
+        hints[key.strip()] = value.strip()
+    return hints
 # HDF5's H5D_mpio_actual_io_mode_t, as reported after a read with the mpio driver
 ACTUAL_IO_MODES = {0: "none", 1: "chunk-independent", 2: "chunk-collective", 3: "chunk-mixed",
                    4: "contiguous-collective"}
@@ -61,7 +83,9 @@ class DataFile:
         self.io = io
         self.path = path
         if io == "mpio":
-            self._file = h5py.File(path, "r", driver="mpio", comm=comm)
+            from . import dist  # only mpio needs MPI here
+            self._file = h5py.File(path, "r", driver="mpio", comm=comm,
+                                   info=dist.io_hints(mpio_read_hints()))
             self.dxpl = h5py.h5p.create(h5py.h5p.DATASET_XFER)
             self.dxpl.set_dxpl_mpio(h5py.h5fd.MPIO_COLLECTIVE)
         else:
