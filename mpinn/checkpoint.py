@@ -3,12 +3,19 @@
 Layout:
     /model/W{i} (fan_in x fan_out), /model/b{i}   layer i, i = 0 .. L-1
     /model attrs: sizes, activation, loss, dtype
-    /optimizer/<name>                              optimizer state arrays (attr: optimizer)
-    / attrs: format, mpinn_version, epoch (completed), step (global), task,
-             config (the resolved TOML)
+    /optimizer/<name>       optimizer state arrays (velocity; m, v, t), attr: optimizer
+    /progress/epoch_sums    the epoch's running sums so far (loss, correct, rows; all ranks)
+    / attrs: format, mpinn_version, task, config (the resolved TOML),
+             epoch (completed epochs), step (global steps done),
+             step_in_epoch (steps done of epoch `epoch`; 0 at an epoch boundary),
+             data_rows, data_features, data_outputs (the training data's shape)
 
-The file is written to a temporary name, fsynced and renamed (fileio.py), so a
-crash leaves the previous checkpoint or the new one, never a partial file.
+That is everything needed to continue exactly: the sampler's position is
+(epoch, step_in_epoch) because every epoch's plan is a pure function of the
+seed and the epoch; the initial weights' generator is never used again.
+
+The file is written under a temporary name, fsynced and renamed (fileio.py),
+so a crash leaves the previous checkpoint or the new one, never a partial file.
 """
 
 from __future__ import annotations
@@ -33,9 +40,13 @@ class Checkpoint:
     task: str
     epoch: int = 0
     step: int = 0
+    step_in_epoch: int = 0
     config: str = ""
     optimizer: str = ""
     optimizer_state: dict[str, np.ndarray] = field(default_factory=dict)
+    epoch_sums: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    data_shape: tuple[int, int, int] = (0, 0, 0)  # rows, features, outputs
+    version: str = __version__
 
     def restore(self, model: MLP) -> None:
         """Copy the weights into a model of the same architecture."""
@@ -44,12 +55,20 @@ class Checkpoint:
         for view, value in zip(views, self.weights):
             view[...] = value
 
+    def metadata(self) -> Checkpoint:
+        """This checkpoint without its arrays (small enough to broadcast as an object)."""
+        return Checkpoint(self.arch, [], self.task, self.epoch, self.step, self.step_in_epoch,
+                          self.config, self.optimizer, {}, self.epoch_sums, self.data_shape,
+                          self.version)
 
-def save(path: str, model: MLP, task: str, epoch: int, step: int, config: str,
-         optimizer: str, optimizer_state: dict[str, np.ndarray]) -> None:
+
+def save(path: str, ckpt: Checkpoint, model: MLP) -> None:
+    """Write ckpt's metadata and optimizer state with model's weights, atomically."""
     with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
-        f.attrs.update(format=FORMAT, mpinn_version=__version__, epoch=epoch, step=step,
-                       task=task, config=config)
+        f.attrs.update(format=FORMAT, mpinn_version=ckpt.version, epoch=ckpt.epoch,
+                       step=ckpt.step, step_in_epoch=ckpt.step_in_epoch, task=ckpt.task,
+                       config=ckpt.config, data_rows=ckpt.data_shape[0],
+                       data_features=ckpt.data_shape[1], data_outputs=ckpt.data_shape[2])
         g = f.create_group("model")
         g.attrs.update(sizes=np.array(model.arch.sizes, np.int64),
                        activation=model.arch.activation, loss=model.arch.loss,
@@ -58,9 +77,10 @@ def save(path: str, model: MLP, task: str, epoch: int, step: int, config: str,
             g.create_dataset(f"W{i}", data=w)
             g.create_dataset(f"b{i}", data=b)
         o = f.create_group("optimizer")
-        o.attrs["optimizer"] = optimizer
-        for name, value in optimizer_state.items():
+        o.attrs["optimizer"] = ckpt.optimizer
+        for name, value in ckpt.optimizer_state.items():
             o.create_dataset(name, data=value)
+        f.create_dataset("progress/epoch_sums", data=ckpt.epoch_sums)
 
 
 def load(path: str) -> Checkpoint:
@@ -81,6 +101,9 @@ def load(path: str) -> Checkpoint:
         for i in range(len(arch.sizes) - 1):
             weights += [g[f"W{i}"][...], g[f"b{i}"][...]]
         o = f["optimizer"]
-        return Checkpoint(arch, weights, str(f.attrs["task"]), int(f.attrs["epoch"]),
-                          int(f.attrs["step"]), str(f.attrs["config"]),
-                          str(o.attrs["optimizer"]), {k: o[k][...] for k in o})
+        a = f.attrs
+        return Checkpoint(arch, weights, str(a["task"]), int(a["epoch"]), int(a["step"]),
+                          int(a["step_in_epoch"]), str(a["config"]), str(o.attrs["optimizer"]),
+                          {k: o[k][...] for k in o}, f["progress/epoch_sums"][...],
+                          (int(a["data_rows"]), int(a["data_features"]),
+                           int(a["data_outputs"])), str(a["mpinn_version"]))

@@ -5,7 +5,8 @@
     mpiexec -n 2 mpinn evaluate runs/a/checkpoint.h5 data.h5
 
 Exit codes: 0 success; 2 bad usage or bad input (one message, from rank 0);
-1 a failure while running (all ranks end; none is left waiting).
+1 a failure while running (all ranks end; none is left waiting); 3 stopped by
+SIGTERM or SIGUSR1 at a step boundary after writing a checkpoint.
 `data synth` writes in parallel under mpiexec; the other `data` commands and
 `predict` are serial and do not initialise MPI.
 """
@@ -21,7 +22,8 @@ from .errors import UsageError
 from .readers import IO_MODES
 from .sampler import SHUFFLES
 
-EPILOG = """exit codes: 0 success, 2 bad usage or input, 1 failure while running.
+EPILOG = """exit codes: 0 success, 2 bad usage or input, 1 failure while running,
+3 stopped by SIGTERM/SIGUSR1 after writing a checkpoint (continue with --resume).
 Run `mpinn COMMAND --help` for a command's options."""
 
 
@@ -110,6 +112,15 @@ def build_parser() -> Parser:
                    help="read each batch when needed instead of during the previous step")
     t.add_argument("--overwrite", action="store_const", const=True,
                    help="replace a run already in --out")
+    t.add_argument("--resume", action="store_const", const=True,
+                   help="continue the run in --out from its checkpoint.h5, with its "
+                   "config.toml (flags may extend --epochs; changing the model, data, batch "
+                   "size, seed or sampling is refused). Any number of ranks.")
+    t.add_argument("--checkpoint-every", type=int, metavar="N",
+                   help="also checkpoint every N steps (default 0: at the end of each epoch "
+                   "only)")
+    t.add_argument("--keep-checkpoints", type=int, metavar="K",
+                   help="keep the last K checkpoints in RUN_DIR/checkpoints (default 2)")
 
     e = sub.add_parser("evaluate", help="loss and accuracy of a checkpoint (distributed)")
     e.add_argument("checkpoint")
@@ -140,7 +151,8 @@ def build_parser() -> Parser:
 
 TRAIN_FLAGS = ("data", "out", "hidden", "activation", "loss", "optimizer", "lr", "momentum",
                "batch_size", "epochs", "seed", "dtype", "weight_decay", "shuffle", "block_rows",
-               "window_rows", "io", "prefetch", "overwrite")
+               "window_rows", "io", "prefetch", "checkpoint_every", "keep_checkpoints",
+               "overwrite", "resume")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -182,7 +194,13 @@ def run_parallel(args: argparse.Namespace, comm) -> int:
     elif args.command == "train":
         from .config import load_toml, resolve
         from .train import train
-        toml = load_toml(args.config) if args.config else {}
+        toml = {}
+        if args.resume and args.out:  # the run's own configuration first
+            import os
+            saved = os.path.join(args.out, "config.toml")
+            toml = load_toml(saved) if os.path.exists(saved) else {}
+        if args.config:
+            toml.update(load_toml(args.config))
         cfg = resolve(toml, {k: getattr(args, k) for k in TRAIN_FLAGS})
         train(cfg, comm)
     else:

@@ -26,6 +26,8 @@ from .optim import OPTIMIZERS
 from .readers import IO_MODES
 from .sampler import SHUFFLES
 
+RUN_ACTIONS = ("overwrite", "resume")  # what to do with RUN_DIR: not saved in config.toml
+
 
 @dataclass
 class TrainConfig:
@@ -47,7 +49,10 @@ class TrainConfig:
     window_rows: int = 65536
     io: str = "auto"
     prefetch: bool = True
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
     overwrite: bool = False
+    resume: bool = False
 
     def validate(self) -> None:
         """UsageError naming the first bad field."""
@@ -62,7 +67,9 @@ class TrainConfig:
         for key, value in positive.items():
             if not value > 0:
                 raise UsageError(f"{key} must be positive, got {value}")
-        for key in ("epochs", "weight_decay", "momentum", "seed"):
+        if self.keep_checkpoints < 1:
+            raise UsageError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        for key in ("epochs", "weight_decay", "momentum", "seed", "checkpoint_every"):
             if not getattr(self, key) >= 0:
                 raise UsageError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.momentum >= 1:
@@ -134,6 +141,8 @@ def to_toml(cfg: TrainConfig) -> str:
     """The configuration as TOML (every value is a string, number, bool or int list)."""
     lines = ["# mpinn resolved training configuration"]
     for key, value in dataclasses.asdict(cfg).items():
+        if key in RUN_ACTIONS:
+            continue
         if isinstance(value, (tuple, list)):
             value = list(value)
         lines.append(f"{key} = {json.dumps(value)}")

@@ -19,7 +19,9 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
-from .errors import CollectiveError, UsageError
+from .errors import CollectiveError, Interrupted, UsageError
+
+EXIT_INTERRUPTED = 3  # stopped by a signal, checkpoint written: resume with --resume
 
 Comm = MPI.Comm
 
@@ -136,6 +138,9 @@ def run_or_abort(comm: Comm, body: Callable[[], int]) -> int:
     except CollectiveError as exc:
         print0(comm, f"mpinn: failed: {exc}", file=sys.stderr)
         return 1
+    except Interrupted as exc:
+        print0(comm, f"mpinn: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BaseException as exc:  # noqa: BLE001 - anything else must end all ranks
         if isinstance(exc, SystemExit) and exc.code in (0, None):
             raise

@@ -13,3 +13,8 @@ class UsageError(Exception):
 class CollectiveError(RuntimeError):
     """A failure while running that every rank detected alike (e.g. after a
     consistency check): reported once by rank 0, exit code 1, no abort needed."""
+
+
+class Interrupted(Exception):
+    """A signal (SIGTERM, SIGUSR1) stopped training at a step boundary after a
+    checkpoint was written: exit code 3, continue with `mpinn train --resume`."""

@@ -41,9 +41,11 @@ class Buffers:
 
 class Feed:
     def __init__(self, reader: SplitReader, plan: EpochPlan, buffers: Buffers,
-                 prefetch: bool) -> None:
+                 prefetch: bool, first_step: int = 0) -> None:
+        """first_step > 0 continues an epoch (after a resume) from that step."""
         self.reader, self.plan, self.buffers = reader, plan, buffers
         self.prefetch = prefetch
+        self.first_step = first_step
         self.wait_seconds = 0.0  # the loop waiting for data
         self.read_seconds = 0.0  # reading and gathering (in the thread, if prefetching)
         self._window_starts = {first: ranges for first, ranges in plan.windows}
@@ -61,7 +63,7 @@ class Feed:
                                             daemon=True)
             self._thread.start()
         previous = None
-        for step in range(len(self.plan)):
+        for step in range(self.first_step, len(self.plan)):
             start = time.perf_counter()
             if self.prefetch:
                 if previous is not None:
@@ -86,7 +88,7 @@ class Feed:
 
     def _produce(self) -> None:
         try:
-            for step in range(len(self.plan)):
+            for step in range(self.first_step, len(self.plan)):
                 slot = self._free.get()
                 if slot is None or self._stop:
                     return
@@ -100,6 +102,9 @@ class Feed:
         indices = self.plan.steps[step]
         if step in self._window_starts:
             self._load_window(self._window_starts[step])
+        elif step == self.first_step and self.plan.windows:  # resumed inside a window
+            self._load_window(max((w for w in self.plan.windows if w[0] <= step),
+                                  key=lambda w: w[0])[1])
         if self._window_index is None:
             x, y = self.reader.read(indices, x_buf, y_buf)
         else:

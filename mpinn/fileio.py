@@ -27,6 +27,11 @@ def atomic_output(path: str) -> Iterator[str]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+    fsync_directory(directory)
+
+
+def fsync_directory(directory: str) -> None:
+    """Make renames and links in directory durable."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -54,7 +54,10 @@ class MLP:
         self.dtype = np.dtype(arch.dtype)
         self.max_rows = max_rows
         self.params = np.zeros(arch.n_params, self.dtype)
-        self.grads = np.zeros(arch.n_params, self.dtype)
+        # The buffer of the step's one Allreduce: all gradients, then one control
+        # slot (ranks add their stop requests there, so agreeing on a stop is free).
+        self.sync = np.zeros(arch.n_params + 1, self.dtype)
+        self.grads = self.sync[:-1]
         self.W: list[np.ndarray] = []
         self.b: list[np.ndarray] = []
         self.dW: list[np.ndarray] = []

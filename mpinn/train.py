@@ -18,15 +18,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import __version__, checkpoint, data, dist
+from . import __version__, data, dist, rundir
+from .checkpoint import Checkpoint
 from .config import TrainConfig, to_toml
-from .errors import UsageError
+from .errors import Interrupted, UsageError
 from .feed import Buffers, Feed
-from .fileio import atomic_output
 from .model import MLP, Architecture
 from .optim import make_optimizer
 from .readers import DataFile, SplitReader, resolve_io
 from .sampler import Sampling, epoch_plan, share, steps_per_epoch
+from .signals import StopRequest
 from .timing import PhaseTimer
 
 INIT_STREAM = 0x1A17  # generator stream of the initial weights: seed -> weights
@@ -87,24 +88,6 @@ def check_data(comm: dist.Comm, path: str, loss: str, features: int | None = Non
     return Problem(info, n_out)
 
 
-def prepare_run_dir(comm: dist.Comm, cfg: TrainConfig) -> None:
-    """Rank 0 creates the run directory; refuses to overwrite a run unless asked."""
-    error = None
-    if comm.rank == 0:
-        try:
-            if os.path.exists(os.path.join(cfg.out, "checkpoint.h5")) and not cfg.overwrite:
-                raise UsageError(f"{cfg.out} already holds a run (checkpoint.h5); choose another "
-                                 f"--out or pass --overwrite to replace it")
-            os.makedirs(cfg.out, exist_ok=True)
-        except UsageError as exc:
-            error = str(exc)
-        except OSError as exc:
-            error = f"cannot create run directory {cfg.out}: {exc.strerror}"
-    error = dist.first_error(comm, error)
-    if error:
-        raise UsageError(error)
-
-
 def evaluate(comm: dist.Comm, model: MLP, reader: SplitReader, problem: Problem
              ) -> dict[str, float | None]:
     """Collective: mean loss (and accuracy) of the model on all rows of a split.
@@ -140,38 +123,28 @@ def train(cfg: TrainConfig, comm: dist.Comm) -> dict:
     # -- validate everything, then agree, before the first collective of real work
     io = resolve_io(cfg.io)
     problem = check_data(comm, cfg.data, cfg.loss)
-    prepare_run_dir(comm, cfg)
+    rundir.prepare(comm, cfg)
     info = problem.info
     rank, size = comm.rank, comm.size
     arch = Architecture((info.features, *cfg.hidden, problem.outputs), cfg.activation,
                         cfg.loss, cfg.dtype)
     max_rows = max(1, -(-cfg.batch_size // size))  # largest share of a global batch
     model = MLP(arch, max_rows)
-    model.init(np.random.default_rng([cfg.seed, INIT_STREAM]))
-    dist.check_identical(comm, model.params, "initial weights")
     optimizer = make_optimizer(cfg.optimizer, model.params, cfg.lr, cfg.weight_decay,
                                cfg.momentum)
+    data_shape = (info.n_train, info.features, problem.outputs)
+    start = rundir.resume(comm, cfg, model, optimizer, data_shape) if cfg.resume else None
+    if start is None:
+        model.init(np.random.default_rng([cfg.seed, INIT_STREAM]))
+    dist.check_identical(comm, model.params, "initial weights")
     steps = steps_per_epoch(info.n_train, cfg.batch_size)
     sampling = Sampling(cfg.shuffle, cfg.block_rows, cfg.window_rows)
     # mpio reads are MPI collectives: from the prefetch thread only if MPI allows threads
     prefetch = cfg.prefetch and (io != "mpio" or dist.thread_multiple())
-
-    dist.print0(comm, f"mpinn {__version__}: {size} ranks ({dist.library()})")
-    dist.print0(comm, f"data {cfg.data}: {info.n_train} train / {info.n_test} test rows, "
-                      f"{info.features} features, {problem.outputs} "
-                      f"{'classes' if problem.classification else 'targets'}")
-    dist.print0(comm, f"model {'-'.join(map(str, arch.sizes))} {arch.activation}, "
-                      f"{arch.loss}, {arch.n_params:,} params ({arch.dtype}); {cfg.optimizer} "
-                      f"lr {cfg.lr}; global batch {cfg.batch_size} (<= {max_rows} per rank), "
-                      f"{steps} steps/epoch")
-    dist.print0(comm, f"io {io}{' (collective MPI-IO)' if io == 'mpio' else ''}, "
-                      f"shuffle {cfg.shuffle}, prefetch {'on' if prefetch else 'off'}"
-                      + (" (MPI lacks MPI_THREAD_MULTIPLE)" if cfg.prefetch and not prefetch
-                         else ""))
+    log_start(comm, cfg, problem, arch, max_rows, steps, io, prefetch, start)
     if rank == 0:
-        with atomic_output(os.path.join(cfg.out, "config.toml")) as tmp, open(tmp, "w") as f:
-            f.write(to_toml(cfg))
-        metrics_file = open(os.path.join(cfg.out, "metrics.jsonl"), "w")
+        rundir.write_config(cfg)
+        metrics_file = rundir.open_metrics(cfg, start.epoch if start else None)
 
     timer = PhaseTimer()
     datafile = DataFile(cfg.data, io, comm)
@@ -181,51 +154,78 @@ def train(cfg: TrainConfig, comm: dist.Comm) -> dict:
     buffers = Buffers(train_reader, max_rows,
                       window_steps * max_rows if cfg.shuffle == "block" else 0)
     read_seconds = 0.0
-    steady_seconds, steady_samples, step = 0.0, 0, 0
-    epoch_stats = np.zeros(3)  # loss, correct, rows of this rank in this epoch
+    steady_seconds, steady_samples, done_here = 0.0, 0, 0
+    step = start.step if start else 0
+    epoch_stats = rundir.epoch_sums_to_keep(comm, start)  # loss, correct, rows this epoch
     last: dict = {"loss": None, "accuracy": None}
-    test = evaluate(comm, model, test_reader, problem) if cfg.epochs == 0 else {}
-    for epoch in range(cfg.epochs):
-        epoch_start = time.perf_counter()
-        epoch_stats[:] = 0
-        plan = epoch_plan(sampling, cfg.seed, epoch, info.n_train, cfg.batch_size, rank, size)
-        feed = Feed(train_reader, plan, buffers, prefetch)
-        batches = iter(feed)
-        while True:
-            step_start = time.perf_counter()
-            with timer.phase("data"):  # waiting for this step's rows (read ahead if prefetch)
-                batch = next(batches, None)
-            if batch is None:
-                break
-            x, y, batch_rows = batch
-            epoch_stats += (*train_step(comm, model, optimizer, timer, x, y, batch_rows,
-                                        problem), len(y))
-            timer.steps += 1
-            step += 1
-            if step == 1 and cfg.epochs * steps > 1:
-                timer.reset()  # the first step warms caches and BLAS: not steady state
-            elif step > 1:
-                steady_seconds += time.perf_counter() - step_start
-                steady_samples += batch_rows
-        feed.close()
-        read_seconds += feed.read_seconds
-        dist.allreduce_sum(comm, epoch_stats)
-        epoch_seconds = time.perf_counter() - epoch_start
-        last = {"loss": epoch_stats[0] / epoch_stats[2],
-                "accuracy": epoch_stats[1] / epoch_stats[2] if problem.classification else None}
-        test = evaluate(comm, model, test_reader, problem)
-        record = {"epoch": epoch + 1, "step": step, "train_loss": last["loss"],
-                  "train_accuracy": last["accuracy"], "test_loss": test["loss"],
-                  "test_accuracy": test["accuracy"], "seconds": epoch_seconds,
-                  "samples_per_s": info.n_train / epoch_seconds}
+    test: dict = {}
+    first_epoch = start.epoch if start else 0
+    skip = start.step_in_epoch if start else 0
+
+    def save(epoch: int, step_in_epoch: int) -> None:
+        """Collective: rank 0 writes a checkpoint with the epoch's global running sums."""
+        sums = epoch_stats.copy()
+        dist.allreduce_sum(comm, sums)
         if rank == 0:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-            save_checkpoint(cfg, model, problem, optimizer, epoch + 1, step)
-        dist.print0(comm, format_epoch(record, cfg.epochs, problem.classification))
+            rundir.save_checkpoint(cfg, Checkpoint(
+                arch, [], info.task, epoch, step, step_in_epoch, to_toml(cfg), cfg.optimizer,
+                optimizer.state(), sums, data_shape), model)
+
+    with StopRequest() as stop:
+        for epoch in range(first_epoch, cfg.epochs):
+            epoch_start = time.perf_counter()
+            plan = epoch_plan(sampling, cfg.seed, epoch, info.n_train, cfg.batch_size, rank,
+                              size)
+            feed = Feed(train_reader, plan, buffers, prefetch, first_step=skip)
+            batches = iter(feed)
+            for step_in_epoch in range(skip + 1, len(plan) + 1):
+                step_start = time.perf_counter()
+                with timer.phase("data"):  # waiting for this step's rows (read ahead)
+                    x, y, batch_rows = next(batches)
+                model.sync[-1] = stop.requested  # summed with the gradients: any rank stops all
+                epoch_stats += (*train_step(comm, model, optimizer, timer, x, y, batch_rows,
+                                            problem), len(y))
+                timer.steps += 1
+                step += 1
+                done_here += 1
+                if done_here == 1:
+                    timer.reset()  # the first step warms caches and BLAS: not steady state
+                else:
+                    steady_seconds += time.perf_counter() - step_start
+                    steady_samples += batch_rows
+                if model.sync[-1] > 0:
+                    feed.close()
+                    save(epoch, step_in_epoch)
+                    raise Interrupted(f"stopped by a signal at epoch {epoch + 1}, step "
+                                      f"{step_in_epoch} of {len(plan)}; checkpoint written; "
+                                      f"continue with: mpinn train --out {cfg.out} --resume")
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 \
+                        and step_in_epoch < len(plan):
+                    save(epoch, step_in_epoch)
+            feed.close()
+            skip = 0
+            read_seconds += feed.read_seconds
+            dist.allreduce_sum(comm, epoch_stats)
+            epoch_seconds = time.perf_counter() - epoch_start
+            last = {"loss": epoch_stats[0] / epoch_stats[2],
+                    "accuracy": epoch_stats[1] / epoch_stats[2] if problem.classification
+                    else None}
+            epoch_stats[:] = 0
+            test = evaluate(comm, model, test_reader, problem)
+            record = {"epoch": epoch + 1, "step": step, "train_loss": last["loss"],
+                      "train_accuracy": last["accuracy"], "test_loss": test["loss"],
+                      "test_accuracy": test["accuracy"], "seconds": epoch_seconds,
+                      "samples_per_s": info.n_train / epoch_seconds}
+            if rank == 0:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+            save(epoch + 1, 0)
+            dist.print0(comm, format_epoch(record, cfg.epochs, problem.classification))
     dist.check_identical(comm, model.params, "final weights")
-    if cfg.epochs == 0 and rank == 0:
-        save_checkpoint(cfg, model, problem, optimizer, 0, 0)
+    if not test:  # --epochs 0, or resumed at the end: describe the model as it is
+        test = evaluate(comm, model, test_reader, problem)
+        if start is None:
+            save(0, 0)
     datafile.close()
 
     peak = np.array([steady_seconds])
@@ -237,6 +237,7 @@ def train(cfg: TrainConfig, comm: dist.Comm) -> dict:
     step_mean = sum(p["mean"] for p in phases.values())
     summary = {
         "ranks": size, "mpi": dist.library(), "epochs": cfg.epochs, "steps": step,
+        "steps_this_run": done_here, "resumed_from_step": start.step if start else None,
         "batch_size": cfg.batch_size, "params": arch.n_params, "dtype": arch.dtype,
         "io": {"reader": io, "shuffle": cfg.shuffle, "prefetch": prefetch,
                "train_bytes_read": int(io_totals[0]),
@@ -247,17 +248,37 @@ def train(cfg: TrainConfig, comm: dist.Comm) -> dict:
         "test_loss": test.get("loss"), "test_accuracy": test.get("accuracy"),
         "samples_per_s": steady_samples / peak[0] if peak[0] > 0 else None,
         "step_time_s": phases,
-        "allreduce_bytes_per_step": model.grads.nbytes,
+        "allreduce_bytes_per_step": model.sync.nbytes,
     }
     if rank == 0:
         metrics_file.close()
-        with atomic_output(os.path.join(cfg.out, "summary.json")) as tmp, open(tmp, "w") as f:
-            json.dump(summary, f, indent=2)
+        rundir.write_summary(cfg, summary)
         acc = summary["test_accuracy"]
         dist.print0(comm, f"done: test loss {summary['test_loss']:.4f}"
                           + (f", test accuracy {acc:.4f}" if acc is not None else "")
                           + f"; summary in {os.path.join(cfg.out, 'summary.json')}")
     return summary
+
+
+def log_start(comm, cfg: TrainConfig, problem: Problem, arch: Architecture, max_rows: int,
+              steps: int, io: str, prefetch: bool, start: Checkpoint | None) -> None:
+    info = problem.info
+    dist.print0(comm, f"mpinn {__version__}: {comm.size} ranks ({dist.library()})")
+    dist.print0(comm, f"data {cfg.data}: {info.n_train} train / {info.n_test} test rows, "
+                      f"{info.features} features, {problem.outputs} "
+                      f"{'classes' if problem.classification else 'targets'}")
+    dist.print0(comm, f"model {'-'.join(map(str, arch.sizes))} {arch.activation}, "
+                      f"{arch.loss}, {arch.n_params:,} params ({arch.dtype}); {cfg.optimizer} "
+                      f"lr {cfg.lr}; global batch {cfg.batch_size} (<= {max_rows} per rank), "
+                      f"{steps} steps/epoch")
+    dist.print0(comm, f"io {io}{' (collective MPI-IO)' if io == 'mpio' else ''}, "
+                      f"shuffle {cfg.shuffle}, prefetch {'on' if prefetch else 'off'}"
+                      + (" (MPI lacks MPI_THREAD_MULTIPLE)" if cfg.prefetch and not prefetch
+                         else ""))
+    if start is not None:
+        dist.print0(comm, f"resumed from {rundir.checkpoint_path(cfg.out)}: epoch "
+                          f"{start.epoch + 1}, step {start.step_in_epoch} of {steps} "
+                          f"(global step {start.step})")
 
 
 def train_step(comm: dist.Comm, model: MLP, optimizer, timer: PhaseTimer, x: np.ndarray,
@@ -272,8 +293,9 @@ def train_step(comm: dist.Comm, model: MLP, optimizer, timer: PhaseTimer, x: np.
     with timer.phase("backward"):
         loss = model.backward(y)  # grads <- sum over this rank's rows
     with timer.phase("allreduce"):
-        # SUM of per-rank gradient sums: the gradient summed over the global batch.
-        dist.allreduce_sum(comm, model.grads)
+        # SUM of per-rank gradient sums: the gradient summed over the global batch
+        # (model.sync is the gradients plus one control slot, see model.py).
+        dist.allreduce_sum(comm, model.sync)
     with timer.phase("update"):
         # Divide by the true global count (not by P, not by the local count):
         # g = (1/B) sum_{i in batch} grad loss_i, whatever the shares were.
@@ -288,12 +310,6 @@ def merge_counts(per_rank: list[dict[str, int]]) -> dict[str, int]:
         for key, value in counts.items():
             total[key] = total.get(key, 0) + value
     return total
-
-
-def save_checkpoint(cfg: TrainConfig, model: MLP, problem: Problem, optimizer, epoch: int,
-                    step: int) -> None:
-    checkpoint.save(os.path.join(cfg.out, "checkpoint.h5"), model, problem.info.task, epoch,
-                    step, to_toml(cfg), cfg.optimizer, optimizer.state())
 
 
 def format_epoch(r: dict, epochs: int, classification: bool) -> str:

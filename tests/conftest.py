@@ -32,7 +32,7 @@ def mpiexec() -> str:
                        "MPINN_MPIEXEC to your MPI's launcher")
 
 
-def test_env() -> dict[str, str]:
+def child_env() -> dict[str, str]:
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = "1"
@@ -43,7 +43,7 @@ def run(cmd: list[str], timeout: float = 120, cwd: Path | None = None,
         env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run cmd in its own process group; on timeout kill the whole group and fail."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=cwd, env=env or test_env(), start_new_session=True)
+                            cwd=cwd, env=env or child_env(), start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

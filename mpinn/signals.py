@@ -1,0 +1,35 @@
+"""Stop requests: SIGTERM and SIGUSR1 (what SLURM sends before a time limit or a
+preemption) set a flag, and nothing else. The training loop adds the flag to the
+step's gradient Allreduce, so all ranks learn at the same step boundary that
+some rank was signalled, checkpoint together, and exit with code 3.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequest:
+    """Context manager installing the handlers; `requested` turns true on a signal."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        self.requested = True  # only a flag: no I/O, no MPI in a signal handler
+        self.signal_name = signal.Signals(signum).name
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

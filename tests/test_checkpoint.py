@@ -1,0 +1,176 @@
+"""Checkpoints and exact resume: by --epochs, from mid-epoch checkpoints, by signal,
+after kill -9 during checkpoint writes, with a different number of ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import child_env, mpiexec, mpinn, ok
+from mpinn import checkpoint
+
+ARGS = ["--hidden", "16", "--dtype", "float64", "--batch-size", 50, "--optimizer", "adam",
+        "--seed", 4]
+
+
+def state(run: Path) -> list[np.ndarray]:
+    """Weights and optimizer state of a run's checkpoint."""
+    ckpt = checkpoint.load(str(run / "checkpoint.h5"))
+    return ckpt.weights + [ckpt.optimizer_state[k] for k in sorted(ckpt.optimizer_state)]
+
+
+def assert_same(a: Path, b: Path) -> None:
+    for x, y in zip(state(a), state(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_after_epochs_is_bit_identical(synth, tmp_path):
+    ok(mpinn(2, "train", synth, "--out", tmp_path / "full", "--epochs", 3, *ARGS))
+    ok(mpinn(2, "train", synth, "--out", tmp_path / "part", "--epochs", 1, *ARGS))
+    resumed = ok(mpinn(2, "train", "--out", tmp_path / "part", "--resume", "--epochs", 3))
+    assert "resumed from" in resumed.stdout and "epoch 2, step 0" in resumed.stdout
+    assert_same(tmp_path / "full", tmp_path / "part")
+    full, part = metrics(tmp_path / "full"), metrics(tmp_path / "part")
+    assert [(m["epoch"], m["train_loss"], m["test_loss"]) for m in full] == \
+        [(m["epoch"], m["train_loss"], m["test_loss"]) for m in part]
+
+
+@pytest.mark.parametrize("shuffle", ["global", "block"])
+def test_resume_from_a_mid_epoch_checkpoint(synth, tmp_path, shuffle):
+    """Continue from every few steps' checkpoint: same P -> bitwise; 2 -> 3 ranks -> 1e-12."""
+    extra = ["--shuffle", shuffle, "--block-rows", 16, "--window-rows", 150]
+    ok(mpinn(2, "train", synth, "--out", tmp_path / "full", "--epochs", 2, *ARGS, *extra,
+             "--checkpoint-every", 5, "--keep-checkpoints", 100))
+    history = sorted((tmp_path / "full" / "checkpoints").iterdir())
+    mid = [p for p in history if checkpoint.load(str(p)).step_in_epoch][1]  # inside epoch 1
+    assert checkpoint.load(str(mid)).step == 10
+    ranks = (2, 3) if shuffle == "global" else (2,)  # block shuffle depends on P by design
+    for n in ranks:
+        run = tmp_path / f"resumed{n}"
+        (run / "checkpoints").mkdir(parents=True)
+        shutil.copy(tmp_path / "full" / "config.toml", run / "config.toml")
+        shutil.copy(mid, run / "checkpoint.h5")
+        result = ok(mpinn(n, "train", "--out", run, "--resume"))
+        assert "epoch 1, step 10 of 12" in result.stdout
+        if n == 2:
+            assert_same(tmp_path / "full", run)
+        else:
+            for x, y in zip(state(tmp_path / "full")[:4], state(run)[:4], strict=True):
+                assert np.linalg.norm(x - y) <= 1e-12 * np.linalg.norm(x)
+        assert [m["epoch"] for m in metrics(run)] == [1, 2]
+
+
+def rank_pids(marker: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"mpinn" in cmd and marker.encode() in cmd and b"train" in cmd \
+                    and Path(cmd[0].decode(errors="replace")).name.startswith("python"):
+                pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def start_training(n: int, *args) -> subprocess.Popen:
+    return subprocess.Popen([mpiexec(), "-n", str(n), sys.executable, "-m", "mpinn", "train",
+                             *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, env=child_env())
+
+
+def wait_for(condition, proc: subprocess.Popen, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"training ended early: {proc.communicate()}")
+        assert time.monotonic() < deadline, "timed out waiting for training"
+        time.sleep(0.05)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"hang after the signal:\n{out}\n{err}")
+    return proc.returncode, out, err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
+def test_a_signal_to_one_rank_checkpoints_all_and_resume_is_bit_identical(
+        synth, tmp_path, signum):
+    run = tmp_path / "run"
+    args = [synth, "--out", run, "--epochs", 4, *ARGS, "--batch-size", 5]
+    proc = start_training(2, *args)
+    wait_for(lambda: (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text(),
+             proc)
+    pids = rank_pids(str(run))
+    assert len(pids) == 2
+    os.kill(random.choice(pids), signum)  # one rank only: all must agree and stop
+    code, out, err = finish(proc)
+    assert code == 3, (out, err)
+    assert err.count("stopped by a signal") == 1 and "Traceback" not in err
+    stopped = checkpoint.load(str(run / "checkpoint.h5"))
+    assert stopped.epoch < 4 and stopped.step > 120
+    ok(mpinn(2, "train", "--out", run, "--resume"))
+    ok(mpinn(2, "train", *args[:2], tmp_path / "reference", *args[3:]))
+    assert_same(tmp_path / "reference", run)
+
+
+def test_kill_9_during_checkpoint_writes_never_leaves_a_broken_checkpoint(synth, tmp_path):
+    """Checkpoint every step (3 MB each), kill -9 the job at random moments, many times."""
+    run = tmp_path / "run"
+    args = [synth, "--out", run, "--epochs", 1000, "--hidden", "512,512", "--batch-size", 40,
+            "--checkpoint-every", 1]
+    rng = random.Random(0)
+    last_step = -1
+    for attempt in range(8):
+        proc = start_training(2, *args, *(["--resume"] if attempt else []))
+        wait_for(lambda: (run / "checkpoint.h5").exists(), proc)
+        time.sleep(rng.uniform(0.05, 0.6))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        time.sleep(0.2)
+        for pid in rank_pids(str(run)):  # nothing may survive a kill of the job
+            os.kill(pid, signal.SIGKILL)
+        ckpt = checkpoint.load(str(run / "checkpoint.h5"))  # loads: complete, not partial
+        assert all(np.isfinite(w).all() for w in ckpt.weights)
+        assert ckpt.step >= last_step  # never goes back
+        last_step = ckpt.step
+        for kept in (run / "checkpoints").glob("step-*.h5"):
+            checkpoint.load(str(kept))
+    assert last_step > 0
+
+
+def test_incompatible_resume_is_refused(synth, digits, tmp_path):
+    run = tmp_path / "run"
+    ok(mpinn(2, "train", synth, "--out", run, "--epochs", 1, *ARGS))
+    before = (run / "checkpoint.h5").read_bytes()
+    for extra, words in ((["--hidden", "32"], "hidden"), (["--batch-size", "64"], "batch_size"),
+                         (["--seed", "5"], "seed"), ([digits], "training data")):
+        args = ["train", *extra[-1:]] if extra == [digits] else ["train"]
+        result = mpinn(2, *args, "--out", run, "--resume", "--epochs", 2,
+                       *(extra if extra != [digits] else []))
+        text = result.stdout + result.stderr
+        assert result.returncode == 2, text
+        assert text.count("mpinn: error:") == 1 and "does not fit" in text and words in text
+    assert (run / "checkpoint.h5").read_bytes() == before
+    empty = mpinn(2, "train", synth, "--out", tmp_path / "none", "--resume")
+    assert empty.returncode == 2 and "no checkpoint.h5 to resume" in empty.stderr
