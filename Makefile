@@ -13,6 +13,8 @@
 #                             installed if root; on a cluster: HDF5_DIR=... MPICC=...
 #                             MPIEXEC=... make parallel-hdf5 after loading the modules)
 #   make fashion-mnist        the Fashion-MNIST idx files into $(DATASETS)/fashion-mnist
+#                             (make test also starts a one-node SLURM cluster for the
+#                             tests of jobs/: Debian's slurm packages, installed if root)
 #   make clean                remove the venvs and the demo's data/ and runs/
 
 PYTHON ?= python3
@@ -73,8 +75,17 @@ test-prerequisites:
 		echo "note: $$target unavailable here; its tests will skip" >&2; \
 	done
 
+# The suite runs with a real single-node SLURM cluster (tests of jobs/), started
+# here in a scratch directory and stopped afterwards, whatever the tests did.
 test: install test-prerequisites
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	@slurm=$$(mktemp -d /tmp/mpinn-slurm.XXXXXX); status=0; \
+	if bash tests/infra/slurm_cluster.sh start "$$slurm"; then \
+		export MPINN_SLURM_CONF="$$slurm/slurm.conf"; \
+	elif [ "$${CI:-}" = true ]; then \
+		echo "a SLURM test cluster is required under CI=true" >&2; rm -rf "$$slurm"; exit 1; \
+	else echo "note: no SLURM test cluster here; the tests of jobs/ will skip" >&2; fi; \
+	$(BIN)/python -m pytest $(PYTEST_ARGS) || status=$$?; \
+	bash tests/infra/slurm_cluster.sh stop "$$slurm"; rm -rf "$$slurm"; exit $$status
 
 clean:
 	rm -rf $(VENV) $(PVENV) data runs *.egg-info

@@ -13,12 +13,16 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopRequest:
-    """Context manager installing the handlers; `requested` turns true on a signal."""
+    """Context manager installing the handlers; `requested` turns true on a signal.
+
+    The handlers stay installed after the context ends: a signal that arrives
+    while a rank is finishing (writing the summary, finalising MPI) must not
+    kill it with the default action; the run is complete anyway.
+    """
 
     def __init__(self) -> None:
         self.requested = False
         self.signal_name = ""
-        self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame) -> None:
         self.requested = True  # only a flag: no I/O, no MPI in a signal handler
@@ -27,9 +31,8 @@ class StopRequest:
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
+                signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        pass

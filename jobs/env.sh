@@ -1,0 +1,37 @@
+# Sourced by the jobs/*.sbatch scripts: the environment every rank runs in.
+# Override any of these in the environment you submit from (sbatch exports it):
+#   MPINN_HOME      the mpinn checkout (default: the directory sbatch was run from)
+#   MPINN_VENV      its virtual environment (default: $MPINN_HOME/.venv; a cluster
+#                   build is `make install MPI=system` after loading the MPI module)
+#   MPINN_SRUN_MPI  srun's MPI plugin (default pmi2; `srun --mpi=list` shows yours)
+#   MPINN_MODULES   modules to load first, e.g. "gcc openmpi hdf5" (default none)
+
+MPINN_HOME=${MPINN_HOME:-$SLURM_SUBMIT_DIR}
+MPINN_VENV=${MPINN_VENV:-$MPINN_HOME/.venv}
+MPINN_SRUN_MPI=${MPINN_SRUN_MPI:-pmi2}
+if [ -n "${MPINN_MODULES:-}" ]; then
+    # shellcheck disable=SC2086
+    module load $MPINN_MODULES
+fi
+if [ ! -x "$MPINN_VENV/bin/mpinn" ]; then
+    echo "$(basename "$0"): no mpinn in $MPINN_VENV (run make install, or set MPINN_VENV)" >&2
+    exit 2
+fi
+# shellcheck disable=SC1091
+source "$MPINN_VENV/bin/activate"
+
+# One BLAS thread per core the job gave each task; srun no longer inherits
+# --cpus-per-task from the allocation (Slurm >= 22.05), so pass it on.
+threads=${SLURM_CPUS_PER_TASK:-1}
+export OMP_NUM_THREADS=$threads OPENBLAS_NUM_THREADS=$threads MKL_NUM_THREADS=$threads
+export SRUN_CPUS_PER_TASK=$threads
+
+# Launch mpinn on N tasks of this allocation: mpinn_srun N ARGS...
+# --kill-on-bad-exit: a rank that dies (killed, out of memory) ends the whole step
+# instead of leaving the others spinning in a collective until the time limit.
+mpinn_srun() {
+    local ntasks=$1
+    shift
+    srun --mpi="$MPINN_SRUN_MPI" --ntasks="$ntasks" --cpus-per-task="$threads" \
+        --kill-on-bad-exit=1 mpinn "$@"
+}

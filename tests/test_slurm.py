@@ -1,0 +1,128 @@
+"""The SLURM scripts in jobs/, submitted with real sbatch to a one-node test cluster
+(started by `make test`, tests/infra/slurm_cluster.sh)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import HERE, child_env, load_weights, mpinn, ok, run, unavailable
+from mpinn import checkpoint
+
+JOBS = HERE.parent / "jobs"
+SCRIPTS = sorted(JOBS.glob("*.sbatch"))
+DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+        "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory) -> dict[str, str]:
+    conf = os.environ.get("MPINN_SLURM_CONF")
+    if not conf or not Path(conf).exists():
+        unavailable("a SLURM test cluster", "run the tests with `make test` as root (it starts "
+                    "one with tests/infra/slurm_cluster.sh), or set MPINN_SLURM_CONF")
+    env = child_env()
+    env.update(SLURM_CONF=conf, MPINN_HOME=str(HERE.parent),
+               MPINN_VENV=str(Path(sys.executable).parent.parent))
+    return env
+
+
+def sbatch(env: dict, cwd: Path, script: str, *options: str, **variables) -> str:
+    job_env = dict(env, **{k: str(v) for k, v in variables.items()})
+    result = ok(run(["sbatch", "--parsable", *options, str(JOBS / script)], cwd=cwd,
+                    env=job_env, timeout=30))
+    return result.stdout.strip().split(";")[0]
+
+
+def job_field(env: dict, job: str, field: str) -> str:
+    out = run(["scontrol", "show", "job", job], env=env, timeout=30).stdout
+    match = re.search(rf"\b{field}=(\S+)", out)
+    return match.group(1) if match else ""
+
+
+def wait_done(env: dict, job: str, timeout: float = 240) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = job_field(env, job, "JobState")
+        if state in DONE:
+            return state
+        time.sleep(0.3)
+    run(["scancel", job], env=env, timeout=30)
+    pytest.fail(f"job {job} did not finish within {timeout} s (state {state})")
+
+
+def test_every_sbatch_line_is_commented_and_scripts_are_strict():
+    assert {p.name for p in SCRIPTS} == {"train.sbatch", "strong_scaling.sbatch",
+                                         "weak_scaling.sbatch"}
+    for script in SCRIPTS:
+        text = script.read_text()
+        assert "set -euo pipefail" in text and "srun" not in text.split("env.sh")[0]
+        for line in text.splitlines():
+            if line.startswith("#SBATCH"):
+                assert re.match(r"#SBATCH\s+\S+\s+#\s*\w", line), f"{script.name}: {line}"
+        assert "--output=%x-%j.out" in text
+
+
+@pytest.mark.parametrize("script", [p.name for p in SCRIPTS])
+def test_scripts_refuse_to_run_outside_slurm(script, tmp_path):
+    env = {k: v for k, v in child_env().items() if not k.startswith("SLURM_")}
+    result = run(["bash", str(JOBS / script)], cwd=tmp_path, env=env, timeout=30)
+    assert result.returncode == 2 and "not inside a SLURM job" in result.stderr
+
+
+def test_train_sbatch(slurm, synth, tmp_path):
+    job = sbatch(slurm, tmp_path, "train.sbatch", MPINN_DATA=synth,
+                 MPINN_RUN_DIR=tmp_path / "run", MPINN_TRAIN_ARGS="--epochs 2 --hidden 8")
+    assert wait_done(slurm, job) == "COMPLETED", (tmp_path / f"mpinn-train-{job}.out").read_text()
+    assert job_field(slurm, job, "ExitCode") == "0:0"
+    log = (tmp_path / f"mpinn-train-{job}.out").read_text()
+    assert log.count("epoch 2/2") == 1 and "2 ranks" in log
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["ranks"] == 2 and summary["epochs"] == 2
+    assert checkpoint.load(str(tmp_path / "run" / "checkpoint.h5")).epoch == 2
+
+
+@pytest.mark.parametrize("script,batch", [("strong_scaling.sbatch", lambda n: 64),
+                                          ("weak_scaling.sbatch", lambda n: 32 * n)])
+def test_scaling_sbatch(slurm, synth, tmp_path, script, batch):
+    job = sbatch(slurm, tmp_path, script, "--ntasks=2", MPINN_DATA=synth,
+                 MPINN_RUN_ROOT=tmp_path / "study", MPINN_BATCH=64, MPINN_BATCH_PER_RANK=32,
+                 MPINN_TRAIN_ARGS="--epochs 1 --hidden 8")
+    name = script.split("_")[0]
+    log_path = tmp_path / f"mpinn-{name}-{job}.out"
+    assert wait_done(slurm, job) == "COMPLETED", log_path.read_text()
+    for n in (1, 2):  # default rank counts up to --ntasks=2
+        summary = json.loads((tmp_path / "study" / f"p{n}" / "summary.json").read_text())
+        assert summary["ranks"] == n and summary["batch_size"] == batch(n)
+        assert summary["samples_per_s"] > 0 and "allreduce" in summary["step_time_s"]
+
+
+def test_preempted_job_requeues_and_ends_bit_identical(slurm, synth, tmp_path):
+    """scancel --signal=USR1 --batch: checkpoint, requeue, resume; weights as if never stopped."""
+    args = "--epochs 8 --hidden 16 --dtype float64 --batch-size 5 --optimizer adam --seed 4"
+    run_dir = tmp_path / "run"
+    job = sbatch(slurm, tmp_path, "train.sbatch", MPINN_DATA=synth, MPINN_RUN_DIR=run_dir,
+                 MPINN_TRAIN_ARGS=args)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text()):
+        assert time.monotonic() < deadline and job_field(slurm, job, "JobState") not in DONE
+        time.sleep(0.1)
+    ok(run(["scancel", "--signal=USR1", "--batch", job], env=slurm, timeout=30))
+    log_path = tmp_path / f"mpinn-train-{job}.out"
+    assert wait_done(slurm, job, timeout=300) == "COMPLETED", log_path.read_text()
+    log = log_path.read_text()
+    assert job_field(slurm, job, "Restarts") == "1", log
+    assert "stopped by a signal" in log and "requeueing job" in log and "resumed from" in log
+    reference = tmp_path / "reference"
+    ok(mpinn(2, "train", synth, "--out", reference, *args.split()))
+    for a, b in zip(load_weights(reference / "checkpoint.h5"),
+                    load_weights(run_dir / "checkpoint.h5"), strict=True):
+        np.testing.assert_array_equal(a, b)
