@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -39,18 +40,58 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str], timeout: float = 120, cwd: Path | None = None,
-        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run cmd in its own process group; on timeout kill the whole group and fail."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=cwd, env=env or child_env(), start_new_session=True)
+def start(cmd: list, cwd: Path | None = None, env: dict[str, str] | None = None
+          ) -> subprocess.Popen:
+    """Start cmd in its own process group (so that all of an mpiexec job can be killed)."""
+    return subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=cwd,
+                            env=env or child_env(), start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Wait for proc; on timeout kill its whole process group and fail the test (a hang)."""
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        pytest.fail(f"timed out after {timeout} s (a hang): {' '.join(cmd)}\n{out}\n{err}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+        pytest.fail(f"timed out after {timeout} s (a hang): {' '.join(proc.args)}\n{out}\n{err}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run(cmd: list, timeout: float = 120, cwd: Path | None = None,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return finish(start(cmd, cwd, env), timeout)
+
+
+def start_mpinn(n: int, *args) -> subprocess.Popen:
+    """`mpiexec -n N python -m mpinn ARGS` in the background."""
+    return start([mpiexec(), "-n", n, sys.executable, "-m", "mpinn", *args])
+
+
+def rank_pids(marker: str) -> list[int]:
+    """PIDs of the mpinn rank processes whose command line contains marker."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"mpinn" in cmd and marker.encode() in cmd \
+                    and Path(cmd[0].decode(errors="replace")).name.startswith("python"):
+                pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def wait_for(condition, proc: subprocess.Popen, seconds: float = 60) -> None:
+    """Poll condition() while proc runs; fail if proc ends first or time runs out."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"the job ended early: {proc.communicate()}")
+        assert time.monotonic() < deadline, "timed out waiting for the job"
+        time.sleep(0.05)
 
 
 def mpinn(n: int | None, *args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:

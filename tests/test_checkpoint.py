@@ -8,15 +8,13 @@ import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import child_env, mpiexec, mpinn, ok
+from conftest import finish, mpinn, ok, rank_pids, start_mpinn, wait_for
 from mpinn import checkpoint
 
 ARGS = ["--hidden", "16", "--dtype", "float64", "--batch-size", 50, "--optimizer", "adam",
@@ -74,58 +72,20 @@ def test_resume_from_a_mid_epoch_checkpoint(synth, tmp_path, shuffle):
         assert [m["epoch"] for m in metrics(run)] == [1, 2]
 
 
-def rank_pids(marker: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmd = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"mpinn" in cmd and marker.encode() in cmd and b"train" in cmd \
-                    and Path(cmd[0].decode(errors="replace")).name.startswith("python"):
-                pids.append(int(entry.name))
-    return sorted(pids)
-
-
-def start_training(n: int, *args) -> subprocess.Popen:
-    return subprocess.Popen([mpiexec(), "-n", str(n), sys.executable, "-m", "mpinn", "train",
-                             *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, env=child_env())
-
-
-def wait_for(condition, proc: subprocess.Popen, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if proc.poll() is not None:
-            pytest.fail(f"training ended early: {proc.communicate()}")
-        assert time.monotonic() < deadline, "timed out waiting for training"
-        time.sleep(0.05)
-
-
-def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, str, str]:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"hang after the signal:\n{out}\n{err}")
-    return proc.returncode, out, err
-
-
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
 def test_a_signal_to_one_rank_checkpoints_all_and_resume_is_bit_identical(
         synth, tmp_path, signum):
     run = tmp_path / "run"
     args = [synth, "--out", run, "--epochs", 4, *ARGS, "--batch-size", 5]
-    proc = start_training(2, *args)
+    proc = start_mpinn(2, "train", *args)
     wait_for(lambda: (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text(),
              proc)
     pids = rank_pids(str(run))
     assert len(pids) == 2
     os.kill(random.choice(pids), signum)  # one rank only: all must agree and stop
-    code, out, err = finish(proc)
-    assert code == 3, (out, err)
+    result = finish(proc, timeout=60)
+    code, err = result.returncode, result.stderr
+    assert code == 3, (result.stdout, err)
     assert err.count("stopped by a signal") == 1 and "Traceback" not in err
     stopped = checkpoint.load(str(run / "checkpoint.h5"))
     assert stopped.epoch < 4 and stopped.step > 120
@@ -142,7 +102,7 @@ def test_kill_9_during_checkpoint_writes_never_leaves_a_broken_checkpoint(synth,
     rng = random.Random(0)
     last_step = -1
     for attempt in range(8):
-        proc = start_training(2, *args, *(["--resume"] if attempt else []))
+        proc = start_mpinn(2, "train", *args, *(["--resume"] if attempt else []))
         wait_for(lambda: (run / "checkpoint.h5").exists(), proc)
         time.sleep(rng.uniform(0.05, 0.6))
         os.killpg(proc.pid, signal.SIGKILL)

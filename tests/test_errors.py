@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
-from conftest import mpi_script, mpiexec, mpinn, ok
+from conftest import finish, mpi_script, mpinn, ok, rank_pids, start_mpinn, wait_for
 
 
 def expect_usage_error(result, *words):
@@ -119,43 +116,23 @@ def test_a_failing_rank_ends_the_job(n, step, synth, tmp_path):
     assert "mpinn: rank 1 of" in text
 
 
-def rank_pids(marker: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if cmdline and b"mpinn" in cmdline and marker.encode() in cmdline \
-                    and Path(cmdline[0].decode()).name.startswith("python"):
-                pids.append(int(entry.name))
-    return pids
-
-
 def test_a_killed_rank_ends_the_job(synth, tmp_path):
     """kill -9 one rank mid-training: the launcher must end the others, non-zero, < 30 s."""
     out = tmp_path / "killed"
-    cmd = [mpiexec(), "-n", "3", sys.executable, "-m", "mpinn", "train", str(synth), "--out",
-           str(out), "--hidden", "8", "--epochs", "100000", "--batch-size", "8"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True, text=True)
+    proc = start_mpinn(3, "train", synth, "--out", out, "--hidden", "8", "--epochs", 100000,
+                       "--batch-size", 8)
     try:
-        deadline = time.monotonic() + 60
-        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "training did not start"
-            time.sleep(0.1)
+        metrics = out / "metrics.jsonl"
+        wait_for(lambda: metrics.exists() and metrics.read_text(), proc)
         pids = rank_pids(str(out))
         assert len(pids) == 3, pids
         os.kill(max(pids), signal.SIGKILL)
         killed_at = time.monotonic()
-        proc.wait(timeout=30)
+        result = finish(proc, timeout=30)
         assert time.monotonic() - killed_at < 30
-        assert proc.returncode != 0
+        assert result.returncode != 0
         time.sleep(0.5)
         assert rank_pids(str(out)) == []  # no rank left behind
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
