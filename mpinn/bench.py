@@ -30,6 +30,7 @@ import h5py
 import numpy as np
 
 from . import dist
+from .data import DatasetInfo
 from .feed import Buffers, Feed
 from .model import MLP, Architecture
 from .optim import make_optimizer
@@ -177,3 +178,86 @@ def format_io(r: dict) -> str:
         lines.append(f"training with {io} reader, global shuffle, prefetch: "
                      f"data wait {100 * wait:.2f}% of step time")
     return "\n".join(lines)
+
+
+def gemm_peak(rows: int, dtype: str, repeats: int = 20) -> float:
+    """GFLOP/s of one (rows x 1024) @ (1024 x 1024) GEMM on this rank: the ceiling of a step."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((rows, 1024)).astype(dtype)
+    b = rng.standard_normal((1024, 1024)).astype(dtype)
+    out = np.empty((rows, 1024), dtype)
+    np.matmul(a, b, out=out)
+    best = float("inf")
+    for _ in range(repeats):
+        began = time.perf_counter()
+        np.matmul(a, b, out=out)
+        best = min(best, time.perf_counter() - began)
+    return 2 * rows * 1024 * 1024 / best / 1e9
+
+
+def bench_step(comm: dist.Comm, features: int, hidden: tuple[int, ...], classes: int,
+               batch: int, steps: int, dtype: str, json_out: str | None) -> dict:
+    """Training steps on in-memory data: compute vs GEMM peak, allreduce vs raw MPI."""
+    rows = -(-batch // comm.size)
+    lo, hi = (comm.rank * batch) // comm.size, ((comm.rank + 1) * batch) // comm.size
+    arch = Architecture((features, *hidden, classes), dtype=dtype)
+    model = MLP(arch, rows)
+    model.init(np.random.default_rng(1))
+    optimizer = make_optimizer("sgd", model.params, 1e-3, 0.0, 0.0)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((hi - lo, features)).astype(np.float32)
+    y = rng.integers(0, classes, hi - lo)
+    problem = Problem(DatasetInfo("(random, in memory)", batch, 0, features, "classification",
+                                  classes), classes)
+    timer = PhaseTimer()
+    for step in range(steps + 1):
+        train_step(comm, model, optimizer, timer, x, y, batch, problem)
+        timer.steps += 1
+        if step == 0:
+            timer.reset()
+    phases = timer.reduce(comm)
+    # raw MPI: the same bytes, the same call, in a tight loop (no computation around it)
+    buf = np.zeros_like(model.sync)
+    dist.barrier(comm)
+    began = time.perf_counter()
+    for _ in range(steps):
+        dist.allreduce_sum(comm, buf)
+    raw = np.array([(time.perf_counter() - began) / steps])
+    dist.allreduce_max(comm, raw)
+    layer_flops = sum(fi * fo for fi, fo in zip(arch.sizes[:-1], arch.sizes[1:]))
+    # forward 2 n sum(fi fo); backward 4 n sum(fi fo) less the input layer's delta
+    flops = (hi - lo) * (6 * layer_flops - 2 * arch.sizes[0] * arch.sizes[1])
+    compute = phases["forward"]["max"] + phases["backward"]["max"]
+    peak = np.array([gemm_peak(rows, dtype)])
+    dist.allreduce_sum(comm, peak)
+    per_rank_gflops = flops / compute / 1e9 if compute else float("nan")
+    result = {"ranks": comm.size, "mpi": dist.library(), "model": list(arch.sizes),
+              "batch_size": batch, "dtype": dtype, "steps": steps,
+              "step_time_s": phases, "samples_per_s": batch / sum(
+                  p["max"] for p in phases.values()),
+              "compute_gflops_per_rank": per_rank_gflops,
+              "gemm_peak_gflops_per_rank": peak[0] / comm.size,
+              "compute_vs_gemm_peak": per_rank_gflops / (peak[0] / comm.size),
+              "allreduce_bytes": model.sync.nbytes,
+              "allreduce_s": phases["allreduce"]["max"], "raw_allreduce_s": raw[0],
+              "allreduce_vs_raw": raw[0] / phases["allreduce"]["max"]}
+    dist.print0(comm, format_step(result))
+    if json_out and comm.rank == 0:
+        with open(json_out, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def format_step(r: dict) -> str:
+    p = r["step_time_s"]
+    return "\n".join([
+        f"mpinn bench step: model {'-'.join(map(str, r['model']))} {r['dtype']}, global batch "
+        f"{r['batch_size']}, {r['ranks']} ranks, {r['steps']} steps ({r['mpi']})",
+        "ms per step (max over ranks): " + ", ".join(f"{k} {1e3 * v['max']:.3f}"
+                                                       for k, v in p.items()),
+        f"compute: {r['compute_gflops_per_rank']:.1f} GFLOP/s per rank = "
+        f"{r['compute_vs_gemm_peak']:.2f} x a {r['gemm_peak_gflops_per_rank']:.1f} GFLOP/s GEMM",
+        f"allreduce: {1e3 * r['allreduce_s']:.3f} ms for {r['allreduce_bytes'] / 1e6:.2f} MB = "
+        f"{r['allreduce_vs_raw']:.2f} x the speed of a bare MPI Allreduce "
+        f"({1e3 * r['raw_allreduce_s']:.3f} ms)",
+        f"throughput: {r['samples_per_s']:,.0f} samples/s"])

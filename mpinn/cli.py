@@ -141,6 +141,16 @@ def build_parser() -> Parser:
     bi.add_argument("--seed", type=int, default=0)
     bi.add_argument("--json", help="also write the results to this JSON file")
 
+    bs = bsub.add_parser("step", help="training steps on in-memory data: compute against a "
+                         "GEMM's speed, the gradient Allreduce against a bare MPI Allreduce")
+    bs.add_argument("--features", type=int, default=784)
+    bs.add_argument("--hidden", default="1024,1024")
+    bs.add_argument("--classes", type=int, default=10)
+    bs.add_argument("--batch-size", type=int, default=512, help="global batch (default 512)")
+    bs.add_argument("--steps", type=int, default=50)
+    bs.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    bs.add_argument("--json", help="also write the results to this JSON file")
+
     r = sub.add_parser("predict", help="write a checkpoint's outputs for input rows (serial)")
     r.add_argument("checkpoint")
     r.add_argument("input", help="HDF5 file with a dataset `x` (or `test/x`) of input rows")
@@ -185,12 +195,18 @@ def run_parallel(args: argparse.Namespace, comm) -> int:
             print(datasets.inspect(args.out))
         dist.print0(comm, f"written by {comm.size} ranks" + (f" ({io})" if comm.size > 1 else ""))
     elif args.command == "bench":
-        from .bench import bench_io
+        from .bench import bench_io, bench_step
         from .config import parse_hidden
         if args.batch_size < 1 or args.steps < 1:
             raise UsageError("--batch-size and --steps must be positive")
-        bench_io(comm, args.data, args.batch_size, args.steps, parse_hidden(args.hidden),
-                 args.seed, args.json)
+        if args.bench_command == "io":
+            bench_io(comm, args.data, args.batch_size, args.steps, parse_hidden(args.hidden),
+                     args.seed, args.json)
+        else:
+            if args.features < 1 or args.classes < 2:
+                raise UsageError("--features must be >= 1 and --classes >= 2")
+            bench_step(comm, args.features, parse_hidden(args.hidden), args.classes,
+                       args.batch_size, args.steps, args.dtype, args.json)
     elif args.command == "train":
         from .config import load_toml, resolve
         from .train import train

@@ -172,6 +172,18 @@ def test_bench_io_reports_every_mode(small, tmp_path):
     assert "data wait" in result.stdout
 
 
+@pytest.mark.parametrize("n", (1, 2))
+def test_bench_step_reports_ratios(n, tmp_path):
+    out = tmp_path / "step.json"
+    result = ok(mpinn(n, "bench", "step", "--features", 64, "--hidden", "128", "--batch-size",
+                      64, "--steps", 5, "--json", out))
+    report = json.loads(out.read_text())
+    assert report["ranks"] == n and report["allreduce_bytes"] == (64 * 128 + 128 + 128 * 10
+                                                                  + 10 + 1) * 4
+    assert 0 < report["compute_vs_gemm_peak"] < 2 and report["allreduce_vs_raw"] > 0
+    assert "GEMM" in result.stdout and "bare MPI Allreduce" in result.stdout
+
+
 def test_fashion_mnist_4_ranks(fashion_dir, tmp_path):
     data = tmp_path / "fashion.h5"
     ok(mpinn(None, "data", "idx", data, "--from", fashion_dir, timeout=300))

@@ -12,10 +12,13 @@ dir=$(mkdir -p "${2:?usage: slurm_cluster.sh start|stop DIR}" && cd "$2" && pwd)
 conf=$dir/slurm.conf
 export SLURM_CONF=$conf
 
-stop() {
+stop() {  # and wait until each daemon has exited (it writes state while stopping)
+    local name pid
     for name in slurmd slurmctld munged; do
         if [ -f "$dir/$name.pid" ]; then
-            kill "$(cat "$dir/$name.pid")" 2>/dev/null || true
+            pid=$(cat "$dir/$name.pid")
+            kill "$pid" 2>/dev/null || true
+            for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
             rm -f "$dir/$name.pid"
         fi
     done
