@@ -53,7 +53,6 @@ class Feed:
         self._ready: queue.Queue = queue.Queue()
         self._free: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
-        self._stop = False
 
     def __iter__(self):
         if self.prefetch:
@@ -79,9 +78,14 @@ class Feed:
         self.close()
 
     def close(self) -> None:
-        """Stop and join the thread (idempotent); no HDF5 call is in flight afterwards."""
+        """Stop and join the thread (idempotent); no HDF5 call is in flight afterwards.
+
+        Stopping after step k, every rank's thread still reads step k+1 (its slot
+        is already free) and then meets the sentinel: all ranks make the same
+        reads, which the mpio reader needs (each read is a collective). A stop
+        flag checked by the thread would race with that read on some ranks only.
+        """
         if self._thread is not None:
-            self._stop = True
             self._free.put(None)
             self._thread.join()
             self._thread = None
@@ -90,7 +94,7 @@ class Feed:
         try:
             for step in range(self.first_step, len(self.plan)):
                 slot = self._free.get()
-                if slot is None or self._stop:
+                if slot is None:
                     return
                 self._ready.put((slot, *self._fill(step, slot)))
         except BaseException as exc:  # handed to the training loop, which raises it

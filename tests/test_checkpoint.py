@@ -134,3 +134,18 @@ def test_incompatible_resume_is_refused(synth, digits, tmp_path):
     assert (run / "checkpoint.h5").read_bytes() == before
     empty = mpinn(2, "train", synth, "--out", tmp_path / "none", "--resume")
     assert empty.returncode == 2 and "no checkpoint.h5 to resume" in empty.stderr
+
+
+@pytest.mark.parametrize("io", ["independent", "mpio"])
+def test_stop_while_prefetch_threads_read_ahead(io, synth, parallel_env, tmp_path):
+    """All ranks' prefetch threads make the same (collective) reads before stopping."""
+    for stop_step in (3, 8):
+        run_dir = tmp_path / f"{io}{stop_step}"
+        result = parallel_env.script(2, "stop_while_prefetching.py", stop_step, "--", "train",
+                                     synth, "--out", run_dir, "--io", io, "--hidden", "8",
+                                     "--batch-size", 20, "--epochs", 3, timeout=120)
+        assert result.returncode == 3, result.stdout + result.stderr
+        counts = result.stdout.split("reads per rank: ")[1].splitlines()[0]
+        assert len(set(json.loads(counts))) == 1, counts  # the same reads on every rank
+        # signalled during step k: the flag rides in the Allreduce of step k + 1
+        assert checkpoint.load(str(run_dir / "checkpoint.h5")).step == stop_step + 1
