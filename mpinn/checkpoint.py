@@ -8,7 +8,8 @@ Layout:
     / attrs: format, mpinn_version, task, config (the resolved TOML),
              epoch (completed epochs), step (global steps done),
              step_in_epoch (steps done of epoch `epoch`; 0 at an epoch boundary),
-             data_rows, data_features, data_outputs (the training data's shape)
+             data_rows, data_features, data_outputs (the training data's shape),
+             ranks (the number of ranks that wrote it)
 
 That is everything needed to continue exactly: the sampler's position is
 (epoch, step_in_epoch) because every epoch's plan is a pure function of the
@@ -47,6 +48,7 @@ class Checkpoint:
     epoch_sums: np.ndarray = field(default_factory=lambda: np.zeros(3))
     data_shape: tuple[int, int, int] = (0, 0, 0)  # rows, features, outputs
     version: str = __version__
+    ranks: int = 1  # that wrote it (block shuffle's windows depend on it)
 
     def restore(self, model: MLP) -> None:
         """Copy the weights into a model of the same architecture."""
@@ -59,7 +61,7 @@ class Checkpoint:
         """This checkpoint without its arrays (small enough to broadcast as an object)."""
         return Checkpoint(self.arch, [], self.task, self.epoch, self.step, self.step_in_epoch,
                           self.config, self.optimizer, {}, self.epoch_sums, self.data_shape,
-                          self.version)
+                          self.version, self.ranks)
 
 
 def save(path: str, ckpt: Checkpoint, model: MLP) -> None:
@@ -68,7 +70,8 @@ def save(path: str, ckpt: Checkpoint, model: MLP) -> None:
         f.attrs.update(format=FORMAT, mpinn_version=ckpt.version, epoch=ckpt.epoch,
                        step=ckpt.step, step_in_epoch=ckpt.step_in_epoch, task=ckpt.task,
                        config=ckpt.config, data_rows=ckpt.data_shape[0],
-                       data_features=ckpt.data_shape[1], data_outputs=ckpt.data_shape[2])
+                       data_features=ckpt.data_shape[1], data_outputs=ckpt.data_shape[2],
+                       ranks=ckpt.ranks)
         g = f.create_group("model")
         g.attrs.update(sizes=np.array(model.arch.sizes, np.int64),
                        activation=model.arch.activation, loss=model.arch.loss,
@@ -106,4 +109,5 @@ def load(path: str) -> Checkpoint:
                           int(a["step_in_epoch"]), str(a["config"]), str(o.attrs["optimizer"]),
                           {k: o[k][...] for k in o}, f["progress/epoch_sums"][...],
                           (int(a["data_rows"]), int(a["data_features"]),
-                           int(a["data_outputs"])), str(a["mpinn_version"]))
+                           int(a["data_outputs"])), str(a["mpinn_version"]),
+                          int(a.get("ranks", 1)))

@@ -116,8 +116,10 @@ def load_toml(path: str) -> dict[str, Any]:
             return tomllib.load(f)
     except FileNotFoundError:
         raise UsageError(f"--config {path}: no such file") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"--config {path}: not valid TOML ({exc})") from None
+    except OSError as exc:
+        raise UsageError(f"--config {path}: cannot read it ({exc.strerror})") from None
 
 
 def resolve(toml: dict[str, Any], flags: dict[str, Any]) -> TrainConfig:

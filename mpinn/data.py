@@ -50,14 +50,14 @@ def describe(path: str) -> DatasetInfo:
                 if name not in f[split] or not isinstance(f[split][name], h5py.Dataset):
                     raise UsageError(f"{path}: missing dataset '/{split}/{name}'")
             x, y = f[split]["x"], f[split]["y"]
-            if x.ndim != 2 or x.dtype.kind != "f":
-                raise UsageError(f"{path}: /{split}/x must be a 2-D float array, "
-                                 f"got shape {x.shape} of {x.dtype}")
+            if x.ndim != 2 or x.dtype.kind != "f" or x.shape[1] == 0:
+                raise UsageError(f"{path}: /{split}/x must be a 2-D float array with at least "
+                                 f"one feature, got shape {x.shape} of {x.dtype}")
             if y.shape[0] != x.shape[0]:
                 raise UsageError(f"{path}: /{split}/x has {x.shape[0]} rows but "
                                  f"/{split}/y has {y.shape[0]}")
             labels = y.ndim == 1 and y.dtype.kind in "iu"
-            if not (labels or (y.ndim == 2 and y.dtype.kind == "f")):
+            if not (labels or (y.ndim == 2 and y.dtype.kind == "f" and y.shape[1] > 0)):
                 raise UsageError(f"{path}: /{split}/y must hold integer labels (N,) or float "
                                  f"targets (N, K), got shape {y.shape} of {y.dtype}")
             shapes[split] = (x.shape, y.shape)

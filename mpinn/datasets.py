@@ -16,18 +16,10 @@ import numpy as np
 from . import __version__
 from .data import SPLITS, describe
 from .errors import UsageError
-from .fileio import atomic_output
+from .fileio import atomic_output, check_writable
 from .pwrite import SplitSpec, create_datasets, write_parallel
 
 BLOCK = 8192  # rows per generator stream in synthetic data
-
-
-def _check_writable(path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise UsageError(f"{path}: directory {directory} does not exist")
-    if not os.access(directory, os.W_OK):
-        raise UsageError(f"{path}: directory {directory} is not writable")
 
 
 class Teacher:
@@ -80,7 +72,7 @@ def write_synth(path: str, samples: int, features: int = 32, classes: int = 10,
     if comm is not None and comm.size > 1:
         write_parallel(comm, path, io, specs, attrs, produce, BLOCK)
         return
-    _check_writable(path)
+    check_writable(path)
     with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
         create_datasets(f, specs, attrs)
         for split, spec in specs.items():
@@ -97,7 +89,7 @@ def write_digits(path: str, test_fraction: float = 0.2, seed: int = 0) -> None:
     except ImportError:
         raise UsageError("`mpinn data digits` needs scikit-learn: pip install 'mpinn[digits]' "
                          "(or pip install scikit-learn)") from None
-    _check_writable(path)
+    check_writable(path)
     digits = load_digits()
     x = (digits.data / 16.0).astype(np.float32)
     y = digits.target.astype(np.int32)
@@ -153,7 +145,7 @@ def write_idx(path: str, directory: str) -> None:
     """MNIST-format idx files (MNIST, Fashion-MNIST) -> dataset; pixels scaled to [0, 1]."""
     if not os.path.isdir(directory):
         raise UsageError(f"--from {directory}: no such directory")
-    _check_writable(path)
+    check_writable(path)
     splits = {}
     for split, (images, labels) in IDX_NAMES.items():
         x = read_idx(_find_idx(directory, images))

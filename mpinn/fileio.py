@@ -30,6 +30,18 @@ def atomic_output(path: str) -> Iterator[str]:
     fsync_directory(directory)
 
 
+def check_writable(path: str) -> None:
+    """UsageError unless a file can be created at path (its directory exists, is writable)."""
+    from .errors import UsageError
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"{path} is a directory, not a file name")
+    if not os.path.isdir(directory):
+        raise UsageError(f"{path}: directory {directory} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise UsageError(f"{path}: directory {directory} is not writable")
+
+
 def fsync_directory(directory: str) -> None:
     """Make renames and links in directory durable."""
     fd = os.open(directory, os.O_RDONLY)

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import checkpoint, dist
 from .errors import UsageError
-from .fileio import atomic_output
+from .fileio import atomic_output, check_writable
 from .model import MLP
 from .readers import DataFile, resolve_io
 from .train import Problem, check_data, evaluate
@@ -75,7 +75,7 @@ def predict(ckpt_path: str, input_path: str, out_path: str, dataset: str | None)
         raise UsageError(f"{input_path}: not a readable HDF5 file ({exc})") from None
     with src:
         candidates = [dataset] if dataset else ["x", "test/x"]
-        name = next((c for c in candidates if c in src), None)
+        name = next((c for c in candidates if isinstance(src.get(c), h5py.Dataset)), None)
         if name is None:
             raise UsageError(f"{input_path}: no input dataset {' or '.join(candidates)} "
                              f"(choose one with --dataset)")
@@ -84,6 +84,7 @@ def predict(ckpt_path: str, input_path: str, out_path: str, dataset: str | None)
             raise UsageError(f"{input_path}:/{name} has shape {x.shape} but the model expects "
                              f"rows of {ckpt.arch.sizes[0]} features")
         n, k = x.shape[0], ckpt.arch.sizes[-1]
+        check_writable(out_path)
         with atomic_output(out_path) as tmp, h5py.File(tmp, "w") as out:
             outputs = out.create_dataset("outputs", (n, k), ckpt.arch.dtype)
             labels = out.create_dataset("predictions", (n,), "int64") \

@@ -28,6 +28,7 @@ import numpy as np
 
 from . import dist
 from .errors import UsageError
+from .fileio import check_writable
 from .readers import row_selection
 from .sampler import share
 
@@ -68,9 +69,11 @@ def write_parallel(comm: dist.Comm, path: str, io: str, specs: dict[str, SplitSp
     """Collective: write the dataset file at path (see the module docstring)."""
     tmp, error = None, None
     if comm.rank == 0:
+        try:
+            check_writable(path)
+        except UsageError as exc:
+            error = str(exc)
         directory = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
-            error = f"{path}: directory {directory} does not exist or is not writable"
         tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     error = dist.first_error(comm, error)
     if error:
@@ -108,8 +111,8 @@ def _write_mpiio(comm, tmp, specs, attrs, produce, block_rows) -> None:
     if comm.rank == 0:
         with h5py.File(tmp, "w") as f:
             create_datasets(f, specs, attrs)
+            # (an empty dataset has no storage, hence no offset, and gets no writes)
             offsets = {s: (f[s]["x"].id.get_offset(), f[s]["y"].id.get_offset()) for s in specs}
-            assert all(o is not None for pair in offsets.values() for o in pair)
     offsets = dist.broadcast_object(comm, offsets)
     fh = dist.open_for_writing(comm, tmp)
     try:

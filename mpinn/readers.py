@@ -255,7 +255,7 @@ class DirectDataset:
 
     def gather(self, rows: np.ndarray, out: np.ndarray) -> None:
         """Scattered rows, in the given order, from the memory map."""
-        np.take(self.map, rows, axis=0, out=out)
+        np.take(self.map, rows, axis=0, out=out, mode="clip")  # no temporary (see feed.py)
 
     def read_ranges(self, ranges: np.ndarray, out: np.ndarray) -> None:
         """Rows of [start, stop) ranges, concatenated: one pread per range into out.
@@ -273,10 +273,14 @@ class DirectDataset:
         for start, stop in ranges:
             nbytes = int(stop - start) * self.row_bytes
             where = self.offset + int(start) * self.row_bytes
-            got = os.preadv(self.fd, [view[at:at + nbytes]], where)
-            if got != nbytes:
-                raise OSError(f"short read: {got} of {nbytes} bytes (file truncated?)")
-            at += nbytes
+            end = at + nbytes
+            while at < end:  # one call returns at most ~2 GiB on Linux: read on
+                got = os.preadv(self.fd, [view[at:end]], where)
+                if got == 0:
+                    raise OSError(f"{nbytes - (end - at)} of {nbytes} bytes read at offset "
+                                  f"{where}: file truncated?")
+                at += got
+                where += got
 
     def close(self) -> None:
         os.close(self.fd)

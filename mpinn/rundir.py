@@ -49,7 +49,14 @@ def prepare(comm: dist.Comm, cfg: TrainConfig) -> None:
                 raise UsageError(f"{cfg.out} already holds a run (checkpoint.h5); continue it "
                                  f"with --resume, replace it with --overwrite, or choose "
                                  f"another --out")
-            os.makedirs(os.path.join(cfg.out, "checkpoints"), exist_ok=True)
+            history = os.path.join(cfg.out, "checkpoints")
+            os.makedirs(history, exist_ok=True)
+            if exists and cfg.overwrite:  # nothing of the old run may mix with the new
+                for name in os.listdir(history):
+                    os.remove(os.path.join(history, name))
+                for name in ("checkpoint.h5", "summary.json", "metrics.jsonl"):
+                    if os.path.exists(os.path.join(cfg.out, name)):
+                        os.remove(os.path.join(cfg.out, name))
         except UsageError as exc:
             error = str(exc)
         except OSError as exc:
@@ -71,9 +78,13 @@ def open_metrics(cfg: TrainConfig, completed_epochs: int | None) -> IO[str]:
         return open(path, "w")
     kept = []
     if os.path.exists(path):
-        with open(path) as f:
-            kept = [line for line in f if line.strip()
-                    and json.loads(line)["epoch"] <= completed_epochs]
+        with open(path, errors="replace") as f:
+            for line in f:
+                try:  # a crash may have cut the last line short
+                    if json.loads(line)["epoch"] <= completed_epochs:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):
+                    continue
     with atomic_output(path) as tmp, open(tmp, "w") as f:
         f.writelines(kept)
     return open(path, "a")
@@ -114,7 +125,7 @@ def resume(comm: dist.Comm, cfg: TrainConfig, model: MLP, optimizer: Optimizer,
     if comm.rank == 0:
         try:
             ckpt = checkpoint.load(checkpoint_path(cfg.out))
-            check_compatible(ckpt, cfg, model, data_shape)
+            check_compatible(ckpt, cfg, model, data_shape, comm.size)
         except UsageError as exc:
             error = str(exc)
     error = dist.first_error(comm, error)
@@ -131,13 +142,18 @@ def resume(comm: dist.Comm, cfg: TrainConfig, model: MLP, optimizer: Optimizer,
 
 
 def check_compatible(ckpt: Checkpoint, cfg: TrainConfig, model: MLP,
-                     data_shape: tuple[int, int, int]) -> None:
+                     data_shape: tuple[int, int, int], comm_size: int) -> None:
     saved = tomllib.loads(ckpt.config)
     current = tomllib.loads(to_toml(cfg))
     changed = [f"{k} {saved.get(k)!r} -> {current[k]!r}" for k in TRAJECTORY_KEYS
                if saved.get(k) != current[k]]
     if ckpt.arch != model.arch and not changed:
         changed.append(f"model {ckpt.arch} -> {model.arch}")
+    window_steps = max(1, cfg.window_rows // cfg.batch_size)
+    if cfg.shuffle == "block" and ckpt.ranks != comm_size and ckpt.step_in_epoch % window_steps:
+        changed.append(f"ranks {ckpt.ranks} -> {comm_size} inside a block-shuffle window "
+                       f"(resume on {ckpt.ranks} ranks, or from a checkpoint at a window "
+                       f"boundary: a multiple of {window_steps} steps into the epoch)")
     if ckpt.data_shape != data_shape:
         changed.append(f"training data (rows, features, outputs) {ckpt.data_shape} -> "
                        f"{data_shape}")

@@ -17,7 +17,8 @@ class StopRequest:
 
     The handlers stay installed after the context ends: a signal that arrives
     while a rank is finishing (writing the summary, finalising MPI) must not
-    kill it with the default action; the run is complete anyway.
+    kill it with the default action; the run is complete anyway. A second
+    signal does take the default action, so a hung run can still be ended.
     """
 
     def __init__(self) -> None:
@@ -25,6 +26,9 @@ class StopRequest:
         self.signal_name = ""
 
     def _handle(self, signum: int, frame) -> None:
+        if self.requested:  # a second signal: the first did not end it (a hang?): die now
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
         self.requested = True  # only a flag: no I/O, no MPI in a signal handler
         self.signal_name = signal.Signals(signum).name
 

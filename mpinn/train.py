@@ -107,9 +107,10 @@ def evaluate(comm: dist.Comm, model: MLP, reader: SplitReader, problem: Problem
         logits = model.forward(x)
         sums += (model.loss(y), count_correct(logits, y, problem), len(y))
     dist.allreduce_sum(comm, sums)
-    rows = max(sums[2], 1)
-    return {"loss": sums[0] / rows,
-            "accuracy": sums[1] / rows if problem.classification else None}
+    if sums[2] == 0:  # an empty split: nothing to report, not a perfect or zero score
+        return {"loss": None, "accuracy": None}
+    return {"loss": sums[0] / sums[2],
+            "accuracy": sums[1] / sums[2] if problem.classification else None}
 
 
 def count_correct(logits: np.ndarray, y: np.ndarray, problem: Problem) -> int:
@@ -128,7 +129,8 @@ def train(cfg: TrainConfig, comm: dist.Comm) -> dict:
     rank, size = comm.rank, comm.size
     arch = Architecture((info.features, *cfg.hidden, problem.outputs), cfg.activation,
                         cfg.loss, cfg.dtype)
-    max_rows = max(1, -(-cfg.batch_size // size))  # largest share of a global batch
+    # the largest share of a global batch (no batch is larger than the data)
+    max_rows = max(1, -(-min(cfg.batch_size, info.n_train) // size))
     model = MLP(arch, max_rows)
     optimizer = make_optimizer(cfg.optimizer, model.params, cfg.lr, cfg.weight_decay,
                                cfg.momentum)
@@ -151,8 +153,8 @@ def train(cfg: TrainConfig, comm: dist.Comm) -> dict:
     train_reader = datafile.reader("train", max_rows)
     test_reader = datafile.reader("test", max_rows)
     window_steps = max(1, cfg.window_rows // cfg.batch_size)
-    buffers = Buffers(train_reader, max_rows,
-                      window_steps * max_rows if cfg.shuffle == "block" else 0)
+    window_rows = min(window_steps * max_rows, -(-info.n_train // size) + window_steps)
+    buffers = Buffers(train_reader, max_rows, window_rows if cfg.shuffle == "block" else 0)
     read_seconds = 0.0
     steady_seconds, steady_samples, done_here = 0.0, 0, 0
     step = start.step if start else 0
@@ -169,11 +171,11 @@ def train(cfg: TrainConfig, comm: dist.Comm) -> dict:
         if rank == 0:
             rundir.save_checkpoint(cfg, Checkpoint(
                 arch, [], info.task, epoch, step, step_in_epoch, to_toml(cfg), cfg.optimizer,
-                optimizer.state(), sums, data_shape), model)
+                optimizer.state(), sums, data_shape, ranks=size), model)
 
     with StopRequest() as stop:
         for epoch in range(first_epoch, cfg.epochs):
-            epoch_start = time.perf_counter()
+            epoch_start, epoch_rows = time.perf_counter(), 0
             plan = epoch_plan(sampling, cfg.seed, epoch, info.n_train, cfg.batch_size, rank,
                               size)
             feed = Feed(train_reader, plan, buffers, prefetch, first_step=skip)
@@ -182,6 +184,7 @@ def train(cfg: TrainConfig, comm: dist.Comm) -> dict:
                 step_start = time.perf_counter()
                 with timer.phase("data"):  # waiting for this step's rows (read ahead)
                     x, y, batch_rows = next(batches)
+                epoch_rows += batch_rows
                 model.sync[-1] = stop.requested  # summed with the gradients: any rank stops all
                 epoch_stats += (*train_step(comm, model, optimizer, timer, x, y, batch_rows,
                                             problem), len(y))
@@ -196,6 +199,7 @@ def train(cfg: TrainConfig, comm: dist.Comm) -> dict:
                 if model.sync[-1] > 0:
                     feed.close()
                     save(epoch, step_in_epoch)
+                    datafile.close()  # collectively, before MPI shuts down
                     raise Interrupted(f"stopped by a signal at epoch {epoch + 1}, step "
                                       f"{step_in_epoch} of {len(plan)}; checkpoint written; "
                                       f"continue with: mpinn train --out {cfg.out} --resume")
@@ -215,7 +219,7 @@ def train(cfg: TrainConfig, comm: dist.Comm) -> dict:
             record = {"epoch": epoch + 1, "step": step, "train_loss": last["loss"],
                       "train_accuracy": last["accuracy"], "test_loss": test["loss"],
                       "test_accuracy": test["accuracy"], "seconds": epoch_seconds,
-                      "samples_per_s": info.n_train / epoch_seconds}
+                      "samples_per_s": epoch_rows / epoch_seconds}
             if rank == 0:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
@@ -253,8 +257,8 @@ def train(cfg: TrainConfig, comm: dist.Comm) -> dict:
     if rank == 0:
         metrics_file.close()
         rundir.write_summary(cfg, summary)
-        acc = summary["test_accuracy"]
-        dist.print0(comm, f"done: test loss {summary['test_loss']:.4f}"
+        loss, acc = summary["test_loss"], summary["test_accuracy"]
+        dist.print0(comm, "done: " + ("no test rows" if loss is None else f"test loss {loss:.4f}")
                           + (f", test accuracy {acc:.4f}" if acc is not None else "")
                           + f"; summary in {os.path.join(cfg.out, 'summary.json')}")
     return summary
@@ -313,8 +317,10 @@ def merge_counts(per_rank: list[dict[str, int]]) -> dict[str, int]:
 
 
 def format_epoch(r: dict, epochs: int, classification: bool) -> str:
-    def acc(key: str) -> str:
-        return f" acc {r[key]:.4f}" if classification else ""
-    return (f"epoch {r['epoch']}/{epochs}  train loss {r['train_loss']:.4f}{acc('train_accuracy')}"
-            f"  test loss {r['test_loss']:.4f}{acc('test_accuracy')}"
+    def scores(split: str) -> str:
+        if r[f"{split}_loss"] is None:
+            return f"{split}: no rows"
+        accuracy = f" acc {r[f'{split}_accuracy']:.4f}" if classification else ""
+        return f"{split} loss {r[f'{split}_loss']:.4f}{accuracy}"
+    return (f"epoch {r['epoch']}/{epochs}  {scores('train')}  {scores('test')}"
             f"  {r['samples_per_s']:,.0f} samples/s  {r['seconds']:.2f} s")

@@ -149,3 +149,31 @@ def test_stop_while_prefetch_threads_read_ahead(io, synth, parallel_env, tmp_pat
         assert len(set(json.loads(counts))) == 1, counts  # the same reads on every rank
         # signalled during step k: the flag rides in the Allreduce of step k + 1
         assert checkpoint.load(str(run_dir / "checkpoint.h5")).step == stop_step + 1
+
+
+def test_overwrite_starts_a_clean_history(synth, tmp_path):
+    run = tmp_path / "run"
+    ok(mpinn(2, "train", synth, "--out", run, "--epochs", 3, *ARGS))
+    ok(mpinn(2, "train", synth, "--out", run, "--epochs", 1, *ARGS, "--overwrite"))
+    steps = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert steps == ["step-000000012.h5"]  # the new run's only checkpoint, nothing old
+    assert [m["epoch"] for m in metrics(run)] == [1]
+    assert checkpoint.load(str(run / "checkpoint.h5")).step == 12
+
+
+def test_block_shuffle_resume_on_other_ranks_only_at_window_boundaries(synth, tmp_path):
+    extra = ["--shuffle", "block", "--block-rows", 16, "--window-rows", 150,
+             "--checkpoint-every", 1, "--keep-checkpoints", 100]
+    ok(mpinn(2, "train", synth, "--out", tmp_path / "full", "--epochs", 1, *ARGS, *extra))
+    history = {checkpoint.load(str(p)).step: p for p in (tmp_path / "full" / "checkpoints")
+               .iterdir()}
+    for step, allowed in ((4, False), (3, True)):  # windows of 150 // 50 = 3 steps
+        run = tmp_path / f"at{step}"
+        (run / "checkpoints").mkdir(parents=True)
+        shutil.copy(tmp_path / "full" / "config.toml", run / "config.toml")
+        shutil.copy(history[step], run / "checkpoint.h5")
+        result = mpinn(3, "train", "--out", run, "--resume")
+        if allowed:
+            ok(result)
+        else:
+            assert result.returncode == 2 and "inside a block-shuffle window" in result.stderr

@@ -36,6 +36,10 @@ def bad_files(tmp_path_factory, synth):
                 f[f"{split}/x"] = np.zeros((4, 3), np.float32)
                 f[f"{split}/y"] = np.array(labels, np.int32)
             f.attrs.update(attrs)
+    with h5py.File(d / "nofeatures.h5", "w") as f:
+        for split in ("train", "test"):
+            f[f"{split}/x"] = np.zeros((4, 0), np.float32)
+            f[f"{split}/y"] = np.zeros(4, np.int32)
     (d / "unknown.toml").write_text("hidden = [8]\nlearning_rate = 0.1\n")
     (d / "broken.toml").write_text("hidden = [8\n")
     return d
@@ -61,6 +65,8 @@ CASES = {
     "unknown flag": (["train", "{synth}", "--learning-rate", "1"], ["unrecognized arguments"]),
     "no run directory": (["train", "{synth}"], ["--out"]),
     "bad dtype": (["train", "{synth}", "--dtype", "float16"], ["dtype"]),
+    "config is a directory": (["train", "{synth}", "--config", "{d}"], ["cannot read it"]),
+    "no features": (["train", "{d}/nofeatures.h5"], ["at least one feature"]),
 }
 
 
@@ -93,6 +99,16 @@ def test_existing_run_is_not_overwritten(synth, tmp_path):
                        "already holds a run", "--overwrite")
     assert (out / "checkpoint.h5").read_bytes() == before
     ok(mpinn(2, "train", synth, "--out", out, "--epochs", 1, "--hidden", "8", "--overwrite"))
+
+
+def test_predict_reports_bad_output_and_dataset(synth, tmp_path):
+    ok(mpinn(1, "train", synth, "--out", tmp_path / "a", "--epochs", 0, "--hidden", "8"))
+    ckpt = tmp_path / "a" / "checkpoint.h5"
+    expect_usage_error(mpinn(None, "predict", ckpt, synth, tmp_path / "no" / "p.h5"),
+                       "does not exist")
+    expect_usage_error(mpinn(None, "predict", ckpt, synth, tmp_path), "is a directory")
+    expect_usage_error(mpinn(None, "predict", ckpt, synth, tmp_path / "p.h5", "--dataset",
+                             "train"), "no input dataset train")
 
 
 def test_serial_commands_report_bad_input(tmp_path, synth):

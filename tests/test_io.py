@@ -103,6 +103,17 @@ def test_a_1gb_file_written_by_2_ranks_equals_a_serial_write(tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))
 
 
+def test_parallel_write_of_an_empty_test_split(tmp_path):
+    result = ok(mpinn(2, "data", "synth", tmp_path / "e.h5", "--samples", 100,
+                      "--test-samples", 0, "--io", "independent"))
+    assert "/test/x: shape (0, 32)" in result.stdout
+    trained = ok(mpinn(2, "train", tmp_path / "e.h5", "--out", tmp_path / "run", "--epochs", 1,
+                       "--hidden", "4"))
+    assert "test: no rows" in trained.stdout
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["test_loss"] is None and summary["test_accuracy"] is None
+
+
 def test_mpio_writes_equal_a_serial_write(parallel_env, tmp_path):
     args = ["--samples", 50_000, "--features", 20, "--classes", 4, "--test-samples", 999]
     ok(mpinn(None, "data", "synth", tmp_path / "serial.h5", *args))
