@@ -32,6 +32,7 @@ import numpy as np
 from . import dist
 from .data import DatasetInfo
 from .feed import Buffers, Feed
+from .fileio import atomic_output
 from .model import MLP, Architecture
 from .optim import make_optimizer
 from .readers import DataFile, parallel_hdf5
@@ -154,9 +155,14 @@ def bench_io(comm: dist.Comm, path: str, batch: int, steps: int, hidden: tuple[i
     waits = {io: data_wait(comm, path, io, batch, steps, hidden, seed) for io in readers}
     result = {"file": path, "ranks": comm.size, "batch_size": batch, "steps": steps,
               "mpi": dist.library(), "modes": rows, "training_data_wait_fraction": waits}
-    dist.print0(comm, format_io(result))
+    return report(comm, result, format_io(result), json_out)
+
+
+def report(comm: dist.Comm, result: dict, text: str, json_out: str | None) -> dict:
+    """Rank 0 prints the table and, if asked, writes the results as JSON."""
+    dist.print0(comm, text)
     if json_out and comm.rank == 0:
-        with open(json_out, "w") as f:
+        with atomic_output(json_out) as tmp, open(tmp, "w") as f:
             json.dump(result, f, indent=2)
     return result
 
@@ -241,11 +247,7 @@ def bench_step(comm: dist.Comm, features: int, hidden: tuple[int, ...], classes:
               "allreduce_bytes": model.sync.nbytes,
               "allreduce_s": phases["allreduce"]["max"], "raw_allreduce_s": raw[0],
               "allreduce_vs_raw": raw[0] / phases["allreduce"]["max"]}
-    dist.print0(comm, format_step(result))
-    if json_out and comm.rank == 0:
-        with open(json_out, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return report(comm, result, format_step(result), json_out)
 
 
 def format_step(r: dict) -> str:
