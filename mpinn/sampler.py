@@ -99,10 +99,8 @@ def epoch_plan(sampling: Sampling, seed: int, epoch: int, n: int, batch_size: in
 
 def _block_plan(sampling: Sampling, seed: int, epoch: int, n: int, batch_size: int,
                 sizes: np.ndarray, rank: int, size: int) -> EpochPlan:
-    k_rows = sampling.block_rows
-    perm = np.random.default_rng([seed, epoch, 0xB10C]).permutation(-(-n // k_rows))
-    stream = (perm[:, None] * k_rows + np.arange(k_rows)).ravel()
-    stream = stream[stream < n]  # the rows of the blocks, blocks in permuted order
+    stream = BlockStream(n, sampling.block_rows,
+                         np.random.default_rng([seed, epoch, 0xB10C]))
     window_steps = max(1, sampling.window_rows // batch_size)
     # counts[k, r]: rows of rank r at step k (its share of the global batch)
     q, rem = np.divmod(sizes, size)
@@ -112,9 +110,39 @@ def _block_plan(sampling: Sampling, seed: int, epoch: int, n: int, batch_size: i
         last = min(len(sizes), first + window_steps)
         window_counts = counts[first:last]
         pieces = np.r_[0, np.cumsum(window_counts.sum(axis=0))] + first * batch_size
-        piece = stream[pieces[rank]:pieces[rank + 1]]
+        piece = stream.rows(int(pieces[rank]), int(pieces[rank + 1]))
         windows.append((first, runs(np.sort(piece))))
         piece = np.random.default_rng([seed, epoch, w, rank, 0xB10C]).permutation(piece)
         ends = np.cumsum(window_counts[:, rank])
         steps += np.split(piece, ends[:-1])
     return EpochPlan(steps, sizes, windows)
+
+
+class BlockStream:
+    """The rows of all blocks, blocks in permuted order, without materialising them.
+
+    Position i of the stream is row perm[b] * K + j for the block b and offset j
+    that position i falls in (the file's last block may be short). Only the
+    block table (n / K entries) is kept; rows(a, b) builds just positions [a, b).
+    """
+
+    def __init__(self, n: int, block_rows: int, rng: np.random.Generator) -> None:
+        n_blocks = -(-n // block_rows)
+        self.block_rows = block_rows
+        self.perm = rng.permutation(n_blocks)
+        self.lengths = np.where(self.perm == n_blocks - 1, n - (n_blocks - 1) * block_rows,
+                                block_rows)
+        self.ends = np.cumsum(self.lengths)
+        self.starts = self.ends - self.lengths
+
+    def rows(self, a: int, b: int) -> np.ndarray:
+        if b <= a:
+            return np.zeros(0, np.int64)
+        blocks = np.arange(np.searchsorted(self.ends, a, side="right"),
+                           np.searchsorted(self.ends, b - 1, side="right") + 1)
+        lo = np.maximum(a - self.starts[blocks], 0)
+        hi = np.minimum(b - self.starts[blocks], self.lengths[blocks])
+        counts = hi - lo
+        first = self.perm[blocks] * self.block_rows + lo  # file row of each run's start
+        before = np.cumsum(counts) - counts
+        return (np.repeat(first - before, counts) + np.arange(counts.sum())).astype(np.int64)
