@@ -7,9 +7,12 @@ the next step's rows into it, and hands it over; the loop gives a slot back
 when it asks for the next batch, so a slot is never overwritten while in use.
 The seconds the loop spends waiting for a batch are the step's `data` phase.
 
-In block mode the thread first loads the window (this rank's contiguous file
-ranges for the next window of steps) into memory with one read, then gathers
-each step's rows from it.
+In block mode each step's rows are gathered from a window in memory (this
+rank's contiguous file ranges for a window of steps). With prefetch, a second
+thread loads window w+1 into the other of two window buffers while window w is
+served, so the large window reads overlap training instead of stalling the
+first step of every window. All file reads of a block-shuffle epoch are made by
+that one loader thread, in window order (collectives, with mpio).
 
 Thread safety: h5py serialises all HDF5 calls with one lock, and with the mpio
 reader every read is an MPI collective. So while a Feed's thread runs, the
@@ -30,13 +33,14 @@ from .sampler import EpochPlan
 
 
 class Buffers:
-    """Preallocated memory of the feeds of one reader: two batch slots, one window."""
+    """Preallocated memory of the feeds of one reader: two batch slots, two windows."""
 
     def __init__(self, reader: SplitReader, max_rows: int, window_rows: int = 0) -> None:
         self.slots = [reader.buffers(max_rows) for _ in range(2)]
-        self.window = reader.buffers(window_rows) if window_rows else None
-        for buf in [b for slot in self.slots for b in slot] + list(self.window or ()):
-            buf.fill(0)  # touch every page now, not during the first steps
+        self.windows = [reader.buffers(window_rows) for _ in range(2)] if window_rows else []
+        for pair in self.slots + self.windows:
+            for buf in pair:
+                buf.fill(0)  # touch every page now, not during the first steps
 
 
 class Feed:
@@ -48,13 +52,25 @@ class Feed:
         self.first_step = first_step
         self.wait_seconds = 0.0  # the loop waiting for data
         self.read_seconds = 0.0  # reading and gathering (in the thread, if prefetching)
-        self._window_starts = {first: ranges for first, ranges in plan.windows}
-        self._window_index: tuple[np.ndarray, np.ndarray] | None = None
+        # block mode: the window holding the first step, and where each later one starts
+        starts = [first for first, _ in plan.windows]
+        self._first_window = max((w for w, f in enumerate(starts) if f <= first_step), default=0)
+        self._window_starts = set(starts[self._first_window:]) | ({first_step} if starts else set())
+        self._window: tuple[int, np.ndarray, np.ndarray] | None = None  # buffer, starts, offsets
         self._ready: queue.Queue = queue.Queue()
         self._free: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._ready_windows: queue.Queue = queue.Queue()
+        self._free_windows: queue.Queue = queue.Queue()
+        self._loader: threading.Thread | None = None
 
     def __iter__(self):
+        if self.prefetch and self.plan.windows:
+            for buffer in range(2):
+                self._free_windows.put(buffer)
+            self._loader = threading.Thread(target=self._load_windows, name="mpinn-windows",
+                                            daemon=True)
+            self._loader.start()
         if self.prefetch:
             for slot in range(2):
                 self._free.put(slot)
@@ -89,6 +105,10 @@ class Feed:
             self._free.put(None)
             self._thread.join()
             self._thread = None
+        if self._loader is not None:  # after the batch thread: its releases come first
+            self._free_windows.put(None)
+            self._loader.join()
+            self._loader = None
 
     def _produce(self) -> None:
         try:
@@ -105,17 +125,14 @@ class Feed:
         x_buf, y_buf = self.buffers.slots[slot]
         indices = self.plan.steps[step]
         if step in self._window_starts:
-            self._load_window(self._window_starts[step])
-        elif step == self.first_step and self.plan.windows:  # resumed inside a window
-            self._load_window(max((w for w in self.plan.windows if w[0] <= step),
-                                  key=lambda w: w[0])[1])
-        if self._window_index is None:
+            self._next_window()
+        if self._window is None:
             x, y = self.reader.read(indices, x_buf, y_buf)
         else:
-            starts, offsets = self._window_index
+            buffer, starts, offsets, _ = self._window
             span = np.searchsorted(starts, indices, side="right") - 1
             positions = offsets[span] + (indices - starts[span])
-            wx, wy = self.buffers.window
+            wx, wy = self.buffers.windows[buffer]
             x, y = x_buf[:len(indices)], y_buf[:len(indices)]
             # mode="clip": positions are in range by construction, and the default
             # mode="raise" gathers into a temporary and copies it (a batch per step)
@@ -124,11 +141,35 @@ class Feed:
         self.read_seconds += time.perf_counter() - start
         return x, y
 
-    def _load_window(self, ranges: np.ndarray) -> None:
-        """This rank's file ranges of the next window into the window buffer, in order."""
+    def _next_window(self) -> None:
+        """Switch to the next window: loaded by the loader thread, or here and now."""
+        if self._loader is None:
+            number = self._first_window if self._window is None else self._window[-1] + 1
+            self._window = (*self._load_window(number, 0), number)
+            return
+        item = self._ready_windows.get()
+        if isinstance(item, BaseException):
+            raise item
+        if self._window is not None:
+            self._free_windows.put(self._window[0])  # its last gather is done
+        self._window = item
+
+    def _load_windows(self) -> None:
+        try:
+            for number in range(self._first_window, len(self.plan.windows)):
+                buffer = self._free_windows.get()
+                if buffer is None:
+                    return
+                self._ready_windows.put((*self._load_window(number, buffer), number))
+        except BaseException as exc:  # handed on to whoever waits for the window
+            self._ready_windows.put(exc)
+
+    def _load_window(self, number: int, buffer: int) -> tuple[int, np.ndarray, np.ndarray]:
+        """This rank's file ranges of window `number` into a window buffer, in order."""
+        ranges = self.plan.windows[number][1]
         lengths = ranges[:, 1] - ranges[:, 0] if len(ranges) else np.zeros(0, np.int64)
         rows = int(lengths.sum())
-        wx, wy = self.buffers.window
+        wx, wy = self.buffers.windows[buffer]
         self.reader.read_ranges(ranges, wx[:rows], wy[:rows])
         starts = ranges[:, 0] if len(ranges) else np.zeros(0, np.int64)
-        self._window_index = (starts, np.r_[0, np.cumsum(lengths)[:-1]].astype(np.int64))
+        return buffer, starts, np.r_[0, np.cumsum(lengths)[:-1]].astype(np.int64)

@@ -136,14 +136,16 @@ def test_incompatible_resume_is_refused(synth, digits, tmp_path):
     assert empty.returncode == 2 and "no checkpoint.h5 to resume" in empty.stderr
 
 
+@pytest.mark.parametrize("shuffle", ["global", "block"])
 @pytest.mark.parametrize("io", ["independent", "mpio"])
-def test_stop_while_prefetch_threads_read_ahead(io, synth, parallel_env, tmp_path):
-    """All ranks' prefetch threads make the same (collective) reads before stopping."""
+def test_stop_while_prefetch_threads_read_ahead(io, shuffle, synth, parallel_env, tmp_path):
+    """All ranks' prefetch (and window loader) threads make the same reads before stopping."""
     for stop_step in (3, 8):
         run_dir = tmp_path / f"{io}{stop_step}"
         result = parallel_env.script(2, "stop_while_prefetching.py", stop_step, "--", "train",
                                      synth, "--out", run_dir, "--io", io, "--hidden", "8",
-                                     "--batch-size", 20, "--epochs", 3, timeout=120)
+                                     "--batch-size", 20, "--epochs", 3, "--shuffle", shuffle,
+                                     "--block-rows", 16, "--window-rows", 60, timeout=120)
         assert result.returncode == 3, result.stdout + result.stderr
         counts = result.stdout.split("reads per rank: ")[1].splitlines()[0]
         assert len(set(json.loads(counts))) == 1, counts  # the same reads on every rank
