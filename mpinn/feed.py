@@ -15,9 +15,12 @@ first step of every window. All file reads of a block-shuffle epoch are made by
 that one loader thread, in window order (collectives, with mpio).
 
 Thread safety: h5py serialises all HDF5 calls with one lock, and with the mpio
-reader every read is an MPI collective. So while a Feed's thread runs, the
-training loop makes no HDF5 calls (evaluation happens after close()), and the
-mpio reader prefetches only if MPI granted MPI_THREAD_MULTIPLE.
+reader every read is an MPI collective. So while a Feed's threads run, the
+training loop makes no collective HDF5 calls (evaluation happens after
+close(); rank 0's mid-epoch checkpoint writes are serial and take h5py's
+lock), and the mpio reader prefetches only if MPI granted MPI_THREAD_MULTIPLE.
+An exception in a thread reaches the loop when it asks for that batch, or at
+close() if it never does, so a failed read-ahead still ends the job.
 """
 
 from __future__ import annotations
@@ -51,7 +54,6 @@ class Feed:
         self.prefetch = prefetch
         self.first_step = first_step
         self.wait_seconds = 0.0  # the loop waiting for data
-        self.read_seconds = 0.0  # reading and gathering (in the thread, if prefetching)
         # block mode: the window holding the first step, and where each later one starts
         starts = [first for first, _ in plan.windows]
         self._first_window = max((w for w, f in enumerate(starts) if f <= first_step), default=0)
@@ -63,6 +65,7 @@ class Feed:
         self._ready_windows: queue.Queue = queue.Queue()
         self._free_windows: queue.Queue = queue.Queue()
         self._loader: threading.Thread | None = None
+        self._error: BaseException | None = None  # the first exception of either thread
 
     def __iter__(self):
         if self.prefetch and self.plan.windows:
@@ -109,6 +112,9 @@ class Feed:
             self._free_windows.put(None)
             self._loader.join()
             self._loader = None
+        if self._error is not None:  # a read ahead failed that no step asked for yet:
+            error, self._error = self._error, None  # raise it here, or (with mpio) the
+            raise error  # other ranks would wait forever in that read's collective
 
     def _produce(self) -> None:
         try:
@@ -118,10 +124,10 @@ class Feed:
                     return
                 self._ready.put((slot, *self._fill(step, slot)))
         except BaseException as exc:  # handed to the training loop, which raises it
+            self._error = self._error or exc
             self._ready.put(exc)
 
     def _fill(self, step: int, slot: int) -> tuple[np.ndarray, np.ndarray]:
-        start = time.perf_counter()
         x_buf, y_buf = self.buffers.slots[slot]
         indices = self.plan.steps[step]
         if step in self._window_starts:
@@ -138,7 +144,6 @@ class Feed:
             # mode="raise" gathers into a temporary and copies it (a batch per step)
             np.take(wx, positions, axis=0, out=x, mode="clip")
             np.take(wy, positions, axis=0, out=y, mode="clip")
-        self.read_seconds += time.perf_counter() - start
         return x, y
 
     def _next_window(self) -> None:
@@ -162,6 +167,7 @@ class Feed:
                     return
                 self._ready_windows.put((*self._load_window(number, buffer), number))
         except BaseException as exc:  # handed on to whoever waits for the window
+            self._error = self._error or exc
             self._ready_windows.put(exc)
 
     def _load_window(self, number: int, buffer: int) -> tuple[int, np.ndarray, np.ndarray]:

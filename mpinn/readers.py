@@ -102,7 +102,8 @@ class DataFile:
         return reader
 
     def record_io_mode(self) -> None:
-        mode = actual_io_mode(self.dxpl)
+        with h5py._objects.phil:  # h5py's lock: HDF5 here is not thread-safe
+            mode = actual_io_mode(self.dxpl)
         name = ACTUAL_IO_MODES.get(mode, "unknown") if mode is not None else "unknown"
         self.io_modes[name] = self.io_modes.get(name, 0) + 1
 

@@ -155,7 +155,6 @@ def train(cfg: TrainConfig, comm: dist.Comm) -> dict:
     window_steps = max(1, cfg.window_rows // cfg.batch_size)
     window_rows = min(window_steps * max_rows, -(-info.n_train // size) + window_steps)
     buffers = Buffers(train_reader, max_rows, window_rows if cfg.shuffle == "block" else 0)
-    read_seconds = 0.0
     steady_seconds, steady_samples, done_here = 0.0, 0, 0
     step = start.step if start else 0
     epoch_stats = rundir.epoch_sums_to_keep(comm, start)  # loss, correct, rows this epoch
@@ -208,7 +207,6 @@ def train(cfg: TrainConfig, comm: dist.Comm) -> dict:
                     save(epoch, step_in_epoch)
             feed.close()
             skip = 0
-            read_seconds += feed.read_seconds
             dist.allreduce_sum(comm, epoch_stats)
             epoch_seconds = time.perf_counter() - epoch_start
             last = {"loss": epoch_stats[0] / epoch_stats[2],
@@ -234,7 +232,7 @@ def train(cfg: TrainConfig, comm: dist.Comm) -> dict:
 
     peak = np.array([steady_seconds])
     dist.allreduce_max(comm, peak)
-    io_totals = np.array([train_reader.bytes_read, read_seconds])
+    io_totals = np.array([train_reader.bytes_read, train_reader.read_seconds])
     dist.allreduce_sum(comm, io_totals)
     io_modes = dist.gather_objects(comm, datafile.io_modes)
     phases = timer.reduce(comm)

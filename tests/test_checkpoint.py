@@ -179,3 +179,13 @@ def test_block_shuffle_resume_on_other_ranks_only_at_window_boundaries(synth, tm
             ok(result)
         else:
             assert result.returncode == 2 and "inside a block-shuffle window" in result.stderr
+
+
+@pytest.mark.parametrize("io", ["independent", "mpio"])
+def test_a_failed_read_ahead_ends_the_job(io, synth, parallel_env, tmp_path):
+    result = parallel_env.script(2, "fail_read_ahead.py", "--", "train", synth, "--out",
+                                 tmp_path / "run", "--io", io, "--hidden", "8", "--batch-size",
+                                 20, "--shuffle", "block", "--block-rows", 16,
+                                 "--window-rows", 60, "--epochs", 2, timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "injected failure reading window 1 ahead" in result.stderr
