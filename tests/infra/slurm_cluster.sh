@@ -11,6 +11,7 @@ action=${1:?usage: slurm_cluster.sh start|stop DIR}
 dir=$(mkdir -p "${2:?usage: slurm_cluster.sh start|stop DIR}" && cd "$2" && pwd)
 conf=$dir/slurm.conf
 export SLURM_CONF=$conf
+export PATH=$PATH:/usr/sbin:/sbin  # munged, slurmctld and slurmd live there
 
 stop() {  # and wait until each daemon has exited (it writes state while stopping)
     local name pid
