@@ -167,8 +167,3 @@ class MLP:
         if y.ndim == 1:
             y = F.one_hot(y, logits.shape[1], self._targets)
         return F.mean_squared_error(logits, y, delta)
-
-    def forward_backward(self, x: np.ndarray, y: np.ndarray) -> float:
-        """forward() then backward(): the summed loss of these rows, gradients in grads."""
-        self.forward(x)
-        return self.backward(y)
