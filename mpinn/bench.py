@@ -30,15 +30,15 @@ import h5py
 import numpy as np
 
 from . import dist
-from .data import DatasetInfo
+from .data import DatasetInfo, Problem, check_data
 from .feed import Buffers, Feed
-from .fileio import atomic_output
+from .fileio import write_atomically
 from .model import MLP, Architecture
 from .optim import make_optimizer
 from .readers import DataFile, parallel_hdf5
-from .sampler import SHUFFLES, Sampling, epoch_plan
+from .sampler import SHUFFLES, Sampling, ceil_div, epoch_plan
+from .step import train_step
 from .timing import PhaseTimer
-from .train import Problem, check_data, train_step
 
 RAW_PIECE = 8 << 20  # bytes per POSIX read in the raw reference
 
@@ -83,7 +83,7 @@ def timed_reads(comm, path: str, io: str, shuffle: str, batch: int, steps: int,
     """(wall seconds, seconds in file reads, bytes, read calls) of this rank for the
     first `steps` steps of an epoch."""
     with DataFile(path, io, comm) as datafile:
-        max_rows = -(-batch // comm.size)
+        max_rows = ceil_div(batch, comm.size)
         reader = datafile.reader("train", max_rows)
         sampling = Sampling(shuffle)
         window_steps = max(1, sampling.window_rows // batch)
@@ -102,23 +102,26 @@ def data_wait(comm, path: str, io: str, batch: int, steps: int, hidden: tuple[in
     """Fraction of step time spent waiting for data in a short prefetching training run."""
     problem: Problem = check_data(comm, path, "cross-entropy")
     with DataFile(path, io, comm) as datafile:
-        max_rows = -(-batch // comm.size)
+        max_rows = ceil_div(batch, comm.size)
         reader = datafile.reader("train", max_rows)
-        model = MLP(Architecture((reader.features, *hidden, problem.outputs)), max_rows)
+        arch = Architecture((reader.features, *hidden, problem.outputs))
+        sync = dist.GradientSync(comm, arch.n_params, arch.dtype)
+        model = MLP(arch, max_rows, grads=sync.grads)
         model.init(np.random.default_rng(seed))
         optimizer = make_optimizer("momentum", model.params, 0.01, 0.0, 0.9)
         plan = epoch_plan(Sampling("global"), seed, 0, reader.n, batch, comm.rank, comm.size)
         plan.steps, plan.batch_rows = plan.steps[:steps], plan.batch_rows[:steps]
         prefetch = io != "mpio" or dist.thread_multiple()
         timer = PhaseTimer()
-        batches = iter(Feed(reader, plan, Buffers(reader, max_rows), prefetch))
-        for step in range(len(plan)):
+        feed = Feed(reader, plan, Buffers(reader, max_rows), prefetch)
+        batches = iter(feed)
+        for _ in range(len(feed)):
+            timer.begin_step()
             with timer.phase("data"):
-                batch_data = next(batches)
-            train_step(comm, model, optimizer, timer, *batch_data, problem)
-            timer.steps += 1
-            if step == 0:
-                timer.reset()  # warm-up step
+                b = next(batches)
+            train_step(sync, model, optimizer, timer, b.x, b.y, b.rows, problem)
+            timer.end_step(b.rows)
+        feed.close()
     phases = timer.reduce(comm)
     return phases["data"]["mean"] / sum(p["mean"] for p in phases.values())
 
@@ -129,7 +132,7 @@ def bench_io(comm: dist.Comm, path: str, batch: int, steps: int, hidden: tuple[i
     readers = ["independent"] + (["mpio"] if parallel_hdf5() else [])
     with h5py.File(path, "r") as f:
         n = f["train"]["x"].shape[0]
-    steps = min(steps, -(-n // batch))
+    steps = min(steps, ceil_div(n, batch))
     rows = []
     for io in readers:
         for shuffle in SHUFFLES:
@@ -161,9 +164,9 @@ def bench_io(comm: dist.Comm, path: str, batch: int, steps: int, hidden: tuple[i
 def report(comm: dist.Comm, result: dict, text: str, json_out: str | None) -> dict:
     """Rank 0 prints the table and, if asked, writes the results as JSON."""
     dist.print0(comm, text)
-    if json_out and comm.rank == 0:
-        with atomic_output(json_out) as tmp, open(tmp, "w") as f:
-            json.dump(result, f, indent=2)
+    if json_out:
+        dist.root_tries(comm, lambda: write_atomically(
+            json_out, (json.dumps(result, indent=2) + "\n").encode()))
     return result
 
 
@@ -204,10 +207,11 @@ def gemm_peak(rows: int, dtype: str, repeats: int = 20) -> float:
 def bench_step(comm: dist.Comm, features: int, hidden: tuple[int, ...], classes: int,
                batch: int, steps: int, dtype: str, json_out: str | None) -> dict:
     """Training steps on in-memory data: compute vs GEMM peak, allreduce vs raw MPI."""
-    rows = -(-batch // comm.size)
+    rows = ceil_div(batch, comm.size)
     lo, hi = (comm.rank * batch) // comm.size, ((comm.rank + 1) * batch) // comm.size
     arch = Architecture((features, *hidden, classes), dtype=dtype)
-    model = MLP(arch, rows)
+    sync = dist.GradientSync(comm, arch.n_params, arch.dtype)
+    model = MLP(arch, rows, grads=sync.grads)
     model.init(np.random.default_rng(1))
     optimizer = make_optimizer("sgd", model.params, 1e-3, 0.0, 0.0)
     rng = np.random.default_rng(2)
@@ -216,14 +220,13 @@ def bench_step(comm: dist.Comm, features: int, hidden: tuple[int, ...], classes:
     problem = Problem(DatasetInfo("(random, in memory)", batch, 0, features, "classification",
                                   classes), classes)
     timer = PhaseTimer()
-    for step in range(steps + 1):
-        train_step(comm, model, optimizer, timer, x, y, batch, problem)
-        timer.steps += 1
-        if step == 0:
-            timer.reset()
+    for _ in range(steps + 1):  # the first is the warm-up step, left out of the figures
+        timer.begin_step()
+        train_step(sync, model, optimizer, timer, x, y, batch, problem)
+        timer.end_step(batch)
     phases = timer.reduce(comm)
     # raw MPI: the same bytes, the same call, in a tight loop (no computation around it)
-    buf = np.zeros_like(model.sync)
+    buf = np.zeros_like(sync.buffer)
     dist.barrier(comm)
     began = time.perf_counter()
     for _ in range(steps):
@@ -244,7 +247,7 @@ def bench_step(comm: dist.Comm, features: int, hidden: tuple[int, ...], classes:
               "compute_gflops_per_rank": per_rank_gflops,
               "gemm_peak_gflops_per_rank": peak[0] / comm.size,
               "compute_vs_gemm_peak": per_rank_gflops / (peak[0] / comm.size),
-              "allreduce_bytes": model.sync.nbytes,
+              "allreduce_bytes": sync.buffer.nbytes,
               "allreduce_s": phases["allreduce"]["max"], "raw_allreduce_s": raw[0],
               "allreduce_vs_raw": raw[0] / phases["allreduce"]["max"]}
     return report(comm, result, format_step(result), json_out)

@@ -15,29 +15,32 @@ That is everything needed to continue exactly: the sampler's position is
 (epoch, step_in_epoch) because every epoch's plan is a pure function of the
 seed and the epoch; the initial weights' generator is never used again.
 
-The file is written under a temporary name, fsynced and renamed (fileio.py),
-so a crash leaves the previous checkpoint or the new one, never a partial file.
+The file is built in memory (HDF5's core driver) and its bytes are written
+with fileio.write_atomically: space reserved first, then a temporary file,
+fsync, rename. A crash leaves the previous checkpoint or the new one, never a
+partial file; a full disk is a clear error, not a crash inside HDF5's close;
+and a model with a NaN or an infinity is refused, never written.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import h5py
 import numpy as np
 
 from . import __version__
-from .errors import UsageError
-from .fileio import atomic_output
+from .errors import CollectiveError, UsageError
+from .fileio import open_hdf5, write_atomically
 from .model import MLP, Architecture
 
 FORMAT = "mpinn-checkpoint-1"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Checkpoint:
     arch: Architecture
-    weights: list[np.ndarray]  # W0, b0, W1, b1, ...
+    weights: list[np.ndarray] = field(default_factory=list)  # W0, b0, W1, b1, ...
     task: str
     epoch: int = 0
     step: int = 0
@@ -59,14 +62,17 @@ class Checkpoint:
 
     def metadata(self) -> Checkpoint:
         """This checkpoint without its arrays (small enough to broadcast as an object)."""
-        return Checkpoint(self.arch, [], self.task, self.epoch, self.step, self.step_in_epoch,
-                          self.config, self.optimizer, {}, self.epoch_sums, self.data_shape,
-                          self.version, self.ranks)
+        return replace(self, weights=[], optimizer_state={})
 
 
-def save(path: str, ckpt: Checkpoint, model: MLP) -> None:
-    """Write ckpt's metadata and optimizer state with model's weights, atomically."""
-    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+def image(ckpt: Checkpoint, model: MLP) -> bytes:
+    """The bytes of the checkpoint file of ckpt's metadata and optimizer state with model's
+    weights. CollectiveError if any value is not finite (a diverged model is never saved)."""
+    arrays = [model.params, *ckpt.optimizer_state.values()]
+    if not all(np.isfinite(a).all() for a in arrays):
+        raise CollectiveError(f"refusing to write a checkpoint with non-finite values at step "
+                              f"{ckpt.step}; the newest good checkpoint stays as it is")
+    with h5py.File(f"checkpoint-{id(ckpt)}", "w", driver="core", backing_store=False) as f:
         f.attrs.update(format=FORMAT, mpinn_version=ckpt.version, epoch=ckpt.epoch,
                        step=ckpt.step, step_in_epoch=ckpt.step_in_epoch, task=ckpt.task,
                        config=ckpt.config, data_rows=ckpt.data_shape[0],
@@ -84,17 +90,18 @@ def save(path: str, ckpt: Checkpoint, model: MLP) -> None:
         for name, value in ckpt.optimizer_state.items():
             o.create_dataset(name, data=value)
         f.create_dataset("progress/epoch_sums", data=ckpt.epoch_sums)
+        f.flush()
+        return f.id.get_file_image()
+
+
+def save(path: str, ckpt: Checkpoint, model: MLP) -> None:
+    """Write the checkpoint file atomically; StorageError if the file system refuses."""
+    write_atomically(path, image(ckpt, model), "write checkpoint")
 
 
 def load(path: str) -> Checkpoint:
     """Read a checkpoint; UsageError if the file is missing or not a checkpoint."""
-    try:
-        f = h5py.File(path, "r")
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such checkpoint file") from None
-    except OSError as exc:
-        raise UsageError(f"{path}: not a readable HDF5 file ({exc})") from None
-    with f:
+    with open_hdf5(path, "checkpoint") as f:
         if f.attrs.get("format") != FORMAT or "model" not in f:
             raise UsageError(f"{path}: not an mpinn checkpoint (no format={FORMAT} attribute)")
         g = f["model"]
@@ -105,9 +112,10 @@ def load(path: str) -> Checkpoint:
             weights += [g[f"W{i}"][...], g[f"b{i}"][...]]
         o = f["optimizer"]
         a = f.attrs
-        return Checkpoint(arch, weights, str(a["task"]), int(a["epoch"]), int(a["step"]),
-                          int(a["step_in_epoch"]), str(a["config"]), str(o.attrs["optimizer"]),
-                          {k: o[k][...] for k in o}, f["progress/epoch_sums"][...],
-                          (int(a["data_rows"]), int(a["data_features"]),
-                           int(a["data_outputs"])), str(a["mpinn_version"]),
-                          int(a.get("ranks", 1)))
+        return Checkpoint(
+            arch=arch, weights=weights, task=str(a["task"]), epoch=int(a["epoch"]),
+            step=int(a["step"]), step_in_epoch=int(a["step_in_epoch"]), config=str(a["config"]),
+            optimizer=str(o.attrs["optimizer"]), optimizer_state={k: o[k][...] for k in o},
+            epoch_sums=f["progress/epoch_sums"][...],
+            data_shape=(int(a["data_rows"]), int(a["data_features"]), int(a["data_outputs"])),
+            version=str(a["mpinn_version"]), ranks=int(a.get("ranks", 1)))

@@ -6,7 +6,7 @@
 
 Exit codes: 0 success; 2 bad usage or bad input (one message, from rank 0);
 1 a failure while running (all ranks end; none is left waiting); 3 stopped by
-SIGTERM or SIGUSR1 at a step boundary after writing a checkpoint.
+SIGINT (Ctrl-C), SIGTERM or SIGUSR1 at a step boundary after writing a checkpoint.
 `data synth` writes in parallel under mpiexec; the other `data` commands and
 `predict` are serial and do not initialise MPI.
 """
@@ -18,12 +18,14 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .errors import UsageError
+from .data import LARGE_INPUT
+from .errors import StorageError, UsageError
 from .readers import IO_MODES
 from .sampler import SHUFFLES
 
-EPILOG = """exit codes: 0 success, 2 bad usage or input, 1 failure while running,
-3 stopped by SIGTERM/SIGUSR1 after writing a checkpoint (continue with --resume).
+EPILOG = """exit codes: 0 success, 2 bad usage or input, 1 failure while running (a
+diverged run, a full disk, a rank that died), 3 stopped by Ctrl-C/SIGTERM/SIGUSR1
+after writing a checkpoint (continue with --resume).
 Run `mpinn COMMAND --help` for a command's options."""
 
 
@@ -68,7 +70,10 @@ def build_parser() -> Parser:
     i = dsub.add_parser("inspect", help="print layout, sizes, chunking and class balance")
     i.add_argument("file")
     i.add_argument("--check", action="store_true",
-                   help="also read every value: finite inputs, labels in range (exit 2 if not)")
+                   help="also read every value: finite inputs of sensible size, labels in "
+                   "range (exit 2 naming the first bad row if not)")
+    i.add_argument("--max-abs", type=float, default=LARGE_INPUT, metavar="F",
+                   help=f"with --check: the largest |x| accepted (default {LARGE_INPUT:g})")
 
     t = sub.add_parser("train", help="train a model (under mpiexec/srun for several ranks)",
                        description="Synchronous data-parallel training: every rank computes "
@@ -78,7 +83,7 @@ def build_parser() -> Parser:
                        "RUN_DIR/config.toml.")
     t.add_argument("data", nargs="?", help="dataset HDF5 file (or `data` in --config)")
     t.add_argument("--out", help="run directory (config.toml, metrics.jsonl, summary.json, "
-                   "checkpoint.h5)")
+                   "checkpoint.h5); one run at a time may use it (a second is refused)")
     t.add_argument("--config", help="TOML file with any of the options below (names with _)")
     t.add_argument("--hidden", help="hidden layer widths, comma separated (default 256,128)")
     t.add_argument("--activation", help="relu | tanh | sigmoid (default relu)")
@@ -123,7 +128,7 @@ def build_parser() -> Parser:
                    help="keep the last K checkpoints in RUN_DIR/checkpoints (default 2)")
 
     e = sub.add_parser("evaluate", help="loss and accuracy of a checkpoint (distributed)")
-    e.add_argument("checkpoint")
+    e.add_argument("checkpoint", help="a checkpoint file, or a run directory (its checkpoint.h5)")
     e.add_argument("data")
     e.add_argument("--split", choices=("train", "test"), default="test",
                    help="which split to evaluate (default test)")
@@ -152,7 +157,7 @@ def build_parser() -> Parser:
     bs.add_argument("--json", help="also write the results to this JSON file")
 
     r = sub.add_parser("predict", help="write a checkpoint's outputs for input rows (serial)")
-    r.add_argument("checkpoint")
+    r.add_argument("checkpoint", help="a checkpoint file, or a run directory (its checkpoint.h5)")
     r.add_argument("input", help="HDF5 file with a dataset `x` (or `test/x`) of input rows")
     r.add_argument("out", help="HDF5 file to write: `outputs` (and `predictions`)")
     r.add_argument("--dataset", help="input dataset path inside INPUT (default x, then test/x)")
@@ -182,6 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"mpinn: error: {exc}", file=sys.stderr)
         return 2
+    except StorageError as exc:
+        print(f"mpinn: failed: {exc}", file=sys.stderr)
+        return 1
 
 
 def run_parallel(args: argparse.Namespace, comm) -> int:
@@ -240,7 +248,7 @@ def run_serial(args: argparse.Namespace) -> int:
     elif args.data_command == "inspect":
         print(datasets.inspect(args.file))
         if args.check:
-            print(datasets.check_values(args.file))
+            print(datasets.check_values(args.file, max_abs=args.max_abs))
     return 0
 
 

@@ -3,14 +3,15 @@
 Precedence: defaults < the `--config` TOML file < command-line flags. Keys are
 the field names below (a TOML file may also spell them with dashes). An unknown
 key or a bad value is a UsageError that names the key. The resolved
-configuration is written to RUN_DIR/config.toml and can be fed back with
-`--config`.
+configuration (with the data path made absolute) is written to
+RUN_DIR/config.toml and can be fed back with `--config`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -136,6 +137,8 @@ def resolve(toml: dict[str, Any], flags: dict[str, Any]) -> TrainConfig:
                 values[key] = _coerce(key, value, types[key])
     cfg = TrainConfig(**values)
     cfg.validate()
+    # stored absolute, so that --resume (which reads config.toml) works from anywhere
+    cfg.data = os.path.abspath(cfg.data)
     return cfg
 
 

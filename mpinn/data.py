@@ -1,10 +1,13 @@
-"""The dataset file layout: what a valid file looks like, checked without reading it all.
+"""The dataset file: its layout, checked without reading it all, and its values.
 
-Layout (DESIGN.md section 3): groups `train` and `test`, each with `x`
-(N x D, float32) and `y` (N integer class labels, or N x K float targets for
+Layout (docs/design.md): groups `train` and `test`, each with `x` (N x D,
+float32) and `y` (N integer class labels, or N x K float targets for
 regression). An optional file attribute `classes` fixes the number of classes;
 without it, it is max(label) + 1 over both splits.
 
+`check_data` is the collective validation every command runs before its first
+collective of real work; `nonfinite_row` is the cheap per-batch check of values
+that training applies to the rows it reads anyway.
 Which rows a rank reads is sampler.py's business; how it reads them, readers.py's.
 """
 
@@ -13,10 +16,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import h5py
+import numpy as np
 
+from . import dist
 from .errors import UsageError
+from .fileio import open_hdf5
+from .sampler import share
 
 SPLITS = ("train", "test")
+# |x| beyond this is no sensible network input (unscaled raw values, a sentinel like
+# 1e30): `inspect --check` flags it, and a diverged run names it as the likely cause.
+LARGE_INPUT = 1e6
 
 
 @dataclass(frozen=True)
@@ -34,13 +44,7 @@ class DatasetInfo:
 
 def describe(path: str) -> DatasetInfo:
     """Check the file's layout (not its values) and describe it; UsageError if wrong."""
-    try:
-        f = h5py.File(path, "r")
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such file") from None
-    except OSError as exc:
-        raise UsageError(f"{path}: not a readable HDF5 file ({exc})") from None
-    with f:
+    with open_hdf5(path) as f:
         shapes = {}
         for split in SPLITS:
             if split not in f or not isinstance(f[split], h5py.Group):
@@ -80,3 +84,84 @@ def label_range(path: str, split: str, start: int, stop: int) -> tuple[int, int]
     with h5py.File(path, "r") as f:
         y = f[split]["y"][start:stop]
     return int(y.min()), int(y.max())
+
+
+def nonfinite_row(values: np.ndarray) -> int | None:
+    """Position of the first row of a float array with a NaN or an infinity, or None.
+
+    Fast path: the sum of all values is finite whenever every value is (unless
+    the sum overflows, which the exact search below then rules out), and it
+    allocates nothing, so checking each batch costs one pass over it.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is an answer, not news
+        if values.size == 0 or np.isfinite(values.sum()):
+            return None
+    bad = np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1))
+    return int(bad[0]) if len(bad) else None
+
+
+def nonfinite_message(path: str, split: str, name: str, row: int) -> str:
+    return (f"{path}: /{split}/{name} row {row} is not finite (NaN or infinity); fix or drop "
+            f"that row (`mpinn data inspect --check {path}` checks every value)")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What the data file says the model must look like (agreed by all ranks)."""
+
+    info: DatasetInfo
+    outputs: int  # classes, or regression targets
+
+    @property
+    def classification(self) -> bool:
+        return self.info.task == "classification"
+
+
+def check_data(comm: dist.Comm, path: str, loss: str, features: int | None = None,
+               outputs: int | None = None) -> Problem:
+    """Collective validation of a dataset file (and, optionally, a model's shape).
+
+    Every rank checks the layout and the labels of its own share of rows, then
+    all ranks agree on the outcome: UsageError on every rank if any found a fault.
+    """
+    error, lo, hi, info = None, 0, -1, None
+    try:
+        info = describe(path)
+        if info.task == "regression" and loss == "cross-entropy":
+            raise UsageError(f"{path} holds regression targets: use --loss mse")
+        if info.task == "classification":
+            lo, hi = _share_label_range(comm, path, info)
+    except UsageError as exc:
+        error = str(exc)
+    reports = dist.gather_objects(comm, (error, lo, hi))
+    error = next((e for e, _, _ in reports if e is not None), None)
+    if error:
+        raise UsageError(error)
+    assert info is not None
+    n_out = info.outputs
+    if info.task == "classification":
+        lo = min(r[1] for r in reports if r[2] >= r[1])
+        hi = max(r[2] for r in reports if r[2] >= r[1])
+        n_out = n_out or hi + 1
+        if lo < 0 or hi >= n_out:
+            raise UsageError(f"{path}: labels must lie in [0, {n_out - 1}] "
+                             f"({n_out} classes), found labels from {lo} to {hi}")
+        if n_out < 2:
+            raise UsageError(f"{path}: classification needs at least 2 classes, found {n_out}")
+    if features is not None and features != info.features:
+        raise UsageError(f"{path} has {info.features} features but the model expects {features}")
+    if outputs is not None and outputs != n_out:
+        kind = "classes" if info.task == "classification" else "targets"
+        raise UsageError(f"{path} has {n_out} {kind} but the model has {outputs} outputs")
+    return Problem(info, n_out)
+
+
+def _share_label_range(comm: dist.Comm, path: str, info: DatasetInfo) -> tuple[int, int]:
+    """(min, max) label over this rank's share of both splits; (0, -1) if it has none."""
+    lo, hi = 0, -1
+    for split in SPLITS:
+        start, stop = share(info.rows(split), comm.rank, comm.size)
+        s_lo, s_hi = label_range(path, split, start, stop)
+        if stop > start:
+            lo, hi = (s_lo, s_hi) if hi < lo else (min(lo, s_lo), max(hi, s_hi))
+    return lo, hi

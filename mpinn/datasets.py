@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 
 from . import __version__
-from .data import SPLITS, describe
+from .data import LARGE_INPUT, SPLITS, describe, nonfinite_message, nonfinite_row
 from .errors import UsageError
 from .fileio import atomic_output, check_writable
 from .pwrite import SplitSpec, create_datasets, write_parallel
@@ -204,10 +204,9 @@ def inspect(path: str) -> str:
     return "\n".join(lines)
 
 
-def check_values(path: str, block_rows: int = 1 << 16) -> str:
-    """Read every value: inputs finite, labels integers in [0, classes), targets finite.
-
-    UsageError naming the first bad row; otherwise a one-line report.
+def check_values(path: str, block_rows: int = 1 << 16, max_abs: float = LARGE_INPUT) -> str:
+    """Read every value: inputs finite and within max_abs, labels in [0, classes),
+    targets finite. UsageError naming the first bad row; otherwise a one-line report.
     """
     info = describe(path)
     with h5py.File(path, "r") as f:
@@ -216,16 +215,26 @@ def check_values(path: str, block_rows: int = 1 << 16) -> str:
             x, y = f[split]["x"], f[split]["y"]
             for start in range(0, len(x), block_rows):
                 xb, yb = x[start:start + block_rows], y[start:start + block_rows]
-                bad = np.flatnonzero(~np.isfinite(xb).all(axis=1))
-                if len(bad):
-                    raise UsageError(f"{path}: /{split}/x row {start + bad[0]} is not finite")
-                if info.task == "regression":
-                    bad = np.flatnonzero(~np.isfinite(yb).all(axis=1))
-                    what = "a non-finite target"
-                else:
-                    bad = np.flatnonzero((yb < 0) | (yb >= classes if classes else False))
-                    what = f"label outside [0, {classes - 1}]" if classes else "a negative label"
-                if len(bad):
-                    raise UsageError(f"{path}: /{split}/y row {start + bad[0]} has {what} "
-                                     f"({yb[bad[0]]})")
+                check_block(path, split, start, xb, yb, classes, max_abs)
     return f"{path}: every value checked: {info.n_train + info.n_test} rows, all valid"
+
+
+def check_block(path: str, split: str, start: int, xb: np.ndarray, yb: np.ndarray,
+                classes: int, max_abs: float) -> None:
+    """UsageError naming the first bad row of a block of rows starting at row `start`."""
+    for name, values in (("x", xb), ("y", yb if yb.dtype.kind == "f" else yb[:0])):
+        row = nonfinite_row(values)
+        if row is not None:
+            raise UsageError(nonfinite_message(path, split, name, start + row))
+    large = np.flatnonzero((np.abs(xb) > max_abs).any(axis=1))
+    if len(large):
+        row = int(large[0])
+        raise UsageError(f"{path}: /{split}/x row {start + row} holds |x| = "
+                         f"{np.abs(xb[row]).max():.3g}, beyond {max_abs:g}: no sensible network "
+                         f"input (scale the features, e.g. to zero mean and unit variance)")
+    if yb.dtype.kind in "iu":
+        bad = np.flatnonzero((yb < 0) | (yb >= classes if classes else False))
+        what = f"label outside [0, {classes - 1}]" if classes else "a negative label"
+        if len(bad):
+            raise UsageError(f"{path}: /{split}/y row {start + bad[0]} has {what} "
+                             f"({yb[bad[0]]})")

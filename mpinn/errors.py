@@ -1,4 +1,4 @@
-"""The one exception type for bad usage or bad input (exit code 2).
+"""The exception types that map to mpinn's exit codes.
 
 Anything a user can get wrong (flags, config keys, data files) raises UsageError
 with a message that says what is wrong and what to do. Internal invariants are
@@ -7,14 +7,24 @@ asserts; any other exception is a failure while running (exit code 1).
 
 
 class UsageError(Exception):
-    """Bad usage or bad input: reported once, exit code 2."""
+    """Bad usage or bad input: reported once, exit code 2, nothing existing modified."""
 
 
 class CollectiveError(RuntimeError):
-    """A failure while running that every rank detected alike (e.g. after a
-    consistency check): reported once by rank 0, exit code 1, no abort needed."""
+    """A failure while running that every rank detected alike (a consistency check,
+    divergence, or a write that rank 0 tried and all ranks learned of): reported once
+    by rank 0, exit code 1, no abort needed."""
+
+
+class StorageError(RuntimeError):
+    """The file system refused a write (full, over quota, read-only, no permission).
+
+    The message names the file, the reason (with its errno name) and what to do.
+    Raised on the rank that wrote; `dist.root_tries` turns it into a CollectiveError
+    on every rank. Exit code 1, never a traceback: it is the environment, not a bug.
+    """
 
 
 class Interrupted(Exception):
-    """A signal (SIGTERM, SIGUSR1) stopped training at a step boundary after a
-    checkpoint was written: exit code 3, continue with `mpinn train --resume`."""
+    """A stop request (SIGINT, SIGTERM, SIGUSR1) ended training at a step boundary
+    after a checkpoint was written: exit code 3, continue with `mpinn train --resume`."""

@@ -1,10 +1,13 @@
 """The batches of one epoch for this rank, read ahead while the current step computes.
 
-A Feed walks an EpochPlan (sampler.py) and yields (x, y, global_batch_rows) per
-step. With prefetch, a background thread fills one of two batch slots while
-the training loop computes on the other: the thread takes a free slot, reads
-the next step's rows into it, and hands it over; the loop gives a slot back
-when it asks for the next batch, so a slot is never overwritten while in use.
+A Feed walks an EpochPlan (sampler.py) and yields a Batch per step: this rank's
+rows x and y, the size of the global batch, and, if a row holds a NaN or an
+infinity, a message naming it (checked where the rows are read, so with
+prefetch the check costs the step nothing). With prefetch, a background thread
+fills one of two batch slots while the training loop computes on the other: the
+thread takes a free slot, reads the next step's rows into it, and hands it
+over; the loop gives a slot back when it asks for the next batch, so a slot is
+never overwritten while in use.
 The seconds the loop spends waiting for a batch are the step's `data` phase.
 
 In block mode each step's rows are gathered from a window in memory (this
@@ -28,11 +31,20 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from typing import NamedTuple
 
 import numpy as np
 
+from .data import nonfinite_message
 from .readers import SplitReader
 from .sampler import EpochPlan
+
+
+class Batch(NamedTuple):
+    x: np.ndarray  # this rank's rows of the step
+    y: np.ndarray
+    rows: int  # of the GLOBAL batch: what the summed gradient is divided by
+    bad: str | None  # a non-finite row of this rank's share, named; None if all are finite
 
 
 class Buffers:
@@ -67,6 +79,10 @@ class Feed:
         self._loader: threading.Thread | None = None
         self._error: BaseException | None = None  # the first exception of either thread
 
+    def __len__(self) -> int:
+        """Steps this feed delivers (from first_step to the epoch's end)."""
+        return len(self.plan) - self.first_step
+
     def __iter__(self):
         if self.prefetch and self.plan.windows:
             for buffer in range(2):
@@ -89,11 +105,11 @@ class Feed:
                 item = self._ready.get()
                 if isinstance(item, BaseException):
                     raise item
-                previous, x, y = item
+                previous, x, y, bad = item
             else:
-                x, y = self._fill(step, 0)
+                x, y, bad = self._fill(step, 0)
             self.wait_seconds += time.perf_counter() - start
-            yield x, y, int(self.plan.batch_rows[step])
+            yield Batch(x, y, int(self.plan.batch_rows[step]), bad)
         self.close()
 
     def close(self) -> None:
@@ -127,7 +143,17 @@ class Feed:
             self._error = self._error or exc
             self._ready.put(exc)
 
-    def _fill(self, step: int, slot: int) -> tuple[np.ndarray, np.ndarray]:
+    def _fill(self, step: int, slot: int) -> tuple[np.ndarray, np.ndarray, str | None]:
+        x, y = self._gather(step, slot)
+        found = self.reader.nonfinite(x, y)
+        if found is None:
+            return x, y, None
+        name, position = found
+        row = int(self.plan.steps[step][position])
+        return x, y, nonfinite_message(self.reader.file.path, self.reader.split, name, row)
+
+    def _gather(self, step: int, slot: int) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's rows of a step into a batch slot: read, or taken from the window."""
         x_buf, y_buf = self.buffers.slots[slot]
         indices = self.plan.steps[step]
         if step in self._window_starts:

@@ -1,38 +1,134 @@
-"""Atomic file replacement: a reader sees the old file or the new one, never half.
+"""Files: atomic replacement, refused writes explained, HDF5 files opened or explained.
 
-Write to a temporary file in the destination's directory (same file system, so
-the rename is atomic), flush and fsync it, rename it over the destination, and
-fsync the directory so the rename itself survives a crash. On any error the
+Atomic replacement: write to a temporary file in the destination's directory
+(same file system, so the rename is atomic), fsync it, rename it over the
+destination, and fsync the directory so the rename itself survives a crash. A
+reader sees the old file or the new one, never half of one. On any error the
 temporary file is removed and the destination is untouched.
+
+Temporary files are named `.NAME.tmp-PID`; a job killed while writing leaves
+one behind, which `remove_orphans` deletes at the start of the next run.
+
+A write the file system refuses (ENOSPC, EDQUOT, EROFS, EACCES, ...) becomes a
+StorageError naming the file, the errno and what to do: a message, not a
+traceback (and never a crash inside HDF5: see write_atomically).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
+import math
 import os
+import re
 from collections.abc import Iterator
+from typing import Any
+
+import h5py
+
+from .errors import StorageError, UsageError
+
+TEMP_MARK = ".tmp-"
+TEMP_NAME = re.compile(r".+\.tmp-\d+")  # ours, and those of earlier versions (no leading dot)
+ADVICE = {
+    errno.ENOSPC: "free space on that file system",
+    errno.EDQUOT: "free space within your quota (or raise it)",
+    errno.EROFS: "the file system is mounted read-only: write the run elsewhere",
+    errno.EACCES: "you may not write there: fix the permissions or write the run elsewhere",
+    errno.EPERM: "you may not write there: fix the permissions or write the run elsewhere",
+}
+
+
+def temp_path(path: str) -> str:
+    """The temporary name under which `path` is written before it is renamed into place."""
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{name}{TEMP_MARK}{os.getpid()}")
+
+
+def remove_orphans(directory: str) -> list[str]:
+    """Delete the temporary files of writers that were killed; returns their names.
+
+    Only call it while holding the directory (rundir's lock): a live writer's
+    temporary file looks the same.
+    """
+    removed = []
+    for name in os.listdir(directory):
+        if TEMP_NAME.fullmatch(name):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(directory, name))
+                removed.append(name)
+    return removed
+
+
+def storage_error(exc: OSError, action: str, path: str) -> StorageError:
+    """A StorageError for a refused write: '<action> <path>: <reason> (ENAME); <advice>'."""
+    name = errno.errorcode.get(exc.errno or 0, "")
+    reason = exc.strerror or str(exc)
+    advice = ADVICE.get(exc.errno or 0)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        with contextlib.suppress(OSError):
+            stat = os.statvfs(os.path.dirname(os.path.abspath(path)))
+            advice += f" ({stat.f_bavail * stat.f_frsize / 1e6:.1f} MB free there now)"
+    return StorageError(f"cannot {action} {path}: {reason}" + (f" ({name})" if name else "")
+                        + (f"; {advice}" if advice else ""))
+
+
+def write_atomically(path: str, data: bytes | memoryview, what: str = "write") -> None:
+    """Replace path with data atomically; StorageError if the file system refuses.
+
+    The file's full size is reserved first (posix_fallocate), so a full disk or
+    quota is reported before a byte is written, and the write itself goes
+    through os.write: nothing (HDF5 included) can crash on a short write.
+    """
+    tmp = temp_path(path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            if len(data):
+                try:
+                    os.posix_fallocate(fd, 0, len(data))
+                except OSError as exc:  # some file systems cannot reserve: write anyway
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                        raise
+            view = memoryview(data)
+            while len(view):
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        fsync_directory(os.path.dirname(os.path.abspath(path)))
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise storage_error(exc, what, path) from None
 
 
 @contextlib.contextmanager
 def atomic_output(path: str) -> Iterator[str]:
-    """Yield a temporary path to write; on success it replaces `path` atomically."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    """Yield a temporary path to write (e.g. with h5py); on success it replaces `path`.
+
+    For files written piece by piece (datasets). Small files and checkpoints go
+    through write_atomically, which reserves their space first.
+    """
+    tmp = temp_path(path)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+        fsync_directory(os.path.dirname(tmp))
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(exc, OSError) and exc.errno in ADVICE:
+            raise storage_error(exc, "write", path) from None
         raise
-    fsync_directory(directory)
 
 
 def check_writable(path: str) -> None:
     """UsageError unless a file can be created at path (its directory exists, is writable)."""
-    from .errors import UsageError
     directory = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise UsageError(f"{path} is a directory, not a file name")
@@ -49,3 +145,28 @@ def fsync_directory(directory: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def open_hdf5(path: str, what: str = "file", **kwargs: Any) -> h5py.File:
+    """h5py.File(path, 'r') or a UsageError that says why not (never HDF5's error dump)."""
+    if os.path.isdir(path):
+        raise UsageError(f"{path} is a directory, not an HDF5 {what}")
+    try:
+        return h5py.File(path, "r", **kwargs)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such {what}") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: not a readable HDF5 {what} ({exc})") from None
+
+
+def strict_json(obj: Any, indent: int | None = None) -> str:
+    """JSON that every parser accepts: NaN and infinities become null."""
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+    return json.dumps(clean(obj), indent=indent, allow_nan=False)

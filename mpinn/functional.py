@@ -7,7 +7,7 @@ vectors). Activation derivatives are written in terms of the activation's
 
 Losses return the SUM over the samples they are given (not the mean): each rank
 sums over its slice, the sums are allreduced, and only then is the total divided
-by the global sample count (see DESIGN.md section 1).
+by the global sample count (see docs/design.md, section 1).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Using a trained model: distributed evaluation of a checkpoint, and prediction.
 
-    mpiexec -n 2 mpinn evaluate runs/a/checkpoint.h5 data.h5
+    mpiexec -n 2 mpinn evaluate runs/a data.h5          # a run directory: its checkpoint.h5
     mpinn predict runs/a/checkpoint.h5 inputs.h5 predictions.h5
 
 Rank 0 reads the checkpoint and broadcasts it (one small pickle for the
@@ -10,30 +10,36 @@ all open the same file.
 
 from __future__ import annotations
 
+import os
+
 import h5py
 import numpy as np
 
 from . import checkpoint, dist
+from .data import Problem, check_data
 from .errors import UsageError
-from .fileio import atomic_output, check_writable
+from .fileio import atomic_output, check_writable, open_hdf5
 from .model import MLP
 from .readers import DataFile, resolve_io
-from .train import Problem, check_data, evaluate
+from .rundir import checkpoint_path
+from .step import evaluate
 
 EVAL_ROWS = 4096  # rows per forward pass when evaluating or predicting
 
 
+def checkpoint_file(path: str) -> str:
+    """A checkpoint file, or a run directory meaning its checkpoint.h5."""
+    if not os.path.isdir(path):
+        return path
+    if not os.path.exists(checkpoint_path(path)):
+        raise UsageError(f"{path} is a directory without a checkpoint.h5 (give a checkpoint "
+                         f"file, or a run directory)")
+    return checkpoint_path(path)
+
+
 def load_model(comm: dist.Comm, path: str) -> tuple[MLP, str]:
     """Collective: the checkpoint's model on every rank, and its task."""
-    ckpt, error = None, None
-    if comm.rank == 0:
-        try:
-            ckpt = checkpoint.load(path)
-        except UsageError as exc:
-            error = str(exc)
-    error = dist.first_error(comm, error)
-    if error:
-        raise UsageError(error)
+    ckpt = dist.root_tries(comm, lambda: checkpoint.load(checkpoint_file(path)))
     arch, task = dist.broadcast_object(comm, (ckpt.arch, ckpt.task) if ckpt else None)
     model = MLP(arch, EVAL_ROWS)
     if ckpt is not None:
@@ -55,7 +61,10 @@ def run_evaluate(comm: dist.Comm, ckpt_path: str, data_path: str, split: str,
     with DataFile(data_path, io, comm) as datafile:
         result = evaluate(comm, model, datafile.reader(split, model.max_rows), problem)
     result = {"split": split, "rows": problem.info.rows(split), "ranks": comm.size, **result}
-    line = f"{split}: {result['rows']} rows, loss {result['loss']:.6f}"
+    if result["loss"] is None:
+        line = f"{split}: no rows in {data_path}, nothing to evaluate"
+    else:
+        line = f"{split}: {result['rows']} rows, loss {result['loss']:.6f}"
     if result["accuracy"] is not None:
         line += f", accuracy {result['accuracy']:.4f}"
     dist.print0(comm, line)
@@ -64,16 +73,10 @@ def run_evaluate(comm: dist.Comm, ckpt_path: str, data_path: str, split: str,
 
 def predict(ckpt_path: str, input_path: str, out_path: str, dataset: str | None) -> int:
     """Serial: write the model's outputs (and class predictions) for every input row."""
-    ckpt = checkpoint.load(ckpt_path)
+    ckpt = checkpoint.load(checkpoint_file(ckpt_path))
     model = MLP(ckpt.arch, EVAL_ROWS)
     ckpt.restore(model)
-    try:
-        src = h5py.File(input_path, "r")
-    except FileNotFoundError:
-        raise UsageError(f"{input_path}: no such file") from None
-    except OSError as exc:
-        raise UsageError(f"{input_path}: not a readable HDF5 file ({exc})") from None
-    with src:
+    with open_hdf5(input_path) as src:
         candidates = [dataset] if dataset else ["x", "test/x"]
         name = next((c for c in candidates if isinstance(src.get(c), h5py.Dataset)), None)
         if name is None:

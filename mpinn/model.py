@@ -5,7 +5,9 @@ gradients in ONE contiguous vector `grads`; `W[i]` (fan_in x fan_out) and `b[i]`
 are views into the first, `dW[i]` and `db[i]` into the second. Layer i occupies
 one contiguous range [W_i, b_i], layers in order, so the last layer (the first
 one whose gradient backward finishes) is the tail of the buffer. The gradient
-sync is then one in-place Allreduce of `grads`, with no packing.
+sync is then one in-place Allreduce of `grads`, with no packing: the caller may
+pass `grads` as a view into its own communication buffer (dist.GradientSync).
+No MPI and no files here, ever.
 
 Activations and deltas are preallocated for `max_rows` samples, so a step
 allocates no arrays of layer width.
@@ -49,15 +51,17 @@ class Architecture:
 class MLP:
     """A fully connected network, hidden layers with one activation, linear output."""
 
-    def __init__(self, arch: Architecture, max_rows: int) -> None:
+    def __init__(self, arch: Architecture, max_rows: int, grads: np.ndarray | None = None) -> None:
+        """Buffers for up to max_rows samples per forward(); grads: a flat vector to use."""
         self.arch = arch
         self.dtype = np.dtype(arch.dtype)
         self.max_rows = max_rows
         self.params = np.zeros(arch.n_params, self.dtype)
-        # The buffer of the step's one Allreduce: all gradients, then one control
-        # slot (ranks add their stop requests there, so agreeing on a stop is free).
-        self.sync = np.zeros(arch.n_params + 1, self.dtype)
-        self.grads = self.sync[:-1]
+        if grads is None:
+            grads = np.zeros(arch.n_params, self.dtype)
+        assert grads.shape == (arch.n_params,) and grads.dtype == self.dtype, grads
+        assert grads.flags.c_contiguous
+        self.grads = grads
         self.W: list[np.ndarray] = []
         self.b: list[np.ndarray] = []
         self.dW: list[np.ndarray] = []

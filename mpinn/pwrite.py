@@ -28,9 +28,9 @@ import numpy as np
 
 from . import dist
 from .errors import UsageError
-from .fileio import check_writable
+from .fileio import check_writable, temp_path
 from .readers import row_selection
-from .sampler import share
+from .sampler import ceil_div, share
 
 
 @dataclass(frozen=True)
@@ -59,9 +59,9 @@ def create_datasets(f: h5py.File, specs: dict[str, SplitSpec], attrs: dict) -> N
 
 def my_blocks(rows: int, block_rows: int, rank: int, size: int) -> tuple[range, int]:
     """This rank's block indices of a split, and how many write rounds every rank makes."""
-    n_blocks = -(-rows // block_rows)
+    n_blocks = ceil_div(rows, block_rows)
     lo, hi = share(n_blocks, rank, size)
-    return range(lo, hi), -(-n_blocks // size)
+    return range(lo, hi), ceil_div(n_blocks, size)
 
 
 def write_parallel(comm: dist.Comm, path: str, io: str, specs: dict[str, SplitSpec],
@@ -73,8 +73,7 @@ def write_parallel(comm: dist.Comm, path: str, io: str, specs: dict[str, SplitSp
             check_writable(path)
         except UsageError as exc:
             error = str(exc)
-        directory = os.path.dirname(os.path.abspath(path))
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+        tmp = temp_path(path)
     error = dist.first_error(comm, error)
     if error:
         raise UsageError(error)

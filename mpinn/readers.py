@@ -29,6 +29,7 @@ import time
 import h5py
 import numpy as np
 
+from .data import nonfinite_row
 from .errors import UsageError
 from .sampler import runs
 
@@ -126,6 +127,7 @@ class SplitReader:
 
     def __init__(self, file: DataFile, split: str, max_rows: int) -> None:
         self.file = file
+        self.split = split
         self.x = file._file[split]["x"]
         self.y = file._file[split]["y"]
         self.n = self.x.shape[0]
@@ -146,6 +148,14 @@ class SplitReader:
         """Empty x and y buffers for `rows` rows of this split."""
         return (np.empty((rows, self.features), self.x_dtype),
                 np.empty((rows, *self.y_shape), self.y_dtype))
+
+    def nonfinite(self, x: np.ndarray, y: np.ndarray) -> tuple[str, int] | None:
+        """('x' or 'y', position) of the first row read with a NaN or infinity, or None."""
+        for name, values in (("x", x), ("y", y)):
+            row = nonfinite_row(values) if values.dtype.kind == "f" else None
+            if row is not None:
+                return name, row
+        return None
 
     def read(self, indices: np.ndarray, x_out: np.ndarray, y_out: np.ndarray
              ) -> tuple[np.ndarray, np.ndarray]:

@@ -1,46 +1,88 @@
-"""The run directory: config.toml, metrics.jsonl, summary.json, checkpoints, resume.
+"""The run directory: its lock, its files, its checkpoint history. Rank 0 only, no MPI.
 
     RUN_DIR/config.toml           the resolved configuration
     RUN_DIR/metrics.jsonl         one JSON object per epoch
     RUN_DIR/summary.json          written at the end
     RUN_DIR/checkpoints/step-NNNNNNNNN.h5   the last `keep_checkpoints` checkpoints
     RUN_DIR/checkpoint.h5         a hard link to the newest of them
+    RUN_DIR/.lock                 held by the run using the directory (lock.py)
 
-Rank 0 writes everything; every file that is replaced is replaced atomically
-(the link too: a new link under a temporary name, renamed over the old one).
-Resuming reads the newest checkpoint on rank 0 and broadcasts it.
+Every file is replaced atomically (fileio.write_atomically; the link too: a
+new link under a temporary name, renamed over the old one), so a reader or a
+crash sees the old version or the new one. Before anything is written the
+run takes the directory's lock, removes temporary files of killed runs and
+checks that it can write both directories, so a refused write shows at the
+start, not an epoch later. The session (session.py) calls these on rank 0
+through dist.root_tries, so all ranks learn of a failure alike.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tomllib
-from typing import IO
+from collections.abc import Callable
 
-import numpy as np
-
-from . import checkpoint, dist
+from . import checkpoint
 from .checkpoint import Checkpoint
-from .config import TrainConfig, to_toml
+from .config import TrainConfig
 from .errors import UsageError
-from .fileio import atomic_output, fsync_directory
+from .fileio import (
+    fsync_directory,
+    remove_orphans,
+    storage_error,
+    strict_json,
+    temp_path,
+    write_atomically,
+)
+from .lock import RunLock
 from .model import MLP
-from .optim import Optimizer
 
-# Settings that fix the trajectory: a resumed run must keep them.
-TRAJECTORY_KEYS = ("batch_size", "seed", "shuffle", "block_rows", "window_rows", "optimizer",
-                   "hidden", "activation", "loss", "dtype")
+OLD_RUN_FILES = ("checkpoint.h5", "summary.json", "metrics.jsonl", "config.toml")
 
 
 def checkpoint_path(out: str) -> str:
     return os.path.join(out, "checkpoint.h5")
 
 
-def prepare(comm: dist.Comm, cfg: TrainConfig) -> None:
-    """Collective: rank 0 creates the run directory, refusing to clobber or resume nothing."""
-    error = None
-    if comm.rank == 0:
+def attempt(action: str, path: str, operation: Callable[..., object], *args, **kwargs) -> None:
+    """operation(*args, **kwargs), with a refused write turned into a StorageError."""
+    try:
+        operation(*args, **kwargs)
+    except OSError as exc:
+        raise storage_error(exc, action, path) from None
+
+
+def tidy(directory: str) -> None:
+    """Remove temporary files of killed runs, then prove that a file can be created."""
+    remove_orphans(directory)
+    probe = temp_path(os.path.join(directory, ".write-probe"))
+    os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    os.remove(probe)
+
+
+class RunDir:
+    """The files of one run directory, for the run that holds its lock."""
+
+    def __init__(self, out: str, keep_checkpoints: int) -> None:
+        self.out = out
+        self.history = os.path.join(out, "checkpoints")
+        self.keep = keep_checkpoints
+        self.metrics: list[str] = []  # metrics.jsonl's lines, rewritten whole each epoch
+        self.lock = RunLock(out)
+
+    @classmethod
+    def open(cls, cfg: TrainConfig) -> RunDir:
+        """Create or reuse cfg.out for this run: lock it, tidy it, check it is writable.
+
+        UsageError (nothing modified) if another run holds it, if it holds a run
+        and neither --resume nor --overwrite was given, or if --resume finds no
+        checkpoint; StorageError if the file system refuses.
+        """
+        run = cls(cfg.out, cfg.keep_checkpoints)
+        if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+            raise UsageError(f"--out {cfg.out} exists and is not a directory")
+        attempt("create run directory", cfg.out, os.makedirs, run.history, exist_ok=True)
+        attempt("write in run directory", cfg.out, run.lock.acquire)
         try:
             exists = os.path.exists(checkpoint_path(cfg.out))
             if cfg.resume and not exists:
@@ -49,125 +91,72 @@ def prepare(comm: dist.Comm, cfg: TrainConfig) -> None:
                 raise UsageError(f"{cfg.out} already holds a run (checkpoint.h5); continue it "
                                  f"with --resume, replace it with --overwrite, or choose "
                                  f"another --out")
-            history = os.path.join(cfg.out, "checkpoints")
-            os.makedirs(history, exist_ok=True)
-            if exists and cfg.overwrite:  # nothing of the old run may mix with the new
-                for name in os.listdir(history):
-                    os.remove(os.path.join(history, name))
-                for name in ("checkpoint.h5", "summary.json", "metrics.jsonl"):
-                    if os.path.exists(os.path.join(cfg.out, name)):
-                        os.remove(os.path.join(cfg.out, name))
-        except UsageError as exc:
-            error = str(exc)
-        except OSError as exc:
-            error = f"cannot create run directory {cfg.out}: {exc.strerror}"
-    error = dist.first_error(comm, error)
-    if error:
-        raise UsageError(error)
+            for directory in (run.out, run.history):
+                attempt("write in", directory, tidy, directory)
+            if exists and cfg.overwrite:
+                attempt("remove the old run in", cfg.out, run._remove_old_run)
+        except BaseException:
+            run.close()
+            raise
+        return run
 
+    def _remove_old_run(self) -> None:
+        """--overwrite: nothing of the old run may mix with the new."""
+        for name in os.listdir(self.history):
+            os.remove(os.path.join(self.history, name))
+        for name in OLD_RUN_FILES:
+            if os.path.exists(os.path.join(self.out, name)):
+                os.remove(os.path.join(self.out, name))
 
-def write_config(cfg: TrainConfig) -> None:
-    with atomic_output(os.path.join(cfg.out, "config.toml")) as tmp, open(tmp, "w") as f:
-        f.write(to_toml(cfg))
+    def close(self) -> None:
+        self.lock.release()
 
+    def write_config(self, text: str) -> None:
+        write_atomically(os.path.join(self.out, "config.toml"), text.encode(), "write")
 
-def open_metrics(cfg: TrainConfig, completed_epochs: int | None) -> IO[str]:
-    """metrics.jsonl for appending; on resume, without epochs past the checkpoint."""
-    path = os.path.join(cfg.out, "metrics.jsonl")
-    if completed_epochs is None:
-        return open(path, "w")
-    kept = []
-    if os.path.exists(path):
+    def keep_metrics(self, completed_epochs: int) -> None:
+        """On resume: metrics.jsonl's lines of the epochs the checkpoint holds (a crash
+        may have left a later epoch's line, or a cut one: they are dropped)."""
+        path = os.path.join(self.out, "metrics.jsonl")
+        if not os.path.exists(path):
+            return
         with open(path, errors="replace") as f:
             for line in f:
-                try:  # a crash may have cut the last line short
+                try:
                     if json.loads(line)["epoch"] <= completed_epochs:
-                        kept.append(line)
+                        self.metrics.append(line if line.endswith("\n") else line + "\n")
                 except (ValueError, KeyError, TypeError):
                     continue
-    with atomic_output(path) as tmp, open(tmp, "w") as f:
-        f.writelines(kept)
-    return open(path, "a")
 
+    def append_metrics(self, record: dict) -> None:
+        """Add an epoch's line; the file is replaced whole, so every line is always valid."""
+        self.metrics.append(strict_json(record) + "\n")
+        write_atomically(os.path.join(self.out, "metrics.jsonl"),
+                         "".join(self.metrics).encode(), "write")
 
-def write_summary(cfg: TrainConfig, summary: dict) -> None:
-    with atomic_output(os.path.join(cfg.out, "summary.json")) as tmp, open(tmp, "w") as f:
-        json.dump(summary, f, indent=2)
+    def write_summary(self, summary: dict) -> None:
+        write_atomically(os.path.join(self.out, "summary.json"),
+                         (strict_json(summary, indent=2) + "\n").encode(), "write")
 
+    def save_checkpoint(self, ckpt: Checkpoint, model: MLP) -> str:
+        """A new checkpoint file, checkpoint.h5 pointed at it, then old ones pruned.
 
-def save_checkpoint(cfg: TrainConfig, ckpt: Checkpoint, model: MLP) -> str:
-    """Rank 0: a new checkpoint file, checkpoint.h5 pointed at it, old ones pruned."""
-    history = os.path.join(cfg.out, "checkpoints")
-    path = os.path.join(history, f"step-{ckpt.step:09d}.h5")
-    checkpoint.save(path, ckpt, model)
-    link = checkpoint_path(cfg.out)
-    tmp = f"{link}.tmp-{os.getpid()}"
-    if os.path.exists(tmp):
-        os.remove(tmp)
-    os.link(path, tmp)
-    os.replace(tmp, link)
-    fsync_directory(cfg.out)
-    for old in sorted(n for n in os.listdir(history) if n.startswith("step-"))[
-            :-cfg.keep_checkpoints]:
-        os.remove(os.path.join(history, old))
-    return path
-
-
-def resume(comm: dist.Comm, cfg: TrainConfig, model: MLP, optimizer: Optimizer,
-           data_shape: tuple[int, int, int]) -> Checkpoint:
-    """Collective: load the run's checkpoint into model and optimizer on every rank.
-
-    UsageError on every rank if it does not fit the configuration: a resumed run
-    must continue the same trajectory (architecture, data, batch size, seed,
-    sampling, optimizer), whatever the number of ranks.
-    """
-    ckpt, error = None, None
-    if comm.rank == 0:
+        Pruning comes last and keeps the newest `keep` files, so the checkpoint just
+        written (always finite: checkpoint.image refuses others) is never removed.
+        """
+        path = os.path.join(self.history, f"step-{ckpt.step:09d}.h5")
+        checkpoint.save(path, ckpt, model)
+        link = checkpoint_path(self.out)
+        tmp = temp_path(link)
         try:
-            ckpt = checkpoint.load(checkpoint_path(cfg.out))
-            check_compatible(ckpt, cfg, model, data_shape, comm.size)
-        except UsageError as exc:
-            error = str(exc)
-    error = dist.first_error(comm, error)
-    if error:
-        raise UsageError(error)
-    meta = dist.broadcast_object(comm, ckpt.metadata() if ckpt else None)
-    if ckpt is not None:
-        ckpt.restore(model)
-        optimizer.load_state(ckpt.optimizer_state)
-    # arrays travel as buffers, in the same order on every rank
-    for buf in (model.params, *optimizer.state().values()):
-        dist.broadcast(comm, buf)
-    return meta
-
-
-def check_compatible(ckpt: Checkpoint, cfg: TrainConfig, model: MLP,
-                     data_shape: tuple[int, int, int], comm_size: int) -> None:
-    saved = tomllib.loads(ckpt.config)
-    current = tomllib.loads(to_toml(cfg))
-    changed = [f"{k} {saved.get(k)!r} -> {current[k]!r}" for k in TRAJECTORY_KEYS
-               if saved.get(k) != current[k]]
-    if ckpt.arch != model.arch and not changed:
-        changed.append(f"model {ckpt.arch} -> {model.arch}")
-    window_steps = max(1, cfg.window_rows // cfg.batch_size)
-    if cfg.shuffle == "block" and ckpt.ranks != comm_size and ckpt.step_in_epoch % window_steps:
-        changed.append(f"ranks {ckpt.ranks} -> {comm_size} inside a block-shuffle window "
-                       f"(resume on {ckpt.ranks} ranks, or from a checkpoint at a window "
-                       f"boundary: a multiple of {window_steps} steps into the epoch)")
-    if ckpt.data_shape != data_shape:
-        changed.append(f"training data (rows, features, outputs) {ckpt.data_shape} -> "
-                       f"{data_shape}")
-    if changed:
-        raise UsageError(f"--resume: the checkpoint in {cfg.out} does not fit this "
-                         f"configuration ({'; '.join(changed)}); resume with the run's own "
-                         f"settings (its config.toml) or start a new run")
-    if ckpt.epoch > cfg.epochs or (ckpt.epoch == cfg.epochs and ckpt.step_in_epoch):
-        raise UsageError(f"--resume: the checkpoint is past --epochs {cfg.epochs} (epoch "
-                         f"{ckpt.epoch}, step {ckpt.step_in_epoch}); ask for more epochs")
-
-
-def epoch_sums_to_keep(comm: dist.Comm, ckpt: Checkpoint | None) -> np.ndarray:
-    """This rank's starting running sums: the saved global sums on rank 0, zeros elsewhere."""
-    if ckpt is None or comm.rank != 0:
-        return np.zeros(3)
-    return np.array(ckpt.epoch_sums, dtype=np.float64)
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+            os.link(path, tmp)
+            os.replace(tmp, link)
+            fsync_directory(self.out)
+            steps = sorted(n for n in os.listdir(self.history) if n.startswith("step-"))
+            for old in steps[:-self.keep]:
+                os.remove(os.path.join(self.history, old))
+        except OSError as exc:
+            raise storage_error(exc, "update", link) from None
+        return path

@@ -55,8 +55,13 @@ def share(n: int, rank: int, size: int) -> tuple[int, int]:
     return start, start + q + (rank < r)
 
 
+def ceil_div(a: int, b: int) -> int:
+    """The smallest integer >= a / b (a >= 0, b > 0): e.g. the largest share of a among b."""
+    return -(-a // b)
+
+
 def steps_per_epoch(n: int, batch_size: int) -> int:
-    return -(-n // batch_size)
+    return ceil_div(n, batch_size)
 
 
 def batch_sizes(n: int, batch_size: int) -> np.ndarray:
@@ -127,7 +132,7 @@ class BlockStream:
     """
 
     def __init__(self, n: int, block_rows: int, rng: np.random.Generator) -> None:
-        n_blocks = -(-n // block_rows)
+        n_blocks = ceil_div(n, block_rows)
         self.block_rows = block_rows
         self.perm = rng.permutation(n_blocks)
         self.lengths = np.where(self.perm == n_blocks - 1, n - (n_blocks - 1) * block_rows,

@@ -1,7 +1,9 @@
-"""Stop requests: SIGTERM and SIGUSR1 (what SLURM sends before a time limit or a
-preemption) set a flag, and nothing else. The training loop adds the flag to the
-step's gradient Allreduce, so all ranks learn at the same step boundary that
-some rank was signalled, checkpoint together, and exit with code 3.
+"""Stop requests: SIGINT (Ctrl-C, which mpiexec forwards to every rank), SIGTERM and
+SIGUSR1 (what SLURM sends before a time limit or a preemption) set a flag, and
+nothing else. The training loop adds the flag to the step's gradient Allreduce,
+so all ranks learn at the same step boundary that some rank was signalled,
+checkpoint together, and exit with code 3. A second signal ends the process at
+once (a second Ctrl-C: mpiexec also aborts the job).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import signal
 import threading
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopRequest:

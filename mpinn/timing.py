@@ -2,7 +2,8 @@
 
 Each rank accumulates seconds per phase; after training, the per-rank means
 per step are reduced (mean and max over ranks: the max is what the job waits
-for). The reduction itself goes through dist.py like every MPI call.
+for). The reduction itself goes through dist.py like every MPI call. The first
+step of a run warms caches and BLAS: end_step() leaves it out of every figure.
 """
 
 from __future__ import annotations
@@ -24,8 +25,25 @@ class PhaseTimer:
     def __init__(self, phases: tuple[str, ...] = PHASES) -> None:
         self.phases = phases
         self.seconds = np.zeros(len(phases))
-        self.steps = 0
+        self.steps = 0  # steady-state steps timed
+        self.steady_seconds = 0.0  # their wall time, and the global batch rows they trained
+        self.steady_samples = 0
+        self.warm = False  # whether the first (warm-up) step is behind
         self._index = {p: i for i, p in enumerate(phases)}
+        self._step_start = time.perf_counter()
+
+    def begin_step(self) -> None:
+        self._step_start = time.perf_counter()
+
+    def end_step(self, samples: int) -> None:
+        """Count a step of `samples` global rows; the first one only resets the timers."""
+        if not self.warm:
+            self.warm = True
+            self.reset()
+            return
+        self.steps += 1
+        self.steady_seconds += time.perf_counter() - self._step_start
+        self.steady_samples += samples
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:

@@ -7,12 +7,15 @@ else the first on PATH.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -27,8 +30,9 @@ def mpiexec() -> str:
     candidates = [os.environ.get("MPINN_MPIEXEC"),
                   str(Path(sys.executable).parent / "mpiexec"), shutil.which("mpiexec")]
     for c in candidates:
-        if c and (shutil.which(c) or os.access(c, os.X_OK)):
-            return c
+        found = c and shutil.which(c)
+        if found:
+            return os.path.abspath(found)  # tests launch from other working directories too
     raise RuntimeError("no mpiexec found: run the tests through `make test`, or set "
                        "MPINN_MPIEXEC to your MPI's launcher")
 
@@ -176,3 +180,62 @@ def fashion_dir() -> Path:
     if not (d / "train-images-idx3-ubyte.gz").exists():
         unavailable("Fashion-MNIST", "run `make fashion-mnist` (Debian's dataset-fashion-mnist)")
     return d
+
+
+def text_of(result: subprocess.CompletedProcess) -> str:
+    return result.stdout + result.stderr
+
+
+def expect_error(result: subprocess.CompletedProcess, code: int, *words: str
+                 ) -> subprocess.CompletedProcess:
+    """Exit `code` with ONE mpinn message (from one rank), no traceback, containing words."""
+    text = text_of(result)
+    assert result.returncode == code, f"exit {result.returncode}, expected {code}\n{text}"
+    prefix = {1: "mpinn: failed:", 2: "mpinn: error:", 3: "mpinn: stopped"}[code]
+    assert text.count(prefix) == 1, text  # once, not once per rank
+    assert "Traceback" not in text and "HDF5-DIAG" not in text and "Warning" not in text, text
+    for word in words:
+        assert word in text, (word, text)
+    return result
+
+
+def strict_json_lines(path: Path) -> list[dict]:
+    """Every line of a JSON-lines file, parsed strictly (NaN or Infinity fail)."""
+    def refuse(constant: str):
+        raise AssertionError(f"{path}: {constant} is not JSON")
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+def root_only(what: str) -> None:
+    """Tests that mount file systems need root: skip elsewhere (fail under CI=true)."""
+    if os.geteuid() != 0:
+        unavailable(what, "run the tests as root (they mount a small tmpfs or a read-only "
+                    "bind mount, and remove it after)")
+
+
+@contextlib.contextmanager
+def mounted(target: Path, *options: str) -> Iterator[Path]:
+    """`mount OPTIONS target` for the duration; always unmounted after (root only)."""
+    target.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", *options, str(target)], check=True, timeout=30)
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=False, timeout=30)
+
+
+@contextlib.contextmanager
+def read_only_view(source: Path, target: Path) -> Iterator[Path]:
+    """source, seen read-only at target (a bind mount remounted ro: writes give EROFS)."""
+    with mounted(target, "--bind", str(source)):
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(target)], check=True, timeout=30)
+        yield target
+
+
+def unprivileged(cmd: list) -> list:
+    """cmd without the capabilities that let root ignore file permissions (so root, too,
+    gets EACCES from a mode-555 directory); unchanged for a user, who lacks them anyway."""
+    if os.geteuid() != 0:
+        return cmd
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", *cmd]

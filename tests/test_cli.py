@@ -1,4 +1,4 @@
-"""The command line and the files it writes, per DESIGN.md section 3."""
+"""The command line and the files it writes, per docs/design.md, section 3."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 from conftest import load_weights, mpinn, ok, run
 from mpinn.model import MLP, Architecture
-from mpinn.train import INIT_STREAM
+from mpinn.session import INIT_STREAM
 
 
 def test_module_and_console_script_are_the_same_program():

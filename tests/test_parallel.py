@@ -1,7 +1,7 @@
 """The data-parallel invariant, run with real mpiexec at several rank counts.
 
 Oracle: the 1-rank run. P ranks must end with the same weights up to the order
-of floating-point summation (DESIGN.md section 1).
+of floating-point summation (docs/design.md, section 1).
 """
 
 from __future__ import annotations

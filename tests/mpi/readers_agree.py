@@ -37,11 +37,11 @@ def main() -> int:
                     buffers = Buffers(reader, max_rows, 3 * max_rows if shuffle == "block" else 0)
                     plan = epoch_plan(sampling, 5, 1, reader.n, batch, comm.rank, comm.size)
                     prefetch = io != "mpio" or dist.thread_multiple()
-                    for step, (x, y, rows) in enumerate(Feed(reader, plan, buffers, prefetch)):
+                    for step, got in enumerate(Feed(reader, plan, buffers, prefetch)):
                         idx = plan.steps[step]
-                        assert np.array_equal(x, x_all[idx]), (io, batch, shuffle, step)
-                        assert np.array_equal(y, y_all[idx]), (io, batch, shuffle, step)
-                        assert rows == plan.batch_rows[step]
+                        assert np.array_equal(got.x, x_all[idx]), (io, batch, shuffle, step)
+                        assert np.array_equal(got.y, y_all[idx]), (io, batch, shuffle, step)
+                        assert got.rows == plan.batch_rows[step] and got.bad is None
                         checked += 1
             if io == "mpio":
                 modes = set(datafile.io_modes)

@@ -1,0 +1,273 @@
+"""A training run set up: everything the loop needs, validated and agreed before the
+first step, and the checkpointing that goes with it.
+
+open_session() validates the data on every rank, takes the run directory (rank 0:
+lock, tidy, writability), builds the model around the gradient sync's buffer,
+resumes from the run's checkpoint or initialises from the seed, and opens the
+readers. Every step that can fail for one rank only ends in an agreement
+(dist.first_error, dist.root_tries), so all ranks raise the same error alike.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import checkpoint, dist
+from .checkpoint import Checkpoint
+from .config import TrainConfig, to_toml
+from .data import Problem, check_data
+from .errors import Interrupted, UsageError
+from .feed import Buffers, Feed
+from .model import MLP, Architecture
+from .optim import Optimizer, make_optimizer
+from .readers import DataFile, SplitReader, resolve_io
+from .rundir import RunDir, checkpoint_path
+from .sampler import Sampling, ceil_div, epoch_plan, steps_per_epoch
+from .timing import PhaseTimer
+
+INIT_STREAM = 0x1A17  # generator stream of the initial weights: seed -> weights
+# Settings that fix the trajectory: a resumed run must keep them.
+TRAJECTORY_KEYS = ("batch_size", "seed", "shuffle", "block_rows", "window_rows", "optimizer",
+                   "hidden", "activation", "loss", "dtype")
+
+
+@dataclass
+class Progress:
+    """Where a run stands, and this rank's running sums of the current epoch."""
+
+    epoch: int = 0  # completed epochs
+    step: int = 0  # global steps done
+    step_in_epoch: int = 0  # steps done of epoch `epoch`
+    sums: np.ndarray = field(default_factory=lambda: np.zeros(3))  # loss, correct, rows
+
+    def advance(self, loss: float, correct: int, rows: int) -> None:
+        self.step += 1
+        self.step_in_epoch += 1
+        self.sums += (loss, correct, rows)
+
+    def end_epoch(self) -> None:
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.sums[:] = 0
+
+
+@dataclass(kw_only=True)
+class Reading:
+    """The training data as every rank reads it."""
+
+    io: str  # independent | mpio
+    prefetch: bool
+    sampling: Sampling
+    file: DataFile
+    train: SplitReader
+    test: SplitReader
+    buffers: Buffers
+
+
+@dataclass(kw_only=True)
+class Session:
+    cfg: TrainConfig
+    comm: dist.Comm
+    problem: Problem
+    model: MLP
+    optimizer: Optimizer
+    sync: dist.GradientSync
+    run: RunDir | None  # the run directory, on rank 0 (None on the others)
+    resumed: Checkpoint | None  # metadata of the checkpoint this run continues
+    progress: Progress
+    data: Reading
+    timer: PhaseTimer = field(default_factory=PhaseTimer)
+    saved_step: int = -1  # the step of the newest checkpoint on disk (-1: none)
+    config_pending: bool = False  # a resumed run's config.toml, written with its checkpoint
+    active_feed: Feed | None = None  # the epoch's feed, whose threads may still read
+
+    @property
+    def steps(self) -> int:
+        return steps_per_epoch(self.problem.info.n_train, self.cfg.batch_size)
+
+    @property
+    def complete(self) -> bool:
+        """Resumed at the end: --epochs done, nothing left to train."""
+        return self.resumed is not None and self.progress.epoch >= self.cfg.epochs
+
+    def feed(self, epoch: int) -> Feed:
+        """This rank's batches of an epoch (from the resumed step in the first one)."""
+        cfg, data, comm = self.cfg, self.data, self.comm
+        plan = epoch_plan(data.sampling, cfg.seed, epoch, data.train.n, cfg.batch_size,
+                          comm.rank, comm.size)
+        self.active_feed = Feed(data.train, plan, data.buffers, data.prefetch,
+                                first_step=self.progress.step_in_epoch)
+        return self.active_feed
+
+    def on_root(self, write: Callable[[RunDir], object]) -> None:
+        """Collective: rank 0 applies write to the run directory; all learn if it failed."""
+        dist.root_tries(self.comm, lambda: write(self.run))
+
+    def save(self, record: dict | None = None) -> None:
+        """Collective: a checkpoint of the run as it stands (rank 0 writes it), after
+        the epoch's metrics line if one is given.
+
+        The epoch's running sums are reduced first, so the file holds the global
+        sums. The metrics line goes first: a crash between the two leaves a line
+        past the checkpoint, which a resume drops. A resumed run rewrites
+        config.toml only now, with its first new checkpoint: a resume that fails
+        before that leaves the run as it was.
+        """
+        p, cfg = self.progress, self.cfg
+        sums = p.sums.copy()
+        dist.allreduce_sum(self.comm, sums)
+        ckpt = Checkpoint(arch=self.model.arch, task=self.problem.info.task, epoch=p.epoch,
+                          step=p.step, step_in_epoch=p.step_in_epoch, config=to_toml(cfg),
+                          optimizer=cfg.optimizer, optimizer_state=self.optimizer.state(),
+                          epoch_sums=sums, data_shape=data_shape(self.problem),
+                          ranks=self.comm.size)
+
+        def write(run: RunDir) -> None:
+            if record is not None:
+                run.append_metrics(record)
+            run.save_checkpoint(ckpt, self.model)
+            if self.config_pending:
+                run.write_config(ckpt.config)
+        self.on_root(write)
+        self.saved_step, self.config_pending = p.step, False
+
+    def close(self) -> None:
+        """Stop the feed's threads, close the data file (collective with mpio) and
+        release the run directory. Only when all ranks close alike."""
+        if self.active_feed is not None:
+            self.active_feed.close()
+        self.data.file.close()
+        if self.run is not None:
+            self.run.close()
+
+
+def data_shape(problem: Problem) -> tuple[int, int, int]:
+    return problem.info.n_train, problem.info.features, problem.outputs
+
+
+def open_session(cfg: TrainConfig, comm: dist.Comm) -> Session:
+    """Collective: validate, agree, take the run directory, build and resume the model."""
+    io = resolve_io(cfg.io)
+    problem = check_data(comm, cfg.data, cfg.loss)
+    run = dist.root_tries(comm, lambda: RunDir.open(cfg))
+    try:
+        # the largest share of a global batch (no batch is larger than the data)
+        max_rows = max(1, ceil_div(min(cfg.batch_size, problem.info.n_train), comm.size))
+        arch = Architecture((problem.info.features, *cfg.hidden, problem.outputs),
+                            cfg.activation, cfg.loss, cfg.dtype)
+        sync = dist.GradientSync(comm, arch.n_params, arch.dtype)
+        model = MLP(arch, max_rows, grads=sync.grads)
+        optimizer = make_optimizer(cfg.optimizer, model.params, cfg.lr, cfg.weight_decay,
+                                   cfg.momentum)
+        resumed = resume(comm, cfg, run, model, optimizer, data_shape(problem)) \
+            if cfg.resume else None
+        if resumed is None:
+            model.init(np.random.default_rng([cfg.seed, INIT_STREAM]))
+        dist.check_identical(comm, model.params, "initial weights")
+        progress = Progress()
+        if resumed is not None:
+            progress = Progress(resumed.epoch, resumed.step, resumed.step_in_epoch,
+                                np.array(resumed.epoch_sums) if comm.rank == 0 else np.zeros(3))
+        return Session(cfg=cfg, comm=comm, problem=problem, model=model, optimizer=optimizer,
+                       sync=sync, run=run, resumed=resumed, progress=progress,
+                       data=open_reading(cfg, comm, io, max_rows, problem),
+                       saved_step=resumed.step if resumed else -1,
+                       config_pending=resumed is not None)
+    except BaseException:
+        if run is not None:
+            run.close()
+        raise
+
+
+def open_reading(cfg: TrainConfig, comm: dist.Comm, io: str, max_rows: int,
+                 problem: Problem) -> Reading:
+    # mpio reads are MPI collectives: from the prefetch thread only if MPI allows threads
+    prefetch = cfg.prefetch and (io != "mpio" or dist.thread_multiple())
+    datafile = DataFile(cfg.data, io, comm)
+    train = datafile.reader("train", max_rows)
+    window_steps = max(1, cfg.window_rows // cfg.batch_size)
+    window_rows = min(window_steps * max_rows,
+                      ceil_div(problem.info.n_train, comm.size) + window_steps)
+    buffers = Buffers(train, max_rows, window_rows if cfg.shuffle == "block" else 0)
+    return Reading(io=io, prefetch=prefetch, file=datafile, train=train,
+                   test=datafile.reader("test", max_rows), buffers=buffers,
+                   sampling=Sampling(cfg.shuffle, cfg.block_rows, cfg.window_rows))
+
+
+def resume(comm: dist.Comm, cfg: TrainConfig, run: RunDir | None, model: MLP,
+           optimizer: Optimizer, shape: tuple[int, int, int]) -> Checkpoint:
+    """Collective: load the run's checkpoint into model and optimizer on every rank.
+
+    UsageError on every rank if it does not fit the configuration: a resumed run
+    must continue the same trajectory (architecture, data, batch size, seed,
+    sampling, optimizer), whatever the number of ranks. Returns the metadata.
+    """
+    def load() -> Checkpoint:
+        ckpt = checkpoint.load(checkpoint_path(cfg.out))
+        check_compatible(ckpt, cfg, model.arch, shape, comm.size)
+        assert run is not None
+        run.keep_metrics(ckpt.epoch)
+        return ckpt
+    ckpt = dist.root_tries(comm, load)
+    meta = dist.broadcast_object(comm, ckpt.metadata() if ckpt else None)
+    if ckpt is not None:
+        ckpt.restore(model)
+        optimizer.load_state(ckpt.optimizer_state)
+    # arrays travel as buffers, in the same order on every rank
+    for buf in (model.params, *optimizer.state().values()):
+        dist.broadcast(comm, buf)
+    return meta
+
+
+def check_compatible(ckpt: Checkpoint, cfg: TrainConfig, arch: Architecture,
+                     shape: tuple[int, int, int], comm_size: int) -> None:
+    saved = tomllib.loads(ckpt.config)
+    current = tomllib.loads(to_toml(cfg))
+    changed = [f"{k} {saved.get(k)!r} -> {current[k]!r}" for k in TRAJECTORY_KEYS
+               if saved.get(k) != current[k]]
+    if ckpt.arch != arch and not changed:
+        changed.append(f"model {ckpt.arch} -> {arch}")
+    window_steps = max(1, cfg.window_rows // cfg.batch_size)
+    if cfg.shuffle == "block" and ckpt.ranks != comm_size and ckpt.step_in_epoch % window_steps:
+        changed.append(f"ranks {ckpt.ranks} -> {comm_size} inside a block-shuffle window "
+                       f"(resume on {ckpt.ranks} ranks, or from a checkpoint at a window "
+                       f"boundary: a multiple of {window_steps} steps into the epoch)")
+    if ckpt.data_shape != shape:
+        changed.append(f"training data (rows, features, outputs) {ckpt.data_shape} -> {shape}")
+    if changed:
+        raise UsageError(f"--resume: the checkpoint in {cfg.out} does not fit this "
+                         f"configuration ({'; '.join(changed)}); resume with the run's own "
+                         f"settings (its config.toml) or start a new run")
+    if ckpt.epoch > cfg.epochs or (ckpt.epoch == cfg.epochs and ckpt.step_in_epoch):
+        raise UsageError(f"--resume: the checkpoint is past --epochs {cfg.epochs} (epoch "
+                         f"{ckpt.epoch}, step {ckpt.step_in_epoch}); ask for more epochs")
+
+
+@dataclass
+class Checkpointer:
+    """When a run checkpoints, and how a stop request ends it.
+
+    At every `every`-th global step inside an epoch (0: never mid-epoch), at the
+    end of every epoch (the loop calls save), and at the step where the ranks
+    agreed on a stop request: then the feed is closed (every rank's read-ahead
+    done), the checkpoint written, and the run ends with Interrupted (exit 3).
+    """
+
+    session: Session
+    every: int
+
+    def after_step(self, feed: Feed) -> None:
+        s, p = self.session, self.session.progress
+        if s.sync.stop_requested:
+            feed.close()
+            s.save()
+            raise Interrupted(f"stopped by a signal at epoch {p.epoch + 1}, step "
+                              f"{p.step_in_epoch} of {s.steps}; checkpoint written; continue "
+                              f"with: mpinn train --out {s.cfg.out} --resume")
+        if self.every and p.step % self.every == 0 and p.step_in_epoch < s.steps:
+            s.save()
+

@@ -1,0 +1,100 @@
+"""One synchronous training step, and distributed evaluation: the per-step code that
+training, the benchmarks and inference share.
+
+Synchronous data-parallel SGD (docs/design.md): for every global batch of B
+samples, rank r sums the per-sample gradients of its contiguous share, one
+in-place Allreduce sums those sums over ranks, and every rank divides by B and
+applies the same update. So P ranks compute what one rank would, up to the
+order of floating-point summation.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from . import dist
+from .data import Problem, nonfinite_message
+from .errors import UsageError
+from .model import MLP
+from .optim import Optimizer
+from .readers import SplitReader
+from .sampler import ceil_div, share
+from .timing import PhaseTimer
+
+
+class StepResult(NamedTuple):
+    loss: float  # this rank's summed loss (before the update)
+    correct: int  # this rank's correct predictions (before the update)
+    applied: bool  # False: some rank met bad input, or the reduced loss or gradient is
+    #                not finite (sync says which); the weights are as they were
+
+
+def train_step(sync: dist.GradientSync, model: MLP, optimizer: Optimizer, timer: PhaseTimer,
+               x: np.ndarray, y: np.ndarray, batch_rows: int, problem: Problem,
+               stop: bool = False, bad_input: bool = False) -> StepResult:
+    """One step on this rank's rows of a global batch of batch_rows samples.
+
+    The update is skipped when any rank met bad input or the reduced loss or
+    gradient is not finite, so a bad step leaves the weights as they were; all
+    ranks see the same reduced buffer, so all skip alike.
+    """
+    with timer.phase("forward"):
+        logits = model.forward(x)
+        correct = count_correct(logits, y, problem)
+    with timer.phase("backward"):
+        loss = model.backward(y)  # grads <- sum over this rank's rows
+    with timer.phase("allreduce"):
+        # SUM of per-rank gradient sums: the gradient summed over the global batch,
+        # with the losses and the stop / bad-input flags in the control slots.
+        sync.allreduce(loss, stop, bad_input)
+    with timer.phase("update"):
+        applied = not sync.bad_input and sync.finite()
+        if applied:
+            # Divide by the true global count (not by P, not by the local count):
+            # g = (1/B) sum_{i in batch} grad loss_i, whatever the shares were.
+            model.grads *= 1.0 / batch_rows
+            optimizer.step(model.grads)
+    return StepResult(loss, correct, applied)
+
+
+def count_correct(logits: np.ndarray, y: np.ndarray, problem: Problem) -> int:
+    if not problem.classification or len(y) == 0:
+        return 0
+    return int(np.count_nonzero(logits.argmax(axis=1) == y))
+
+
+def evaluate(comm: dist.Comm, model: MLP, reader: SplitReader, problem: Problem
+             ) -> dict[str, float | None]:
+    """Collective: mean loss (and accuracy) of the model on all rows of a split.
+
+    Each rank evaluates its contiguous share of the rows; the sums of loss,
+    correct predictions and rows are reduced, then divided. Every rank makes
+    the same number of reads (collective with mpio), the last ones maybe empty.
+    A non-finite input row is bad input: UsageError on every rank, naming it.
+    """
+    start, stop = share(reader.n, comm.rank, comm.size)
+    rows_per_read = model.max_rows
+    x_buf, y_buf = reader.buffers(rows_per_read)
+    sums = np.zeros(4)  # loss, correct, rows, ranks that met a non-finite row
+    bad = None
+    for first in range(start, start + ceil_div(reader.n, comm.size), rows_per_read):
+        indices = np.arange(first, max(first, min(stop, first + rows_per_read)))
+        x, y = reader.read(indices, x_buf, y_buf)
+        found = reader.nonfinite(x, y)
+        if found is not None:
+            bad = bad or nonfinite_message(reader.file.path, reader.split, found[0],
+                                           int(indices[found[1]]))
+            continue
+        logits = model.forward(x)
+        sums[:3] += (model.loss(y), count_correct(logits, y, problem), len(y))
+    sums[3] = bad is not None
+    dist.allreduce_sum(comm, sums)
+    if sums[3]:
+        raise UsageError(dist.first_error(comm, bad))
+    if sums[2] == 0:  # an empty split: nothing to report, not a perfect or zero score
+        return {"loss": None, "accuracy": None}
+    return {"loss": sums[0] / sums[2],
+            "accuracy": sums[1] / sums[2] if problem.classification else None}
+

@@ -1,0 +1,129 @@
+"""The parts behind the failure guarantees, in-process (no mpiexec): the run directory's
+lock, atomic writes on a full file system, strict JSON, the non-finite row check, and the
+gradient sync's control slots on COMM_SELF and on a Dup() of it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from conftest import mounted, root_only
+from mpinn import dist
+from mpinn.data import nonfinite_row
+from mpinn.errors import StorageError, UsageError
+from mpinn.fileio import remove_orphans, strict_json, temp_path, write_atomically
+from mpinn.lock import RunLock
+from mpinn.model import MLP, Architecture
+
+
+def test_flock_refuses_a_second_holder_and_names_the_first(tmp_path):
+    first = RunLock(str(tmp_path)).acquire()
+    assert first.method == "flock"
+    with pytest.raises(UsageError, match=f"in use by the run of PID {os.getpid()} on host "
+                                          f"{socket.gethostname()}"):
+        RunLock(str(tmp_path)).acquire()
+    first.release()
+    RunLock(str(tmp_path)).acquire().release()  # free again once released
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_lock_file_refuses_a_live_holder_and_replaces_a_dead_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv("MPINN_LOCK", "file")
+    lock_file = tmp_path / ".lock.pid"
+    first = RunLock(str(tmp_path)).acquire()
+    assert first.method == "file" and f"pid={os.getpid()} " in lock_file.read_text()
+    with pytest.raises(UsageError, match=f"in use by the run of PID {os.getpid()}"):
+        RunLock(str(tmp_path)).acquire()
+    first.release()
+    assert not lock_file.exists()
+    # a holder of this host that died (kill -9 leaves the file): stale, replaced
+    lock_file.write_text(f"host={socket.gethostname()} pid={dead_pid()} start=1 since=x\n")
+    RunLock(str(tmp_path)).acquire().release()
+    # the PID reused by another process: its start time differs, so stale as well
+    lock_file.write_text(f"host={socket.gethostname()} pid={os.getpid()} start=1 since=x\n")
+    RunLock(str(tmp_path)).acquire().release()
+    # a holder on another host cannot be checked from here: refused, with the way out
+    lock_file.write_text("host=node-elsewhere pid=1 start=1 since=x\n")
+    with pytest.raises(UsageError, match="PID 1 on host node-elsewhere.*remove .*lock.pid"):
+        RunLock(str(tmp_path)).acquire()
+
+
+def test_write_atomically_on_a_full_file_system_leaves_the_old_file(tmp_path):
+    root_only("a small tmpfs (ENOSPC)")
+    with mounted(tmp_path / "disk", "-t", "tmpfs", "-o", "size=64k", "tmpfs") as disk:
+        (disk / "f").write_bytes(b"old")
+        with pytest.raises(StorageError, match=r"cannot write .*/f: No space left on device "
+                                               r"\(ENOSPC\); free space"):
+            write_atomically(str(disk / "f"), b"x" * 200_000)
+        assert (disk / "f").read_bytes() == b"old" and os.listdir(disk) == ["f"]
+        write_atomically(str(disk / "f"), b"new")
+        assert (disk / "f").read_bytes() == b"new" and os.listdir(disk) == ["f"]
+
+
+def test_orphans_are_temporary_files_only(tmp_path):
+    for name in ("config.toml", "step-000000012.h5", ".lock", "a.tmp-x", ".f.tmp-12",
+                 "checkpoint.h5.tmp-7"):
+        (tmp_path / name).write_text("")
+    assert os.path.basename(temp_path(str(tmp_path / "f"))) == f".f.tmp-{os.getpid()}"
+    assert sorted(remove_orphans(str(tmp_path))) == [".f.tmp-12", "checkpoint.h5.tmp-7"]
+    assert sorted(os.listdir(tmp_path)) == [".lock", "a.tmp-x", "config.toml",
+                                            "step-000000012.h5"]
+
+
+def test_strict_json_has_no_nan():
+    text = strict_json({"a": float("nan"), "b": [np.float64(np.inf), 1.5], "c": None})
+    assert text == '{"a": null, "b": [null, 1.5], "c": null}'
+
+
+def test_nonfinite_row_finds_the_first_bad_row_only():
+    x = np.ones((6, 3), np.float32)
+    assert nonfinite_row(x) is None and nonfinite_row(x[:0]) is None
+    x[4, 1], x[2, 0] = np.nan, -np.inf
+    assert nonfinite_row(x) == 2
+    huge = np.full((4, 3), 3e38, np.float32)  # finite, though their sum overflows
+    assert nonfinite_row(huge) is None
+
+
+@pytest.fixture(params=["self", "dup"])
+def comm(request):
+    comm = MPI.COMM_SELF if request.param == "self" else MPI.COMM_SELF.Dup()
+    yield comm
+    if request.param == "dup":
+        comm.Free()
+
+
+def test_the_sync_carries_gradients_losses_and_flags_in_one_buffer(comm):
+    arch = Architecture((3, 4, 2), dtype="float32")
+    sync = dist.GradientSync(comm, arch.n_params, arch.dtype)
+    model = MLP(arch, 5, grads=sync.grads)
+    assert np.shares_memory(model.grads, sync.buffer) and sync.buffer.size == arch.n_params + 3
+    model.init(np.random.default_rng(0))
+    model.forward(np.ones((5, 3), np.float32))
+    loss = model.backward(np.array([0, 1, 0, 1, 1]))
+    expected = model.grads.copy()
+    sync.allreduce(loss, stop=True)
+    assert sync.stop_requested and not sync.bad_input and sync.finite()
+    assert sync.loss == pytest.approx(loss, rel=1e-6) and np.array_equal(sync.grads, expected)
+    sync.allreduce(loss, bad_input=True)
+    assert sync.bad_input and not sync.stop_requested
+    sync.grads[7] = np.nan
+    sync.allreduce(loss)
+    assert not sync.finite()
+    sync.grads[:] = 0
+    sync.allreduce(np.inf)
+    assert not sync.finite()
+    with np.errstate(over="ignore"):
+        sync.grads[:] = 1e20  # finite values whose squared norm overflows: divergence too
+        sync.allreduce(1.0)
+        assert not sync.finite()
