@@ -86,7 +86,7 @@ def timed_reads(comm, path: str, io: str, shuffle: str, batch: int, steps: int,
         max_rows = ceil_div(batch, comm.size)
         reader = datafile.reader("train", max_rows)
         sampling = Sampling(shuffle)
-        window_steps = max(1, sampling.window_rows // batch)
+        window_steps = sampling.window_steps(batch)
         plan = epoch_plan(sampling, seed, 0, reader.n, batch, comm.rank, comm.size)
         plan.steps, plan.batch_rows = plan.steps[:steps], plan.batch_rows[:steps]
         buffers = Buffers(reader, max_rows, window_steps * max_rows if shuffle == "block" else 0)

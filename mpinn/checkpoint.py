@@ -15,9 +15,9 @@ That is everything needed to continue exactly: the sampler's position is
 (epoch, step_in_epoch) because every epoch's plan is a pure function of the
 seed and the epoch; the initial weights' generator is never used again.
 
-The file is built in memory (HDF5's core driver) and its bytes are written
-with fileio.write_atomically: space reserved first, then a temporary file,
-fsync, rename. A crash leaves the previous checkpoint or the new one, never a
+The file is built in memory (HDF5's core driver, `image`) and its bytes are
+written by rundir.py with fileio.write_atomically: space reserved first, then a
+temporary file, fsync, rename. A crash leaves the previous checkpoint or the new one, never a
 partial file; a full disk is a clear error, not a crash inside HDF5's close;
 and a model with a NaN or an infinity is refused, never written.
 """
@@ -31,7 +31,7 @@ import numpy as np
 
 from . import __version__
 from .errors import CollectiveError, UsageError
-from .fileio import open_hdf5, write_atomically
+from .fileio import open_hdf5
 from .model import MLP, Architecture
 
 FORMAT = "mpinn-checkpoint-1"
@@ -92,11 +92,6 @@ def image(ckpt: Checkpoint, model: MLP) -> bytes:
         f.create_dataset("progress/epoch_sums", data=ckpt.epoch_sums)
         f.flush()
         return f.id.get_file_image()
-
-
-def save(path: str, ckpt: Checkpoint, model: MLP) -> None:
-    """Write the checkpoint file atomically; StorageError if the file system refuses."""
-    write_atomically(path, image(ckpt, model), "write checkpoint")
 
 
 def load(path: str) -> Checkpoint:

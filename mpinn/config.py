@@ -79,6 +79,9 @@ class TrainConfig:
             raise UsageError("data: no dataset file given")
         if not self.out:
             raise UsageError("out: no run directory given (--out RUN_DIR)")
+        if self.resume and self.overwrite:
+            raise UsageError("--resume continues the run in --out, --overwrite replaces it: "
+                             "give one of them")
 
 
 def parse_hidden(value: Any) -> tuple[int, ...]:

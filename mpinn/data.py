@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
-from . import dist
 from .errors import UsageError
 from .fileio import open_hdf5
 from .sampler import share
@@ -117,13 +116,14 @@ class Problem:
         return self.info.task == "classification"
 
 
-def check_data(comm: dist.Comm, path: str, loss: str, features: int | None = None,
+def check_data(comm, path: str, loss: str, features: int | None = None,
                outputs: int | None = None) -> Problem:
     """Collective validation of a dataset file (and, optionally, a model's shape).
 
     Every rank checks the layout and the labels of its own share of rows, then
     all ranks agree on the outcome: UsageError on every rank if any found a fault.
     """
+    from . import dist  # here, not above: the serial commands read files without MPI
     error, lo, hi, info = None, 0, -1, None
     try:
         info = describe(path)
@@ -156,7 +156,7 @@ def check_data(comm: dist.Comm, path: str, loss: str, features: int | None = Non
     return Problem(info, n_out)
 
 
-def _share_label_range(comm: dist.Comm, path: str, info: DatasetInfo) -> tuple[int, int]:
+def _share_label_range(comm, path: str, info: DatasetInfo) -> tuple[int, int]:
     """(min, max) label over this rank's share of both splits; (0, -1) if it has none."""
     lo, hi = 0, -1
     for split in SPLITS:

@@ -86,7 +86,8 @@ class GradientSync:
 
         A NaN or inf on any rank makes the sums NaN or inf on all ranks, so all
         ranks reach the same verdict. The dot product reads the gradient once and
-        allocates nothing (|g|^2 overflows only for gradients beyond ~1e19).
+        allocates nothing (|g|^2 overflows only for gradients beyond ~1e19 in
+        float32, ~1e154 in float64: divergence by any measure).
         """
         return bool(np.isfinite(self.control[self.LOSS])
                     and np.isfinite(np.dot(self.grads, self.grads)))

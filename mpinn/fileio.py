@@ -30,7 +30,6 @@ import h5py
 from .errors import StorageError, UsageError
 
 TEMP_MARK = ".tmp-"
-TEMP_NAME = re.compile(r".+\.tmp-\d+")  # ours, and those of earlier versions (no leading dot)
 ADVICE = {
     errno.ENOSPC: "free space on that file system",
     errno.EDQUOT: "free space within your quota (or raise it)",
@@ -46,15 +45,17 @@ def temp_path(path: str) -> str:
     return os.path.join(directory, f".{name}{TEMP_MARK}{os.getpid()}")
 
 
-def remove_orphans(directory: str) -> list[str]:
-    """Delete the temporary files of writers that were killed; returns their names.
+def remove_orphans(directory: str, names: re.Pattern[str]) -> list[str]:
+    """Delete the temporary files (names matching `names`) of writers that were killed;
+    returns their names.
 
-    Only call it while holding the directory (rundir's lock): a live writer's
-    temporary file looks the same.
+    Only call it while holding the directory (rundir's lock), and only for files
+    that nothing but the lock's holder writes: a live writer's temporary file
+    looks the same.
     """
     removed = []
     for name in os.listdir(directory):
-        if TEMP_NAME.fullmatch(name):
+        if names.fullmatch(name):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(directory, name))
                 removed.append(name)
@@ -122,7 +123,7 @@ def atomic_output(path: str) -> Iterator[str]:
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if isinstance(exc, OSError) and exc.errno in ADVICE:
+        if isinstance(exc, OSError):
             raise storage_error(exc, "write", path) from None
         raise
 

@@ -11,18 +11,21 @@ all open the same file.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
 
-from . import checkpoint, dist
+from . import checkpoint
 from .data import Problem, check_data
 from .errors import UsageError
 from .fileio import atomic_output, check_writable, open_hdf5
 from .model import MLP
 from .readers import DataFile, resolve_io
 from .rundir import checkpoint_path
-from .step import evaluate
+
+if TYPE_CHECKING:  # `predict` is serial: MPI starts only for `evaluate`
+    from . import dist
 
 EVAL_ROWS = 4096  # rows per forward pass when evaluating or predicting
 
@@ -39,6 +42,7 @@ def checkpoint_file(path: str) -> str:
 
 def load_model(comm: dist.Comm, path: str) -> tuple[MLP, str]:
     """Collective: the checkpoint's model on every rank, and its task."""
+    from . import dist
     ckpt = dist.root_tries(comm, lambda: checkpoint.load(checkpoint_file(path)))
     arch, task = dist.broadcast_object(comm, (ckpt.arch, ckpt.task) if ckpt else None)
     model = MLP(arch, EVAL_ROWS)
@@ -51,6 +55,8 @@ def load_model(comm: dist.Comm, path: str) -> tuple[MLP, str]:
 def run_evaluate(comm: dist.Comm, ckpt_path: str, data_path: str, split: str,
                  io: str = "auto") -> dict:
     """Collective: loss and accuracy of a checkpoint on a split, printed by rank 0."""
+    from . import dist
+    from .step import evaluate
     io = resolve_io(io)
     model, task = load_model(comm, ckpt_path)
     problem: Problem = check_data(comm, data_path, model.arch.loss,

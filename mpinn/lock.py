@@ -1,24 +1,30 @@
 """One run per directory: an exclusive lock that rank 0 holds for the life of a run.
 
-Two ways, chosen automatically:
+Two ways:
 
-- `flock`: an exclusive, non-blocking flock(2) on RUN_DIR/.lock. The kernel
-  drops it when the holder dies, however it dies (kill -9 included), so a lock
-  is never stale. The holder writes its host, PID and start time into the file,
-  so a refused run can name it.
-- `file`: where the file system refuses flock (Lustre mounted without `flock`,
-  some NFS set-ups: ENOLCK, EOPNOTSUPP, ENOSYS), a lock file RUN_DIR/.lock.pid
-  created with O_EXCL that names the same holder. It is stale when it names this
-  host and that process is gone (or is another process with the same PID); then
-  it is replaced. A holder on another host cannot be checked from here: the
-  message says so and how to remove the file. Set MPINN_LOCK=file to use this
-  way on file systems where flock succeeds but only locks within one node
-  (NFS with local_lock=flock, Lustre with localflock): a run on another node
-  would not see such a lock.
+- `flock` (the default): an exclusive, non-blocking flock(2) on RUN_DIR/.lock.
+  The kernel drops it when the holder dies, however it dies (kill -9 included),
+  so it is never stale. The holder writes its host, PID and start time into
+  the file, so that a refused run can name it.
+- `file`: a lock file RUN_DIR/.lock.pid created with O_EXCL, naming the same
+  holder (and its SLURM job). Used where the file system refuses flock (Lustre
+  mounted without `flock`, some NFS set-ups: ENOLCK, EOPNOTSUPP, ENOSYS), and
+  wherever MPINN_LOCK=file asks for it: on file systems where flock succeeds
+  but only locks within one node (NFS with local_lock=flock, Lustre with
+  localflock), a run on another node would not see a flock. In this mode the
+  flock is taken too where it works, so runs using either way exclude each other.
 
-The lock files stay in the directory after the run (removing a flock file
-while another process opens it would let two runs lock two different files);
-`.lock.pid` is removed by its holder.
+A lock file is stale, and replaced, when its holder is a process of this host
+that is gone (or a new process that reuses its PID), or an earlier incarnation
+of this SLURM job (a requeued job may start on another node; SLURM ends the old
+one first). A holder on another host cannot be checked from here: the refusal
+says how to remove the file. Breaking a stale lock happens under a second,
+short-lived lock (a directory made with mkdir), so two runs that both find it
+stale cannot both take it.
+
+The .lock file stays in the directory after the run (removing a flock file while
+another process opens it would let two runs lock two different files);
+.lock.pid is removed by its holder.
 """
 
 from __future__ import annotations
@@ -34,16 +40,23 @@ from .errors import UsageError
 
 FLOCK_NAME, PID_NAME = ".lock", ".lock.pid"
 NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+BREAK_SECONDS = 30  # a break lock older than this was left by a killed run
 
 
 def holder_text() -> str:
-    """Who holds a lock: this host, process and its start time (PID reuse shows in it)."""
-    return f"host={socket.gethostname()} pid={os.getpid()} start={process_start(os.getpid())} " \
-           f"since={time.strftime('%Y-%m-%dT%H:%M:%S')}\n"
+    """Who holds a lock: host, process, its start time (PID reuse shows in it), job."""
+    pid = os.getpid()
+    return (f"host={socket.gethostname()} pid={pid} start={process_start(pid)} "
+            f"job={os.environ.get('SLURM_JOB_ID', '-')} "
+            f"since={time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+
+
+def fields(text: str) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in text.split() if "=" in item)
 
 
 def process_start(pid: int) -> str:
-    """The start time of a process in clock ticks since boot ('' if it does not exist)."""
+    """The start time of a process in clock ticks since boot ('' if it cannot be read)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[19]
@@ -51,12 +64,29 @@ def process_start(pid: int) -> str:
         return ""
 
 
-def describe(text: str) -> str:
-    fields = dict(item.split("=", 1) for item in text.split() if "=" in item)
-    if not fields:
+def describe(holder: dict[str, str]) -> str:
+    if "pid" not in holder:
         return "another run (it has not written its name yet)"
-    return f"the run of PID {fields.get('pid', '?')} on host {fields.get('host', '?')} " \
-           f"(since {fields.get('since', '?')})"
+    return (f"the run of PID {holder['pid']} on host {holder.get('host', '?')} "
+            f"(since {holder.get('since', '?')})")
+
+
+def stale(holder: dict[str, str]) -> bool:
+    """Whether a lock file's holder is certainly gone (see the module docstring)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job and holder.get("job") == job and holder.get("pid") != str(os.getpid()):
+        return True  # an earlier incarnation of this (requeued) job
+    if holder.get("host") != socket.gethostname() or not holder.get("pid", "").isdigit():
+        return False
+    pid = int(holder["pid"])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    current = process_start(pid)
+    return bool(current) and current != holder.get("start")  # the PID was reused
 
 
 class RunLock:
@@ -65,81 +95,105 @@ class RunLock:
     def __init__(self, directory: str) -> None:
         self.directory = directory
         self.method = ""
-        self._fd: int | None = None
+        self._flock_fd: int | None = None
+        self._pid_fd: int | None = None
 
     def acquire(self) -> RunLock:
         """Take the lock, or raise UsageError naming the run that holds it."""
         method = os.environ.get("MPINN_LOCK", "auto")
-        if method not in ("auto", "flock", "file"):
-            raise UsageError(f"MPINN_LOCK must be auto, flock or file, not {method!r}")
-        if method != "file":
-            try:
-                return self._flock()
-            except OSError as exc:
-                if method == "flock" or exc.errno not in NO_FLOCK:
-                    raise
-        return self._pid_file()
+        if method not in ("auto", "file"):
+            raise UsageError(f"MPINN_LOCK must be auto or file, not {method!r}")
+        try:
+            flocked = self._flock()
+            if method == "file" or not flocked:
+                self._pid_file()
+        except BaseException:
+            self.release()
+            raise
+        self.method = "flock" if method == "auto" and flocked else "file"
+        return self
 
     def release(self) -> None:
-        if self._fd is None:
-            return
-        if self.method == "file":
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(self.directory, PID_NAME))
-        os.close(self._fd)  # also drops a flock
-        self._fd = None
+        if self._pid_fd is not None:
+            path = os.path.join(self.directory, PID_NAME)
+            with contextlib.suppress(OSError):  # only our own file, not a successor's
+                if os.stat(path).st_ino == os.fstat(self._pid_fd).st_ino:
+                    os.remove(path)
+            os.close(self._pid_fd)
+            self._pid_fd = None
+        if self._flock_fd is not None:
+            os.close(self._flock_fd)  # drops the flock
+            self._flock_fd = None
 
-    def _flock(self) -> RunLock:
-        path = os.path.join(self.directory, FLOCK_NAME)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    def _flock(self) -> bool:
+        """Take the flock: False if the file system refuses flock, UsageError if another
+        run holds it."""
+        fd = os.open(os.path.join(self.directory, FLOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode(errors="replace")
             os.close(fd)
-            raise UsageError(self._refusal(describe(holder))) from None
-        except OSError:
+            raise UsageError(self._refusal(describe(fields(holder)))) from None
+        except OSError as exc:
             os.close(fd)
+            if exc.errno in NO_FLOCK:
+                return False
             raise
+        self._flock_fd = fd
         os.ftruncate(fd, 0)
         os.pwrite(fd, holder_text().encode(), 0)
-        self._fd, self.method = fd, "flock"
-        return self
+        return True
 
-    def _pid_file(self) -> RunLock:
+    def _pid_file(self) -> None:
         path = os.path.join(self.directory, PID_NAME)
-        for _ in range(2):  # a stale file is replaced once
+        for _ in range(50):  # a stale file is broken, then created anew
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                self._pid_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
-                holder = _read(path)
+                text = read_text(path)
+                holder = fields(text)
                 if not stale(holder):
                     raise UsageError(self._refusal(describe(holder)) + (
-                        f"; if no run is using the directory, remove {path}"
-                        if "host=" + socket.gethostname() + " " not in holder else "")) from None
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
+                        "" if holder.get("host") == socket.gethostname() else
+                        f"; if no run is using the directory, remove {path}")) from None
+                break_stale(path, text)
                 continue
-            os.write(fd, holder_text().encode())
-            os.fsync(fd)
-            self._fd, self.method = fd, "file"
-            return self
-        raise UsageError(self._refusal("another run that is starting at the same moment"))
+            os.write(self._pid_fd, holder_text().encode())
+            os.fsync(self._pid_fd)
+            return
+        raise UsageError(self._refusal("other runs starting at the same moment"))
 
     def _refusal(self, who: str) -> str:
         return (f"run directory {self.directory} is in use by {who}: one run per directory; "
                 f"wait for it to end, or choose another --out")
 
 
-def stale(holder: str) -> bool:
-    """Whether a lock file names a process of this host that no longer runs."""
-    fields = dict(item.split("=", 1) for item in holder.split() if "=" in item)
-    if fields.get("host") != socket.gethostname() or not fields.get("pid", "").isdigit():
-        return False
-    return process_start(int(fields["pid"])) != fields.get("start")
+def break_stale(path: str, seen: str) -> None:
+    """Remove a stale lock file, if it still holds what was judged stale.
+
+    Under a break lock (mkdir is atomic), so that of two runs which both judged
+    the file stale, the second re-reads it, finds the first one's new holder
+    and leaves it alone. A break lock left by a killed run expires.
+    """
+    guard = path + ".break"
+    try:
+        os.mkdir(guard)
+    except FileExistsError:
+        with contextlib.suppress(OSError):
+            if time.time() - os.stat(guard).st_mtime > BREAK_SECONDS:
+                os.rmdir(guard)
+        time.sleep(0.05)
+        return
+    try:
+        if read_text(path) == seen:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+    finally:
+        os.rmdir(guard)
 
 
-def _read(path: str) -> str:
+def read_text(path: str) -> str:
     try:
         with open(path, errors="replace") as f:
             return f.read()

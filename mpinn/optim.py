@@ -1,7 +1,7 @@
 """Optimizers on the flat parameter and gradient vectors, updated in place.
 
 Each optimizer sees the already averaged gradient g = (1/B) sum_i grad loss_i
-(the Allreduce and the division happen in train.py). L2 weight decay lambda is
+(the Allreduce and the division happen in step.py). L2 weight decay lambda is
 added to the gradient: g <- g + lambda w, i.e. the loss gets (lambda/2)|w|^2.
 All state is preallocated flat arrays, so step() allocates nothing.
 """

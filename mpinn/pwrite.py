@@ -22,15 +22,18 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
 
-from . import dist
 from .errors import UsageError
 from .fileio import check_writable, temp_path
 from .readers import row_selection
 from .sampler import ceil_div, share
+
+if TYPE_CHECKING:  # MPI starts only when a parallel write does (serial writers import this)
+    from . import dist
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,7 @@ def my_blocks(rows: int, block_rows: int, rank: int, size: int) -> tuple[range, 
 def write_parallel(comm: dist.Comm, path: str, io: str, specs: dict[str, SplitSpec],
                    attrs: dict, produce: Producer, block_rows: int) -> None:
     """Collective: write the dataset file at path (see the module docstring)."""
+    from . import dist
     tmp, error = None, None
     if comm.rank == 0:
         try:
@@ -106,6 +110,7 @@ def _rounds(comm: dist.Comm, specs: dict[str, SplitSpec], produce: Producer, blo
 
 
 def _write_mpiio(comm, tmp, specs, attrs, produce, block_rows) -> None:
+    from . import dist
     offsets = None
     if comm.rank == 0:
         with h5py.File(tmp, "w") as f:

@@ -18,12 +18,12 @@ through dist.root_tries, so all ranks learn of a failure alike.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 from collections.abc import Callable
 
-from . import checkpoint
-from .checkpoint import Checkpoint
 from .config import TrainConfig
 from .errors import UsageError
 from .fileio import (
@@ -35,9 +35,14 @@ from .fileio import (
     write_atomically,
 )
 from .lock import RunLock
-from .model import MLP
 
 OLD_RUN_FILES = ("checkpoint.h5", "summary.json", "metrics.jsonl", "config.toml")
+# temporary files of this module's writers (fileio.temp_path; `checkpoint.h5.tmp-PID`
+# without the dot from earlier versions), and nothing else: other programs may share
+# the directory
+STEP_FILE = re.compile(r"step-(\d{9,})\.h5")
+TEMP_FILES = re.compile(r"\.{0,2}(config\.toml|metrics\.jsonl|summary\.json|checkpoint\.h5|"
+                        r"step-\d+\.h5|write-probe)\.tmp-\d+")
 
 
 def checkpoint_path(out: str) -> str:
@@ -54,7 +59,7 @@ def attempt(action: str, path: str, operation: Callable[..., object], *args, **k
 
 def tidy(directory: str) -> None:
     """Remove temporary files of killed runs, then prove that a file can be created."""
-    remove_orphans(directory)
+    remove_orphans(directory, TEMP_FILES)
     probe = temp_path(os.path.join(directory, ".write-probe"))
     os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
     os.remove(probe)
@@ -138,14 +143,17 @@ class RunDir:
         write_atomically(os.path.join(self.out, "summary.json"),
                          (strict_json(summary, indent=2) + "\n").encode(), "write")
 
-    def save_checkpoint(self, ckpt: Checkpoint, model: MLP) -> str:
-        """A new checkpoint file, checkpoint.h5 pointed at it, then old ones pruned.
+    def save_checkpoint(self, step: int, image: bytes) -> str:
+        """A new checkpoint file of a step (its bytes: checkpoint.image), checkpoint.h5
+        pointed at it, then old ones pruned.
 
-        Pruning comes last and keeps the newest `keep` files, so the checkpoint just
-        written (always finite: checkpoint.image refuses others) is never removed.
+        Pruning comes last and keeps the newest `keep` files up to this step, so the
+        checkpoint just written is never removed. Files of later steps are leftovers
+        of a run killed between writing a file and pointing checkpoint.h5 at it (the
+        run resumed from an earlier one): they go, and this run writes them anew.
         """
-        path = os.path.join(self.history, f"step-{ckpt.step:09d}.h5")
-        checkpoint.save(path, ckpt, model)
+        path = os.path.join(self.history, f"step-{step:09d}.h5")
+        write_atomically(path, image, "write checkpoint")
         link = checkpoint_path(self.out)
         tmp = temp_path(link)
         try:
@@ -154,9 +162,13 @@ class RunDir:
             os.link(path, tmp)
             os.replace(tmp, link)
             fsync_directory(self.out)
-            steps = sorted(n for n in os.listdir(self.history) if n.startswith("step-"))
-            for old in steps[:-self.keep]:
-                os.remove(os.path.join(self.history, old))
+            found = {n: int(m.group(1)) for n in os.listdir(self.history)
+                     if (m := STEP_FILE.fullmatch(n))}
+            kept = sorted((n for n in found if found[n] <= step), key=found.get)[-self.keep:]
+            for name in set(found) - set(kept):
+                os.remove(os.path.join(self.history, name))
         except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
             raise storage_error(exc, "update", link) from None
         return path

@@ -34,6 +34,10 @@ class Sampling:
     block_rows: int = 1024
     window_rows: int = 65536
 
+    def window_steps(self, batch_size: int) -> int:
+        """Steps per block-shuffle window (at least one)."""
+        return max(1, self.window_rows // batch_size)
+
 
 @dataclass
 class EpochPlan:
@@ -106,7 +110,7 @@ def _block_plan(sampling: Sampling, seed: int, epoch: int, n: int, batch_size: i
                 sizes: np.ndarray, rank: int, size: int) -> EpochPlan:
     stream = BlockStream(n, sampling.block_rows,
                          np.random.default_rng([seed, epoch, 0xB10C]))
-    window_steps = max(1, sampling.window_rows // batch_size)
+    window_steps = sampling.window_steps(batch_size)
     # counts[k, r]: rows of rank r at step k (its share of the global batch)
     q, rem = np.divmod(sizes, size)
     counts = q[:, None] + (np.arange(size)[None, :] < rem[:, None])

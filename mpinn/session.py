@@ -112,10 +112,11 @@ class Session:
         the epoch's metrics line if one is given.
 
         The epoch's running sums are reduced first, so the file holds the global
-        sums. The metrics line goes first: a crash between the two leaves a line
-        past the checkpoint, which a resume drops. A resumed run rewrites
-        config.toml only now, with its first new checkpoint: a resume that fails
-        before that leaves the run as it was.
+        sums. The file's image is built (and refused if not finite) before anything
+        is written; then the metrics line: a crash between it and the checkpoint
+        leaves a line past the checkpoint, which a resume drops. A resumed run
+        rewrites config.toml only now, with its first new checkpoint: a resume that
+        fails before that leaves the run as it was.
         """
         p, cfg = self.progress, self.cfg
         sums = p.sums.copy()
@@ -127,9 +128,10 @@ class Session:
                           ranks=self.comm.size)
 
         def write(run: RunDir) -> None:
+            image = checkpoint.image(ckpt, self.model)
             if record is not None:
                 run.append_metrics(record)
-            run.save_checkpoint(ckpt, self.model)
+            run.save_checkpoint(ckpt.step, image)
             if self.config_pending:
                 run.write_config(ckpt.config)
         self.on_root(write)
@@ -187,15 +189,15 @@ def open_reading(cfg: TrainConfig, comm: dist.Comm, io: str, max_rows: int,
                  problem: Problem) -> Reading:
     # mpio reads are MPI collectives: from the prefetch thread only if MPI allows threads
     prefetch = cfg.prefetch and (io != "mpio" or dist.thread_multiple())
+    sampling = Sampling(cfg.shuffle, cfg.block_rows, cfg.window_rows)
     datafile = DataFile(cfg.data, io, comm)
     train = datafile.reader("train", max_rows)
-    window_steps = max(1, cfg.window_rows // cfg.batch_size)
+    window_steps = sampling.window_steps(cfg.batch_size)
     window_rows = min(window_steps * max_rows,
                       ceil_div(problem.info.n_train, comm.size) + window_steps)
     buffers = Buffers(train, max_rows, window_rows if cfg.shuffle == "block" else 0)
     return Reading(io=io, prefetch=prefetch, file=datafile, train=train,
-                   test=datafile.reader("test", max_rows), buffers=buffers,
-                   sampling=Sampling(cfg.shuffle, cfg.block_rows, cfg.window_rows))
+                   test=datafile.reader("test", max_rows), buffers=buffers, sampling=sampling)
 
 
 def resume(comm: dist.Comm, cfg: TrainConfig, run: RunDir | None, model: MLP,
@@ -231,7 +233,8 @@ def check_compatible(ckpt: Checkpoint, cfg: TrainConfig, arch: Architecture,
                if saved.get(k) != current[k]]
     if ckpt.arch != arch and not changed:
         changed.append(f"model {ckpt.arch} -> {arch}")
-    window_steps = max(1, cfg.window_rows // cfg.batch_size)
+    window_steps = Sampling(cfg.shuffle, cfg.block_rows, cfg.window_rows).window_steps(
+        cfg.batch_size)
     if cfg.shuffle == "block" and ckpt.ranks != comm_size and ckpt.step_in_epoch % window_steps:
         changed.append(f"ranks {ckpt.ranks} -> {comm_size} inside a block-shuffle window "
                        f"(resume on {ckpt.ranks} ranks, or from a checkpoint at a window "

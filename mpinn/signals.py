@@ -19,8 +19,10 @@ class StopRequest:
 
     The handlers stay installed after the context ends: a signal that arrives
     while a rank is finishing (writing the summary, finalising MPI) must not
-    kill it with the default action; the run is complete anyway. A second
-    signal does take the default action, so a hung run can still be ended.
+    kill it with the default action; the run is complete anyway. The first
+    signal hands all three back to the kernel's default action, so a second one
+    ends the process at once, even while it waits inside an MPI call (where no
+    Python handler can run): a rank stuck in a collective can still be ended.
     """
 
     def __init__(self) -> None:
@@ -28,11 +30,10 @@ class StopRequest:
         self.signal_name = ""
 
     def _handle(self, signum: int, frame) -> None:
-        if self.requested:  # a second signal: the first did not end it (a hang?): die now
-            signal.signal(signum, signal.SIG_DFL)
-            signal.raise_signal(signum)
         self.requested = True  # only a flag: no I/O, no MPI in a signal handler
         self.signal_name = signal.Signals(signum).name
+        for sig in STOP_SIGNALS:  # the next one: the default action, ending the process
+            signal.signal(sig, signal.SIG_DFL)
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():

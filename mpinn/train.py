@@ -23,7 +23,7 @@ from . import __version__, dist
 from .config import TrainConfig, to_toml
 from .data import LARGE_INPUT
 from .errors import CollectiveError, Interrupted, UsageError
-from .feed import Batch
+from .feed import Batch, Feed
 from .rundir import checkpoint_path
 from .session import Checkpointer, Session, open_session
 from .signals import StopRequest
@@ -63,7 +63,7 @@ def run_epoch(s: Session, epoch: int, stop: StopRequest, checkpointer: Checkpoin
                             s.problem, stop.requested, batch.bad is not None)
         # guards: bad input or divergence, agreed through the Allreduce's control slots
         if not result.applied:
-            raise refusal(s, batch)
+            raise bad_input(s, batch, feed) if s.sync.bad_input else divergence(s, batch)
         p.advance(result.loss, result.correct, len(batch.y))
         timer.end_step(batch.rows)
         rows += batch.rows
@@ -74,21 +74,44 @@ def run_epoch(s: Session, epoch: int, stop: StopRequest, checkpointer: Checkpoin
     dist.allreduce_sum(s.comm, p.sums)
     loss, correct, seen = p.sums
     seconds = time.perf_counter() - began
-    test = evaluate(s.comm, s.model, s.data.test, s.problem)
     record = {"epoch": epoch + 1, "step": p.step, "train_loss": loss / seen,
               "train_accuracy": correct / seen if s.problem.classification else None,
-              "test_loss": test["loss"], "test_accuracy": test["accuracy"],
+              "test_loss": None, "test_accuracy": None,
               "seconds": seconds, "samples_per_s": rows / seconds}
     p.end_epoch()
+    record.update(evaluate_epoch(s, record))
     s.save(record)
     dist.print0(s.comm, format_epoch(record, s.cfg.epochs, s.problem.classification))
     return record
 
 
-def refusal(s: Session, batch: Batch) -> Exception:
-    """The error every rank raises alike for a step that was not applied."""
-    if s.sync.bad_input:  # some rank read a NaN or infinity: it names the row
-        return UsageError(dist.first_error(s.comm, batch.bad))
+def evaluate_epoch(s: Session, record: dict) -> dict:
+    """Collective: the epoch's test loss and accuracy. A non-finite test row is bad
+    input (exit 2), but the epoch's training is not lost: it is saved first."""
+    try:
+        test = evaluate(s.comm, s.model, s.data.test, s.problem)
+    except UsageError as exc:
+        s.save(record)
+        raise UsageError(f"{exc}; epoch {record['epoch']} is saved without its test scores: "
+                         f"fix the row, then continue with: mpinn train --out {s.cfg.out} "
+                         f"--resume") from None
+    return {"test_loss": test["loss"], "test_accuracy": test["accuracy"]}
+
+
+def bad_input(s: Session, batch: Batch, feed: Feed) -> UsageError:
+    """Collective: the error for a NaN or infinity some rank read (that rank names the
+    row). The step was not applied; the steps before it are saved, not lost."""
+    message = dist.first_error(s.comm, batch.bad)
+    feed.close()  # every rank's read-ahead done before the checkpoint's collectives
+    if s.progress.step > max(s.saved_step, 0):
+        s.save()
+        message += (f"; the {s.progress.step} steps before it are saved: fix the row, then "
+                    f"continue with: mpinn train --out {s.cfg.out} --resume")
+    return UsageError(message)
+
+
+def divergence(s: Session, batch: Batch) -> CollectiveError:
+    """Collective: the error for a step whose reduced loss or gradient is not finite."""
     p, cfg = s.progress, s.cfg
     peak = np.array([float(np.abs(batch.x).max()) if len(batch.x) else 0.0])
     dist.allreduce_max(s.comm, peak)
@@ -103,8 +126,9 @@ def refusal(s: Session, batch: Batch) -> Exception:
     else:
         cause = (f"the learning rate: --lr {cfg.lr:g} is too large for this model and the "
                  f"{cfg.optimizer} optimizer; lower it")
-    kept = (f"{checkpoint_path(cfg.out)} holds step {s.saved_step}, the newest good state"
-            if s.saved_step >= 0 else "no checkpoint was written")
+    kept = (f"the newest checkpoint, {checkpoint_path(cfg.out)}, holds step {s.saved_step} "
+            f"(older ones: {os.path.join(cfg.out, 'checkpoints')})" if s.saved_step >= 0
+            else "no checkpoint was written")
     return CollectiveError(f"training diverged at epoch {p.epoch + 1}, step "
                            f"{p.step_in_epoch + 1} of {s.steps} (global step {p.step + 1}): "
                            f"{what}. Likely cause: {cause}. Nothing of this step was applied "

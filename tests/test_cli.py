@@ -151,3 +151,15 @@ def test_predict_agrees_with_evaluate(digits, tmp_path):
         np.testing.assert_allclose(p["outputs"][...].sum(axis=1), 1, rtol=1e-5)
         assert np.array_equal(p["outputs"][...].argmax(axis=1), p["predictions"][...])
     assert f"accuracy {accuracy:.4f}" in evaluated
+
+
+def test_serial_commands_do_not_start_mpi(synth, tmp_path):
+    """data inspect/digits/idx and predict run on a login node without a launcher."""
+    ok(mpinn(1, "train", synth, "--out", tmp_path / "run", "--epochs", 0, "--hidden", "4"))
+    script = (f"import sys\nfrom mpinn import cli\n"
+              f"assert cli.main(['data', 'inspect', {str(synth)!r}, '--check']) == 0\n"
+              f"assert cli.main(['data', 'digits', {str(tmp_path / 'd.h5')!r}]) == 0\n"
+              f"assert cli.main(['predict', {str(tmp_path / 'run')!r}, {str(synth)!r}, "
+              f"{str(tmp_path / 'p.h5')!r}]) == 0\n"
+              f"assert 'mpi4py.MPI' not in sys.modules, 'MPI was started'\n")
+    ok(run([sys.executable, "-c", script]))

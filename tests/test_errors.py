@@ -67,6 +67,8 @@ CASES = {
     "bad dtype": (["train", "{synth}", "--dtype", "float16"], ["dtype"]),
     "config is a directory": (["train", "{synth}", "--config", "{d}"], ["cannot read it"]),
     "no features": (["train", "{d}/nofeatures.h5"], ["at least one feature"]),
+    "resume and overwrite": (["train", "{synth}", "--resume", "--overwrite"],
+                             ["--resume continues", "give one of them"]),
 }
 
 

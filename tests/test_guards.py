@@ -14,12 +14,14 @@ import pytest
 from mpi4py import MPI
 
 from conftest import mounted, root_only
-from mpinn import dist
+from mpinn import checkpoint, dist
+from mpinn.checkpoint import Checkpoint
 from mpinn.data import nonfinite_row
-from mpinn.errors import StorageError, UsageError
-from mpinn.fileio import remove_orphans, strict_json, temp_path, write_atomically
-from mpinn.lock import RunLock
+from mpinn.errors import CollectiveError, StorageError, UsageError
+from mpinn.fileio import strict_json, temp_path, write_atomically
+from mpinn.lock import RunLock, break_stale
 from mpinn.model import MLP, Architecture
+from mpinn.rundir import RunDir, tidy
 
 
 def test_flock_refuses_a_second_holder_and_names_the_first(tmp_path):
@@ -71,14 +73,15 @@ def test_write_atomically_on_a_full_file_system_leaves_the_old_file(tmp_path):
         assert (disk / "f").read_bytes() == b"new" and os.listdir(disk) == ["f"]
 
 
-def test_orphans_are_temporary_files_only(tmp_path):
-    for name in ("config.toml", "step-000000012.h5", ".lock", "a.tmp-x", ".f.tmp-12",
-                 "checkpoint.h5.tmp-7"):
+def test_tidy_removes_orphans_of_the_run_only_and_proves_writability(tmp_path):
+    names = ("config.toml", "step-000000012.h5", ".lock", "a.tmp-x", ".step-000000012.h5.tmp-12",
+             "checkpoint.h5.tmp-7", ".metrics.jsonl.tmp-3", ".predictions.h5.tmp-9")
+    for name in names:
         (tmp_path / name).write_text("")
     assert os.path.basename(temp_path(str(tmp_path / "f"))) == f".f.tmp-{os.getpid()}"
-    assert sorted(remove_orphans(str(tmp_path))) == [".f.tmp-12", "checkpoint.h5.tmp-7"]
-    assert sorted(os.listdir(tmp_path)) == [".lock", "a.tmp-x", "config.toml",
-                                            "step-000000012.h5"]
+    tidy(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == [".lock", ".predictions.h5.tmp-9", "a.tmp-x",
+                                            "config.toml", "step-000000012.h5"]
 
 
 def test_strict_json_has_no_nan():
@@ -127,3 +130,62 @@ def test_the_sync_carries_gradients_losses_and_flags_in_one_buffer(comm):
         sync.grads[:] = 1e20  # finite values whose squared norm overflows: divergence too
         sync.allreduce(1.0)
         assert not sync.finite()
+
+
+def test_a_successor_lock_file_is_not_removed_and_stale_ones_break_once(tmp_path,
+                                                                         monkeypatch):
+    monkeypatch.setenv("MPINN_LOCK", "file")
+    lock_file = tmp_path / ".lock.pid"
+    holder = RunLock(str(tmp_path)).acquire()
+    lock_file.unlink()  # as if judged stale by another run, which then took it
+    lock_file.write_text("host=elsewhere pid=7 start=1 since=x\n")
+    holder.release()
+    assert lock_file.read_text().startswith("host=elsewhere")  # the successor's stays
+    # of two runs that judged the same file stale, the second finds a new holder there
+    break_stale(str(lock_file), "what the second run read before\n")
+    assert lock_file.exists()
+    break_stale(str(lock_file), lock_file.read_text())
+    assert not lock_file.exists() and not (tmp_path / ".lock.pid.break").exists()
+
+
+def test_a_lock_file_run_and_a_flock_run_exclude_each_other(tmp_path, monkeypatch):
+    monkeypatch.setenv("MPINN_LOCK", "file")
+    holder = RunLock(str(tmp_path)).acquire()
+    monkeypatch.setenv("MPINN_LOCK", "auto")
+    with pytest.raises(UsageError, match="in use by"):
+        RunLock(str(tmp_path)).acquire()
+    holder.release()
+
+
+def test_a_requeued_job_replaces_the_lock_file_of_its_earlier_incarnation(tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.setenv("MPINN_LOCK", "file")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    (tmp_path / ".lock.pid").write_text("host=node-before pid=1 start=1 job=4242 since=x\n")
+    RunLock(str(tmp_path)).acquire().release()
+    (tmp_path / ".lock.pid").write_text("host=node-before pid=1 start=1 job=99 since=x\n")
+    with pytest.raises(UsageError, match="on host node-before"):
+        RunLock(str(tmp_path)).acquire()
+
+
+def test_a_checkpoint_with_a_nan_is_never_built():
+    model = MLP(Architecture((3, 2)), 1)
+    ckpt = Checkpoint(arch=model.arch, task="classification", step=7)
+    assert checkpoint.image(ckpt, model)[:8] == b"\x89HDF\r\n\x1a\n"
+    model.params[1] = np.nan
+    with pytest.raises(CollectiveError, match="non-finite values at step 7"):
+        checkpoint.image(ckpt, model)
+
+
+def test_pruning_keeps_the_newest_checkpoints_up_to_the_step_written(tmp_path):
+    run = RunDir(str(tmp_path), keep_checkpoints=2)
+    os.makedirs(run.history)
+    model = MLP(Architecture((3, 2)), 1)
+    for step in (5, 10, 900):  # 900: left by a run killed before it pointed checkpoint.h5 at it
+        image = checkpoint.image(Checkpoint(arch=model.arch, task="classification",
+                                            step=step), model)
+        (tmp_path / "checkpoints" / f"step-{step:09d}.h5").write_bytes(image)
+    run.save_checkpoint(12, image)
+    assert sorted(os.listdir(run.history)) == ["step-000000010.h5", "step-000000012.h5"]
+    assert os.path.samefile(tmp_path / "checkpoint.h5", tmp_path / "checkpoints" /
+                            "step-000000012.h5")

@@ -10,7 +10,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpinn import dist, sampler
-from mpinn.errors import CollectiveError
+from mpinn.errors import CollectiveError, StorageError, UsageError
 
 
 def check(comm) -> None:
@@ -34,6 +34,28 @@ def check(comm) -> None:
     root_data = np.full(4, 7.0) if rank == 0 else np.zeros(4)
     dist.broadcast(comm, root_data)
     assert np.all(root_data == 7.0)
+
+    # the gradient sync: gradients and control slots SUMMED, the same verdicts everywhere
+    sync = dist.GradientSync(comm, 3, "float64")
+    sync.grads[:] = (rank, 1.0, -2.0 * rank)
+    sync.allreduce(loss=rank + 1.0, stop=rank == size - 1, bad_input=False)
+    assert np.array_equal(sync.grads, [size * (size - 1) / 2, size, -size * (size - 1)])
+    assert sync.loss == size * (size + 1) / 2 and sync.stop_requested and not sync.bad_input
+    assert sync.control[sync.STOP] == 1 and sync.finite()
+    sync.grads[:] = np.inf if rank == size - 1 else 0.0  # on one rank only: all see it
+    sync.allreduce(loss=1.0, bad_input=rank == 0)
+    assert sync.bad_input and not sync.stop_requested and not sync.finite()
+    assert dist.root_tries(comm, lambda: "made by rank 0") == ("made by rank 0" if rank == 0
+                                                              else None)
+    for failure, expected in ((UsageError("bad"), UsageError),
+                              (StorageError("full"), CollectiveError)):
+        def fail(exc=failure):
+            raise exc
+        try:
+            dist.root_tries(comm, fail)
+            raise AssertionError("root_tries did not raise on every rank")
+        except expected as exc:
+            assert str(exc) == str(failure)
 
     # every sample exactly once per epoch, whatever P, B and shuffle mode
     for n, batch, mode, block, window in [
