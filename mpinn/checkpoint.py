@@ -30,6 +30,7 @@ import h5py
 import numpy as np
 
 from . import __version__
+from .data import all_finite
 from .errors import CollectiveError, UsageError
 from .fileio import open_hdf5
 from .model import MLP, Architecture
@@ -69,10 +70,13 @@ def image(ckpt: Checkpoint, model: MLP) -> bytes:
     """The bytes of the checkpoint file of ckpt's metadata and optimizer state with model's
     weights. CollectiveError if any value is not finite (a diverged model is never saved)."""
     arrays = [model.params, *ckpt.optimizer_state.values()]
-    if not all(np.isfinite(a).all() for a in arrays):
+    if not all(all_finite(a) for a in arrays):
         raise CollectiveError(f"refusing to write a checkpoint with non-finite values at step "
                               f"{ckpt.step}; the newest good checkpoint stays as it is")
-    with h5py.File(f"checkpoint-{id(ckpt)}", "w", driver="core", backing_store=False) as f:
+    # grow the in-memory file in one step, not HDF5's default 64 KiB at a time
+    size = sum(a.nbytes for a in arrays) + (1 << 20)
+    with h5py.File(f"checkpoint-{id(ckpt)}", "w", driver="core", backing_store=False,
+                   block_size=size) as f:
         f.attrs.update(format=FORMAT, mpinn_version=ckpt.version, epoch=ckpt.epoch,
                        step=ckpt.step, step_in_epoch=ckpt.step_in_epoch, task=ckpt.task,
                        config=ckpt.config, data_rows=ckpt.data_shape[0],
