@@ -16,8 +16,8 @@ Two ways:
 
 A lock file is stale, and replaced, when its holder is a process of this host
 that is gone (or a new process that reuses its PID), or an earlier incarnation
-of this SLURM job (a requeued job may start on another node; SLURM ends the old
-one first). A holder on another host cannot be checked from here: the refusal
+of this SLURM job (a lower SLURM_RESTART_COUNT: a requeued job may start on
+another node, and SLURM ends the old one first). A holder on another host cannot be checked from here: the refusal
 says how to remove the file. Breaking a stale lock happens under a second,
 short-lived lock (a directory made with mkdir), so two runs that both find it
 stale cannot both take it.
@@ -43,11 +43,19 @@ NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 BREAK_SECONDS = 30  # a break lock older than this was left by a killed run
 
 
+def slurm_incarnation() -> tuple[str, int] | None:
+    """(job id, restart count) of the SLURM job this process runs in, or None."""
+    job = os.environ.get("SLURM_JOB_ID")
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return (job, int(restarts) if restarts.isdigit() else 0) if job else None
+
+
 def holder_text() -> str:
     """Who holds a lock: host, process, its start time (PID reuse shows in it), job."""
     pid = os.getpid()
+    job = slurm_incarnation()
     return (f"host={socket.gethostname()} pid={pid} start={process_start(pid)} "
-            f"job={os.environ.get('SLURM_JOB_ID', '-')} "
+            f"job={f'{job[0]}.{job[1]}' if job else '-'} "
             f"since={time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
 
 
@@ -73,9 +81,9 @@ def describe(holder: dict[str, str]) -> str:
 
 def stale(holder: dict[str, str]) -> bool:
     """Whether a lock file's holder is certainly gone (see the module docstring)."""
-    job = os.environ.get("SLURM_JOB_ID")
-    if job and holder.get("job") == job and holder.get("pid") != str(os.getpid()):
-        return True  # an earlier incarnation of this (requeued) job
+    job, (held_id, _, held_restarts) = slurm_incarnation(), holder.get("job", "").partition(".")
+    if job and held_id == job[0] and held_restarts.isdigit() and int(held_restarts) < job[1]:
+        return True  # an earlier incarnation of this requeued job: SLURM ended it
     if holder.get("host") != socket.gethostname() or not holder.get("pid", "").isdigit():
         return False
     pid = int(holder["pid"])

@@ -161,11 +161,15 @@ def test_a_requeued_job_replaces_the_lock_file_of_its_earlier_incarnation(tmp_pa
                                                                           monkeypatch):
     monkeypatch.setenv("MPINN_LOCK", "file")
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    (tmp_path / ".lock.pid").write_text("host=node-before pid=1 start=1 job=4242 since=x\n")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    (tmp_path / ".lock.pid").write_text("host=node-before pid=1 start=1 job=4242.0 since=x\n")
     RunLock(str(tmp_path)).acquire().release()
-    (tmp_path / ".lock.pid").write_text("host=node-before pid=1 start=1 job=99 since=x\n")
-    with pytest.raises(UsageError, match="on host node-before"):
-        RunLock(str(tmp_path)).acquire()
+    # the same incarnation (another copy in the same job, e.g. srun of N singletons), or
+    # another job: a live holder, to be respected
+    for job in ("4242.1", "99.0"):
+        (tmp_path / ".lock.pid").write_text(f"host=node-before pid=1 start=1 job={job} since=x\n")
+        with pytest.raises(UsageError, match="on host node-before"):
+            RunLock(str(tmp_path)).acquire()
 
 
 def test_a_checkpoint_with_a_nan_is_never_built():
