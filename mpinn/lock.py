@@ -12,15 +12,20 @@ Two ways:
   wherever MPINN_LOCK=file asks for it: on file systems where flock succeeds
   but only locks within one node (NFS with local_lock=flock, Lustre with
   localflock), a run on another node would not see a flock. In this mode the
-  flock is taken too where it works, so runs using either way exclude each other.
+  flock is taken too where it works, and a flock run refuses to start beside a
+  live lock file: runs using either way exclude each other, except a flock run
+  beside a lock-file run on a node where flock fails (the same file system
+  mounted differently on different nodes: set MPINN_LOCK=file everywhere then).
 
 A lock file is stale, and replaced, when its holder is a process of this host
-that is gone (or a new process that reuses its PID), or an earlier incarnation
-of this SLURM job (a lower SLURM_RESTART_COUNT: a requeued job may start on
-another node, and SLURM ends the old one first). A holder on another host cannot be checked from here: the refusal
-says how to remove the file. Breaking a stale lock happens under a second,
-short-lived lock (a directory made with mkdir), so two runs that both find it
-stale cannot both take it.
+that is gone (or a new process that reuses its PID), a run killed between
+creating the file and writing its name (an empty file, a minute old), or an
+earlier incarnation of this SLURM job (a lower SLURM_RESTART_COUNT: a requeued
+job may start on another node, and SLURM ends the old one first). A holder on
+another host cannot be checked from here: the refusal says how to remove the
+file. Breaking a stale lock happens under a second, short-lived lock (a
+directory made with mkdir), so two runs that both find it stale cannot both
+take it.
 
 The .lock file stays in the directory after the run (removing a flock file while
 another process opens it would let two runs lock two different files);
@@ -41,6 +46,7 @@ from .errors import UsageError
 FLOCK_NAME, PID_NAME = ".lock", ".lock.pid"
 NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 BREAK_SECONDS = 30  # a break lock older than this was left by a killed run
+UNNAMED_SECONDS = 60  # an empty lock file older than this was left by a killed run
 
 
 def slurm_incarnation() -> tuple[str, int] | None:
@@ -115,6 +121,8 @@ class RunLock:
             flocked = self._flock()
             if method == "file" or not flocked:
                 self._pid_file()
+            else:
+                self._no_live_pid_file()
         except BaseException:
             self.release()
             raise
@@ -159,18 +167,32 @@ class RunLock:
             try:
                 self._pid_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
-                text = read_text(path)
-                holder = fields(text)
-                if not stale(holder):
-                    raise UsageError(self._refusal(describe(holder)) + (
-                        "" if holder.get("host") == socket.gethostname() else
-                        f"; if no run is using the directory, remove {path}")) from None
-                break_stale(path, text)
+                self._refuse_live(path)
                 continue
             os.write(self._pid_fd, holder_text().encode())
             os.fsync(self._pid_fd)
             return
         raise UsageError(self._refusal("other runs starting at the same moment"))
+
+    def _no_live_pid_file(self) -> None:
+        """Holding the flock: refuse if a live lock-file run (where flock fails) holds it."""
+        path = os.path.join(self.directory, PID_NAME)
+        if os.path.exists(path):
+            self._refuse_live(path)
+
+    def _refuse_live(self, path: str) -> None:
+        """UsageError if the lock file names a live holder; break it if it is stale."""
+        try:
+            text, age = read_text(path), time.time() - os.stat(path).st_mtime
+        except FileNotFoundError:  # released meanwhile
+            return
+        holder = fields(text)
+        if stale(holder) or (not text.strip() and age > UNNAMED_SECONDS):
+            break_stale(path, text)
+            return
+        raise UsageError(self._refusal(describe(holder)) + (
+            "" if holder.get("host") == socket.gethostname() else
+            f"; if no run is using the directory, remove {path}"))
 
     def _refusal(self, who: str) -> str:
         return (f"run directory {self.directory} is in use by {who}: one run per directory; "
@@ -190,7 +212,10 @@ def break_stale(path: str, seen: str) -> None:
     except FileExistsError:
         with contextlib.suppress(OSError):
             if time.time() - os.stat(guard).st_mtime > BREAK_SECONDS:
-                os.rmdir(guard)
+                # renamed first: of several that find it expired, one removes it
+                expired = f"{guard}.expired-{os.getpid()}"
+                os.rename(guard, expired)
+                os.rmdir(expired)
         time.sleep(0.05)
         return
     try:
@@ -198,7 +223,8 @@ def break_stale(path: str, seen: str) -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
     finally:
-        os.rmdir(guard)
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(guard)
 
 
 def read_text(path: str) -> str:

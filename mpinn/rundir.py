@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import re
+import sys
 from collections.abc import Callable
 
 from .config import TrainConfig
@@ -162,13 +163,22 @@ class RunDir:
             os.link(path, tmp)
             os.replace(tmp, link)
             fsync_directory(self.out)
-            found = {n: int(m.group(1)) for n in os.listdir(self.history)
-                     if (m := STEP_FILE.fullmatch(n))}
-            kept = sorted((n for n in found if found[n] <= step), key=found.get)[-self.keep:]
-            for name in set(found) - set(kept):
-                os.remove(os.path.join(self.history, name))
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
             raise storage_error(exc, "update", link) from None
+        self._prune(step)
         return path
+
+    def _prune(self, step: int) -> None:
+        """Keep the newest `keep` checkpoint files up to `step`; a file that cannot be
+        removed costs disk space, not the run: a warning."""
+        found = {n: int(m.group(1)) for n in os.listdir(self.history)
+                 if (m := STEP_FILE.fullmatch(n))}
+        kept = sorted((n for n in found if found[n] <= step), key=found.get)[-self.keep:]
+        for name in sorted(set(found) - set(kept)):
+            try:
+                os.remove(os.path.join(self.history, name))
+            except OSError as exc:
+                print(f"mpinn: warning: {storage_error(exc, 'remove old checkpoint', name)}",
+                      file=sys.stderr, flush=True)

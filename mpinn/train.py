@@ -13,6 +13,7 @@ diverged (exit 1; nothing of that step is applied or saved).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -195,11 +196,25 @@ def summarize(s: Session, record: dict, test: dict) -> dict:
 
 
 def report_complete(s: Session) -> dict:
-    """A resumed run that has nothing left to do: say so, write nothing."""
-    p = s.progress
-    dist.print0(s.comm, f"the run in {s.cfg.out} is complete: {p.epoch} of {s.cfg.epochs} "
-                        f"epochs, {p.step} steps; nothing to do (nothing was written). To "
-                        f"train longer: mpinn train --out {s.cfg.out} --resume --epochs N")
+    """A resumed run with its epochs done. With its summary.json: say so, write nothing.
+    Without one (its last evaluation met a bad test row, or it was killed before writing
+    the summary): evaluate the test split and write the summary."""
+    p, out = s.progress, s.cfg.out
+    state = None
+    if s.run is not None:  # rank 0
+        state = (os.path.exists(os.path.join(out, "summary.json")),
+                 json.loads(s.run.metrics[-1]) if s.run.metrics else {})
+    summarized, record = dist.broadcast_object(s.comm, state)
+    if not summarized:
+        dist.print0(s.comm, f"the run in {out} has done its {p.epoch} epochs but has no "
+                            f"summary.json: evaluating the test split and writing it")
+        if record:
+            test = evaluate(s.comm, s.model, s.data.test, s.problem)
+            record.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
+        return finish(s, record)
+    dist.print0(s.comm, f"the run in {out} is complete: {p.epoch} of {s.cfg.epochs} epochs, "
+                        f"{p.step} steps; nothing to do (nothing was written). To train "
+                        f"longer: mpinn train --out {out} --resume --epochs N")
     return {"ranks": s.comm.size, "epochs": s.cfg.epochs, "steps": p.step, "complete": True}
 
 

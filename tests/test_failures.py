@@ -179,6 +179,24 @@ def test_a_non_finite_test_row_is_bad_input_and_the_epoch_is_kept(synth, referen
     assert_same_weights(reference, run_dir)
 
 
+def test_a_bad_test_row_in_the_last_epoch_is_finished_by_resume(synth, tmp_path):
+    data = tmp_path / "data.h5"
+    shutil.copy(synth, data)
+    set_value(data, "test", 0, np.inf)
+    run_dir = tmp_path / "run"
+    expect_error(mpinn(2, "train", data, "--out", run_dir, "--epochs", 1, "--hidden", "8"), 2,
+                 "/test/x row 0 is not finite", "epoch 1 is saved without its test scores")
+    assert not (run_dir / "summary.json").exists()
+    shutil.copy(synth, data)
+    finished = ok(mpinn(2, "train", "--out", run_dir, "--resume"))
+    assert "has no summary.json: evaluating the test split and writing it" in finished.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs"] == 1 and 0 <= summary["test_accuracy"] <= 1
+    assert summary["final_train_loss"] == strict_json_lines(run_dir / "metrics.jsonl")[0][
+        "train_loss"]
+    assert "is complete" in ok(mpinn(2, "train", "--out", run_dir, "--resume")).stdout
+
+
 # -- row 2: one run per directory --------------------------------------------------------
 
 def test_two_runs_on_one_directory_one_is_refused_and_the_directory_is_consistent(
@@ -332,6 +350,7 @@ def test_a_second_signal_ends_a_job_that_cannot_stop(to, synth, tmp_path):
         wait_for(lambda: (run_dir / "metrics.jsonl").exists(), proc)
         waiting, frozen = rank_pids(str(run_dir))
         os.kill(frozen, signal.SIGSTOP)
+        time.sleep(1)  # the other rank is now waiting inside the step's Allreduce
 
         def interrupt() -> None:
             if to == "the job":

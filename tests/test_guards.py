@@ -193,3 +193,31 @@ def test_pruning_keeps_the_newest_checkpoints_up_to_the_step_written(tmp_path):
     assert sorted(os.listdir(run.history)) == ["step-000000010.h5", "step-000000012.h5"]
     assert os.path.samefile(tmp_path / "checkpoint.h5", tmp_path / "checkpoints" /
                             "step-000000012.h5")
+
+
+def test_a_lock_file_of_a_live_process_is_respected_by_either_way(tmp_path, monkeypatch):
+    """No flock held: only the lock file's holder check can refuse here."""
+    from mpinn.lock import process_start
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        start = process_start(sleeper.pid)
+        (tmp_path / ".lock.pid").write_text(f"host={socket.gethostname()} pid={sleeper.pid} "
+                                            f"start={start} job=- since=x\n")
+        for method in ("file", "auto"):
+            monkeypatch.setenv("MPINN_LOCK", method)
+            with pytest.raises(UsageError, match=f"in use by the run of PID {sleeper.pid}"):
+                RunLock(str(tmp_path)).acquire()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    RunLock(str(tmp_path)).acquire().release()  # gone now: stale, replaced
+
+
+def test_an_unnamed_lock_file_is_stale_only_after_a_minute(tmp_path, monkeypatch):
+    monkeypatch.setenv("MPINN_LOCK", "file")
+    lock_file = tmp_path / ".lock.pid"
+    lock_file.write_text("")  # a run killed between creating the file and naming itself
+    with pytest.raises(UsageError, match="has not written its name yet"):
+        RunLock(str(tmp_path)).acquire()
+    os.utime(lock_file, (0, 0))
+    RunLock(str(tmp_path)).acquire().release()
