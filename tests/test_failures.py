@@ -203,7 +203,7 @@ def test_two_runs_on_one_directory_one_is_refused_and_the_directory_is_consisten
         synth, tmp_path):
     run_dir = tmp_path / "run"
     args = ["train", synth, "--out", run_dir, "--hidden", "64,64", "--batch-size", 5,
-            "--epochs", 30]  # a few seconds: the second starts while the first runs
+            "--epochs", 60]  # about 3 s: the second starts while the first runs
     first = start_mpinn(2, *args, "--seed", 1)
     time.sleep(0.1)
     second = start_mpinn(2, *args, "--seed", 2)
@@ -217,7 +217,7 @@ def test_two_runs_on_one_directory_one_is_refused_and_the_directory_is_consisten
     assert f"seed = {seed}\n" in config
     assert checkpoint.load(str(run_dir / "checkpoint.h5")).config == config
     assert [m["epoch"] for m in strict_json_lines(run_dir / "metrics.jsonl")] == \
-        list(range(1, 31))
+        list(range(1, 61))
 
 
 def test_a_lock_file_is_refused_while_its_run_lives_and_replaced_once_it_is_dead(
