@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING
 import h5py
 import numpy as np
 
-from .errors import UsageError
 from .fileio import check_writable, temp_path
 from .readers import row_selection
 from .sampler import ceil_div, share
@@ -71,17 +70,11 @@ def write_parallel(comm: dist.Comm, path: str, io: str, specs: dict[str, SplitSp
                    attrs: dict, produce: Producer, block_rows: int) -> None:
     """Collective: write the dataset file at path (see the module docstring)."""
     from . import dist
-    tmp, error = None, None
-    if comm.rank == 0:
-        try:
-            check_writable(path)
-        except UsageError as exc:
-            error = str(exc)
-        tmp = temp_path(path)
-    error = dist.first_error(comm, error)
-    if error:
-        raise UsageError(error)
-    tmp = dist.broadcast_object(comm, tmp)
+
+    def prepare() -> str:
+        check_writable(path)
+        return temp_path(path)
+    tmp = dist.broadcast_object(comm, dist.root_tries(comm, prepare))
     if io == "mpio":
         _write_mpio(comm, tmp, specs, attrs, produce, block_rows)
     else:
