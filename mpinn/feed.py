@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from typing import NamedTuple
 
 import numpy as np
@@ -65,7 +64,6 @@ class Feed:
         self.reader, self.plan, self.buffers = reader, plan, buffers
         self.prefetch = prefetch
         self.first_step = first_step
-        self.wait_seconds = 0.0  # the loop waiting for data
         # block mode: the window holding the first step, and where each later one starts
         starts = [first for first, _ in plan.windows]
         self._first_window = max((w for w, f in enumerate(starts) if f <= first_step), default=0)
@@ -98,7 +96,6 @@ class Feed:
             self._thread.start()
         previous = None
         for step in range(self.first_step, len(self.plan)):
-            start = time.perf_counter()
             if self.prefetch:
                 if previous is not None:
                     self._free.put(previous)
@@ -108,7 +105,6 @@ class Feed:
                 previous, x, y, bad = item
             else:
                 x, y, bad = self._fill(step, 0)
-            self.wait_seconds += time.perf_counter() - start
             yield Batch(x, y, int(self.plan.batch_rows[step]), bad)
         self.close()
 

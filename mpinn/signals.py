@@ -32,11 +32,9 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
-        self.signal_name = ""
 
     def _handle(self, signum: int, frame) -> None:
         self.requested = True  # only a flag: no I/O, no MPI in a signal handler
-        self.signal_name = signal.Signals(signum).name
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
