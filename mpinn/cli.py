@@ -126,6 +126,10 @@ def build_parser() -> Parser:
                    "only)")
     t.add_argument("--keep-checkpoints", type=int, metavar="K",
                    help="keep the last K checkpoints in RUN_DIR/checkpoints (default 2)")
+    t.add_argument("--stall-timeout", type=float, metavar="SECONDS",
+                   help="a rank that waits this long in a collective asks every rank whether "
+                   "it is alive, reports the ranks that do not answer, and ends the job "
+                   "(exit 1); 0 waits forever (default 600)")
 
     e = sub.add_parser("evaluate", help="loss and accuracy of a checkpoint (distributed)")
     e.add_argument("checkpoint", help="a checkpoint file, or a run directory (its checkpoint.h5)")
@@ -167,7 +171,7 @@ def build_parser() -> Parser:
 TRAIN_FLAGS = ("data", "out", "hidden", "activation", "loss", "optimizer", "lr", "momentum",
                "batch_size", "epochs", "seed", "dtype", "weight_decay", "shuffle", "block_rows",
                "window_rows", "io", "prefetch", "checkpoint_every", "keep_checkpoints",
-               "overwrite", "resume")
+               "stall_timeout", "overwrite", "resume")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -52,6 +52,7 @@ class TrainConfig:
     prefetch: bool = True
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
+    stall_timeout: float = 600.0
     overwrite: bool = False
     resume: bool = False
 
@@ -70,7 +71,8 @@ class TrainConfig:
                 raise UsageError(f"{key} must be positive, got {value}")
         if self.keep_checkpoints < 1:
             raise UsageError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
-        for key in ("epochs", "weight_decay", "momentum", "seed", "checkpoint_every"):
+        for key in ("epochs", "weight_decay", "momentum", "seed", "checkpoint_every",
+                    "stall_timeout"):
             if not getattr(self, key) >= 0:
                 raise UsageError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.momentum >= 1:
