@@ -10,11 +10,15 @@ Importing this module initialises MPI (mpi4py does so on import of MPI).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import math
 import os
+import pickle
 import sys
+import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import numpy as np
@@ -66,7 +70,8 @@ class GradientSync:
     def allreduce(self, loss: float, stop: bool = False, bad_input: bool = False) -> None:
         """In place: gradients and control slots <- their sums over all ranks."""
         self.control[:] = (loss, stop, bad_input)
-        self.comm.Allreduce(MPI.IN_PLACE, self.buffer, op=MPI.SUM)
+        complete(self.comm, self.comm.Iallreduce(MPI.IN_PLACE, self.buffer, op=MPI.SUM),
+                 "the gradient Allreduce")
 
     @property
     def stop_requested(self) -> bool:
@@ -93,29 +98,205 @@ class GradientSync:
                     and np.isfinite(np.dot(self.grads, self.grads)))
 
 
-def allreduce_sum(comm: Comm, buf: np.ndarray) -> None:
+# -- The waiting loop -------------------------------------------------------------------
+#
+# A rank blocked in MPI_Allreduce cannot tell which ranks are missing, and Python runs no
+# signal handler while the main thread is inside MPI. So every collective of the training
+# loop is started non-blocking and completed by `complete`: on a watched communicator it
+# polls the request (MPI progresses a non-blocking collective while it is tested), answers
+# census questions, notices stop requests, and, past the deadline, finds out who is
+# missing, reports it once and aborts the job.
+
+WATCHDOG = MPI.Comm.Create_keyval()  # a communicator's Watchdog, as an MPI attribute
+PING, ANSWER = 1, 2  # message tags on the census communicator
+ANSWER_BYTES = 256
+
+
+def complete(comm: Comm, request: MPI.Request, what: str) -> None:
+    """Wait for a non-blocking call on comm: through comm's Watchdog if it has one."""
+    watchdog = comm.Get_attr(WATCHDOG)
+    if watchdog is None:
+        request.Wait()
+    else:
+        watchdog.wait(request, what)
+
+
+class Watchdog:
+    """The waiting loop of a communicator, with a deadline and a census of the ranks.
+
+    wait() tests the request in a tight loop for SPIN seconds (what a blocking
+    MPI call does anyway, so a healthy step waits no longer than before), then
+    naps between tests, up to NAP seconds. Every rank keeps a receive posted on
+    a duplicate of the communicator (so census messages never mix with the
+    job's) and answers a census from its waiting loop with what it waits in.
+    When a wait passes `timeout` seconds (or STOP_GRACE seconds after a stop
+    signal, since a stalled job cannot agree on a checkpoint), the rank asks
+    every other rank and waits up to CENSUS seconds for the answers. The lowest
+    rank that ran a census reports (one message: where it waited, who answered
+    what, who did not) and aborts the job with exit code 1.
+    """
+
+    SPIN, NAP, STOP_GRACE, CENSUS = 0.05, 1e-3, 10.0, 5.0
+
+    def __init__(self, comm: Comm, timeout: float, stop_requested: Callable[[], bool],
+                 position: Callable[[], str]) -> None:
+        self.comm, self.census = comm, comm.Dup()
+        self.timeout = timeout or math.inf  # 0: no deadline (a stop request still has one)
+        self.stop_requested, self.position = stop_requested, position
+        self.hosts = gather_objects(comm, (MPI.Get_processor_name(), os.getpid()))
+        self.what = ""
+        self.pinged_by = comm.size  # the lowest rank that asked this rank in a census
+        self.ping = np.zeros(1, np.int64)
+        self.inbox = self.census.Irecv(self.ping, MPI.ANY_SOURCE, PING)
+        self.answers: list[MPI.Request] = []
+        self.status = MPI.Status()
+
+    def wait(self, request: MPI.Request, what: str) -> None:
+        if request.Test():
+            return
+        self.what = what
+        start = time.monotonic()
+        deadline, nap = start + self.timeout, self.NAP / 16
+        while not request.Test():
+            self.serve()
+            now = time.monotonic()
+            if self.stop_requested():
+                deadline = min(deadline, now + min(self.STOP_GRACE, self.timeout))
+            if now >= deadline:
+                self.report_stall(now - start)
+            if now - start > self.SPIN:
+                time.sleep(nap)
+                nap = min(2 * nap, self.NAP)
+
+    def serve(self) -> None:
+        """Answer every census question that arrived: what this rank waits in, where."""
+        while self.inbox.Test(self.status):
+            source = self.status.Get_source()
+            self.pinged_by = min(self.pinged_by, source)
+            text = self.answer().encode()[:ANSWER_BYTES]
+            self.answers.append(self.census.Isend(text.ljust(ANSWER_BYTES), source, ANSWER))
+            self.inbox = self.census.Irecv(self.ping, MPI.ANY_SOURCE, PING)
+
+    def ask_everyone(self) -> dict[int, str | None]:
+        """The census: every other rank's answer, or None if it gave none in time."""
+        others = [r for r in range(self.comm.size) if r != self.comm.rank]
+        replies = {r: bytearray(ANSWER_BYTES) for r in others}
+        received = {r: self.census.Irecv(replies[r], r, ANSWER) for r in others}
+        asked = [self.census.Isend(np.array([self.comm.rank], np.int64), r, PING)
+                 for r in others]
+        end = time.monotonic() + min(self.CENSUS, self.timeout / 2)
+        while time.monotonic() < end and not all(req.Test() for req in received.values()):
+            self.serve()
+            time.sleep(self.NAP)
+        del asked  # unanswered questions stay unanswered: the job ends now
+        return {r: bytes(replies[r]).decode(errors="replace").strip() if req.Test() else None
+                for r, req in received.items()}
+
+    def report_stall(self, waited: float) -> None:
+        """Run the census; the lowest asking rank reports it and aborts the job."""
+        answers = self.ask_everyone()
+        if self.pinged_by < self.comm.rank:  # a lower rank reports: answer it, then end
+            end = time.monotonic() + 2 * self.CENSUS + 10
+            while time.monotonic() < end:
+                self.serve()
+                time.sleep(self.NAP)
+        say(f"mpinn: failed: {self.stall_message(waited, answers)}", sys.stderr)
+        self.comm.Abort(1)
+
+    def stall_message(self, waited: float, answers: dict[int, str | None]) -> str:
+        me, mine = self.comm.rank, self.answer()
+        silent = [r for r, a in answers.items() if a is None]
+        cause = ("a stop signal arrived, but the ranks cannot agree on a checkpoint"
+                 if self.stop_requested() else f"--stall-timeout {self.timeout:g} s passed")
+        lines = [("stalled: " + ", ".join(f"rank {r} ({self.hosts[r][0]}, pid "
+                                          f"{self.hosts[r][1]})" for r in silent)
+                  + " did not answer: stopped, swapping, stuck in I/O, or dead.") if silent
+                 else "stalled: every rank answered, but not in the same collective.",
+                 f"Rank {me} of {self.comm.size} waited {waited:.0f} s in {self.what} at "
+                 f"{self.position()} ({cause})."]
+        by_answer: dict[str, list[int]] = {}
+        for r, a in answers.items():
+            if a is not None:
+                by_answer.setdefault(a, []).append(r)
+        lines += [f"{'Ranks' if len(rs) > 1 else 'Rank'} {', '.join(map(str, rs))}: "
+                  + ("waiting in the same call." if a == mine else f"{a}.")
+                  for a, rs in by_answer.items()]
+        lines.append("Ending the job; continue from the newest checkpoint with --resume.")
+        return "\n  ".join(lines)
+
+    def answer(self) -> str:
+        """What this rank tells a census: the call it waits in, and where in the run."""
+        return f"waiting in {self.what} at {self.position()}"
+
+    def close(self) -> None:
+        """Withdraw the posted receive and free the census communicator (collective)."""
+        self.inbox.Cancel()
+        self.inbox.Wait()
+        MPI.Request.Waitall(self.answers)
+        self.census.Free()
+
+
+@contextlib.contextmanager
+def watching(comm: Comm, timeout: float, stop_requested: Callable[[], bool],
+             position: Callable[[], str]) -> Iterator[Watchdog]:
+    """Collective: comm's collectives wait through a Watchdog for the duration.
+
+    On an error the census communicator is left to the end of the process: the
+    other ranks may not be here to free it together.
+    """
+    watchdog = Watchdog(comm, timeout, stop_requested, position)
+    comm.Set_attr(WATCHDOG, watchdog)
+    try:
+        yield watchdog
+    except BaseException:
+        comm.Delete_attr(WATCHDOG)
+        raise
+    comm.Delete_attr(WATCHDOG)
+    watchdog.close()
+
+
+def allreduce_sum(comm: Comm, buf: np.ndarray, what: str = "a sum over ranks") -> None:
     """In place: buf <- sum over ranks of buf. Every rank must call it with the same shape."""
+    complete(comm, comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM), what)
+
+
+def bare_allreduce(comm: Comm, buf: np.ndarray) -> None:
+    """The plain blocking MPI_Allreduce (SUM, in place): the benchmarks' reference."""
     comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
 
 
-def allreduce_max(comm: Comm, buf: np.ndarray) -> None:
+def allreduce_max(comm: Comm, buf: np.ndarray, what: str = "a maximum over ranks") -> None:
     """In place: buf <- elementwise max over ranks of buf."""
-    comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.MAX)
+    complete(comm, comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.MAX), what)
 
 
-def broadcast(comm: Comm, buf: np.ndarray, root: int = 0) -> None:
+def broadcast(comm: Comm, buf: np.ndarray, root: int = 0, what: str = "a broadcast") -> None:
     """In place: every rank's buf <- root's buf."""
-    comm.Bcast(buf, root=root)
+    complete(comm, comm.Ibcast(buf, root=root), what)
 
 
-def broadcast_object(comm: Comm, obj: Any, root: int = 0) -> Any:
-    """Small control data only (configs, metadata): pickled."""
-    return comm.bcast(obj, root=root)
+def broadcast_object(comm: Comm, obj: Any, root: int = 0, what: str = "a broadcast") -> Any:
+    """Small control data only (configs, metadata): pickled, sent as its length, then
+    its bytes (two non-blocking broadcasts, so a watched wait can report a stall)."""
+    data = pickle.dumps(obj) if comm.rank == root else b""
+    length = np.array([len(data)], np.int64)
+    broadcast(comm, length, root, what)
+    buf = np.frombuffer(data, np.uint8).copy() if comm.rank == root else \
+        np.empty(int(length[0]), np.uint8)
+    broadcast(comm, buf, root, what)
+    return obj if comm.rank == root else pickle.loads(buf.tobytes())
 
 
-def gather_objects(comm: Comm, obj: Any) -> list[Any]:
+def gather_objects(comm: Comm, obj: Any, what: str = "an exchange of control data"
+                   ) -> list[Any]:
     """Small control data only: every rank gets the list of all ranks' obj."""
-    return comm.allgather(obj)
+    data = np.frombuffer(pickle.dumps(obj), np.uint8)
+    lengths = np.zeros(comm.size, np.int64)
+    complete(comm, comm.Iallgather(np.array([len(data)], np.int64), lengths), what)
+    offsets = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    everything = np.empty(int(lengths.sum()), np.uint8)
+    complete(comm, comm.Iallgatherv(data, [everything, (lengths, offsets), MPI.BYTE]), what)
+    return [pickle.loads(everything[o:o + n].tobytes()) for o, n in zip(offsets, lengths)]
 
 
 def first_error(comm: Comm, message: str | None) -> str | None:
@@ -125,7 +306,8 @@ def first_error(comm: Comm, message: str | None) -> str | None:
     collective: each validates what it can see, then all learn whether anyone
     failed, so all exit together with the same message instead of hanging.
     """
-    return next((m for m in gather_objects(comm, message) if m is not None), None)
+    return next((m for m in gather_objects(comm, message, "an agreement on an error")
+                 if m is not None), None)
 
 
 def root_tries(comm: Comm, action: Callable[[], T]) -> T | None:
@@ -145,7 +327,7 @@ def root_tries(comm: Comm, action: Callable[[], T]) -> T | None:
             failure = ("usage", str(exc))
         except (StorageError, CollectiveError) as exc:
             failure = ("failure", str(exc))
-    failure = broadcast_object(comm, failure)
+    failure = broadcast_object(comm, failure, what="rank 0's verdict on a file it handles")
     if failure is not None:
         kind, message = failure
         raise UsageError(message) if kind == "usage" else CollectiveError(message)
@@ -187,8 +369,8 @@ def close_file(fh: MPI.File) -> None:
     fh.Close()
 
 
-def barrier(comm: Comm) -> None:
-    comm.Barrier()
+def barrier(comm: Comm, what: str = "a barrier") -> None:
+    complete(comm, comm.Ibarrier(), what)
 
 
 def say(text: str, file=None) -> None:

@@ -34,7 +34,7 @@ from .step import evaluate, train_step
 def train(cfg: TrainConfig, comm: dist.Comm) -> dict:
     """Train as configured; rank 0 writes the run directory. Returns the summary."""
     session = open_session(cfg, comm)  # validated, agreed, run directory locked, resumed
-    with closing_together(session):
+    with closing_together(session), StopRequest() as stop, watched(session, stop):
         if session.complete:
             return report_complete(session)
         log_start(session)
@@ -44,10 +44,25 @@ def train(cfg: TrainConfig, comm: dist.Comm) -> dict:
         record: dict = {}
         # non-finite values are the divergence guard's business (one message, from rank 0),
         # not a NumPy warning from every rank
-        with StopRequest() as stop, np.errstate(all="ignore"):
+        with np.errstate(all="ignore"):
             for epoch in range(session.progress.epoch, cfg.epochs):
                 record = run_epoch(session, epoch, stop, checkpointer)
         return finish(session, record)
+
+
+def watched(s: Session, stop: StopRequest) -> contextlib.AbstractContextManager:
+    """Collective: the session's collectives wait through dist's stall watchdog.
+
+    A stop signal shortens a wait only until the ranks have agreed on it (then
+    they are on their way to a checkpoint, which may take a while to write).
+    """
+    def position() -> str:
+        p = s.progress
+        return (f"global step {p.step + 1} (epoch {p.epoch + 1}, step {p.step_in_epoch + 1} "
+                f"of {s.steps}); newest checkpoint: "
+                + (f"step {s.saved_step}" if s.saved_step >= 0 else "none"))
+    return dist.watching(s.comm, s.cfg.stall_timeout,
+                         lambda: stop.requested and not s.sync.stop_requested, position)
 
 
 def run_epoch(s: Session, epoch: int, stop: StopRequest, checkpointer: Checkpointer) -> dict:

@@ -1,7 +1,7 @@
 """Run under mpiexec -n P: count the gradient Allreduces of a real training run.
 
-A thin wrapper around COMM_WORLD records every Allreduce (buffer address and
-size) and forwards it to MPI. Training must make exactly one Allreduce of the
+A thin wrapper around COMM_WORLD records every Allreduce, blocking or not (buffer
+address and size), and forwards it to MPI. Training must make exactly one Allreduce of the
 full gradient buffer per step, always on the same memory.
 Usage: count_allreduce.py DATA.h5 RUN_DIR BATCH EPOCHS
 """
@@ -20,10 +20,17 @@ class CountingComm:
         self._comm = comm
         self.calls = []
 
-    def Allreduce(self, sendbuf, recvbuf, op):
+    def record(self, recvbuf):
         arr = np.asarray(recvbuf)
         self.calls.append((arr.__array_interface__["data"][0], arr.nbytes))
+
+    def Allreduce(self, sendbuf, recvbuf, op):
+        self.record(recvbuf)
         return self._comm.Allreduce(sendbuf, recvbuf, op=op)
+
+    def Iallreduce(self, sendbuf, recvbuf, op):
+        self.record(recvbuf)
+        return self._comm.Iallreduce(sendbuf, recvbuf, op=op)
 
     def __getattr__(self, name):
         return getattr(self._comm, name)

@@ -1,0 +1,85 @@
+"""A rank that stops answering: the job is reported and ended, never left waiting.
+
+Real faults: one rank of a real mpiexec job is frozen with SIGSTOP (what a
+swapping node or a stuck file system looks like to the other ranks), then
+every collective of the training loop must notice within --stall-timeout,
+name the frozen rank, and end the whole job (exit 1).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import h5py
+
+from conftest import expect_error, finish, mpinn, ok, rank_pids, start_mpinn, wait_for
+
+
+def rank_of(pid: int) -> int:
+    """The MPI rank of a process that mpiexec started (Hydra exports PMI_RANK)."""
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return int(next(v for v in environ if v.startswith(b"PMI_RANK=")).split(b"=")[1])
+
+
+def start_long_run(synth: Path, out: Path, *flags) -> tuple:
+    """3 ranks training (almost) forever, once they have written a checkpoint:
+    (process, {rank: pid})."""
+    proc = start_mpinn(3, "train", synth, "--out", out, "--hidden", "8", "--epochs", 100000,
+                       "--batch-size", 8, "--checkpoint-every", 20, *flags)
+    wait_for(lambda: (out / "checkpoint.h5").exists(), proc)
+    pids = {rank_of(pid): pid for pid in rank_pids(str(out))}
+    assert sorted(pids) == [0, 1, 2], pids
+    return proc, pids
+
+
+def test_a_stalled_rank_is_named_and_the_job_ends(synth, tmp_path):
+    out = tmp_path / "stall"
+    proc, pids = start_long_run(synth, out, "--stall-timeout", 5)
+    try:
+        os.kill(pids[2], signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        result = finish(proc, timeout=60)
+        assert time.monotonic() - stopped_at < 35
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    expect_error(result, 1, "stalled:", "rank 2 (", f"pid {pids[2]}) did not answer",
+                 "--stall-timeout 5 s passed", "in the gradient Allreduce")
+    assert "Rank 1: waiting in the same call" in result.stderr, result.stderr
+    time.sleep(0.5)
+    assert rank_pids(str(out)) == []  # the frozen rank is gone too
+    # the newest checkpoint is intact: it evaluates, and the run continues from it
+    ok(mpinn(2, "evaluate", out, synth))
+    with h5py.File(out / "checkpoint.h5", "r") as f:
+        epochs = int(f.attrs["epoch"]) + 1
+    ok(mpinn(2, "train", "--out", out, "--resume", "--epochs", epochs))
+
+
+def test_a_stop_signal_during_a_stall_ends_the_job(synth, tmp_path):
+    """No --stall-timeout (default 600 s): SIGTERM to a rank that waits for the frozen
+    one cannot give a checkpoint (that needs every rank), so it ends the job, exit 1."""
+    out = tmp_path / "stop"
+    proc, pids = start_long_run(synth, out)
+    try:
+        os.kill(pids[2], signal.SIGSTOP)
+        time.sleep(1)  # ranks 0 and 1 now wait in the step's Allreduce
+        os.kill(pids[0], signal.SIGTERM)
+        signalled_at = time.monotonic()
+        result = finish(proc, timeout=60)
+        assert time.monotonic() - signalled_at < 30
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    expect_error(result, 1, "stalled:", "rank 2 (", "a stop signal arrived")
+    ok(mpinn(1, "evaluate", out, synth))
+
+
+def test_a_short_timeout_does_not_fire_on_a_healthy_run(synth, tmp_path):
+    """Ranks that wait for a checkpoint write or a slower rank are not stalled."""
+    result = ok(mpinn(3, "train", synth, "--out", tmp_path / "r", "--hidden", "8",
+                      "--epochs", 2, "--batch-size", 16, "--checkpoint-every", 5,
+                      "--stall-timeout", 2))
+    assert "stalled" not in result.stderr
