@@ -197,6 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_parallel(args: argparse.Namespace, comm) -> int:
+    from . import preflight
+    preflight.check(comm)  # a lone copy of a larger job; more threads than cores
     if args.command == "data":  # synth: every rank writes its share of the blocks
         from . import datasets, dist
         from .readers import resolve_io

@@ -407,5 +407,5 @@ def test_evaluate_on_an_empty_split_reports_no_rows(tmp_path):
     data = tmp_path / "e.h5"
     ok(mpinn(None, "data", "synth", data, "--samples", 100, "--test-samples", 0))
     ok(mpinn(1, "train", data, "--out", tmp_path / "run", "--epochs", 1, "--hidden", "8"))
-    result = ok(mpinn(3, "evaluate", tmp_path / "run", data))
+    result = ok(mpinn(2, "evaluate", tmp_path / "run", data))
     assert result.stdout.count("test: no rows") == 1 and result.stderr == ""

@@ -1,4 +1,4 @@
-"""A rank that stops answering: the job is reported and ended, never left waiting.
+"""A rank that stops answering is reported and ends the job; a job launched wrong is told.
 
 Real faults: one rank of a real mpiexec job is frozen with SIGSTOP (what a
 swapping node or a stuck file system looks like to the other ranks), then
@@ -10,12 +10,27 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
 import h5py
+import pytest
 
-from conftest import expect_error, finish, mpinn, ok, rank_pids, start_mpinn, wait_for
+from conftest import (
+    child_env,
+    expect_error,
+    finish,
+    mpiexec,
+    mpinn,
+    ok,
+    rank_pids,
+    run,
+    start_mpinn,
+    text_of,
+    wait_for,
+)
+from mpinn import preflight
 
 
 def rank_of(pid: int) -> int:
@@ -83,3 +98,43 @@ def test_a_short_timeout_does_not_fire_on_a_healthy_run(synth, tmp_path):
                       "--epochs", 2, "--batch-size", 16, "--checkpoint-every", 5,
                       "--stall-timeout", 2))
     assert "stalled" not in result.stderr
+
+
+# -- launch preflight -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("var", ["SLURM_STEP_NUM_TASKS", "PMI_SIZE"])
+def test_a_lone_copy_of_a_larger_job_is_refused(var, synth, tmp_path):
+    """`srun -n 4` of an MPI that cannot talk to srun: 4 singletons. Each refuses, also
+    a copy whose launcher rank is not 0 (its message must not be swallowed)."""
+    env = {**child_env(), var: "4", "SLURM_PROCID": "2"}
+    result = run([sys.executable, "-m", "mpinn", "train", synth, "--out", tmp_path / "r"],
+                 timeout=60, env=env)
+    expect_error(result, 2, f"{var}=4", "alone (1 rank)", "srun --mpi=pmi2")
+    assert not (tmp_path / "r").exists()
+
+
+def test_more_ranks_than_cores_warn_once(synth, tmp_path):
+    """4 ranks on a 2-CPU affinity mask warn (once); 2 ranks on 2 CPUs do not."""
+    ok(mpinn(1, "train", synth, "--out", tmp_path / "r", "--epochs", 0, "--hidden", "8"))
+    crowded = run(["taskset", "-c", "0,1", mpiexec(), "-n", 4, sys.executable, "-m", "mpinn",
+                   "evaluate", tmp_path / "r", synth], timeout=120)
+    assert crowded.returncode == 0, text_of(crowded)
+    assert crowded.stderr.count("mpinn: warning:") == 1, crowded.stderr
+    assert "4 ranks x 1 BLAS thread share 2 cores" in crowded.stderr
+    fitting = run(["taskset", "-c", "0,1", mpiexec(), "-n", 2, sys.executable, "-m", "mpinn",
+                   "evaluate", tmp_path / "r", synth], timeout=120)
+    assert fitting.returncode == 0 and "warning" not in fitting.stderr, text_of(fitting)
+
+
+def test_oversubscription_is_counted_per_machine():
+    """Ranks group by boot id; cores are the union of their affinity masks."""
+    a, b = "boot-a", "boot-b"
+    fits = [(a, [0, 1], 1), (a, [2, 3], 1), (b, [0, 1, 2, 3], 2), (b, [0, 1, 2, 3], 2)]
+    assert preflight.oversubscription(fits) is None
+    crowded = [(a, [0, 1], 1)] * 2 + [(b, [0, 1], 2), (b, [0, 1], 2)]
+    warning = preflight.oversubscription(crowded)
+    assert "2 ranks x 2 BLAS threads share 2 cores" in warning and "ranks 2, 3" in warning
+    assert preflight.blas_threads({}, 8) == 8  # unset: OpenBLAS starts one per CPU
+    assert preflight.blas_threads({"OMP_NUM_THREADS": "4", "OPENBLAS_NUM_THREADS": "2"}, 8) == 2
+    assert preflight.compact([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7, 8"
