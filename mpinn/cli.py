@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from . import __version__
+from .config import closest
 from .data import LARGE_INPUT
 from .errors import StorageError, UsageError
 from .readers import IO_MODES
@@ -29,11 +31,70 @@ after writing a checkpoint (continue with --resume).
 Run `mpinn COMMAND --help` for a command's options."""
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse that raises UsageError instead of printing and exiting on every rank."""
+class BadArguments(UsageError):
+    """argparse refused the command line; carries the usage line of the (sub)command."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{self.prog}: {message}")
+    def __init__(self, message: str, usage: str) -> None:
+        super().__init__(message)
+        self.usage = usage
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that prints from rank 0 only and raises instead of exiting.
+
+    Under mpiexec every rank parses the same argv: `--help` and `--version` print
+    through `_print_message`, so only rank 0 prints; errors raise BadArguments,
+    which `main` reports once.
+    """
+
+    def _print_message(self, message: str, file=None) -> None:
+        if rank_hint() == 0:
+            super()._print_message(message, file)
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        raise BadArguments(message, self.format_usage())
+
+    def _check_value(self, action: argparse.Action, value) -> None:
+        # argparse's own check, with the closest choice named (mpinn trian -> train)
+        if action.choices is not None and value not in action.choices:
+            close = closest(str(value), map(str, action.choices))
+            hint = (f"did you mean {close}?" if close else
+                    "choose from " + ", ".join(map(str, action.choices)))
+            raise argparse.ArgumentError(action, f"invalid choice: {value!r} ({hint})")
+
+    def parse(self, argv: Sequence[str] | None) -> argparse.Namespace:
+        """parse_args, refusing unknown arguments in the terms of the (sub)command typed."""
+        argv = sys.argv[1:] if argv is None else list(argv)
+        first = argv[0].split("=")[0] if argv else ""
+        if first.startswith("-") and not any(o.startswith(first)
+                                              for o in self._option_string_actions):
+            # argparse would skip it and take its value for the command: mpinn --hiden 64
+            commands = next(a for a in self._actions
+                            if isinstance(a, argparse._SubParsersAction)).choices
+            self.error(f"unrecognized arguments: {first}; the command comes first: "
+                       f"mpinn {{{','.join(commands)}}} [options]")
+        args, extras = self.parse_known_args(argv)
+        if extras:  # parse_args would report them as the top parser's, without a hint
+            self.chosen(args).unrecognized(extras)
+        return args
+
+    def chosen(self, args: argparse.Namespace) -> Parser:
+        """The (sub)parser of the command args names: `mpinn data inspect` -> its parser."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) \
+                    and getattr(args, action.dest, None) in action.choices:
+                return action.choices[getattr(args, action.dest)].chosen(args)
+        return self
+
+    def unrecognized(self, extras: list[str]) -> NoReturn:
+        """Refuse arguments this parser does not know, naming the closest options."""
+        options = [s for s in self._option_string_actions if s.startswith("--")]
+        hints = [closest(x.split("=")[0], options) for x in extras if x.startswith("-")]
+        hints = list(dict.fromkeys(h for h in hints if h))
+        message = f"unrecognized arguments: {' '.join(extras)}"
+        if hints:
+            message += f" (did you mean {' or '.join(hints)}?)"
+        self.error(message)
 
 
 def build_parser() -> Parser:
@@ -174,18 +235,27 @@ TRAIN_FLAGS = ("data", "out", "hidden", "activation", "loss", "optimizer", "lr",
                "stall_timeout", "overwrite", "resume")
 
 
+PARALLEL = ("train", "evaluate", "bench")  # and `data synth`: they start MPI
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
-    except UsageError as exc:
-        # Every rank parsed the same argv and failed alike: only rank 0 speaks.
+        args = parser.parse(argv)
+    except BadArguments as exc:
+        # Every rank parsed the same argv and failed alike: only rank 0 speaks,
+        # usage and message in one write so that ranks' output cannot interleave.
         if rank_hint() == 0:
-            print(f"mpinn: error: {exc}", file=sys.stderr)
+            sys.stderr.write(f"{exc.usage}mpinn: error: {exc}\n")
+            sys.stderr.flush()
         return 2
-    if args.command in ("train", "evaluate", "bench") \
-            or getattr(args, "data_command", "") == "synth":
+    if args.command in PARALLEL or getattr(args, "data_command", "") == "synth":
         from . import dist
         return dist.run_or_abort(dist.world(), lambda: run_parallel(args, dist.world()))
+    if rank_hint() != 0:
+        # A serial command under mpiexec: rank 0 does it once, the others leave
+        # quietly (exit 0, so the launcher's exit code is rank 0's).
+        return 0
     try:
         return run_serial(args)
     except UsageError as exc:

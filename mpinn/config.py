@@ -10,8 +10,11 @@ RUN_DIR/config.toml and can be fed back with `--config`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -108,12 +111,34 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
         if isinstance(value, bool):
             return value
         raise UsageError(f"{key}: expected true or false, got {value!r}")
-    if kind is int and isinstance(value, bool) or kind is int and isinstance(value, float):
+    if kind in (int, float) and isinstance(value, bool):  # TOML true is no number
+        raise UsageError(f"{key}: expected a number, got {value!r}")
+    if kind is int and isinstance(value, float):
         raise UsageError(f"{key}: expected an integer, got {value!r}")
     try:
-        return kind(value)
+        converted = kind(value)
     except (TypeError, ValueError):
         raise UsageError(f"{key}: expected {kind.__name__}, got {value!r}") from None
+    if kind is float and not math.isfinite(converted):  # TOML inf and nan, or --lr inf
+        raise UsageError(f"{key}: expected a finite number, got {value!r}")
+    return converted
+
+
+def closest(word: str, known: Iterable[str]) -> str | None:
+    """The known name a mistyped word most likely meant, or None.
+
+    Spelling first (difflib: hiden -> hidden, trian -> train), then initials, as
+    other programs name options (learning_rate or --learning-rate -> lr). Dashes
+    and underscores count alike, so flags and configuration keys share this.
+    """
+    def bare(name: str) -> str:
+        return name.lstrip("-").replace("-", "_")
+    by_bare = {bare(k): k for k in known}
+    spelt = difflib.get_close_matches(bare(word), by_bare, n=1)
+    if spelt:
+        return by_bare[spelt[0]]
+    words = bare(word).split("_")
+    return by_bare.get("".join(w[:1] for w in words)) if len(words) > 1 else None
 
 
 def load_toml(path: str) -> dict[str, Any]:
@@ -136,7 +161,9 @@ def resolve(toml: dict[str, Any], flags: dict[str, Any]) -> TrainConfig:
         for raw_key, value in source.items():
             key = raw_key.replace("-", "_")
             if key not in types:
-                raise UsageError(f"unknown configuration key {raw_key!r}; known keys: "
+                close = closest(key, types)
+                hint = f" (did you mean {close}?)" if close else ""
+                raise UsageError(f"unknown configuration key {raw_key!r}{hint}; known keys: "
                                  f"{', '.join(types)}")
             if value is not None:
                 values[key] = _coerce(key, value, types[key])

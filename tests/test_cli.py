@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import load_weights, mpinn, ok, run
+from conftest import expect_error, load_weights, mpinn, ok, run
 from mpinn.model import MLP, Architecture
 from mpinn.session import INIT_STREAM
 
@@ -163,3 +163,81 @@ def test_serial_commands_do_not_start_mpi(synth, tmp_path):
               f"{str(tmp_path / 'p.h5')!r}]) == 0\n"
               f"assert 'mpi4py.MPI' not in sys.modules, 'MPI was started'\n")
     ok(run([sys.executable, "-c", script]))
+
+
+def test_version_and_help_print_once_under_mpiexec():
+    from mpinn import __version__
+    assert ok(mpinn(2, "--version")).stdout == f"mpinn {__version__}\n"
+    for command in ([], ["train"], ["data", "inspect"]):
+        serial = ok(mpinn(None, *command, "--help"))
+        parallel = ok(mpinn(2, *command, "--help"))
+        assert parallel.stdout == serial.stdout and parallel.stdout.count("usage:") == 1
+        assert parallel.stderr == ""
+
+
+def test_serial_commands_work_once_under_mpiexec(synth, tmp_path):
+    """inspect and predict under mpiexec -n 2: rank 0 does the job, the others nothing."""
+    ok(mpinn(1, "train", synth, "--out", tmp_path / "run", "--epochs", 0, "--hidden", "4"))
+    for args in (["data", "inspect", synth], ["data", "inspect", synth, "--check"]):
+        serial = ok(mpinn(None, *args)).stdout
+        assert ok(mpinn(2, *args)).stdout == serial and serial.count("/train/x: shape") == 1
+    result = ok(mpinn(2, "predict", tmp_path / "run", synth, tmp_path / "p.h5"))
+    assert result.stdout == f"wrote 150 predictions to {tmp_path / 'p.h5'}\n"
+
+
+def test_inspect_check_reports_a_nan_once(tmp_path):
+    data = tmp_path / "nan.h5"
+    x = np.zeros((5, 3), np.float32)
+    x[3, 2] = np.nan
+    with h5py.File(data, "w") as f:
+        for split in ("train", "test"):
+            f[f"{split}/x"] = x
+            f[f"{split}/y"] = np.zeros(5, np.int32)
+    result = expect_error(mpinn(2, "data", "inspect", data, "--check"), 2,
+                          "/train/x row 3 is not finite")
+    assert result.stdout.count("/train/x: shape (5, 3)") == 1  # the report, once
+
+
+def test_digits_under_mpiexec_writes_one_file(digits, tmp_path):
+    out = tmp_path / "d.h5"
+    result = ok(mpinn(2, "data", "digits", out))
+    assert result.stdout.count("/train/x: shape") == 1 and result.stderr == ""
+    assert [p.name for p in tmp_path.iterdir()] == ["d.h5"]  # no temporary file left
+    with h5py.File(out) as got, h5py.File(digits) as want:
+        for name in ("train/x", "train/y", "test/x", "test/y"):
+            np.testing.assert_array_equal(got[name][...], want[name][...])
+
+
+@pytest.mark.parametrize("args,usage,message", [
+    ([], "usage: mpinn [-h]", "the following arguments are required: command"),
+    (["trian"], "usage: mpinn [-h]", "invalid choice: 'trian' (did you mean train?)"),
+    (["data", "inspct"], "usage: mpinn data [-h]", "'inspct' (did you mean inspect?)"),
+    (["train", "d.h5", "--hiden", "64"], "usage: mpinn train [-h]",
+     "unrecognized arguments: --hiden 64 (did you mean --hidden?)"),
+    (["data", "inspect", "d.h5", "--chek"], "usage: mpinn data inspect [-h]",
+     "unrecognized arguments: --chek (did you mean --check?)"),
+    (["evaluate", "c.h5", "d.h5", "--split", "tets"], "usage: mpinn evaluate [-h]",
+     "argument --split: invalid choice: 'tets' (did you mean test?)"),
+])
+def test_usage_errors_name_the_command_and_the_closest_word(args, usage, message):
+    result = mpinn(2, *args)
+    expect_error(result, 2)
+    assert result.stdout == "" and result.stderr.count("usage:") == 1
+    assert result.stderr.startswith(usage)  # the usage of the (sub)command typed
+    last = result.stderr.splitlines()[-1]  # after the usage, one line with one prefix
+    assert last.startswith("mpinn: error: ") and last.endswith(message), result.stderr
+
+
+def test_unknown_config_key_names_the_closest_key(synth, tmp_path):
+    (tmp_path / "c.toml").write_text("learning_rate = 0.1\n")
+    result = mpinn(2, "train", synth, "--config", tmp_path / "c.toml", "--out", tmp_path / "r")
+    expect_error(result, 2, "unknown configuration key 'learning_rate' (did you mean lr?)")
+
+
+def test_closest_word():
+    from mpinn.config import closest
+    assert closest("hiden", ["hidden", "lr", "epochs"]) == "hidden"
+    assert closest("learning_rate", ["hidden", "lr", "epochs"]) == "lr"  # by its initials
+    assert closest("--learning-rate", ["--lr", "--hidden"]) == "--lr"
+    assert closest("batch-size", ["batch_size", "seed"]) == "batch_size"
+    assert closest("colour", ["hidden", "lr", "epochs"]) is None

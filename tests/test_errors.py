@@ -2,124 +2,203 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
-from conftest import finish, mpi_script, mpinn, ok, rank_pids, start_mpinn, wait_for
+from conftest import expect_error, finish, mpi_script, mpinn, ok, rank_pids, start_mpinn, wait_for
 
 
-def expect_usage_error(result, *words):
-    text = result.stdout + result.stderr
-    assert result.returncode == 2, f"exit {result.returncode}\n{text}"
-    assert text.count("mpinn: error:") == 1, text  # once, not once per rank
-    assert "Traceback" not in text, text
-    for word in words:
-        assert word in text, (word, text)
+def write_splits(path: Path, x: np.ndarray, y: np.ndarray, **attrs) -> None:
+    """A dataset file with the same (bad) train and test split."""
+    with h5py.File(path, "w") as f:
+        for split in ("train", "test"):
+            f[f"{split}/x"] = x
+            f[f"{split}/y"] = y
+        f.attrs.update(attrs)
 
 
 @pytest.fixture(scope="module")
 def bad_files(tmp_path_factory, synth):
     d = tmp_path_factory.mktemp("bad")
     (d / "text.h5").write_text("not an HDF5 file\n")
+    (d / "empty.h5").write_bytes(b"")
     with h5py.File(d / "notest.h5", "w") as f:
         f["train/x"] = np.zeros((4, 3), np.float32)
         f["train/y"] = np.zeros(4, np.int32)
-    for name, labels, attrs in (("label5.h5", [0, 1, 2, 5], {"classes": 3}),
-                                ("negative.h5", [0, 1, -1, 2], {})):
-        with h5py.File(d / name, "w") as f:
-            for split in ("train", "test"):
-                f[f"{split}/x"] = np.zeros((4, 3), np.float32)
-                f[f"{split}/y"] = np.array(labels, np.int32)
-            f.attrs.update(attrs)
-    with h5py.File(d / "nofeatures.h5", "w") as f:
-        for split in ("train", "test"):
-            f[f"{split}/x"] = np.zeros((4, 0), np.float32)
-            f[f"{split}/y"] = np.zeros(4, np.int32)
-    (d / "unknown.toml").write_text("hidden = [8]\nlearning_rate = 0.1\n")
-    (d / "broken.toml").write_text("hidden = [8\n")
+    with h5py.File(d / "xgroup.h5", "w") as f:  # /train/x is a group, not a dataset
+        f.create_group("train/x")
+        f["train/y"] = np.zeros(4, np.int32)
+    zeros = np.zeros((4, 3), np.float32)
+    write_splits(d / "label5.h5", zeros, np.array([0, 1, 2, 5], np.int32), classes=3)
+    write_splits(d / "negative.h5", zeros, np.array([0, 1, -1, 2], np.int32))
+    write_splits(d / "nofeatures.h5", np.zeros((4, 0), np.float32), np.zeros(4, np.int32))
+    write_splits(d / "short_y.h5", zeros, np.zeros(3, np.int32))
+    write_splits(d / "strings.h5", np.full((4, 3), b"a"), np.zeros(4, np.int32))
+    write_splits(d / "y3d.h5", zeros, np.zeros((4, 2, 2), np.float32))
+    write_splits(d / "norows.h5", np.zeros((0, 3), np.float32), np.zeros(0, np.int32))
+    nan = zeros.copy()
+    nan[2, 1] = np.nan
+    write_splits(d / "nan.h5", nan, np.zeros(4, np.int32))
+    configs = {"unknown": "hidden = [8]\nlearning_rate = 0.1\n", "broken": "hidden = [8\n",
+               "hidden_text": 'hidden = "a"\n', "negative_epochs": "epochs = -1\n",
+               "bool_lr": "lr = true\n", "float_epochs": "epochs = 1.5\n",
+               "infinite_lr": "lr = inf\n", "table": "[train]\nlr = 0.1\n"}
+    for name, text in configs.items():
+        (d / f"{name}.toml").write_text(text)
+    (d / "binary.toml").write_bytes(b"\xff\xfe")
     return d
 
 
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, synth):
+    """A run directory with a checkpoint of the 12-feature synth model."""
+    out = tmp_path_factory.mktemp("ckpt") / "run"
+    ok(mpinn(1, "train", synth, "--out", out, "--epochs", 0, "--hidden", "8"))
+    return out
+
+
 CASES = {
+    # data files
     "missing file": (["train", "{d}/nope.h5"], ["no such file"]),
     "not HDF5": (["train", "{d}/text.h5"], ["not a readable HDF5 file"]),
+    "empty file": (["train", "{d}/empty.h5"], ["not a readable HDF5 file"]),
+    "data is a directory": (["train", "{d}"], ["is a directory"]),
     "missing group": (["train", "{d}/notest.h5"], ["missing group '/test'"]),
+    "x is a group": (["train", "{d}/xgroup.h5"], ["'/train/x'"]),
+    "x and y lengths differ": (["train", "{d}/short_y.h5"], ["4 rows but /train/y has 3"]),
+    "x of strings": (["train", "{d}/strings.h5"], ["2-D float array"]),
+    "y of 3 dimensions": (["train", "{d}/y3d.h5"], ["/train/y must hold", "(4, 2, 2)"]),
+    "no rows": (["train", "{d}/norows.h5"], ["train split is empty"]),
+    "label out of range": (["train", "{d}/label5.h5"], ["labels must lie in [0, 2]", "to 5"]),
+    "negative label": (["train", "{d}/negative.h5"], ["labels must lie", "from -1"]),
+    "no features": (["train", "{d}/nofeatures.h5"], ["at least one feature"]),
+    "inspect a NaN": (["data", "inspect", "{d}/nan.h5", "--check"], ["row 2 is not finite"]),
+    "inspect short y": (["data", "inspect", "{d}/short_y.h5"], ["/train/y has 3"]),
+    "idx without files": (["data", "idx", "{tmp}/o.h5", "--from", "{d}"], ["train-images"]),
+    "digits into no dir": (["data", "digits", "{tmp}/no/o.h5"], ["does not exist"]),
+    "synth without features": (["data", "synth", "{tmp}/o.h5", "--samples", "10",
+                                "--features", "0"], ["--features must be >= 1"]),
+    # flags
+    "mistyped command": (["trian", "{synth}"], ["usage: mpinn [-h]", "did you mean train?"]),
+    "no command": ([], ["usage: mpinn [-h]", "required: command"]),
+    "unknown flag": (["train", "{synth}", "--hiden", "64"],
+                     ["usage: mpinn train", "--hiden 64 (did you mean --hidden?)"]),
+    "unknown long flag": (["train", "{synth}", "--learning-rate", "1"],
+                          ["unrecognized arguments", "did you mean --lr?"]),
+    "flag before command": (["--hidden", "8", "train"], ["the command comes first"]),
+    "mistyped choice": (["train", "{synth}", "--shuffle", "globl"], ["did you mean global?"]),
+    "not a number": (["train", "{synth}", "--lr", "fast"], ["invalid float value: 'fast'"]),
+    "infinite learning rate": (["train", "{synth}", "--lr", "inf"], ["lr", "finite"]),
     "unknown activation": (["train", "{synth}", "--activation", "swish"], ["activation", "swish"]),
     "zero batch size": (["train", "{synth}", "--batch-size", "0"], ["batch_size must be positive"]),
     "negative batch size": (["train", "{synth}", "--batch-size", "-4"], ["batch_size"]),
     "zero learning rate": (["train", "{synth}", "--lr", "0"], ["lr must be positive"]),
     "negative learning rate": (["train", "{synth}", "--lr=-0.1"], ["lr must be positive"]),
+    "momentum of 1": (["train", "{synth}", "--momentum", "1"], ["momentum must be < 1"]),
+    "keep no checkpoints": (["train", "{synth}", "--keep-checkpoints", "0"],
+                            ["keep_checkpoints must be >= 1"]),
     "malformed hidden": (["train", "{synth}", "--hidden", "256,x"], ["hidden", "256,x"]),
     "empty hidden width": (["train", "{synth}", "--hidden", "256,,128"], ["hidden"]),
     "zero hidden width": (["train", "{synth}", "--hidden", "0"], ["hidden"]),
-    "label out of range": (["train", "{d}/label5.h5"], ["labels must lie in [0, 2]", "to 5"]),
-    "negative label": (["train", "{d}/negative.h5"], ["labels must lie", "from -1"]),
-    "unknown config key": (["train", "{synth}", "--config", "{d}/unknown.toml"],
-                           ["unknown configuration key 'learning_rate'"]),
-    "broken config": (["train", "{synth}", "--config", "{d}/broken.toml"], ["not valid TOML"]),
-    "unknown flag": (["train", "{synth}", "--learning-rate", "1"], ["unrecognized arguments"]),
     "no run directory": (["train", "{synth}"], ["--out"]),
     "bad dtype": (["train", "{synth}", "--dtype", "float16"], ["dtype"]),
-    "config is a directory": (["train", "{synth}", "--config", "{d}"], ["cannot read it"]),
-    "no features": (["train", "{d}/nofeatures.h5"], ["at least one feature"]),
     "resume and overwrite": (["train", "{synth}", "--resume", "--overwrite"],
                              ["--resume continues", "give one of them"]),
+    "bench without steps": (["bench", "step", "--steps", "0"], ["--steps must be positive"]),
+    # configuration files
+    "unknown config key": (["train", "{synth}", "--config", "{d}/unknown.toml"],
+                           ["unknown configuration key 'learning_rate' (did you mean lr?)"]),
+    "config table": (["train", "{synth}", "--config", "{d}/table.toml"],
+                     ["unknown configuration key 'train'"]),
+    "broken config": (["train", "{synth}", "--config", "{d}/broken.toml"], ["not valid TOML"]),
+    "binary config": (["train", "{synth}", "--config", "{d}/binary.toml"], ["not valid TOML"]),
+    "missing config": (["train", "{synth}", "--config", "{d}/none.toml"], ["no such file"]),
+    "config is a directory": (["train", "{synth}", "--config", "{d}"], ["cannot read it"]),
+    "hidden as text": (["train", "{synth}", "--config", "{d}/hidden_text.toml"],
+                       ["hidden: expected comma-separated", "'a'"]),
+    "negative epochs": (["train", "{synth}", "--config", "{d}/negative_epochs.toml"],
+                        ["epochs must be >= 0, got -1"]),
+    "boolean learning rate": (["train", "{synth}", "--config", "{d}/bool_lr.toml"],
+                              ["lr: expected a number, got True"]),
+    "fractional epochs": (["train", "{synth}", "--config", "{d}/float_epochs.toml"],
+                          ["epochs: expected an integer, got 1.5"]),
+    "infinite lr in config": (["train", "{synth}", "--config", "{d}/infinite_lr.toml"],
+                              ["lr: expected a finite number"]),
+    # checkpoints
+    "evaluate a data file": (["evaluate", "{synth}", "{synth}"], ["not an mpinn checkpoint"]),
+    "evaluate no file": (["evaluate", "{d}/none.h5", "{synth}"], ["no such checkpoint"]),
+    "evaluate a text file": (["evaluate", "{d}/text.h5", "{synth}"], ["not a readable HDF5"]),
+    "evaluate a plain directory": (["evaluate", "{d}", "{synth}"],
+                                   ["directory without a checkpoint.h5"]),
+    "evaluate other features": (["evaluate", "{run}", "{digits}"],
+                                ["64 features but the model expects 12"]),
+    "evaluate a bad split": (["evaluate", "{run}", "{synth}", "--split", "tset"],
+                             ["did you mean test?"]),
+    "predict into a directory": (["predict", "{run}", "{synth}", "{tmp}"], ["is a directory"]),
+    "predict other features": (["predict", "{run}", "{digits}", "{tmp}/p.h5"],
+                               ["the model expects rows of 12 features"]),
 }
 
 
+def snapshot(*roots: Path) -> dict[str, tuple[int, int, str]]:
+    """(size, mtime_ns, sha256) of every file under roots, by path."""
+    files = {}
+    for root in roots:
+        for path in sorted(root.rglob("*")):
+            if path.is_file():
+                stat = path.stat()
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                files[str(path)] = (stat.st_size, stat.st_mtime_ns, digest)
+    return files
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_exits_2_with_one_message(case, bad_files, synth, tmp_path):
+def test_bad_input_exits_2_with_one_message(case, bad_files, synth, digits, run_dir, tmp_path):
     args, words = CASES[case]
-    args = [a.format(d=bad_files, synth=synth) for a in args]
-    if args[0] == "train" and case != "no run directory":
+    places = {"d": bad_files, "synth": synth, "digits": digits, "run": run_dir, "tmp": tmp_path}
+    args = [a.format(**places) for a in args]
+    if args[:1] == ["train"] and case != "no run directory":
         args += ["--out", str(tmp_path / "run")]
-    expect_usage_error(mpinn(2, *args, timeout=60), *words)
-    assert not (tmp_path / "run" / "checkpoint.h5").exists()
-
-
-def test_feature_count_mismatch_in_evaluate(synth, digits, tmp_path):
-    ok(mpinn(1, "train", synth, "--out", tmp_path / "a", "--epochs", 0, "--hidden", "8"))
-    expect_usage_error(mpinn(2, "evaluate", tmp_path / "a" / "checkpoint.h5", digits),
-                       "64 features but the model expects 12")
-
-
-def test_evaluate_needs_a_checkpoint(synth, tmp_path):
-    expect_usage_error(mpinn(2, "evaluate", synth, synth), "not an mpinn checkpoint")
-    expect_usage_error(mpinn(2, "evaluate", tmp_path / "none.h5", synth), "no such checkpoint")
+    roots = (bad_files, synth.parent, digits.parent, run_dir, tmp_path)
+    before = snapshot(*roots)
+    expect_error(mpinn(2, *args, timeout=60), 2, *words)
+    assert snapshot(*roots) == before  # nothing modified, nothing left behind
+    assert not (tmp_path / "run").exists()
 
 
 def test_existing_run_is_not_overwritten(synth, tmp_path):
     out = tmp_path / "run"
     ok(mpinn(2, "train", synth, "--out", out, "--epochs", 0, "--hidden", "8"))
     before = (out / "checkpoint.h5").read_bytes()
-    expect_usage_error(mpinn(2, "train", synth, "--out", out, "--epochs", 1, "--hidden", "8"),
-                       "already holds a run", "--overwrite")
+    expect_error(mpinn(2, "train", synth, "--out", out, "--epochs", 1, "--hidden", "8"), 2,
+                 "already holds a run", "--overwrite")
     assert (out / "checkpoint.h5").read_bytes() == before
     ok(mpinn(2, "train", synth, "--out", out, "--epochs", 1, "--hidden", "8", "--overwrite"))
 
 
-def test_predict_reports_bad_output_and_dataset(synth, tmp_path):
-    ok(mpinn(1, "train", synth, "--out", tmp_path / "a", "--epochs", 0, "--hidden", "8"))
-    ckpt = tmp_path / "a" / "checkpoint.h5"
-    expect_usage_error(mpinn(None, "predict", ckpt, synth, tmp_path / "no" / "p.h5"),
-                       "does not exist")
-    expect_usage_error(mpinn(None, "predict", ckpt, synth, tmp_path), "is a directory")
-    expect_usage_error(mpinn(None, "predict", ckpt, synth, tmp_path / "p.h5", "--dataset",
-                             "train"), "no input dataset train")
+def test_predict_reports_bad_output_and_dataset(synth, run_dir, tmp_path):
+    ckpt = run_dir / "checkpoint.h5"
+    expect_error(mpinn(None, "predict", ckpt, synth, tmp_path / "no" / "p.h5"), 2,
+                 "does not exist")
+    expect_error(mpinn(None, "predict", ckpt, synth, tmp_path / "p.h5", "--dataset", "train"),
+                 2, "no input dataset train")
+    assert not list(tmp_path.iterdir())
 
 
 def test_serial_commands_report_bad_input(tmp_path, synth):
-    expect_usage_error(mpinn(None, "data", "synth", tmp_path / "x.h5", "--samples", "0"),
-                       "--samples must be >= 1")
-    expect_usage_error(mpinn(None, "data", "synth", tmp_path / "no" / "x.h5", "--samples", "5"),
-                       "does not exist")
-    expect_usage_error(mpinn(None, "data", "inspect", tmp_path / "none.h5"), "no such file")
-    assert not list(tmp_path.glob("*.h5")) and not list(tmp_path.glob(".*tmp*"))
+    expect_error(mpinn(None, "data", "synth", tmp_path / "x.h5", "--samples", "0"), 2,
+                 "--samples must be >= 1")
+    expect_error(mpinn(None, "data", "synth", tmp_path / "no" / "x.h5", "--samples", "5"), 2,
+                 "does not exist")
+    expect_error(mpinn(None, "data", "inspect", tmp_path / "none.h5"), 2, "no such file")
+    assert not list(tmp_path.iterdir())  # no file, no temporary file
 
 
 @pytest.mark.parametrize("n,step", [(2, 3), (4, 1)])
