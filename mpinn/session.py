@@ -155,16 +155,13 @@ def open_session(cfg: TrainConfig, comm: dist.Comm) -> Session:
     """Collective: validate, agree, take the run directory, build and resume the model."""
     io = resolve_io(cfg.io)
     problem = check_data(comm, cfg.data, cfg.loss)
+    # the largest share of a global batch (no batch is larger than the data)
+    max_rows = max(1, ceil_div(min(cfg.batch_size, problem.info.n_train), comm.size))
+    arch = Architecture((problem.info.features, *cfg.hidden, problem.outputs),
+                        cfg.activation, cfg.loss, cfg.dtype)
+    sync, model, optimizer = build_model(comm, cfg, arch, max_rows)
     run = dist.root_tries(comm, lambda: RunDir.open(cfg))
     try:
-        # the largest share of a global batch (no batch is larger than the data)
-        max_rows = max(1, ceil_div(min(cfg.batch_size, problem.info.n_train), comm.size))
-        arch = Architecture((problem.info.features, *cfg.hidden, problem.outputs),
-                            cfg.activation, cfg.loss, cfg.dtype)
-        sync = dist.GradientSync(comm, arch.n_params, arch.dtype)
-        model = MLP(arch, max_rows, grads=sync.grads)
-        optimizer = make_optimizer(cfg.optimizer, model.params, cfg.lr, cfg.weight_decay,
-                                   cfg.momentum)
         resumed = resume(comm, cfg, run, model, optimizer, data_shape(problem)) \
             if cfg.resume else None
         if resumed is None:
@@ -183,6 +180,30 @@ def open_session(cfg: TrainConfig, comm: dist.Comm) -> Session:
         if run is not None:
             run.close()
         raise
+
+
+def build_model(comm: dist.Comm, cfg: TrainConfig, arch: Architecture, max_rows: int
+                ) -> tuple[dist.GradientSync, MLP, Optimizer]:
+    """Collective: the sync buffer, the model around it and the optimizer, or a
+    UsageError on every rank if they do not fit in some rank's memory."""
+    built, problem = None, None
+    try:
+        sync = dist.GradientSync(comm, arch.n_params, arch.dtype)
+        model = MLP(arch, max_rows, grads=sync.grads)
+        built = sync, model, make_optimizer(cfg.optimizer, model.params, cfg.lr,
+                                            cfg.weight_decay, cfg.momentum)
+    except MemoryError:
+        gib = arch.n_params * np.dtype(arch.dtype).itemsize / 2**30
+        problem = (f"the model {'-'.join(map(str, arch.sizes))} has {arch.n_params:,} "
+                   f"parameters ({gib:.3g} GiB each for the weights, the gradients and every "
+                   f"{cfg.optimizer} state array): it does not fit in rank {comm.rank}'s "
+                   f"memory; choose smaller --hidden layers"
+                   + (" or --dtype float32" if arch.dtype == "float64" else ""))
+    problem = dist.first_error(comm, problem)
+    if problem is not None:
+        raise UsageError(problem)
+    assert built is not None
+    return built
 
 
 def open_reading(cfg: TrainConfig, comm: dist.Comm, io: str, max_rows: int,

@@ -98,6 +98,8 @@ CASES = {
     "infinite learning rate": (["train", "{synth}", "--lr", "inf"], ["lr", "finite"]),
     "unknown activation": (["train", "{synth}", "--activation", "swish"], ["activation", "swish"]),
     "zero batch size": (["train", "{synth}", "--batch-size", "0"], ["batch_size must be positive"]),
+    "model larger than memory": (["train", "{synth}", "--hidden", "1000000000"],
+                                 ["12-1000000000-4", "does not fit in rank"]),
     "negative batch size": (["train", "{synth}", "--batch-size", "-4"], ["batch_size"]),
     "zero learning rate": (["train", "{synth}", "--lr", "0"], ["lr must be positive"]),
     "negative learning rate": (["train", "{synth}", "--lr=-0.1"], ["lr must be positive"]),
