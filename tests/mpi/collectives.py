@@ -1,4 +1,5 @@
-"""Run under mpiexec -n P: dist.py and the sampler on COMM_WORLD, COMM_SELF and a Dup().
+"""Run under mpiexec -n P: dist.py and the sampler on COMM_WORLD, COMM_SELF, a Dup(), and
+a Dup() whose collectives wait through the stall watchdog.
 
 Expected values are derived from rank and size, so the same script passes at any P.
 A failed assert raises on that rank; run_or_abort then aborts the job (exit 1).
@@ -31,6 +32,11 @@ def check(comm) -> None:
             raise AssertionError("check_identical missed a difference")
         except CollectiveError as exc:
             assert "ranks [1]" in str(exc)
+    # control data travels pickled through non-blocking buffer calls: any size, even empty
+    assert dist.gather_objects(comm, "x" * rank) == ["x" * r for r in range(size)]
+    sent = {"rows": list(range(10000))} if rank == 0 else None
+    assert dist.broadcast_object(comm, sent) == {"rows": list(range(10000))}
+    dist.barrier(comm)
     root_data = np.full(4, 7.0) if rank == 0 else np.zeros(4)
     dist.broadcast(comm, root_data)
     assert np.all(root_data == 7.0)
@@ -88,6 +94,11 @@ def main() -> int:
     world = dist.world()
     for comm in (world, MPI.COMM_SELF, world.Dup()):
         check(comm)
+    watched = world.Dup()  # the same, waiting through the stall watchdog's loop
+    with dist.watching(watched, 30, lambda: False, lambda: "collectives.py") as watchdog:
+        assert [host for host, _ in watchdog.hosts] == dist.gather_objects(
+            world, MPI.Get_processor_name())
+        check(watched)
     dist.print0(world, f"collectives ok on {world.size} ranks")
     return 0
 
