@@ -201,7 +201,7 @@ class Watchdog:
                 self.serve()
                 time.sleep(self.NAP)
         say(f"mpinn: failed: {self.stall_message(waited, answers)}", sys.stderr)
-        self.comm.Abort(1)
+        abort(self.comm)
 
     def stall_message(self, waited: float, answers: dict[int, str | None]) -> str:
         me, mine = self.comm.rank, self.answer()
@@ -431,5 +431,16 @@ def run_or_abort(comm: Comm, body: Callable[[], int]) -> int:
         else:
             say(f"{prefix}:\n{traceback.format_exc().rstrip()}", sys.stderr)
         if comm.size > 1:
-            comm.Abort(1)
+            abort(comm)
         return 1
+
+
+def abort(comm: Comm) -> None:
+    """End every rank of the job (exit code 1), a moment after this rank's last message.
+
+    The launcher forwards each rank's stderr through a pipe and handles the abort
+    on another channel; without the pause it may tear the job down before it has
+    drained the pipe, and the one message that says what happened is lost.
+    """
+    time.sleep(0.2)
+    comm.Abort(1)
