@@ -144,8 +144,8 @@ def seal(hdf5: bytes) -> bytes:
 
 
 def unseal(path: str, data: bytes) -> memoryview:
-    """The HDF5 bytes of a sealed checkpoint file, once its header, length and digest are
-    checked; CorruptCheckpoint naming what does not match."""
+    """The HDF5 bytes of a sealed checkpoint file (after its userblock), once its header,
+    length and digest are checked; CorruptCheckpoint naming what does not match."""
     def refuse(what: str) -> CorruptCheckpoint:
         return CorruptCheckpoint(f"{path} is corrupt ({what}); nothing of it was read")
     lines = bytes(data[:USERBLOCK]).split(b"\n")[:3]
@@ -171,16 +171,15 @@ def load(path: str) -> Checkpoint:
     not a checkpoint. The file is read once; HDF5 parses the bytes in memory."""
     data = read_bytes(path, "checkpoint")
     if data.startswith(DIGEST_MAGIC):
-        hdf5: bytes | memoryview = unseal(path, data)
+        unseal(path, data)
     elif data.startswith(HDF5_SIGNATURE):  # written before digests: nothing proves it
         warn_legacy(path)
         probe.check(path)
-        hdf5 = data
     else:
         raise CorruptCheckpoint(f"{path} is corrupt or not an mpinn checkpoint: it starts "
                                 f"with neither an mpinn digest header nor HDF5's signature")
     with hdf5_errors(path, "the checkpoint"):
-        with open_hdf5_image(hdf5) as f:
+        with open_hdf5_image(data) as f:  # HDF5 skips the userblock
             return replace(parse(path, f), path=path)
 
 

@@ -14,12 +14,20 @@ import h5py
 import numpy as np
 
 from . import __version__, probe
-from .data import LARGE_INPUT, SPLITS, describe, nonfinite_message, nonfinite_row
+from .data import (
+    LARGE_INPUT,
+    SPLITS,
+    DatasetInfo,
+    describe,
+    nonfinite_message,
+    nonfinite_row,
+)
 from .errors import UsageError
 from .fileio import atomic_output, check_writable, hdf5_errors, open_hdf5
 from .pwrite import SplitSpec, create_datasets, write_parallel
 
 BLOCK = 8192  # rows per generator stream in synthetic data
+MAX_SHOWN_CLASSES = 1000  # `inspect` counts labels up to this without a `classes` attribute
 
 
 class Teacher:
@@ -195,15 +203,25 @@ def inspect(path: str) -> str:
                 lines.append(f"  /{split}/{name}: shape {d.shape}, {d.dtype}, chunks {d.chunks}, "
                              f"compression {d.compression}")
             if info.task == "classification":
-                counts = np.zeros(0, np.int64)
-                y = f[split]["y"]
-                for start in range(0, len(y), 1 << 20):
-                    c = np.bincount(y[start:start + (1 << 20)].astype(np.int64).clip(0))
-                    counts = np.pad(counts, (0, max(0, len(c) - len(counts))))
-                    counts[: len(c)] += c
-                balance = ", ".join(f"{k}: {v}" for k, v in enumerate(counts))
-                lines.append(f"  /{split} class counts: {balance}")
+                lines.append(f"  /{split} class counts: {class_counts(f[split]['y'], info)}")
     return "\n".join(lines)
+
+
+def class_counts(y: h5py.Dataset, info: DatasetInfo) -> str:
+    """'0: n0, 1: n1, ...' for the labels of a split, read a block at a time; labels
+    outside [0, classes) (or beyond MAX_SHOWN_CLASSES without a `classes` attribute)
+    are counted together, not given a line each (a corrupt label may be 2**25)."""
+    limit = info.outputs or MAX_SHOWN_CLASSES
+    counts, outside = np.zeros(0, np.int64), 0
+    for start in range(0, len(y), 1 << 20):
+        labels = y[start:start + (1 << 20)].astype(np.int64)
+        valid = (labels >= 0) & (labels < limit)
+        outside += int(len(labels) - np.count_nonzero(valid))
+        c = np.bincount(labels[valid])
+        counts = np.pad(counts, (0, max(0, len(c) - len(counts))))
+        counts[: len(c)] += c
+    text = ", ".join(f"{k}: {v}" for k, v in enumerate(counts))
+    return text + (f"; {outside} labels outside [0, {limit - 1}]" if outside else "")
 
 
 def check_values(path: str, block_rows: int = 1 << 16, max_abs: float = LARGE_INPUT) -> str:

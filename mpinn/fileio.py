@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import math
 import os
@@ -171,18 +172,12 @@ def open_hdf5(path: str, what: str = "file", **kwargs: Any) -> h5py.File:
         raise UsageError(f"{path}: not a readable HDF5 {what} ({failure_reason(exc)})") from None
 
 
-def open_hdf5_image(data: bytes | memoryview) -> h5py.File:
-    """An HDF5 file held in memory (its bytes, from a file read once), opened read-only.
-
-    HDF5's core driver opens a copy of the bytes: nothing reads the disk again.
-    (The name must be no file's: HDF5 refuses an image named like an existing file.)
-    OSError if HDF5 cannot open it.
-    """
-    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
-    fapl.set_fapl_core(backing_store=False)
-    fapl.set_file_image(data)
-    name = f"mpinn-file-image-{os.getpid()}-{id(data)}".encode()
-    return h5py.File(h5py.h5f.open(name, h5py.h5f.ACC_RDONLY, fapl=fapl))
+def open_hdf5_image(data: bytes) -> h5py.File:
+    """An HDF5 file held in memory (the bytes of a file read once), opened read-only:
+    nothing reads the disk again. (h5py reads a file object 4x faster here than
+    HDF5's core driver opens a file image: 10 ms vs 43 ms for 15 MB.) OSError if HDF5
+    cannot open it."""
+    return h5py.File(io.BytesIO(data), "r")
 
 
 def failure_reason(exc: BaseException) -> str:

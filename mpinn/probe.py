@@ -42,7 +42,6 @@ VERSION = 1  # part of the cache key: a better probe checks every file again
 DEFAULT_TIMEOUT = 60.0  # seconds; a 1 GB dataset's structure takes well under one
 LAUNCHER_VARS = ("PMI_", "PMIX_", "OMPI_", "SLURM_", "HYDRA_", "HYDI_", "I_MPI_", "MPI_LOCAL")
 MAX_ROW_BYTES = 1 << 30  # a dataset row larger than this is a corrupt shape, not data
-_passed: set[str] = set()  # cache keys of files this process saw pass
 
 
 class Problem(Exception):
@@ -52,12 +51,10 @@ class Problem(Exception):
 def check(path: str) -> None:
     """UsageError unless the HDF5 file at path passes the probe (at most once per version
     of the file: the verdict is cached)."""
-    key = cache_key(path)
-    marker = os.path.join(cache_dir(), key)
-    if key in _passed or os.path.exists(marker):
+    marker = os.path.join(cache_dir(), cache_key(path))
+    if os.path.exists(marker):
         return
     run_child(path)
-    _passed.add(key)
     with contextlib.suppress(OSError):  # no cache then: the next run probes again
         os.makedirs(os.path.dirname(marker), exist_ok=True)
         with open(marker, "w"):
