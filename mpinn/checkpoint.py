@@ -187,9 +187,9 @@ def warn_legacy(path: str) -> None:
     """Once per file and process (rank 0 loads checkpoints: once per job)."""
     if path not in _warned:
         _warned.add(path)
-        print(f"mpinn: warning: {path} has no digest (written by mpinn before 0.2); it is "
-              f"read without proof that its bytes are those written", file=sys.stderr,
-              flush=True)
+        print(f"mpinn: warning: {path} has no digest (written before mpinn's checkpoints "
+              f"carried one); it is read without proof that its bytes are those written",
+              file=sys.stderr, flush=True)
 
 
 def parse(path: str, f: h5py.File) -> Checkpoint:
