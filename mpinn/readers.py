@@ -185,7 +185,7 @@ class SplitReader:
         """
         began = time.perf_counter()
         try:
-            with self.explained(indices[:1], indices[-1:]):
+            with self.explained(indices):
                 return self._read_rows(indices, x_out, y_out)
         finally:
             self.read_seconds += time.perf_counter() - began
@@ -216,23 +216,24 @@ class SplitReader:
         """Rows of the [start, stop) ranges (ascending), concatenated, into x_out and y_out."""
         began = time.perf_counter()
         try:
-            with self.explained(ranges[:1, 0], ranges[-1:, 1] - 1):
+            with self.explained(ranges):
                 self._read_ranges(ranges, x_out, y_out)
         finally:
             self.read_seconds += time.perf_counter() - began
 
     @contextlib.contextmanager
-    def explained(self, first: np.ndarray, last: np.ndarray) -> Iterator[None]:
-        """A failed read of rows (first and last row given as 0- or 1-element arrays)
-        as a ReadFailure naming them."""
+    def explained(self, rows: np.ndarray) -> Iterator[None]:
+        """A failed read of rows (row indices, or [start, stop) ranges) as a ReadFailure
+        naming the rows it spans."""
         try:
             yield
         except NOT_HDF5:
             raise
         except HDF5_FAILURES as exc:
-            rows = f"rows {int(first[0])} to {int(last[0])} of " if len(first) else ""
+            last = int(rows.max()) - (rows.ndim == 2)  # a range's stop is exclusive
+            span = f"rows {int(rows.min())} to {last} of " if rows.size else ""
             path = self.file.path
-            raise ReadFailure(f"{path}: cannot read {rows}/{self.split}/x and /{self.split}/y "
+            raise ReadFailure(f"{path}: cannot read {span}/{self.split}/x and /{self.split}/y "
                               f"({failure_reason(exc)}); the file is probably corrupt "
                               f"(`mpinn data inspect --check {path}` reads every row)"
                               ) from None
