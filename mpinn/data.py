@@ -6,26 +6,34 @@ regression). An optional file attribute `classes` fixes the number of classes;
 without it, it is max(label) + 1 over both splits.
 
 `check_data` is the collective validation every command runs before its first
-collective of real work; `nonfinite_row` is the cheap per-batch check of values
-that training applies to the rows it reads anyway.
+collective of real work: rank 0 has the file's structure probed first (probe.py:
+a corrupt file must not make HDF5 loop or crash inside the job), then every rank
+checks the layout and its share of the labels. HDF5's failures to read are
+UsageErrors naming the file and the object, never tracebacks. `nonfinite_row`
+is the cheap per-batch check of values that training applies to the rows it
+reads anyway.
 Which rows a rank reads is sampler.py's business; how it reads them, readers.py's.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import h5py
 import numpy as np
 
 from .errors import UsageError
-from .fileio import open_hdf5
+from .fileio import hdf5_errors, open_hdf5
 from .sampler import share
 
 SPLITS = ("train", "test")
 # |x| beyond this is no sensible network input (unscaled raw values, a sentinel like
 # 1e30): `inspect --check` flags it, and a diverged run names it as the likely cause.
 LARGE_INPUT = 1e6
+# A `classes` attribute beyond this is a corrupt number, not a classifier to build
+# (its output layer alone would take gigabytes).
+MAX_CLASSES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -43,27 +51,8 @@ class DatasetInfo:
 
 def describe(path: str) -> DatasetInfo:
     """Check the file's layout (not its values) and describe it; UsageError if wrong."""
-    with open_hdf5(path) as f:
-        shapes = {}
-        for split in SPLITS:
-            if split not in f or not isinstance(f[split], h5py.Group):
-                raise UsageError(f"{path}: missing group '/{split}' (a dataset file has "
-                                 f"groups train and test, each with x and y)")
-            for name in ("x", "y"):
-                if name not in f[split] or not isinstance(f[split][name], h5py.Dataset):
-                    raise UsageError(f"{path}: missing dataset '/{split}/{name}'")
-            x, y = f[split]["x"], f[split]["y"]
-            if x.ndim != 2 or x.dtype.kind != "f" or x.shape[1] == 0:
-                raise UsageError(f"{path}: /{split}/x must be a 2-D float array with at least "
-                                 f"one feature, got shape {x.shape} of {x.dtype}")
-            if y.shape[0] != x.shape[0]:
-                raise UsageError(f"{path}: /{split}/x has {x.shape[0]} rows but "
-                                 f"/{split}/y has {y.shape[0]}")
-            labels = y.ndim == 1 and y.dtype.kind in "iu"
-            if not (labels or (y.ndim == 2 and y.dtype.kind == "f" and y.shape[1] > 0)):
-                raise UsageError(f"{path}: /{split}/y must hold integer labels (N,) or float "
-                                 f"targets (N, K), got shape {y.shape} of {y.dtype}")
-            shapes[split] = (x.shape, y.shape)
+    with open_hdf5(path) as f, hdf5_errors(path, "its layout"):
+        shapes = {split: split_shapes(path, f, split) for split in SPLITS}
         (xtr, ytr), (xte, yte) = shapes["train"], shapes["test"]
         if xtr[1] != xte[1]:
             raise UsageError(f"{path}: train has {xtr[1]} features but test has {xte[1]}")
@@ -72,15 +61,51 @@ def describe(path: str) -> DatasetInfo:
         if xtr[0] == 0:
             raise UsageError(f"{path}: the train split is empty")
         task = "classification" if len(ytr) == 1 else "regression"
-        outputs = ytr[1] if task == "regression" else int(f.attrs.get("classes", 0))
+        outputs = ytr[1] if task == "regression" else classes_attribute(path, f)
         return DatasetInfo(path, xtr[0], xte[0], xtr[1], task, outputs)
+
+
+def split_shapes(path: str, f: h5py.File, split: str) -> tuple[tuple, tuple]:
+    """The shapes of a split's x and y; UsageError unless they make a split."""
+    if split not in f or not isinstance(f[split], h5py.Group):
+        raise UsageError(f"{path}: missing group '/{split}' (a dataset file has "
+                         f"groups train and test, each with x and y)")
+    for name in ("x", "y"):
+        if name not in f[split] or not isinstance(f[split][name], h5py.Dataset):
+            raise UsageError(f"{path}: missing dataset '/{split}/{name}'")
+    x, y = f[split]["x"], f[split]["y"]
+    if x.ndim != 2 or x.dtype.kind != "f" or x.shape[1] == 0:
+        raise UsageError(f"{path}: /{split}/x must be a 2-D float array with at least "
+                         f"one feature, got shape {x.shape} of {x.dtype}")
+    if y.shape[0] != x.shape[0]:
+        raise UsageError(f"{path}: /{split}/x has {x.shape[0]} rows but "
+                         f"/{split}/y has {y.shape[0]}")
+    labels = y.ndim == 1 and y.dtype.kind in "iu"
+    if not (labels or (y.ndim == 2 and y.dtype.kind == "f" and y.shape[1] > 0)):
+        raise UsageError(f"{path}: /{split}/y must hold integer labels (N,) or float "
+                         f"targets (N, K), got shape {y.shape} of {y.dtype}")
+    return x.shape, y.shape
+
+
+def classes_attribute(path: str, f: h5py.File) -> int:
+    """The file's `classes` attribute (0 if absent); UsageError if it is no plausible count."""
+    value = f.attrs.get("classes", 0)
+    count, plausible = 0, False
+    if np.ndim(value) == 0:
+        with contextlib.suppress(TypeError, ValueError, OverflowError):
+            count = int(value)
+            plausible = count == value and 0 <= count <= MAX_CLASSES
+    if not plausible:
+        raise UsageError(f"{path}: its `classes` attribute ({value!r}) is not a number of "
+                         f"classes up to {MAX_CLASSES}")
+    return count
 
 
 def label_range(path: str, split: str, start: int, stop: int) -> tuple[int, int]:
     """(min, max) of the integer labels in rows [start, stop) of a split; (0, -1) if empty."""
     if stop <= start:
         return 0, -1
-    with h5py.File(path, "r") as f:
+    with open_hdf5(path) as f, hdf5_errors(path, f"rows {start} to {stop - 1} of /{split}/y"):
         y = f[split]["y"][start:stop]
     return int(y.min()), int(y.max())
 
@@ -132,7 +157,8 @@ def check_data(comm, path: str, loss: str, features: int | None = None,
     Every rank checks the layout and the labels of its own share of rows, then
     all ranks agree on the outcome: UsageError on every rank if any found a fault.
     """
-    from . import dist  # here, not above: the serial commands read files without MPI
+    from . import dist, probe  # here, not above: the serial commands read files without MPI
+    dist.root_tries(comm, lambda: probe.check(path))  # before any rank opens the file
     error, lo, hi, info = None, 0, -1, None
     try:
         info = describe(path)

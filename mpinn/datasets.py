@@ -13,13 +13,21 @@ import os
 import h5py
 import numpy as np
 
-from . import __version__
-from .data import LARGE_INPUT, SPLITS, describe, nonfinite_message, nonfinite_row
+from . import __version__, probe
+from .data import (
+    LARGE_INPUT,
+    SPLITS,
+    DatasetInfo,
+    describe,
+    nonfinite_message,
+    nonfinite_row,
+)
 from .errors import UsageError
-from .fileio import atomic_output, check_writable
+from .fileio import atomic_output, check_writable, hdf5_errors, open_hdf5
 from .pwrite import SplitSpec, create_datasets, write_parallel
 
 BLOCK = 8192  # rows per generator stream in synthetic data
+MAX_SHOWN_CLASSES = 1000  # `inspect` counts labels up to this without a `classes` attribute
 
 
 class Teacher:
@@ -180,11 +188,13 @@ def _write_arrays(path: str, splits: dict[str, tuple[np.ndarray, np.ndarray]],
 
 
 def inspect(path: str) -> str:
-    """A human-readable description: layout, sizes, chunking, class balance."""
+    """A human-readable description: layout, sizes, chunking, class balance.
+    The file's structure is probed first (probe.py): a corrupt file is a message."""
+    probe.check(path)
     info = describe(path)
     lines = [f"{path}: {os.path.getsize(path) / 2**20:.1f} MiB, {info.task}, "
              f"{info.features} features"]
-    with h5py.File(path, "r") as f:
+    with open_hdf5(path) as f, hdf5_errors(path, "its datasets"):
         for key, value in f.attrs.items():
             lines.append(f"  attribute {key} = {value}")
         for split in SPLITS:
@@ -193,28 +203,42 @@ def inspect(path: str) -> str:
                 lines.append(f"  /{split}/{name}: shape {d.shape}, {d.dtype}, chunks {d.chunks}, "
                              f"compression {d.compression}")
             if info.task == "classification":
-                counts = np.zeros(0, np.int64)
-                y = f[split]["y"]
-                for start in range(0, len(y), 1 << 20):
-                    c = np.bincount(y[start:start + (1 << 20)].astype(np.int64).clip(0))
-                    counts = np.pad(counts, (0, max(0, len(c) - len(counts))))
-                    counts[: len(c)] += c
-                balance = ", ".join(f"{k}: {v}" for k, v in enumerate(counts))
-                lines.append(f"  /{split} class counts: {balance}")
+                lines.append(f"  /{split} class counts: {class_counts(f[split]['y'], info)}")
     return "\n".join(lines)
+
+
+def class_counts(y: h5py.Dataset, info: DatasetInfo) -> str:
+    """'0: n0, 1: n1, ...' for the labels of a split, read a block at a time; labels
+    outside [0, classes) (or beyond MAX_SHOWN_CLASSES without a `classes` attribute)
+    are counted together, not given a line each (a corrupt label may be 2**25)."""
+    limit = info.outputs or MAX_SHOWN_CLASSES
+    counts, outside = np.zeros(0, np.int64), 0
+    for start in range(0, len(y), 1 << 20):
+        labels = y[start:start + (1 << 20)].astype(np.int64)
+        valid = (labels >= 0) & (labels < limit)
+        outside += int(len(labels) - np.count_nonzero(valid))
+        c = np.bincount(labels[valid])
+        counts = np.pad(counts, (0, max(0, len(c) - len(counts))))
+        counts[: len(c)] += c
+    text = ", ".join(f"{k}: {v}" for k, v in enumerate(counts))
+    return text + (f"; {outside} labels outside [0, {limit - 1}]" if outside else "")
 
 
 def check_values(path: str, block_rows: int = 1 << 16, max_abs: float = LARGE_INPUT) -> str:
     """Read every value: inputs finite and within max_abs, labels in [0, classes),
-    targets finite. UsageError naming the first bad row; otherwise a one-line report.
+    targets finite. UsageError naming the first bad row (or the rows HDF5 cannot read);
+    otherwise a one-line report.
     """
+    probe.check(path)
     info = describe(path)
-    with h5py.File(path, "r") as f:
-        classes = int(f.attrs.get("classes", 0))
+    classes = info.outputs if info.task == "classification" else 0
+    with open_hdf5(path) as f:
         for split in SPLITS:
             x, y = f[split]["x"], f[split]["y"]
             for start in range(0, len(x), block_rows):
-                xb, yb = x[start:start + block_rows], y[start:start + block_rows]
+                stop = min(start + block_rows, len(x))
+                with hdf5_errors(path, f"rows {start} to {stop - 1} of /{split}"):
+                    xb, yb = x[start:stop], y[start:stop]
                 check_block(path, split, start, xb, yb, classes, max_abs)
     return f"{path}: every value checked: {info.n_train + info.n_test} rows, all valid"
 

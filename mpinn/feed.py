@@ -24,6 +24,14 @@ close(); rank 0's mid-epoch checkpoint writes are serial and take h5py's
 lock), and the mpio reader prefetches only if MPI granted MPI_THREAD_MULTIPLE.
 An exception in a thread reaches the loop when it asks for that batch, or at
 close() if it never does, so a failed read-ahead still ends the job.
+
+A read that fails (readers.ReadFailure: a corrupt file) is bad input, like a
+non-finite row: the batch comes with no rows and the failure as its message,
+every rank learns of it through the step's Allreduce, and all exit 2 together.
+After it this feed reads nothing more. With the mpio reader every read is a
+collective the other ranks are inside of, so there a failed read ends the job
+(one line, exit 1) instead; and so does, with mpio, a failed read ahead that
+no step asked for (with independent reads that one is dropped: no step needs it).
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .data import nonfinite_message
-from .readers import SplitReader
+from .readers import ReadFailure, SplitReader
 from .sampler import EpochPlan
 
 
@@ -76,6 +84,7 @@ class Feed:
         self._free_windows: queue.Queue = queue.Queue()
         self._loader: threading.Thread | None = None
         self._error: BaseException | None = None  # the first exception of either thread
+        self._failed: str | None = None  # a read that failed: every later batch says so
 
     def __len__(self) -> int:
         """Steps this feed delivers (from first_step to the epoch's end)."""
@@ -126,7 +135,12 @@ class Feed:
             self._loader = None
         if self._error is not None:  # a read ahead failed that no step asked for yet:
             error, self._error = self._error, None  # raise it here, or (with mpio) the
-            raise error  # other ranks would wait forever in that read's collective
+            if self._collective or not isinstance(error, ReadFailure):  # other ranks would
+                raise error  # wait forever in that read's collective
+
+    @property
+    def _collective(self) -> bool:
+        return self.reader.file.io == "mpio"
 
     def _produce(self) -> None:
         try:
@@ -140,7 +154,17 @@ class Feed:
             self._ready.put(exc)
 
     def _fill(self, step: int, slot: int) -> tuple[np.ndarray, np.ndarray, str | None]:
-        x, y = self._gather(step, slot)
+        """A step's rows into a slot, with a message if they are bad (see the docstring)."""
+        x_buf, y_buf = self.buffers.slots[slot]
+        if self._failed is not None:
+            return x_buf[:0], y_buf[:0], self._failed
+        try:
+            x, y = self._gather(step, slot)
+        except ReadFailure as exc:
+            if self._collective:
+                raise
+            self._failed = str(exc)
+            return x_buf[:0], y_buf[:0], self._failed
         found = self.reader.nonfinite(x, y)
         if found is None:
             return x, y, None
@@ -176,6 +200,8 @@ class Feed:
             return
         item = self._ready_windows.get()
         if isinstance(item, BaseException):
+            if item is self._error:
+                self._error = None  # delivered to the step that needs the window
             raise item
         if self._window is not None:
             self._free_windows.put(self._window[0])  # its last gather is done

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 import h5py
 import numpy as np
 
-from . import checkpoint
+from . import checkpoint, probe
 from .data import Problem, check_data
 from .errors import UsageError
-from .fileio import atomic_output, check_writable, open_hdf5
+from .fileio import atomic_output, check_writable, hdf5_errors, open_hdf5
 from .model import MLP
 from .readers import DataFile, resolve_io
 from .rundir import checkpoint_path
@@ -28,6 +28,18 @@ if TYPE_CHECKING:  # `predict` is serial: MPI starts only for `evaluate`
     from . import dist
 
 EVAL_ROWS = 4096  # rows per forward pass when evaluating or predicting
+
+
+def load_checkpoint(path: str) -> checkpoint.Checkpoint:
+    """The checkpoint of a file or run directory; a corrupt one of a run directory is
+    refused with a pointer to the run's older checkpoints."""
+    try:
+        return checkpoint.load(checkpoint_file(path))
+    except checkpoint.CorruptCheckpoint as exc:
+        if not os.path.isdir(path):
+            raise
+        raise checkpoint.CorruptCheckpoint(f"{exc}; the run's older checkpoints are in "
+                                           f"{os.path.join(path, 'checkpoints')}") from None
 
 
 def checkpoint_file(path: str) -> str:
@@ -43,7 +55,7 @@ def checkpoint_file(path: str) -> str:
 def load_model(comm: dist.Comm, path: str) -> tuple[MLP, str]:
     """Collective: the checkpoint's model on every rank, and its task."""
     from . import dist
-    ckpt = dist.root_tries(comm, lambda: checkpoint.load(checkpoint_file(path)))
+    ckpt = dist.root_tries(comm, lambda: load_checkpoint(path))
     arch, task = dist.broadcast_object(comm, (ckpt.arch, ckpt.task) if ckpt else None)
     model = MLP(arch, EVAL_ROWS)
     if ckpt is not None:
@@ -79,10 +91,11 @@ def run_evaluate(comm: dist.Comm, ckpt_path: str, data_path: str, split: str,
 
 def predict(ckpt_path: str, input_path: str, out_path: str, dataset: str | None) -> int:
     """Serial: write the model's outputs (and class predictions) for every input row."""
-    ckpt = checkpoint.load(checkpoint_file(ckpt_path))
+    ckpt = load_checkpoint(ckpt_path)
     model = MLP(ckpt.arch, EVAL_ROWS)
     ckpt.restore(model)
-    with open_hdf5(input_path) as src:
+    probe.check(input_path)
+    with open_hdf5(input_path) as src, hdf5_errors(input_path, "its input rows"):
         candidates = [dataset] if dataset else ["x", "test/x"]
         name = next((c for c in candidates if isinstance(src.get(c), h5py.Dataset)), None)
         if name is None:

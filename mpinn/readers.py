@@ -18,19 +18,28 @@ coalesced into runs, the runs become one union-of-hyperslabs selection, and the
 result is put back into the requested order in memory. The low-level API is
 used because h5py's high-level indexing skips the HDF5 call for empty
 selections, which would leave the other ranks waiting in a collective read.
+
+A read that fails (HDF5 cannot decode a corrupt chunk, the file shrank) raises
+ReadFailure, naming the file, the split, the rows and HDF5's reason, on the
+rank that read. The feed (feed.py) turns it into bad input that all ranks agree
+on at the step (exit 2). Anywhere else it ends the job with one line (exit 1,
+MPI_Abort): a rank that cannot read must not leave the others waiting.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import time
+from collections.abc import Iterator
 
 import h5py
 import numpy as np
 
 from .data import nonfinite_row
-from .errors import UsageError
+from .errors import StorageError, UsageError
+from .fileio import HDF5_FAILURES, NOT_HDF5, failure_reason, hdf5_errors
 from .sampler import runs
 
 IO_MODES = ("auto", "mpio", "independent")
@@ -61,6 +70,12 @@ ACTUAL_IO_MODES = {0: "none", 1: "chunk-independent", 2: "chunk-collective", 3: 
                    4: "contiguous-collective"}
 
 
+class ReadFailure(StorageError):
+    """Rows of a dataset could not be read on this rank (a corrupt file, a file that
+    shrank). A StorageError, so that where ranks cannot agree on it, it ends the job
+    with one line (dist.run_or_abort); the feed agrees on it as bad input instead."""
+
+
 def parallel_hdf5() -> bool:
     """Whether this h5py was built against parallel HDF5 (the `mpio` driver)."""
     return bool(h5py.get_config().mpi)
@@ -83,6 +98,12 @@ class DataFile:
     def __init__(self, path: str, io: str, comm=None) -> None:
         self.io = io
         self.path = path
+        with hdf5_errors(path, "the file"):
+            self._open(path, io, comm)
+        self.io_modes: dict[str, int] = {}  # actual MPI-IO mode -> number of reads
+        self._readers: list[SplitReader] = []
+
+    def _open(self, path: str, io: str, comm) -> None:
         if io == "mpio":
             from . import dist  # only mpio needs MPI here
             self._file = h5py.File(path, "r", driver="mpio", comm=comm,
@@ -94,11 +115,10 @@ class DataFile:
             # files (what mpinn writes) bypass it.
             self._file = h5py.File(path, "r", rdcc_nbytes=32 << 20, rdcc_nslots=100_003)
             self.dxpl = None
-        self.io_modes: dict[str, int] = {}  # actual MPI-IO mode -> number of reads
-        self._readers: list[SplitReader] = []
 
     def reader(self, split: str, max_rows: int) -> SplitReader:
-        reader = SplitReader(self, split, max_rows)
+        with hdf5_errors(self.path, f"/{split}/x and /{split}/y"):
+            reader = SplitReader(self, split, max_rows)
         self._readers.append(reader)
         return reader
 
@@ -165,7 +185,8 @@ class SplitReader:
         """
         began = time.perf_counter()
         try:
-            return self._read_rows(indices, x_out, y_out)
+            with self.explained(indices):
+                return self._read_rows(indices, x_out, y_out)
         finally:
             self.read_seconds += time.perf_counter() - began
 
@@ -195,9 +216,27 @@ class SplitReader:
         """Rows of the [start, stop) ranges (ascending), concatenated, into x_out and y_out."""
         began = time.perf_counter()
         try:
-            self._read_ranges(ranges, x_out, y_out)
+            with self.explained(ranges):
+                self._read_ranges(ranges, x_out, y_out)
         finally:
             self.read_seconds += time.perf_counter() - began
+
+    @contextlib.contextmanager
+    def explained(self, rows: np.ndarray) -> Iterator[None]:
+        """A failed read of rows (row indices, or [start, stop) ranges) as a ReadFailure
+        naming the rows it spans."""
+        try:
+            yield
+        except NOT_HDF5:
+            raise
+        except HDF5_FAILURES as exc:
+            last = int(rows.max()) - (rows.ndim == 2)  # a range's stop is exclusive
+            span = f"rows {int(rows.min())} to {last} of " if rows.size else ""
+            path = self.file.path
+            raise ReadFailure(f"{path}: cannot read {span}/{self.split}/x and /{self.split}/y "
+                              f"({failure_reason(exc)}); the file is probably corrupt "
+                              f"(`mpinn data inspect --check {path}` reads every row)"
+                              ) from None
 
     def _read_ranges(self, ranges: np.ndarray, x_out: np.ndarray, y_out: np.ndarray) -> None:
         rows = int((ranges[:, 1] - ranges[:, 0]).sum()) if len(ranges) else 0

@@ -12,7 +12,9 @@ new link under a temporary name, renamed over the old one), so a reader or a
 crash sees the old version or the new one. Before anything is written the
 run takes the directory's lock, removes temporary files of killed runs and
 checks that it can write both directories, so a refused write shows at the
-start, not an epoch later. The session (session.py) calls these on rank 0
+start, not an epoch later. A resumed run whose checkpoint.h5 is corrupt (its
+digest does not match: checkpoint.py) continues from the newest intact file of
+checkpoints/, and says so. The session (session.py) calls these on rank 0
 through dist.root_tries, so all ranks learn of a failure alike.
 """
 
@@ -25,6 +27,8 @@ import re
 import sys
 from collections.abc import Callable
 
+from . import checkpoint
+from .checkpoint import Checkpoint
 from .config import TrainConfig
 from .errors import UsageError
 from .fileio import (
@@ -105,6 +109,36 @@ class RunDir:
             run.close()
             raise
         return run
+
+    def load_checkpoint(self) -> Checkpoint:
+        """--resume: checkpoint.h5, or, if it cannot be read (corrupt), the newest of
+        checkpoints/ that can, with a one-line warning naming both. UsageError naming
+        them all if none can."""
+        link = checkpoint_path(self.out)
+        try:
+            return checkpoint.load(link)
+        except UsageError as exc:
+            failures = [str(exc)]
+        for path in self.history_files():
+            if os.path.exists(link) and os.path.samefile(path, link):
+                continue  # checkpoint.h5 is a link to it: the same bytes
+            try:
+                ckpt = checkpoint.load(path)
+            except UsageError as exc:
+                failures.append(str(exc))
+                continue
+            print(f"mpinn: warning: {failures[0]}; resuming from {path} (step {ckpt.step}), "
+                  f"the newest intact checkpoint of the run", file=sys.stderr, flush=True)
+            return ckpt
+        raise UsageError(f"--resume: no checkpoint of {self.out} can be read: "
+                         + "; ".join(failures) + "; start the run anew (--overwrite)")
+
+    def history_files(self) -> list[str]:
+        """The kept checkpoint files, newest first."""
+        found = {n: int(m.group(1)) for n in os.listdir(self.history)
+                 if (m := STEP_FILE.fullmatch(n))}
+        return [os.path.join(self.history, n) for n in sorted(found, key=found.get,
+                                                              reverse=True)]
 
     def _remove_old_run(self) -> None:
         """--overwrite: nothing of the old run may mix with the new."""

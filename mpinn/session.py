@@ -25,7 +25,7 @@ from .feed import Buffers, Feed
 from .model import MLP, Architecture
 from .optim import Optimizer, make_optimizer
 from .readers import DataFile, SplitReader, resolve_io
-from .rundir import RunDir, checkpoint_path
+from .rundir import RunDir
 from .sampler import Sampling, ceil_div, epoch_plan, steps_per_epoch
 from .timing import PhaseTimer
 
@@ -225,21 +225,27 @@ def resume(comm: dist.Comm, cfg: TrainConfig, run: RunDir | None, model: MLP,
            optimizer: Optimizer, shape: tuple[int, int, int]) -> Checkpoint:
     """Collective: load the run's checkpoint into model and optimizer on every rank.
 
-    UsageError on every rank if it does not fit the configuration: a resumed run
-    must continue the same trajectory (architecture, data, batch size, seed,
+    Rank 0 reads it (checkpoint.h5, or the newest intact one of checkpoints/ if
+    that is corrupt: RunDir.load_checkpoint) and broadcasts it. UsageError on every
+    rank if none can be read, or if it does not fit the configuration: a resumed
+    run must continue the same trajectory (architecture, data, batch size, seed,
     sampling, optimizer), whatever the number of ranks. Returns the metadata.
     """
     def load() -> Checkpoint:
-        ckpt = checkpoint.load(checkpoint_path(cfg.out))
-        check_compatible(ckpt, cfg, model.arch, shape, comm.size)
         assert run is not None
+        ckpt = run.load_checkpoint()
+        check_compatible(ckpt, cfg, model.arch, shape, comm.size)
+        ckpt.restore(model)
+        state = optimizer.state()
+        if set(ckpt.optimizer_state) != set(state) or any(
+                np.shape(ckpt.optimizer_state[k]) != np.shape(v) for k, v in state.items()):
+            raise UsageError(f"--resume: the optimizer state in the checkpoint of {cfg.out} "
+                             f"does not fit the {cfg.optimizer} optimizer of this model")
+        optimizer.load_state(ckpt.optimizer_state)
         run.keep_metrics(ckpt.epoch)
         return ckpt
     ckpt = dist.root_tries(comm, load)
     meta = dist.broadcast_object(comm, ckpt.metadata() if ckpt else None)
-    if ckpt is not None:
-        ckpt.restore(model)
-        optimizer.load_state(ckpt.optimizer_state)
     # arrays travel as buffers, in the same order on every rank
     for buf in (model.params, *optimizer.state().values()):
         dist.broadcast(comm, buf)

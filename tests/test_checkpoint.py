@@ -9,13 +9,26 @@ import random
 import shutil
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import finish, mpinn, ok, rank_pids, start_mpinn, wait_for
+from conftest import (
+    expect_error,
+    finish,
+    mpinn,
+    ok,
+    rank_pids,
+    start_mpinn,
+    wait_for,
+    write_legacy_checkpoint,
+)
 from mpinn import checkpoint
+from mpinn.checkpoint import Checkpoint, CorruptCheckpoint
+from mpinn.errors import UsageError
+from mpinn.model import MLP, Architecture
 
 ARGS = ["--hidden", "16", "--dtype", "float64", "--batch-size", 50, "--optimizer", "adam",
         "--seed", 4]
@@ -191,3 +204,109 @@ def test_a_failed_read_ahead_ends_the_job(io, synth, parallel_env, tmp_path):
     assert not (tmp_path / "run" / "summary.json").exists()
     # (the failing rank prints the error before MPI_Abort, but Hydra may drop output
     # still in flight when it tears the job down, so the text is not asserted)
+
+
+# ---- checkpoints that prove themselves ----------------------------------------------
+
+@pytest.fixture
+def sealed(tmp_path, monkeypatch) -> tuple[Path, Checkpoint]:
+    """A checkpoint file of a small model with momentum state, and what was saved."""
+    monkeypatch.setenv("MPINN_CACHE_DIR", str(tmp_path / "cache"))
+    model = MLP(Architecture((5, 7, 3)), 1)
+    model.init(np.random.default_rng(1))
+    ckpt = Checkpoint(arch=model.arch, task="classification", epoch=2, step=17,
+                      optimizer="momentum", optimizer_state={"velocity": model.params * 0.5},
+                      epoch_sums=np.array([1.5, 3.0, 40.0]), data_shape=(40, 5, 3))
+    path = tmp_path / "ckpt.h5"
+    path.write_bytes(checkpoint.image(ckpt, model))
+    return path, replace(ckpt, weights=[a.copy() for p in zip(model.W, model.b) for a in p])
+
+
+def assert_loads_as(path: Path, saved: Checkpoint) -> None:
+    got = checkpoint.load(str(path))
+    for a, b in zip(got.weights + [got.optimizer_state["velocity"], got.epoch_sums],
+                    saved.weights + [saved.optimizer_state["velocity"], saved.epoch_sums],
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert (got.arch, got.step, got.epoch, got.data_shape) == \
+        (saved.arch, saved.step, saved.epoch, saved.data_shape)
+
+
+def test_a_checkpoint_is_refused_if_any_byte_after_its_header_changed(sealed, monkeypatch):
+    path, saved = sealed
+    original = path.read_bytes()
+    assert original.startswith(b"mpinn-checkpoint-digest-1\nsha256 ")
+    assert_loads_as(path, saved)
+    # HDF5 must never see a refused file: opening one fails the test
+    monkeypatch.setattr(checkpoint, "open_hdf5_image", lambda data: pytest.fail("parsed"))
+    rng = random.Random(5)
+    body = range(checkpoint.USERBLOCK, len(original))
+    for pos in [body[0], body[-1], *rng.sample(body, 150)]:
+        mutated = bytearray(original)
+        mutated[pos] ^= 1 << rng.randrange(8)
+        path.write_bytes(mutated)
+        with pytest.raises(CorruptCheckpoint, match="digest does not match"):
+            checkpoint.load(str(path))
+    for data, words in ((original[:-1], "truncated"), (original + b"\0", "extended"),
+                        (original.replace(b"length ", b"lenxth "), "header is damaged"),
+                        (b"\0" * 64 + original[64:], "neither an mpinn digest header")):
+        path.write_bytes(data)
+        with pytest.raises(CorruptCheckpoint, match=words):
+            checkpoint.load(str(path))
+
+
+def test_the_header_padding_is_not_checksummed_content(sealed):
+    path, saved = sealed
+    mutated = bytearray(path.read_bytes())
+    mutated[checkpoint.USERBLOCK - 1] = 0x55  # the last byte of the userblock's padding
+    path.write_bytes(mutated)
+    assert_loads_as(path, saved)
+
+
+def test_a_checkpoint_without_a_digest_loads_with_one_warning(sealed, tmp_path, capsys):
+    path, saved = sealed
+    legacy = tmp_path / "legacy.h5"
+    write_legacy_checkpoint(path, legacy)
+    assert_loads_as(legacy, saved)
+    assert_loads_as(legacy, saved)
+    err = capsys.readouterr().err
+    assert err.count("mpinn: warning:") == 1 and "has no digest" in err, err
+    # nothing proves it, so it goes through the structure probe: a truncated one is refused
+    broken = tmp_path / "legacy-cut.h5"
+    broken.write_bytes(legacy.read_bytes()[:3000])
+    with pytest.raises(UsageError, match="not a readable HDF5 file"):
+        checkpoint.load(str(broken))
+
+
+def corrupt(path: Path, at: int = 3000) -> None:
+    """Flip one bit in place (a hard link to the file sees it too)."""
+    with open(path, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([byte ^ 0x10]))
+
+
+def test_resume_falls_back_to_the_newest_intact_checkpoint(synth, tmp_path):
+    run = tmp_path / "run"
+    args = [synth, "--out", run, "--epochs", 2, *ARGS, "--checkpoint-every", 5,
+            "--keep-checkpoints", 3]
+    ok(mpinn(2, "train", *args))
+    ok(mpinn(2, "train", synth, "--out", tmp_path / "reference", *args[3:]))
+    kept = sorted((run / "checkpoints").iterdir())
+    assert [p.name for p in kept] == ["step-000000015.h5", "step-000000020.h5",
+                                      "step-000000024.h5"]
+    corrupt(run / "checkpoint.h5")  # = step 24 (a hard link)
+    expect_error(mpinn(2, "evaluate", run, synth), 2, "is corrupt", "digest does not match",
+                 str(run / "checkpoints"))
+    expect_error(mpinn(None, "predict", run, synth, tmp_path / "p.h5"), 2, "is corrupt")
+    resumed = ok(mpinn(2, "train", "--out", run, "--resume"))
+    assert resumed.stderr.count("mpinn: warning:") == 1, resumed.stderr
+    assert f"resuming from {kept[1]} (step 20)" in resumed.stderr
+    # steps 21..24 again, from step 20's state: the run's end, bit for bit
+    assert_same(tmp_path / "reference", run)
+    for path in kept[:2]:
+        corrupt(path)
+    corrupt(run / "checkpoint.h5")
+    expect_error(mpinn(2, "train", "--out", run, "--resume", "--epochs", 3), 2,
+                 "no checkpoint of", "step-000000015.h5", "step-000000020.h5", "--overwrite")

@@ -1,16 +1,21 @@
 """Parallel HDF5 input and output: both readers, collective MPI-IO, parallel writes,
-idx conversion, real Fashion-MNIST training."""
+idx conversion, real Fashion-MNIST training; the structure probe of untrusted files, and
+corrupt data that HDF5 cannot read."""
 
 from __future__ import annotations
 
 import gzip
 import json
+import os
+import subprocess
 
 import h5py
 import numpy as np
 import pytest
 
-from conftest import RANKS, load_weights, mpi_script, mpinn, ok
+from conftest import RANKS, expect_error, load_weights, mpi_script, mpinn, ok
+from mpinn import probe
+from mpinn.errors import UsageError
 
 
 @pytest.fixture(scope="module")
@@ -206,3 +211,87 @@ def test_fashion_mnist_4_ranks(fashion_dir, tmp_path):
     assert summary["test_accuracy"] >= 0.85, summary
     assert summary["ranks"] == 4
     print(result.stdout)
+
+
+# ---- untrusted files ------------------------------------------------------------------
+
+def chunked_copy(source, path, corrupt_chunk: int | None = None) -> None:
+    """source's dataset with train/x stored in gzip chunks of 10 rows; optionally one chunk
+    in the middle overwritten with garbage (HDF5 then fails to decompress it)."""
+    with h5py.File(source, "r") as src, h5py.File(path, "w") as dst:
+        dst.attrs.update(src.attrs)
+        for split in ("train", "test"):
+            x = src[split]["x"][...]
+            dst.create_dataset(f"{split}/x", data=x, chunks=(10, x.shape[1]), compression="gzip")
+            dst[f"{split}/y"] = src[split]["y"][...]
+    if corrupt_chunk is not None:
+        with h5py.File(path, "r") as f:
+            info = f["train/x"].id.get_chunk_info(corrupt_chunk)
+        with open(path, "r+b") as f:
+            f.seek(info.byte_offset)
+            f.write(b"\xa5" * info.size)
+
+
+def counting_spawns(monkeypatch) -> list:
+    spawned = []
+    real = subprocess.run
+
+    def run(*args, **kwargs):
+        spawned.append(args[0])
+        return real(*args, **kwargs)
+    monkeypatch.setattr(probe.subprocess, "run", run)
+    return spawned
+
+
+def test_the_probe_runs_once_per_version_of_a_file(small, tmp_path, monkeypatch):
+    monkeypatch.setenv("MPINN_CACHE_DIR", str(tmp_path / "cache"))
+    spawned = counting_spawns(monkeypatch)
+    path = tmp_path / "data.h5"
+    path.write_bytes(small.read_bytes())
+    probe.check(str(path))
+    probe.check(str(path))
+    assert len(spawned) == 1 and spawned[0][1:3] == ["-m", "mpinn.probe"]
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1000))
+    probe.check(str(path))  # touched: maybe another file now
+    assert len(spawned) == 2
+    path.write_bytes(small.read_bytes()[:4000])
+    for _ in range(2):  # a bad verdict is not cached: the file may be fixed in place
+        with pytest.raises(UsageError, match="not a readable HDF5 file"):
+            probe.check(str(path))
+    assert len(spawned) == 4
+    monkeypatch.setenv("MPINN_CACHE_DIR", "/proc/no-cache-here")  # unwritable: no cache
+    probe.check(str(small))
+    probe.check(str(small))
+    assert len(spawned) == 6
+
+
+def test_the_probe_has_a_time_limit_and_no_launcher_variables(small, tmp_path, monkeypatch):
+    monkeypatch.setenv("MPINN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("MPINN_PROBE_TIMEOUT", "0.001")
+    with pytest.raises(UsageError, match=r"did not finish reading the structure of .* within "
+                                         r"0.001 s: the file is probably corrupt"):
+        probe.check(str(small))
+    monkeypatch.setenv("MPINN_PROBE_TIMEOUT", "soon")
+    with pytest.raises(UsageError, match="MPINN_PROBE_TIMEOUT must be a positive number"):
+        probe.check(str(small))
+    for var in ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID"):
+        monkeypatch.setenv(var, "1")
+    env = probe.child_env()
+    assert not [v for v in env if v.startswith(("PMI", "OMPI_", "SLURM_"))], env
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == os.path.dirname(os.path.dirname(
+        probe.__file__))
+
+
+def test_a_chunk_hdf5_cannot_read_is_one_message(small, tmp_path):
+    good, bad = tmp_path / "chunked.h5", tmp_path / "corrupt.h5"
+    chunked_copy(small, good)
+    chunked_copy(small, bad, corrupt_chunk=12)  # rows 120..129: not the first or last row
+    env = dict(os.environ, MPINN_CACHE_DIR=str(tmp_path / "cache"))
+    assert "all valid" in ok(mpinn(None, "data", "inspect", "--check", good, env=env)).stdout
+    expect_error(mpinn(None, "data", "inspect", "--check", bad, env=env), 2, str(bad),
+                 "HDF5 cannot read rows 0 to 300 of /train")
+    # in training, the rank that reads the chunk tells all at that step: all exit 2
+    result = mpinn(2, "train", bad, "--out", tmp_path / "run", "--hidden", "8", "--batch-size",
+                   "40", "--epochs", "2", "--shuffle", "none", "--io", "independent", env=env)
+    expect_error(result, 2, "cannot read rows 120 to 139 of /train/x", "probably corrupt",
+                 "the 3 steps before it are saved")
