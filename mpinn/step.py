@@ -19,7 +19,7 @@ from .data import Problem, nonfinite_message
 from .errors import UsageError
 from .model import MLP
 from .optim import Optimizer
-from .readers import SplitReader
+from .readers import ReadFailure, SplitReader
 from .sampler import ceil_div, share
 from .timing import PhaseTimer
 
@@ -72,7 +72,8 @@ def evaluate(comm: dist.Comm, model: MLP, reader: SplitReader, problem: Problem
     Each rank evaluates its contiguous share of the rows; the sums of loss,
     correct predictions and rows are reduced, then divided. Every rank makes
     the same number of reads (collective with mpio), the last ones maybe empty.
-    A non-finite input row is bad input: UsageError on every rank, naming it.
+    A non-finite input row, or rows HDF5 cannot read (independent reads), are bad
+    input: UsageError on every rank, naming them.
     """
     start, stop = share(reader.n, comm.rank, comm.size)
     rows_per_read = model.max_rows
@@ -81,7 +82,15 @@ def evaluate(comm: dist.Comm, model: MLP, reader: SplitReader, problem: Problem
     bad = None
     for first in range(start, start + ceil_div(reader.n, comm.size), rows_per_read):
         indices = np.arange(first, max(first, min(stop, first + rows_per_read)))
-        x, y = reader.read(indices, x_buf, y_buf)
+        if bad is not None and reader.file.io != "mpio":
+            continue  # independent reads: nothing more to learn once this rank failed
+        try:
+            x, y = reader.read(indices, x_buf, y_buf)
+        except ReadFailure as exc:
+            if reader.file.io == "mpio":  # the others are inside the collective read
+                raise
+            bad = bad or str(exc)
+            continue
         found = reader.nonfinite(x, y)
         if found is not None:
             bad = bad or nonfinite_message(reader.file.path, reader.split, found[0],

@@ -250,7 +250,7 @@ def log_start(s: Session) -> None:
                          else ""))
     if s.resumed is not None:
         r = s.resumed
-        dist.print0(comm, f"resumed from {checkpoint_path(cfg.out)}: epoch {r.epoch + 1}, "
+        dist.print0(comm, f"resumed from {r.path}: epoch {r.epoch + 1}, "
                           f"step {r.step_in_epoch} of {s.steps} (global step {r.step})")
 
 

@@ -175,7 +175,7 @@ def test_a_requeued_job_replaces_the_lock_file_of_its_earlier_incarnation(tmp_pa
 def test_a_checkpoint_with_a_nan_is_never_built():
     model = MLP(Architecture((3, 2)), 1)
     ckpt = Checkpoint(arch=model.arch, task="classification", step=7)
-    assert checkpoint.image(ckpt, model)[:8] == b"\x89HDF\r\n\x1a\n"
+    assert checkpoint.image(ckpt, model).startswith(checkpoint.DIGEST_MAGIC)
     model.params[1] = np.nan
     with pytest.raises(CollectiveError, match="non-finite values at step 7"):
         checkpoint.image(ckpt, model)

@@ -215,18 +215,18 @@ def test_fashion_mnist_4_ranks(fashion_dir, tmp_path):
 
 # ---- untrusted files ------------------------------------------------------------------
 
-def chunked_copy(source, path, corrupt_chunk: int | None = None) -> None:
-    """source's dataset with train/x stored in gzip chunks of 10 rows; optionally one chunk
-    in the middle overwritten with garbage (HDF5 then fails to decompress it)."""
+def chunked_copy(source, path, corrupt_chunk: int | None = None, split: str = "train") -> None:
+    """source's dataset with x stored in gzip chunks of 10 rows; optionally one chunk of
+    split/x overwritten with garbage (HDF5 then fails to decompress it)."""
     with h5py.File(source, "r") as src, h5py.File(path, "w") as dst:
         dst.attrs.update(src.attrs)
-        for split in ("train", "test"):
-            x = src[split]["x"][...]
-            dst.create_dataset(f"{split}/x", data=x, chunks=(10, x.shape[1]), compression="gzip")
-            dst[f"{split}/y"] = src[split]["y"][...]
+        for part in ("train", "test"):
+            x = src[part]["x"][...]
+            dst.create_dataset(f"{part}/x", data=x, chunks=(10, x.shape[1]), compression="gzip")
+            dst[f"{part}/y"] = src[part]["y"][...]
     if corrupt_chunk is not None:
         with h5py.File(path, "r") as f:
-            info = f["train/x"].id.get_chunk_info(corrupt_chunk)
+            info = f[f"{split}/x"].id.get_chunk_info(corrupt_chunk)
         with open(path, "r+b") as f:
             f.seek(info.byte_offset)
             f.write(b"\xa5" * info.size)
@@ -295,3 +295,13 @@ def test_a_chunk_hdf5_cannot_read_is_one_message(small, tmp_path):
                    "40", "--epochs", "2", "--shuffle", "none", "--io", "independent", env=env)
     expect_error(result, 2, "cannot read rows 120 to 139 of /train/x", "probably corrupt",
                  "the 3 steps before it are saved")
+
+
+def test_a_test_chunk_hdf5_cannot_read_ends_evaluate_on_all_ranks(small, tmp_path):
+    good, bad = tmp_path / "chunked.h5", tmp_path / "corrupt.h5"
+    chunked_copy(small, good)
+    chunked_copy(small, bad, corrupt_chunk=2, split="test")  # test rows 20..29: rank 1's
+    env = dict(os.environ, MPINN_CACHE_DIR=str(tmp_path / "cache"))
+    ok(mpinn(1, "train", good, "--out", tmp_path / "run", "--hidden", "8", "--epochs", "0"))
+    result = mpinn(2, "evaluate", tmp_path / "run", bad, "--io", "independent", env=env)
+    expect_error(result, 2, "cannot read rows 20 to 39 of /test/x")
