@@ -50,17 +50,25 @@ def start_long_run(synth: Path, out: Path, *flags) -> tuple:
     return proc, pids
 
 
-def test_a_stalled_rank_is_named_and_the_job_ends(synth, tmp_path):
-    out = tmp_path / "stall"
-    proc, pids = start_long_run(synth, out, "--stall-timeout", 5)
+def freeze_rank_2(proc, pids: dict, ends_within: float, then=lambda: None):
+    """SIGSTOP rank 2, then `then()`; the job's result, which must come within
+    ends_within seconds of that."""
     try:
         os.kill(pids[2], signal.SIGSTOP)
-        stopped_at = time.monotonic()
+        then()
+        began = time.monotonic()
         result = finish(proc, timeout=60)
-        assert time.monotonic() - stopped_at < 35
+        assert time.monotonic() - began < ends_within
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    return result
+
+
+def test_a_stalled_rank_is_named_and_the_job_ends(synth, tmp_path):
+    out = tmp_path / "stall"
+    proc, pids = start_long_run(synth, out, "--stall-timeout", 5)
+    result = freeze_rank_2(proc, pids, ends_within=35)
     expect_error(result, 1, "stalled:", "rank 2 (", f"pid {pids[2]}) did not answer",
                  "--stall-timeout 5 s passed", "in the gradient Allreduce")
     assert "Rank 1: waiting in the same call" in result.stderr, result.stderr
@@ -78,16 +86,11 @@ def test_a_stop_signal_during_a_stall_ends_the_job(synth, tmp_path):
     one cannot give a checkpoint (that needs every rank), so it ends the job, exit 1."""
     out = tmp_path / "stop"
     proc, pids = start_long_run(synth, out)
-    try:
-        os.kill(pids[2], signal.SIGSTOP)
+
+    def terminate_rank_0() -> None:
         time.sleep(1)  # ranks 0 and 1 now wait in the step's Allreduce
         os.kill(pids[0], signal.SIGTERM)
-        signalled_at = time.monotonic()
-        result = finish(proc, timeout=60)
-        assert time.monotonic() - signalled_at < 30
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    result = freeze_rank_2(proc, pids, ends_within=30, then=terminate_rank_0)
     expect_error(result, 1, "stalled:", "rank 2 (", "a stop signal arrived")
     ok(mpinn(1, "evaluate", out, synth))
 
