@@ -258,6 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return run_serial(args)
+    except KeyboardInterrupt:  # one line, no traceback (a file being written is removed)
+        print("mpinn: interrupted (SIGINT)", file=sys.stderr)
+        return 130
     except UsageError as exc:
         print(f"mpinn: error: {exc}", file=sys.stderr)
         return 2

@@ -31,6 +31,8 @@ from .readers import IO_MODES
 from .sampler import SHUFFLES
 
 RUN_ACTIONS = ("overwrite", "resume")  # what to do with RUN_DIR: not saved in config.toml
+MAX_INT = 2**53  # integer settings: exact as floats, far from every C integer's limit
+MAX_WIDTH = 2**31 - 1  # a layer width (a wider layer does not fit in memory anyway)
 
 
 @dataclass
@@ -80,6 +82,13 @@ class TrainConfig:
                 raise UsageError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.momentum >= 1:
             raise UsageError(f"momentum must be < 1, got {self.momentum}")
+        for f in fields(self):  # before any of them reaches a C integer or an allocation
+            value = getattr(self, f.name)
+            if type(value) is int and value > MAX_INT:
+                raise UsageError(f"{f.name} is too large: {value} (at most {MAX_INT})")
+        if 0 < self.stall_timeout < 1:
+            raise UsageError(f"stall_timeout must be 0 (no limit) or at least 1 second, got "
+                             f"{self.stall_timeout:g}")
         if not self.data:
             raise UsageError("data: no dataset file given")
         if not self.out:
@@ -101,6 +110,8 @@ def parse_hidden(value: Any) -> tuple[int, ...]:
                          f"got {value!r}") from None
     if any(s < 1 for s in sizes):
         raise UsageError(f"hidden: layer widths must be >= 1, got {value!r}")
+    if any(s > MAX_WIDTH for s in sizes):
+        raise UsageError(f"hidden: layer widths must be at most {MAX_WIDTH}, got {value!r}")
     return sizes
 
 

@@ -129,11 +129,16 @@ class Watchdog:
     naps between tests, up to NAP seconds. Every rank keeps a receive posted on
     a duplicate of the communicator (so census messages never mix with the
     job's) and answers a census from its waiting loop with what it waits in.
-    When a wait passes `timeout` seconds (or STOP_GRACE seconds after a stop
-    signal, since a stalled job cannot agree on a checkpoint), the rank asks
-    every other rank and waits up to CENSUS seconds for the answers. The lowest
-    rank that ran a census reports (one message: where it waited, who answered
-    what, who did not) and aborts the job with exit code 1.
+
+    When a wait passes `timeout` seconds the rank asks every other rank and
+    keeps testing its request for CENSUS seconds while the answers come in. If
+    the call completes meanwhile, it was late, not stalled: the wait ends
+    normally. Otherwise the lowest rank that ran a census reports (one message:
+    where it waited, who answered what, who did not) and aborts the job, exit 1.
+    After a stop signal the ranks have not yet agreed on, the deadline is
+    STOP_GRACE seconds away, or twice the longest wait of this run if that is
+    longer (a slow checkpoint write is not a stall): a stalled job cannot agree
+    on a checkpoint, and the scheduler's SIGKILL follows its SIGTERM.
     """
 
     SPIN, NAP, STOP_GRACE, CENSUS = 0.05, 1e-3, 10.0, 5.0
@@ -145,10 +150,12 @@ class Watchdog:
         self.stop_requested, self.position = stop_requested, position
         self.hosts = gather_objects(comm, (MPI.Get_processor_name(), os.getpid()))
         self.what = ""
-        self.pinged_by = comm.size  # the lowest rank that asked this rank in a census
+        self.longest = 0.0  # the longest wait that ended (seconds)
+        self.asked_by_lower = -math.inf  # when a lower rank last asked this one
         self.ping = np.zeros(1, np.int64)
         self.inbox = self.census.Irecv(self.ping, MPI.ANY_SOURCE, PING)
-        self.answers: list[MPI.Request] = []
+        self.sent: list[MPI.Request] = []  # answers and questions on their way
+        self.stale: list[MPI.Request] = []  # receives of a census that was not needed
         self.status = MPI.Status()
 
     def wait(self, request: MPI.Request, what: str) -> None:
@@ -161,41 +168,54 @@ class Watchdog:
             self.serve()
             now = time.monotonic()
             if self.stop_requested():
-                deadline = min(deadline, now + min(self.STOP_GRACE, self.timeout))
+                grace = min(max(self.STOP_GRACE, 2 * self.longest), self.timeout)
+                deadline = min(deadline, now + grace)
             if now >= deadline:
-                self.report_stall(now - start)
+                answers = self.ask_everyone(request)
+                if answers is None:
+                    break  # it completed during the census: late, not stalled
+                self.report_stall(time.monotonic() - start, answers)
             if now - start > self.SPIN:
                 time.sleep(nap)
                 nap = min(2 * nap, self.NAP)
+        self.longest = max(self.longest, time.monotonic() - start)
 
     def serve(self) -> None:
         """Answer every census question that arrived: what this rank waits in, where."""
         while self.inbox.Test(self.status):
             source = self.status.Get_source()
-            self.pinged_by = min(self.pinged_by, source)
+            if source < self.comm.rank:
+                self.asked_by_lower = time.monotonic()
             text = self.answer().encode()[:ANSWER_BYTES]
-            self.answers.append(self.census.Isend(text.ljust(ANSWER_BYTES), source, ANSWER))
+            self.sent.append(self.census.Isend(text.ljust(ANSWER_BYTES), source, ANSWER))
             self.inbox = self.census.Irecv(self.ping, MPI.ANY_SOURCE, PING)
 
-    def ask_everyone(self) -> dict[int, str | None]:
-        """The census: every other rank's answer, or None if it gave none in time."""
+    def ask_everyone(self, request: MPI.Request) -> dict[int, str | None] | None:
+        """The census: every other rank's answer, or None for a rank that gave none in
+        time. None instead of the answers if `request` completed meanwhile (answers
+        still on their way are then left to arrive: the next census's receives
+        would take stale ones, which only changes its wording)."""
         others = [r for r in range(self.comm.size) if r != self.comm.rank]
         replies = {r: bytearray(ANSWER_BYTES) for r in others}
         received = {r: self.census.Irecv(replies[r], r, ANSWER) for r in others}
         asked = [self.census.Isend(np.array([self.comm.rank], np.int64), r, PING)
                  for r in others]
-        end = time.monotonic() + min(self.CENSUS, self.timeout / 2)
+        end = time.monotonic() + max(1.0, min(self.CENSUS, self.timeout / 2))
         while time.monotonic() < end and not all(req.Test() for req in received.values()):
+            if request.Test():
+                self.sent += asked
+                self.stale += received.values()
+                return None
             self.serve()
             time.sleep(self.NAP)
         del asked  # unanswered questions stay unanswered: the job ends now
         return {r: bytes(replies[r]).decode(errors="replace").strip() if req.Test() else None
                 for r, req in received.items()}
 
-    def report_stall(self, waited: float) -> None:
-        """Run the census; the lowest asking rank reports it and aborts the job."""
-        answers = self.ask_everyone()
-        if self.pinged_by < self.comm.rank:  # a lower rank reports: answer it, then end
+    def report_stall(self, waited: float, answers: dict[int, str | None]) -> None:
+        """The lowest asking rank reports the census and aborts the job; a rank that a
+        lower one asked lately answers on, and reports only if the job lives on."""
+        if time.monotonic() - self.asked_by_lower < 2 * self.CENSUS:
             end = time.monotonic() + 2 * self.CENSUS + 10
             while time.monotonic() < end:
                 self.serve()
@@ -229,10 +249,12 @@ class Watchdog:
         return f"waiting in {self.what} at {self.position()}"
 
     def close(self) -> None:
-        """Withdraw the posted receive and free the census communicator (collective)."""
-        self.inbox.Cancel()
-        self.inbox.Wait()
-        MPI.Request.Waitall(self.answers)
+        """Withdraw the posted receives and free the census communicator (collective)."""
+        for request in (self.inbox, *self.stale):
+            if request != MPI.REQUEST_NULL:  # not completed yet
+                request.Cancel()
+                request.Wait()
+        MPI.Request.Waitall(self.sent)  # a few small messages: sent eagerly
         self.census.Free()
 
 

@@ -120,7 +120,10 @@ def run_child(path: str) -> None:
     if done.returncode == 2 and said:
         raise UsageError(said)
     if done.returncode < 0:
-        name = signal.Signals(-done.returncode).name
+        try:
+            name = signal.Signals(-done.returncode).name
+        except ValueError:  # a real-time signal has no name
+            name = f"signal {-done.returncode}"
         raise UsageError(f"HDF5 crashed ({name}) reading the structure of {path}: the file "
                          f"is probably corrupt")
     detail = (done.stderr.strip().splitlines() or ["no output"])[-1]

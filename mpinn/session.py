@@ -13,6 +13,7 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
@@ -29,6 +30,7 @@ from .rundir import RunDir
 from .sampler import Sampling, ceil_div, epoch_plan, steps_per_epoch
 from .timing import PhaseTimer
 
+T = TypeVar("T")
 INIT_STREAM = 0x1A17  # generator stream of the initial weights: seed -> weights
 # Settings that fix the trajectory: a resumed run must keep them.
 TRAJECTORY_KEYS = ("batch_size", "seed", "shuffle", "block_rows", "window_rows", "optimizer",
@@ -186,24 +188,31 @@ def build_model(comm: dist.Comm, cfg: TrainConfig, arch: Architecture, max_rows:
                 ) -> tuple[dist.GradientSync, MLP, Optimizer]:
     """Collective: the sync buffer, the model around it and the optimizer, or a
     UsageError on every rank if they do not fit in some rank's memory."""
-    built, problem = None, None
-    try:
+    def build() -> tuple[dist.GradientSync, MLP, Optimizer]:
         sync = dist.GradientSync(comm, arch.n_params, arch.dtype)
         model = MLP(arch, max_rows, grads=sync.grads)
-        built = sync, model, make_optimizer(cfg.optimizer, model.params, cfg.lr,
-                                            cfg.weight_decay, cfg.momentum)
+        return sync, model, make_optimizer(cfg.optimizer, model.params, cfg.lr,
+                                           cfg.weight_decay, cfg.momentum)
+    gib = arch.n_params * np.dtype(arch.dtype).itemsize / 2**30
+    return affordable(comm, build, (
+        f"the model {'-'.join(map(str, arch.sizes))} has {arch.n_params:,} parameters "
+        f"({gib:.3g} GiB each for the weights, the gradients and every {cfg.optimizer} state "
+        f"array)", "choose smaller --hidden layers"
+        + (" or --dtype float32" if arch.dtype == "float64" else "")))
+
+
+def affordable(comm: dist.Comm, build: Callable[[], T], what: tuple[str, str]) -> T:
+    """Collective: build(), or a UsageError on every rank if some rank ran out of memory
+    (what: the thing built, and the advice)."""
+    built, problem = None, None
+    try:
+        built = build()
     except MemoryError:
-        gib = arch.n_params * np.dtype(arch.dtype).itemsize / 2**30
-        problem = (f"the model {'-'.join(map(str, arch.sizes))} has {arch.n_params:,} "
-                   f"parameters ({gib:.3g} GiB each for the weights, the gradients and every "
-                   f"{cfg.optimizer} state array): it does not fit in rank {comm.rank}'s "
-                   f"memory; choose smaller --hidden layers"
-                   + (" or --dtype float32" if arch.dtype == "float64" else ""))
+        problem = f"{what[0]}: it does not fit in rank {comm.rank}'s memory; {what[1]}"
     problem = dist.first_error(comm, problem)
     if problem is not None:
         raise UsageError(problem)
-    assert built is not None
-    return built
+    return built  # type: ignore[return-value]
 
 
 def open_reading(cfg: TrainConfig, comm: dist.Comm, io: str, max_rows: int,
@@ -213,10 +222,15 @@ def open_reading(cfg: TrainConfig, comm: dist.Comm, io: str, max_rows: int,
     sampling = Sampling(cfg.shuffle, cfg.block_rows, cfg.window_rows)
     datafile = DataFile(cfg.data, io, comm)
     train = datafile.reader("train", max_rows)
-    window_steps = sampling.window_steps(cfg.batch_size)
+    # a window holds at most an epoch's steps: this rank's share of the rows, or less
+    window_steps = min(sampling.window_steps(cfg.batch_size),
+                       steps_per_epoch(problem.info.n_train, cfg.batch_size))
     window_rows = min(window_steps * max_rows,
                       ceil_div(problem.info.n_train, comm.size) + window_steps)
-    buffers = Buffers(train, max_rows, window_rows if cfg.shuffle == "block" else 0)
+    buffers = affordable(comm, lambda: Buffers(
+        train, max_rows, window_rows if cfg.shuffle == "block" else 0), (
+        f"--shuffle block's window of {window_rows:,} rows per rank",
+        "choose a smaller --window-rows"))
     return Reading(io=io, prefetch=prefetch, file=datafile, train=train,
                    test=datafile.reader("test", max_rows), buffers=buffers, sampling=sampling)
 

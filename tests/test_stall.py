@@ -21,6 +21,7 @@ from conftest import (
     child_env,
     expect_error,
     finish,
+    mpi_script,
     mpiexec,
     mpinn,
     ok,
@@ -141,3 +142,12 @@ def test_oversubscription_is_counted_per_machine():
     assert preflight.blas_threads({}, 8) == 8  # unset: OpenBLAS starts one per CPU
     assert preflight.blas_threads({"OMP_NUM_THREADS": "4", "OPENBLAS_NUM_THREADS": "2"}, 8) == 2
     assert preflight.compact([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7, 8"
+
+
+def test_a_rank_late_beyond_the_timeout_but_within_the_census_is_not_stalled(synth, tmp_path):
+    """Rank 0 takes 2.5 s for a checkpoint while the others wait, --stall-timeout 2: the
+    census starts, rank 0's write ends during it, and the run goes on to the end."""
+    result = ok(mpi_script(2, "slow_checkpoint.py", 2.5, "--", "train", synth, "--out",
+                           tmp_path / "r", "--hidden", "8", "--epochs", 2, "--batch-size", 64,
+                           "--stall-timeout", 2, timeout=120))
+    assert "stalled" not in result.stderr and "epoch 2/2" in result.stdout
