@@ -178,6 +178,8 @@ class Watchdog:
             if now - start > self.SPIN:
                 time.sleep(nap)
                 nap = min(2 * nap, self.NAP)
+            else:  # let a rank that shares this core run (MPICH's own loop yields too)
+                os.sched_yield()
         self.longest = max(self.longest, time.monotonic() - start)
 
     def serve(self) -> None:
