@@ -28,6 +28,12 @@ from .sampler import SHUFFLES
 EPILOG = """exit codes: 0 success, 2 bad usage or input, 1 failure while running (a
 diverged run, a full disk, a rank that died), 3 stopped by Ctrl-C/SIGTERM/SIGUSR1
 after writing a checkpoint (continue with --resume).
+
+environment: MPINN_PROBE_TIMEOUT (seconds, default 60) bounds the check of an
+HDF5 file's structure, done once per version of a file before any rank opens it;
+MPINN_CACHE_DIR (default ~/.cache/mpinn) remembers the files that passed;
+MPINN_LOCK=file locks run directories with a lock file instead of flock;
+MPINN_MPIO_HINTS="key=value,..." passes MPI-IO hints to --io mpio reads.
 Run `mpinn COMMAND --help` for a command's options."""
 
 
