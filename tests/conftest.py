@@ -249,3 +249,12 @@ def write_legacy_checkpoint(sealed: Path, legacy: Path) -> None:
         for name in src:
             src.copy(name, dst)
     assert legacy.read_bytes()[:8] == b"\x89HDF\r\n\x1a\n"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def probe_cache(tmp_path_factory) -> Path:
+    """The structure probe's cache of the test session: in its temporary directory, not
+    the user's ~/.cache/mpinn (every test and its children inherit it)."""
+    cache = tmp_path_factory.mktemp("probe-cache")
+    os.environ["MPINN_CACHE_DIR"] = str(cache)
+    return cache
