@@ -197,6 +197,40 @@ def build_parser() -> Parser:
                    help="a rank that waits this long in a collective asks every rank whether "
                    "it is alive, reports the ranks that do not answer, and ends the job "
                    "(exit 1); 0 waits forever (default 600)")
+    g = t.add_argument_group("regularisation")
+    g.add_argument("--dropout", metavar="P[,P...]",
+                   help="inverted dropout after every hidden layer: one drop probability for "
+                   "all, or one per hidden layer (default none; off in evaluation)")
+    g.add_argument("--l1", type=float, metavar="F", help="L1 penalty (default 0)")
+    g.add_argument("--clip-norm", type=float, metavar="F",
+                   help="clip the summed gradient to this global L2 norm (default 0: off)")
+    g = t.add_argument_group("learning rate")
+    g.add_argument("--lr-schedule", help="constant | step | cosine (default constant)")
+    g.add_argument("--warmup-steps", type=int, metavar="N",
+                   help="rise linearly from 0 to the rate over the first N steps (default 0)")
+    g.add_argument("--lr-step-every", type=int, metavar="N",
+                   help="with --lr-schedule step: multiply the rate by --lr-gamma every N steps")
+    g.add_argument("--lr-gamma", type=float, metavar="F", help="step decay factor (default 0.1)")
+    g.add_argument("--lr-min", type=float, metavar="F",
+                   help="with --lr-schedule cosine: the rate at the last step (default 0)")
+    g.add_argument("--lr-scaling", help="none | linear: lr x batch-size / --base-batch "
+                   "(default none)")
+    g.add_argument("--base-batch", type=int, metavar="N",
+                   help="the batch size --lr was tuned for, with --lr-scaling linear")
+    g.add_argument("--accumulate", type=int, metavar="K",
+                   help="sum K micro-batches of batch-size/K per update, for batches that do "
+                   "not fit in memory (default 1)")
+    g = t.add_argument_group("validation and reporting")
+    g.add_argument("--val-fraction", type=float, metavar="F",
+                   help="hold out this fraction of the training split (chosen by the seed) "
+                   "and report it every epoch (default 0)")
+    g.add_argument("--early-stopping", type=int, metavar="PATIENCE",
+                   help="stop after PATIENCE epochs without a better validation loss; the best "
+                   "model is RUN_DIR/best.h5 (default 0: off)")
+    g.add_argument("--progress", help="auto | bar | lines | off: progress within an epoch "
+                   "(auto: a live bar at a terminal, else lines; default auto)")
+    g.add_argument("--log-every", type=float, metavar="SECONDS",
+                   help="seconds between progress lines (default 30)")
 
     e = sub.add_parser("evaluate", help="loss and accuracy of a checkpoint (distributed)")
     e.add_argument("checkpoint", help="a checkpoint file, or a run directory (its checkpoint.h5)")
@@ -238,7 +272,10 @@ def build_parser() -> Parser:
 TRAIN_FLAGS = ("data", "out", "hidden", "activation", "loss", "optimizer", "lr", "momentum",
                "batch_size", "epochs", "seed", "dtype", "weight_decay", "shuffle", "block_rows",
                "window_rows", "io", "prefetch", "checkpoint_every", "keep_checkpoints",
-               "stall_timeout", "overwrite", "resume")
+               "stall_timeout", "dropout", "l1", "clip_norm", "lr_schedule", "warmup_steps",
+               "lr_step_every", "lr_gamma", "lr_min", "lr_scaling", "base_batch", "accumulate",
+               "val_fraction", "early_stopping", "progress", "log_every",
+               "overwrite", "resume")
 
 
 PARALLEL = ("train", "evaluate", "bench")  # and `data synth`: they start MPI

@@ -33,6 +33,9 @@ from .sampler import SHUFFLES
 RUN_ACTIONS = ("overwrite", "resume")  # what to do with RUN_DIR: not saved in config.toml
 MAX_INT = 2**53  # integer settings: exact as floats, far from every C integer's limit
 MAX_WIDTH = 2**31 - 1  # a layer width (a wider layer does not fit in memory anyway)
+LR_SCHEDULES = ("constant", "step", "cosine")
+LR_SCALINGS = ("none", "linear")
+PROGRESS_MODES = ("auto", "bar", "lines", "off")
 
 
 @dataclass
@@ -58,13 +61,34 @@ class TrainConfig:
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
     stall_timeout: float = 600.0
+    # regularisation (#9)
+    dropout: tuple[float, ...] = ()  # per hidden layer; one value for all; () none
+    l1: float = 0.0
+    clip_norm: float = 0.0  # 0: no clipping
+    # learning rate (#9)
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    lr_step_every: int = 0
+    lr_gamma: float = 0.1
+    lr_min: float = 0.0
+    lr_scaling: str = "none"
+    base_batch: int = 0
+    accumulate: int = 1
+    # validation (#9)
+    val_fraction: float = 0.0
+    early_stopping: int = 0  # patience in epochs; 0: off
+    # reporting (#9)
+    progress: str = "auto"
+    log_every: float = 30.0
     overwrite: bool = False
     resume: bool = False
 
     def validate(self) -> None:
         """UsageError naming the first bad field."""
         choices = {"activation": ACTIVATIONS, "loss": LOSSES, "optimizer": OPTIMIZERS,
-                   "dtype": DTYPES, "shuffle": SHUFFLES, "io": IO_MODES}
+                   "dtype": DTYPES, "shuffle": SHUFFLES, "io": IO_MODES,
+                   "lr_schedule": LR_SCHEDULES, "lr_scaling": LR_SCALINGS,
+                   "progress": PROGRESS_MODES}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise UsageError(f"{key}: {getattr(self, key)!r} is not one of "
@@ -77,9 +101,11 @@ class TrainConfig:
         if self.keep_checkpoints < 1:
             raise UsageError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         for key in ("epochs", "weight_decay", "momentum", "seed", "checkpoint_every",
-                    "stall_timeout"):
+                    "stall_timeout", "l1", "clip_norm", "warmup_steps", "lr_step_every",
+                    "lr_min", "base_batch", "val_fraction", "early_stopping"):
             if not getattr(self, key) >= 0:
                 raise UsageError(f"{key} must be >= 0, got {getattr(self, key)}")
+        self.validate_toolkit()
         if self.momentum >= 1:
             raise UsageError(f"momentum must be < 1, got {self.momentum}")
         for f in fields(self):  # before any of them reaches a C integer or an allocation
@@ -96,6 +122,30 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise UsageError("--resume continues the run in --out, --overwrite replaces it: "
                              "give one of them")
+
+
+    def validate_toolkit(self) -> None:
+        """The regularisation, schedule, accumulation and validation settings."""
+        if len(self.dropout) not in (0, 1, len(self.hidden)):
+            raise UsageError(f"dropout: give one drop probability for every hidden layer, or "
+                             f"{len(self.hidden)} (one per hidden layer), got "
+                             f"{len(self.dropout)}")
+        if self.dropout and not self.hidden:
+            raise UsageError("dropout: a linear model (no hidden layers) has nothing to drop")
+        if not self.lr_gamma > 0 or not self.log_every > 0:
+            raise UsageError(f"lr_gamma and log_every must be positive, got {self.lr_gamma} "
+                             f"and {self.log_every}")
+        if self.lr_schedule == "step" and not self.lr_step_every:
+            raise UsageError("lr_schedule step: give lr_step_every N (decay every N steps)")
+        if self.lr_scaling == "linear" and not self.base_batch:
+            raise UsageError("lr_scaling linear: give base_batch N (lr x batch_size / N)")
+        if not 1 <= self.accumulate <= self.batch_size:
+            raise UsageError(f"accumulate must lie in [1, batch_size = {self.batch_size}], "
+                             f"got {self.accumulate}")
+        if not self.val_fraction < 1:
+            raise UsageError(f"val_fraction must be < 1, got {self.val_fraction}")
+        if self.early_stopping and not self.val_fraction:
+            raise UsageError("early_stopping watches the validation loss: give val_fraction")
 
 
 def parse_hidden(value: Any) -> tuple[int, ...]:
@@ -115,9 +165,30 @@ def parse_hidden(value: Any) -> tuple[int, ...]:
     return sizes
 
 
+def parse_dropout(value: Any) -> tuple[float, ...]:
+    """'0.2' or '0.5,0.2' or 0.2 or [0.5, 0.2] -> a tuple of drop probabilities in [0, 1)."""
+    if isinstance(value, str):
+        items = [] if not value.strip() else value.split(",")
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        items = [value]
+    try:
+        rates = tuple(float(str(v).strip()) for v in items
+                      if not isinstance(v, bool))
+    except (TypeError, ValueError):
+        raise UsageError(f"dropout: expected drop probabilities like 0.2 or 0.5,0.2, got "
+                         f"{value!r}") from None
+    if len(rates) != len(items) or any(not 0 <= r < 1 for r in rates):
+        raise UsageError(f"dropout: drop probabilities must lie in [0, 1), got {value!r}")
+    return rates
+
+
 def _coerce(key: str, value: Any, kind: type) -> Any:
     if key == "hidden":
         return parse_hidden(value)
+    if key == "dropout":
+        return parse_dropout(value)
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -166,7 +237,8 @@ def load_toml(path: str) -> dict[str, Any]:
 
 def resolve(toml: dict[str, Any], flags: dict[str, Any]) -> TrainConfig:
     """TrainConfig from a TOML mapping and flags (None means 'not given'), validated."""
-    types = {f.name: (int if f.name == "hidden" else type(f.default)) for f in fields(TrainConfig)}
+    types = {f.name: (int if f.name == "hidden" else float if f.name == "dropout"
+                      else type(f.default)) for f in fields(TrainConfig)}
     values: dict[str, Any] = {}
     for source in (toml, flags):
         for raw_key, value in source.items():
