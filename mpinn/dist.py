@@ -66,6 +66,7 @@ class GradientSync:
         self.buffer = np.zeros(n_params + 3, dtype)
         self.grads = self.buffer[:n_params]
         self.control = self.buffer[n_params:]
+        self.sq_norm = 0.0  # of the reduced gradient sum, set by finite()
 
     def allreduce(self, loss: float, stop: bool = False, bad_input: bool = False) -> None:
         """In place: gradients and control slots <- their sums over all ranks."""
@@ -94,8 +95,8 @@ class GradientSync:
         allocates nothing (|g|^2 overflows only for gradients beyond ~1e19 in
         float32, ~1e154 in float64: divergence by any measure).
         """
-        return bool(np.isfinite(self.control[self.LOSS])
-                    and np.isfinite(np.dot(self.grads, self.grads)))
+        self.sq_norm = float(np.dot(self.grads, self.grads))  # |g|^2, reused by --clip-norm
+        return bool(np.isfinite(self.control[self.LOSS]) and np.isfinite(self.sq_norm))
 
 
 # -- The waiting loop -------------------------------------------------------------------

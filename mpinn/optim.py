@@ -2,7 +2,10 @@
 
 Each optimizer sees the already averaged gradient g = (1/B) sum_i grad loss_i
 (the Allreduce and the division happen in step.py). L2 weight decay lambda is
-added to the gradient: g <- g + lambda w, i.e. the loss gets (lambda/2)|w|^2.
+added to the gradient: g <- g + lambda w, i.e. the loss gets (lambda/2)|w|^2;
+L1 strength mu adds mu sign(w), the subgradient of mu |w|_1 (sign(0) = 0). Both
+act on every parameter, biases included. The rate `lr` is an attribute the
+training loop sets before every step (schedule.py).
 All state is preallocated flat arrays, so step() allocates nothing.
 """
 
@@ -16,15 +19,21 @@ OPTIMIZERS = ("sgd", "momentum", "adam")
 class Optimizer:
     """Base class: step(grads) updates params in place; state() is for checkpoints."""
 
-    def __init__(self, params: np.ndarray, lr: float, weight_decay: float = 0.0) -> None:
+    def __init__(self, params: np.ndarray, lr: float, weight_decay: float = 0.0,
+                 l1: float = 0.0) -> None:
         self.params = params
         self.lr = lr
         self.weight_decay = weight_decay
+        self.l1 = l1
         self._scratch = np.zeros_like(params)
 
     def _decay(self, grads: np.ndarray) -> None:
         if self.weight_decay:
             np.multiply(self.params, self.weight_decay, out=self._scratch)
+            grads += self._scratch
+        if self.l1:
+            np.sign(self.params, out=self._scratch)
+            self._scratch *= self.l1
             grads += self._scratch
 
     def step(self, grads: np.ndarray) -> None:
@@ -52,8 +61,8 @@ class Momentum(Optimizer):
     """Heavy ball: v <- mu v + g;  w <- w - lr v   (v starts at 0)."""
 
     def __init__(self, params: np.ndarray, lr: float, weight_decay: float = 0.0,
-                 momentum: float = 0.9) -> None:
-        super().__init__(params, lr, weight_decay)
+                 momentum: float = 0.9, l1: float = 0.0) -> None:
+        super().__init__(params, lr, weight_decay, l1)
         self.momentum = momentum
         self.velocity = np.zeros_like(params)
 
@@ -76,8 +85,9 @@ class Adam(Optimizer):
     """
 
     def __init__(self, params: np.ndarray, lr: float, weight_decay: float = 0.0,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-        super().__init__(params, lr, weight_decay)
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 l1: float = 0.0) -> None:
+        super().__init__(params, lr, weight_decay, l1)
         self.beta1, self.beta2 = betas
         self.eps = eps
         self.m = np.zeros_like(params)
@@ -108,12 +118,12 @@ class Adam(Optimizer):
 
 
 def make_optimizer(name: str, params: np.ndarray, lr: float, weight_decay: float,
-                   momentum: float) -> Optimizer:
+                   momentum: float, l1: float = 0.0) -> Optimizer:
     """The optimizer called `name` (one of OPTIMIZERS) over params."""
     if name == "sgd":
-        return SGD(params, lr, weight_decay)
+        return SGD(params, lr, weight_decay, l1)
     if name == "momentum":
-        return Momentum(params, lr, weight_decay, momentum)
+        return Momentum(params, lr, weight_decay, momentum, l1)
     if name == "adam":
-        return Adam(params, lr, weight_decay)
+        return Adam(params, lr, weight_decay, l1=l1)
     raise ValueError(f"unknown optimizer {name!r}")
