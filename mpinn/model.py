@@ -51,8 +51,10 @@ class Architecture:
 class MLP:
     """A fully connected network, hidden layers with one activation, linear output."""
 
-    def __init__(self, arch: Architecture, max_rows: int, grads: np.ndarray | None = None) -> None:
-        """Buffers for up to max_rows samples per forward(); grads: a flat vector to use."""
+    def __init__(self, arch: Architecture, max_rows: int, grads: np.ndarray | None = None,
+                 dropout: bool = False, accumulate: bool = False) -> None:
+        """Buffers for up to max_rows samples per forward(); grads: a flat vector to use.
+        dropout: keep room for masked activations; accumulate: for backward(add=True)."""
         self.arch = arch
         self.dtype = np.dtype(arch.dtype)
         self.max_rows = max_rows
@@ -80,6 +82,13 @@ class MLP:
         self._deltas = [np.zeros((max_rows, s), self.dtype) for s in arch.sizes[1:]]
         self._scratch = np.zeros(max_rows * max(arch.sizes), self.dtype)
         self._targets = np.zeros((max_rows, arch.sizes[-1]), self.dtype)
+        # with dropout: f(z) of each hidden layer before its mask (acts then hold m * f(z))
+        self._unmasked = [np.zeros((max_rows, s), self.dtype) if dropout else None
+                          for s in arch.sizes[1:-1]]
+        self._masks: list[np.ndarray | None] = []  # of the last forward()
+        # accumulate: one layer's dW, added to grads (a second, full gradient is not needed)
+        self._dw = np.zeros(max(w.size for w in self.dW) if accumulate else 0, self.dtype)
+        self._db = np.zeros(max(arch.sizes[1:]) if accumulate else 0, self.dtype)
         self._n_rows = 0  # rows of the last forward(), which backward() differentiates
 
     @property
@@ -110,10 +119,16 @@ class MLP:
             w[...] = values
             b.fill(0)
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """Logits for the rows of x (n, D), n <= max_rows; returns a view (n, K)."""
+    def forward(self, x: np.ndarray, masks: list[np.ndarray | None] | None = None
+                ) -> np.ndarray:
+        """Logits for the rows of x (n, D), n <= max_rows; returns a view (n, K).
+
+        masks (training with dropout): one (n, width) array per hidden layer, or
+        None for a layer without dropout; hidden output i becomes m_i * f(z_i).
+        """
         n = x.shape[0]
         self._n_rows = n
+        self._masks = masks or []
         a = self._acts[0][:n]
         a[...] = x  # cast the input (stored float32) to the model dtype
         last = self.n_layers - 1
@@ -123,37 +138,64 @@ class MLP:
             z += b
             if i < last:
                 F.activate(self.arch.activation, z)
+                if self._masks and self._masks[i] is not None:
+                    unmasked = self._unmasked[i]
+                    assert unmasked is not None, "MLP built without dropout=True"
+                    unmasked[:n] = z
+                    z *= self._masks[i]
             a = z
         return a
 
-    def backward(self, y: np.ndarray) -> float:
-        """Gradients of the SUMMED loss over the rows of the last forward() into grads.
+    def backward(self, y: np.ndarray, add: bool = False) -> float:
+        """Gradients of the SUMMED loss over the rows of the last forward() into grads
+        (add: added to what grads holds, for micro-batches; needs accumulate=True).
 
-        Returns that summed loss. With z_i = a_{i-1} W_i + b_i, a_i = f(z_i),
-        and delta_i = d loss / d z_i (rows = samples):
+        Returns that summed loss. With z_i = a_{i-1} W_i + b_i, a_i = m_i * f(z_i)
+        (m_i the dropout mask, entries 0 or 1/(1-p); m_i = 1 without dropout), and
+        delta_i = d loss / d z_i (rows = samples):
 
             delta_L     = d loss / d logits                 (functional.py)
             dW_i        = a_{i-1}^T delta_i                 (fan_in, n) @ (n, fan_out)
             db_i        = sum over rows of delta_i
-            delta_{i-1} = (delta_i W_i^T) * f'(z_{i-1})     (n, fan_out) @ (fan_out, fan_in)
+            delta_{i-1} = (delta_i W_i^T) * m_{i-1} * f'(z_{i-1})
+                                                            (n, fan_out) @ (fan_out, fan_in)
 
-        With zero rows every gradient is exactly zero, so an empty slice still
-        contributes a valid (zero) term to the Allreduce.
+        The mask is a constant of the step, so d a / d z = m * f'(z): dropped units
+        pass no gradient, kept ones pass it scaled by 1/(1-p). f' is taken from the
+        unmasked f(z). With zero rows every gradient is exactly zero, so an empty
+        slice still contributes a valid (zero) term to the Allreduce.
         """
         n = self._n_rows
         loss = self.loss(y)
         delta = self._deltas[-1][:n]
         for i in range(self.n_layers - 1, -1, -1):
             a_prev = self._acts[i][:n]
-            np.matmul(a_prev.T, delta, out=self.dW[i])
-            np.sum(delta, axis=0, out=self.db[i])
+            self._layer_grads(i, a_prev, delta, add)
             if i > 0:
                 prev = self._deltas[i - 1][:n]
                 np.matmul(delta, self.W[i].T, out=prev)
                 scratch = self._scratch[: prev.size].reshape(prev.shape)
+                mask = self._masks[i - 1] if self._masks else None
+                if mask is not None:
+                    prev *= mask
+                    a_prev = self._unmasked[i - 1][:n]  # type: ignore[index]
                 F.activation_backward(self.arch.activation, a_prev, prev, scratch)
                 delta = prev
         return loss
+
+    def _layer_grads(self, i: int, a_prev: np.ndarray, delta: np.ndarray, add: bool) -> None:
+        """dW_i = a_{i-1}^T delta_i, db_i = sum of delta_i's rows: into, or added to, grads."""
+        if not add:
+            np.matmul(a_prev.T, delta, out=self.dW[i])
+            np.sum(delta, axis=0, out=self.db[i])
+            return
+        assert self._dw.size, "MLP built without accumulate=True"
+        dw = self._dw[:self.dW[i].size].reshape(self.dW[i].shape)
+        db = self._db[:self.db[i].size]
+        np.matmul(a_prev.T, delta, out=dw)
+        np.sum(delta, axis=0, out=db)
+        self.dW[i] += dw
+        self.db[i] += db
 
     def loss(self, y: np.ndarray) -> float:
         """Summed loss of the last forward() against y (d loss / d logits kept for backward)."""
