@@ -52,6 +52,8 @@ class Batch(NamedTuple):
     y: np.ndarray
     rows: int  # of the GLOBAL batch: what the summed gradient is divided by
     bad: str | None  # a non-finite row of this rank's share, named; None if all are finite
+    index: np.ndarray  # the rows' sample indices in the split (dropout masks use them)
+    micro: np.ndarray  # this rank's rows in each micro-batch, in order (accumulation)
 
 
 class Buffers:
@@ -114,7 +116,9 @@ class Feed:
                 previous, x, y, bad = item
             else:
                 x, y, bad = self._fill(step, 0)
-            yield Batch(x, y, int(self.plan.batch_rows[step]), bad)
+            index = self.plan.steps[step]
+            micro = self.plan.micro[step] if self.plan.micro else np.array([len(index)])
+            yield Batch(x, y, int(self.plan.batch_rows[step]), bad, index, micro)
         self.close()
 
     def close(self) -> None:

@@ -17,6 +17,13 @@ Three shuffle modes, all using every sample exactly once per epoch:
   large contiguous reads, shuffles it in memory, and deals it out over the
   window's steps. Batches mix rows from P regions of the file. NOT P-invariant:
   which rows meet in a batch depends on P (and on seed and epoch).
+
+With gradient accumulation (K micro-batches per update), micro-batch k of a
+global batch of B rows is its contiguous part share(B, k, K), and rank r takes
+its share of every micro-batch: its rows of a step are those K shares one after
+another (`micro` holds their lengths). The sum over micro-batches and ranks is
+the sum over the batch whatever K and P are. (Block mode splits each rank's rows
+of a step into K parts: it is not P-invariant anyway.)
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ class EpochPlan:
     batch_rows: np.ndarray  # size of the GLOBAL batch at each step
     # block mode: (first step, file row ranges of this rank's piece) per window
     windows: list[tuple[int, np.ndarray]] = field(default_factory=list)
+    # this rank's rows in each micro-batch of each step (accumulation; [] means one each)
+    micro: list[np.ndarray] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -93,17 +102,35 @@ def runs(rows: np.ndarray) -> np.ndarray:
 
 
 def epoch_plan(sampling: Sampling, seed: int, epoch: int, n: int, batch_size: int,
-               rank: int, size: int) -> EpochPlan:
-    """The rows of rank `rank` of `size` at every step of epoch `epoch`."""
+               rank: int, size: int, accumulate: int = 1) -> EpochPlan:
+    """The rows of rank `rank` of `size` at every step of epoch `epoch` (with
+    `accumulate` micro-batches per step: see the module docstring)."""
     sizes = batch_sizes(n, batch_size)
     if sampling.shuffle == "block":
-        return _block_plan(sampling, seed, epoch, n, batch_size, sizes, rank, size)
+        plan = _block_plan(sampling, seed, epoch, n, batch_size, sizes, rank, size)
+        if accumulate > 1:
+            plan.micro = [np.diff([share(len(rows), k, accumulate)[0]
+                                   for k in range(accumulate)] + [len(rows)])
+                          for rows in plan.steps]
+        return plan
     order = epoch_order(seed, epoch, n, sampling.shuffle == "global")
-    steps = []
+    steps, micro = [], []
     for k, rows in enumerate(sizes):
-        lo, hi = share(int(rows), rank, size)
-        steps.append(order[k * batch_size + lo:k * batch_size + hi])
-    return EpochPlan(steps, sizes)
+        parts = []
+        for m in range(accumulate):
+            m_lo, m_hi = share(int(rows), m, accumulate)  # the micro-batch in the batch
+            lo, hi = share(m_hi - m_lo, rank, size)  # this rank's share of it
+            first = k * batch_size + m_lo
+            parts.append(order[first + lo:first + hi])
+        steps.append(np.concatenate(parts) if accumulate > 1 else parts[0])
+        micro.append(np.array([len(p) for p in parts], np.int64))
+    return EpochPlan(steps, sizes, micro=micro if accumulate > 1 else [])
+
+
+def micro_rows(batch_size: int, accumulate: int, size: int) -> tuple[int, int]:
+    """(rows of this rank's largest micro-batch, of its largest step): buffer sizes."""
+    micro = ceil_div(ceil_div(batch_size, accumulate), size)
+    return micro, micro * accumulate if accumulate > 1 else ceil_div(batch_size, size)
 
 
 def _block_plan(sampling: Sampling, seed: int, epoch: int, n: int, batch_size: int,

@@ -21,20 +21,23 @@ from . import checkpoint, dist
 from .checkpoint import Checkpoint
 from .config import TrainConfig, to_toml
 from .data import Problem, check_data
+from .dropout import Dropout
 from .errors import Interrupted, UsageError
 from .feed import Buffers, Feed
 from .model import MLP, Architecture
 from .optim import Optimizer, make_optimizer
 from .readers import DataFile, SplitReader, resolve_io
 from .rundir import RunDir
-from .sampler import Sampling, ceil_div, epoch_plan, steps_per_epoch
+from .sampler import Sampling, ceil_div, epoch_plan, micro_rows, steps_per_epoch
+from .schedule import Schedule, scaled_rate
+from .step import Regime
 from .timing import PhaseTimer
 
 T = TypeVar("T")
 INIT_STREAM = 0x1A17  # generator stream of the initial weights: seed -> weights
 # Settings that fix the trajectory: a resumed run must keep them.
 TRAJECTORY_KEYS = ("batch_size", "seed", "shuffle", "block_rows", "window_rows", "optimizer",
-                   "hidden", "activation", "loss", "dtype")
+                   "hidden", "activation", "loss", "dtype", "dropout")
 
 
 @dataclass
@@ -86,6 +89,8 @@ class Session:
     saved_step: int = -1  # the step of the newest checkpoint on disk (-1: none)
     config_pending: bool = False  # a resumed run's config.toml, written with its checkpoint
     active_feed: Feed | None = None  # the epoch's feed, whose threads may still read
+    regime: Regime = field(default_factory=Regime)  # dropout, clipping
+    schedule: Schedule = field(default_factory=lambda: Schedule(0.0))  # the rate per step
 
     @property
     def steps(self) -> int:
@@ -100,7 +105,7 @@ class Session:
         """This rank's batches of an epoch (from the resumed step in the first one)."""
         cfg, data, comm = self.cfg, self.data, self.comm
         plan = epoch_plan(data.sampling, cfg.seed, epoch, data.train.n, cfg.batch_size,
-                          comm.rank, comm.size)
+                          comm.rank, comm.size, cfg.accumulate)
         self.active_feed = Feed(data.train, plan, data.buffers, data.prefetch,
                                 first_step=self.progress.step_in_epoch)
         return self.active_feed
@@ -127,7 +132,7 @@ class Session:
                           step=p.step, step_in_epoch=p.step_in_epoch, config=to_toml(cfg),
                           optimizer=cfg.optimizer, optimizer_state=self.optimizer.state(),
                           epoch_sums=sums, data_shape=data_shape(self.problem),
-                          ranks=self.comm.size)
+                          ranks=self.comm.size, lr_anchor=self.schedule.anchor)
 
         def write(run: RunDir) -> None:
             image = checkpoint.image(ckpt, self.model)
@@ -157,11 +162,13 @@ def open_session(cfg: TrainConfig, comm: dist.Comm) -> Session:
     """Collective: validate, agree, take the run directory, build and resume the model."""
     io = resolve_io(cfg.io)
     problem = check_data(comm, cfg.data, cfg.loss)
-    # the largest share of a global batch (no batch is larger than the data)
-    max_rows = max(1, ceil_div(min(cfg.batch_size, problem.info.n_train), comm.size))
+    # the largest share of a global batch (no batch is larger than the data), and of
+    # a micro-batch: the model's buffers hold one micro-batch (sampler.py)
+    model_rows, max_rows = (max(1, r) for r in micro_rows(
+        min(cfg.batch_size, problem.info.n_train), cfg.accumulate, comm.size))
     arch = Architecture((problem.info.features, *cfg.hidden, problem.outputs),
                         cfg.activation, cfg.loss, cfg.dtype)
-    sync, model, optimizer = build_model(comm, cfg, arch, max_rows)
+    sync, model, optimizer = build_model(comm, cfg, arch, model_rows)
     run = dist.root_tries(comm, lambda: RunDir.open(cfg))
     try:
         resumed = resume(comm, cfg, run, model, optimizer, data_shape(problem)) \
@@ -177,7 +184,11 @@ def open_session(cfg: TrainConfig, comm: dist.Comm) -> Session:
                        sync=sync, run=run, resumed=resumed, progress=progress,
                        data=open_reading(cfg, comm, io, max_rows, problem),
                        saved_step=resumed.step if resumed else -1,
-                       config_pending=resumed is not None)
+                       config_pending=resumed is not None,
+                       regime=Regime(Dropout(cfg.dropout, cfg.hidden, model_rows, cfg.seed,
+                                             cfg.dtype) if any(cfg.dropout) else None,
+                                     cfg.clip_norm),
+                       schedule=make_schedule(cfg, problem, resumed))
     except BaseException:
         if run is not None:
             run.close()
@@ -190,15 +201,33 @@ def build_model(comm: dist.Comm, cfg: TrainConfig, arch: Architecture, max_rows:
     UsageError on every rank if they do not fit in some rank's memory."""
     def build() -> tuple[dist.GradientSync, MLP, Optimizer]:
         sync = dist.GradientSync(comm, arch.n_params, arch.dtype)
-        model = MLP(arch, max_rows, grads=sync.grads)
+        model = MLP(arch, max_rows, grads=sync.grads, dropout=any(cfg.dropout),
+                    accumulate=cfg.accumulate > 1)
         return sync, model, make_optimizer(cfg.optimizer, model.params, cfg.lr,
-                                           cfg.weight_decay, cfg.momentum)
+                                           cfg.weight_decay, cfg.momentum, cfg.l1)
     gib = arch.n_params * np.dtype(arch.dtype).itemsize / 2**30
     return affordable(comm, build, (
         f"the model {'-'.join(map(str, arch.sizes))} has {arch.n_params:,} parameters "
         f"({gib:.3g} GiB each for the weights, the gradients and every {cfg.optimizer} state "
         f"array)", "choose smaller --hidden layers"
         + (" or --dtype float32" if arch.dtype == "float64" else "")))
+
+
+def make_schedule(cfg: TrainConfig, problem: Problem, resumed: Checkpoint | None
+                  ) -> Schedule:
+    """The rate of every step. A resume keeps the checkpoint's stretch (anchor) and,
+    if --epochs changed, stretches cosine from the resumed step (schedule.py)."""
+    steps = steps_per_epoch(problem.info.n_train, cfg.batch_size)
+
+    def planned(epochs: int, anchor: tuple[int, float] | None) -> Schedule:
+        return Schedule(scaled_rate(cfg.lr, cfg.lr_scaling, cfg.batch_size, cfg.base_batch),
+                        cfg.lr_schedule, max(1, epochs * steps), cfg.warmup_steps,
+                        cfg.lr_step_every, cfg.lr_gamma, cfg.lr_min, anchor)
+    if resumed is None:
+        return planned(cfg.epochs, None)
+    saved_epochs = int(tomllib.loads(resumed.config).get("epochs", cfg.epochs))
+    return planned(saved_epochs, resumed.lr_anchor).stretched(resumed.step,
+                                                              max(1, cfg.epochs * steps))
 
 
 def affordable(comm: dist.Comm, build: Callable[[], T], what: tuple[str, str]) -> T:

@@ -10,12 +10,14 @@ order of floating-point summation.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
 from . import dist
 from .data import Problem, nonfinite_message
+from .dropout import Dropout
 from .errors import UsageError
 from .model import MLP
 from .optim import Optimizer
@@ -31,20 +33,49 @@ class StepResult(NamedTuple):
     #                not finite (sync says which); the weights are as they were
 
 
+@dataclass(frozen=True)
+class Regime:
+    """What a step does beyond forward, backward, sync and update: dropout masks
+    (keyed by the global step and sample indices), gradient clipping."""
+
+    dropout: Dropout | None = None
+    clip_norm: float = 0.0  # 0: off
+
+
+class Rows(NamedTuple):
+    """This rank's rows of a step, where they came from, and their micro-batches."""
+
+    index: np.ndarray | None  # sample indices (needed with dropout)
+    micro: np.ndarray | None  # rows per micro-batch (None: one)
+    step: int = 0  # the global step (dropout's key)
+
+
 def train_step(sync: dist.GradientSync, model: MLP, optimizer: Optimizer, timer: PhaseTimer,
                x: np.ndarray, y: np.ndarray, batch_rows: int, problem: Problem,
-               stop: bool = False, bad_input: bool = False) -> StepResult:
+               stop: bool = False, bad_input: bool = False, rows: Rows | None = None,
+               regime: Regime = Regime()) -> StepResult:
     """One step on this rank's rows of a global batch of batch_rows samples.
 
-    The update is skipped when any rank met bad input or the reduced loss or
-    gradient is not finite, so a bad step leaves the weights as they were; all
-    ranks see the same reduced buffer, so all skip alike.
+    With micro-batches (gradient accumulation) forward and backward run on each in
+    turn, the 2nd..Kth adding into grads, before the one Allreduce. The update is
+    skipped when any rank met bad input or the reduced loss or gradient is not
+    finite, so a bad step leaves the weights as they were; all ranks see the same
+    reduced buffer, so all skip alike.
     """
-    with timer.phase("forward"):
-        logits = model.forward(x)
-        correct = count_correct(logits, y, problem)
-    with timer.phase("backward"):
-        loss = model.backward(y)  # grads <- sum over this rank's rows
+    rows = rows or Rows(None, None)
+    micro = rows.micro if rows.micro is not None and rows.micro.sum() == len(x) else [len(x)]
+    loss, correct, first = 0.0, 0, 0
+    for k, count in enumerate(micro):
+        part = slice(first, first + int(count))
+        first += int(count)
+        masks = None
+        if regime.dropout is not None and rows.index is not None:
+            masks = regime.dropout.masks(rows.step, rows.index[part])
+        with timer.phase("forward"):
+            logits = model.forward(x[part], masks)
+            correct += count_correct(logits, y[part], problem)
+        with timer.phase("backward"):
+            loss += model.backward(y[part], add=k > 0)  # grads <- (+=) sum over the rows
     with timer.phase("allreduce"):
         # SUM of per-rank gradient sums: the gradient summed over the global batch,
         # with the losses and the stop / bad-input flags in the control slots.
@@ -55,8 +86,16 @@ def train_step(sync: dist.GradientSync, model: MLP, optimizer: Optimizer, timer:
             # Divide by the true global count (not by P, not by the local count):
             # g = (1/B) sum_{i in batch} grad loss_i, whatever the shares were.
             model.grads *= 1.0 / batch_rows
+            clip(model.grads, sync.sq_norm / batch_rows**2, regime.clip_norm)
             optimizer.step(model.grads)
     return StepResult(loss, correct, applied)
+
+
+def clip(grads: np.ndarray, sq_norm: float, limit: float) -> None:
+    """g <- g * limit / |g| if |g| > limit (limit 0: off). |g|^2 comes from the divergence
+    guard's dot product (of the reduced sum, so every rank clips alike: P-invariant)."""
+    if limit and sq_norm > limit * limit:
+        grads *= limit / np.sqrt(sq_norm)
 
 
 def count_correct(logits: np.ndarray, y: np.ndarray, problem: Problem) -> int:

@@ -28,7 +28,7 @@ from .feed import Batch, Feed
 from .rundir import checkpoint_path
 from .session import Checkpointer, Session, open_session
 from .signals import StopRequest
-from .step import evaluate, train_step
+from .step import Rows, evaluate, train_step
 
 
 def train(cfg: TrainConfig, comm: dist.Comm) -> dict:
@@ -74,9 +74,11 @@ def run_epoch(s: Session, epoch: int, stop: StopRequest, checkpointer: Checkpoin
         timer.begin_step()
         with timer.phase("data"):  # waiting for this step's rows (read ahead)
             batch = next(batches)
-        # forward, backward, the one Allreduce, update
+        # forward, backward, the one Allreduce, update (at this step's scheduled rate)
+        s.optimizer.lr = s.schedule(p.step)
         result = train_step(s.sync, s.model, s.optimizer, timer, batch.x, batch.y, batch.rows,
-                            s.problem, stop.requested, batch.bad is not None)
+                            s.problem, stop.requested, batch.bad is not None,
+                            Rows(batch.index, batch.micro, p.step), s.regime)
         # guards: bad input or divergence, agreed through the Allreduce's control slots
         if not result.applied:
             raise bad_input(s, batch, feed) if s.sync.bad_input else divergence(s, batch)
@@ -93,7 +95,8 @@ def run_epoch(s: Session, epoch: int, stop: StopRequest, checkpointer: Checkpoin
     record = {"epoch": epoch + 1, "step": p.step, "train_loss": loss / seen,
               "train_accuracy": correct / seen if s.problem.classification else None,
               "test_loss": None, "test_accuracy": None,
-              "seconds": seconds, "samples_per_s": rows / seconds}
+              "seconds": seconds, "samples_per_s": rows / seconds,
+              "lr": s.optimizer.lr}  # the rate of the epoch's last step
     p.end_epoch()
     record.update(evaluate_epoch(s, record))
     s.save(record)
@@ -243,6 +246,12 @@ def log_start(s: Session) -> None:
                       f"{arch.loss}, {arch.n_params:,} params ({arch.dtype}); {cfg.optimizer} "
                       f"lr {cfg.lr}; global batch {cfg.batch_size} (<= {s.model.max_rows} per "
                       f"rank), {s.steps} steps/epoch")
+    dist.print0(comm, f"lr {s.schedule.rate:g}"
+                      + (f" (--lr {cfg.lr:g} x batch {cfg.batch_size} / base batch "
+                         f"{cfg.base_batch})" if cfg.lr_scaling == "linear" else "")
+                      + f": {s.schedule.describe()}"
+                      + (f"; {cfg.accumulate} micro-batches per update" if cfg.accumulate > 1
+                         else ""))
     io, prefetch = s.data.io, s.data.prefetch
     dist.print0(comm, f"io {io}{' (collective MPI-IO)' if io == 'mpio' else ''}, "
                       f"shuffle {cfg.shuffle}, prefetch {'on' if prefetch else 'off'}"
