@@ -14,7 +14,8 @@ A resume with a different T (more --epochs) stretches cosine from where it
 was: an anchor (a, r_a) -- the resumed step and the rate it had under the old
 schedule -- replaces (W, r), and the rate decays from r_a at step a to m at the
 new last step. The anchor lives in the checkpoint (lr_anchor_step, lr_anchor_rate),
-so a later resume continues the stretched schedule exactly.
+so a later resume continues the stretched schedule exactly. (Steps before the
+anchor are never asked for again: their rates are in metrics.jsonl.)
 """
 
 from __future__ import annotations
