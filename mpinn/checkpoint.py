@@ -9,7 +9,9 @@ Layout:
              epoch (completed epochs), step (global steps done),
              step_in_epoch (steps done of epoch `epoch`; 0 at an epoch boundary),
              data_rows, data_features, data_outputs (the training data's shape),
-             ranks (the number of ranks that wrote it)
+             ranks (the number of ranks that wrote it),
+             best_val_loss, best_epoch, stale_epochs (validation: the lowest loss so
+             far, its epoch, epochs since; inf, 0, 0 in files written before them)
 
 That is everything needed to continue exactly: the sampler's position is
 (epoch, step_in_epoch) because every epoch's plan is a pure function of the
@@ -80,6 +82,11 @@ class Checkpoint:
     data_shape: tuple[int, int, int] = (0, 0, 0)  # rows, features, outputs
     version: str = __version__
     ranks: int = 1  # that wrote it (block shuffle's windows depend on it)
+    # validation (early stopping's state): the lowest val loss so far, its epoch
+    # (0: none yet), and the epochs since without a lower one
+    best_val_loss: float = float("inf")
+    best_epoch: int = 0
+    stale_epochs: int = 0
     path: str = ""  # the file it was loaded from ("" if built, not loaded)
 
     def restore(self, model: MLP) -> None:
@@ -110,7 +117,8 @@ def image(ckpt: Checkpoint, model: MLP) -> bytes:
                        step=ckpt.step, step_in_epoch=ckpt.step_in_epoch, task=ckpt.task,
                        config=ckpt.config, data_rows=ckpt.data_shape[0],
                        data_features=ckpt.data_shape[1], data_outputs=ckpt.data_shape[2],
-                       ranks=ckpt.ranks)
+                       ranks=ckpt.ranks, best_val_loss=ckpt.best_val_loss,
+                       best_epoch=ckpt.best_epoch, stale_epochs=ckpt.stale_epochs)
         g = f.create_group("model")
         g.attrs.update(sizes=np.array(model.arch.sizes, np.int64),
                        activation=model.arch.activation, loss=model.arch.loss,
@@ -216,4 +224,6 @@ def parse(path: str, f: h5py.File) -> Checkpoint:
         optimizer=str(o.attrs["optimizer"]), optimizer_state={k: o[k][...] for k in o},
         epoch_sums=f["progress/epoch_sums"][...],
         data_shape=(int(a["data_rows"]), int(a["data_features"]), int(a["data_outputs"])),
-        version=str(a["mpinn_version"]), ranks=int(a.get("ranks", 1)))
+        version=str(a["mpinn_version"]), ranks=int(a.get("ranks", 1)),
+        best_val_loss=float(a.get("best_val_loss", float("inf"))),
+        best_epoch=int(a.get("best_epoch", 0)), stale_epochs=int(a.get("stale_epochs", 0)))

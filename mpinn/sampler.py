@@ -17,6 +17,15 @@ Three shuffle modes, all using every sample exactly once per epoch:
   large contiguous reads, shuffles it in memory, and deals it out over the
   window's steps. Batches mix rows from P regions of the file. NOT P-invariant:
   which rows meet in a batch depends on P (and on seed and epoch).
+
+Validation (--val-fraction F) holds out `holdout(seed, n, F)` of the n training
+rows: the first round(F * n) entries of a permutation drawn from a generator
+keyed by (seed, VAL_STREAM), sorted. It depends on nothing else (not on P, not
+on the epoch), so it is the same set for every P and every resume. The epochs
+then run over the remaining rows only (`rows=` of epoch_plan): the global and
+none orders above, applied to positions in that list, so still P-invariant.
+Block shuffle reads contiguous blocks of the file and would read held-out rows
+with them: the combination is refused (config.py).
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 SHUFFLES = ("global", "block", "none")
+VAL_STREAM = 0x7A11  # generator stream of the held-out rows: (seed, VAL_STREAM) -> rows
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,26 @@ def epoch_order(seed: int, epoch: int, n: int, shuffle: bool) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 0x5A3D]).permutation(n)
 
 
+def holdout(seed: int, n: int, fraction: float) -> np.ndarray:
+    """The validation rows of n training rows: sorted, round(fraction * n) of them,
+    the first of a permutation keyed by (seed, VAL_STREAM). A function of these only."""
+    count = round(fraction * n)
+    if count == 0:
+        return np.zeros(0, np.int64)
+    held = np.random.default_rng([seed, VAL_STREAM]).permutation(n)[:count]
+    return np.sort(held).astype(np.int64)
+
+
+def remaining(n: int, held: np.ndarray) -> np.ndarray | None:
+    """The training rows left of n once `held` is held out; None if nothing is held out
+    (then every row trains, and the plans are those of a run without validation)."""
+    if len(held) == 0:
+        return None
+    keep = np.ones(n, bool)
+    keep[held] = False
+    return np.flatnonzero(keep).astype(np.int64)
+
+
 def runs(rows: np.ndarray) -> np.ndarray:
     """Sorted unique rows as maximal runs of consecutive values: array of [start, stop)."""
     if len(rows) == 0:
@@ -93,12 +123,18 @@ def runs(rows: np.ndarray) -> np.ndarray:
 
 
 def epoch_plan(sampling: Sampling, seed: int, epoch: int, n: int, batch_size: int,
-               rank: int, size: int) -> EpochPlan:
-    """The rows of rank `rank` of `size` at every step of epoch `epoch`."""
+               rank: int, size: int, rows: np.ndarray | None = None) -> EpochPlan:
+    """The rows of rank `rank` of `size` at every step of epoch `epoch`: of all n rows,
+    or only of `rows` (ascending file rows: the training rows left by a hold-out)."""
+    if rows is not None:
+        assert sampling.shuffle != "block", "block shuffle cannot skip held-out rows"
+        n = len(rows)
     sizes = batch_sizes(n, batch_size)
     if sampling.shuffle == "block":
         return _block_plan(sampling, seed, epoch, n, batch_size, sizes, rank, size)
     order = epoch_order(seed, epoch, n, sampling.shuffle == "global")
+    if rows is not None:
+        order = rows[order]  # positions in the list of training rows -> file rows
     steps = []
     for k, rows in enumerate(sizes):
         lo, hi = share(int(rows), rank, size)
