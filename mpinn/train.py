@@ -115,9 +115,9 @@ def evaluate_epoch(s: Session, record: dict) -> dict:
         val = evaluate(s.comm, s.model, s.data.val, s.problem, rows=s.data.val_rows)
     except UsageError as exc:
         s.save(record)
-        raise UsageError(f"{exc}; epoch {record['epoch']} is saved without its test and "
-                         f"validation scores: fix the row, then continue with: mpinn train "
-                         f"--out {s.cfg.out} --resume") from None
+        raise UsageError(f"{exc}; epoch {record['epoch']} is saved without its test scores "
+                         f"and validation scores: fix the row, then continue with: mpinn "
+                         f"train --out {s.cfg.out} --resume") from None
     return {"test_loss": test["loss"], "test_accuracy": test["accuracy"],
             **{f"val_{k}": v for k, v in val.items()}}
 
