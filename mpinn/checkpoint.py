@@ -11,7 +11,9 @@ Layout:
              data_rows, data_features, data_outputs (the training data's shape),
              ranks (the number of ranks that wrote it),
              lr_anchor_step, lr_anchor_rate (a cosine schedule stretched by a resume;
-             step -1: not stretched; schedule.py)
+             step -1: not stretched; schedule.py),
+             best_val_loss, best_epoch, stale_epochs (validation: the lowest loss so
+             far, its epoch, epochs since; inf, 0, 0 in files written before them)
 
 That is everything needed to continue exactly: the sampler's position is
 (epoch, step_in_epoch) because every epoch's plan is a pure function of the
@@ -83,6 +85,11 @@ class Checkpoint:
     version: str = __version__
     ranks: int = 1  # that wrote it (block shuffle's windows depend on it)
     lr_anchor: tuple[int, float] | None = None  # a stretched cosine schedule (schedule.py)
+    # validation (early stopping's state): the lowest val loss so far, its epoch
+    # (0: none yet), and the epochs since without a lower one
+    best_val_loss: float = float("inf")
+    best_epoch: int = 0
+    stale_epochs: int = 0
     path: str = ""  # the file it was loaded from ("" if built, not loaded)
 
     def restore(self, model: MLP) -> None:
@@ -115,7 +122,9 @@ def image(ckpt: Checkpoint, model: MLP) -> bytes:
                        data_features=ckpt.data_shape[1], data_outputs=ckpt.data_shape[2],
                        ranks=ckpt.ranks,
                        lr_anchor_step=ckpt.lr_anchor[0] if ckpt.lr_anchor else -1,
-                       lr_anchor_rate=ckpt.lr_anchor[1] if ckpt.lr_anchor else 0.0)
+                       lr_anchor_rate=ckpt.lr_anchor[1] if ckpt.lr_anchor else 0.0,
+                       best_val_loss=ckpt.best_val_loss, best_epoch=ckpt.best_epoch,
+                       stale_epochs=ckpt.stale_epochs)
         g = f.create_group("model")
         g.attrs.update(sizes=np.array(model.arch.sizes, np.int64),
                        activation=model.arch.activation, loss=model.arch.loss,
@@ -223,4 +232,6 @@ def parse(path: str, f: h5py.File) -> Checkpoint:
         data_shape=(int(a["data_rows"]), int(a["data_features"]), int(a["data_outputs"])),
         version=str(a["mpinn_version"]), ranks=int(a.get("ranks", 1)),
         lr_anchor=(int(a["lr_anchor_step"]), float(a["lr_anchor_rate"]))
-        if int(a.get("lr_anchor_step", -1)) >= 0 else None)
+        if int(a.get("lr_anchor_step", -1)) >= 0 else None,
+        best_val_loss=float(a.get("best_val_loss", float("inf"))),
+        best_epoch=int(a.get("best_epoch", 0)), stale_epochs=int(a.get("stale_epochs", 0)))

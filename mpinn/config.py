@@ -146,6 +146,11 @@ class TrainConfig:
             raise UsageError(f"val_fraction must be < 1, got {self.val_fraction}")
         if self.early_stopping and not self.val_fraction:
             raise UsageError("early_stopping watches the validation loss: give val_fraction")
+        if self.val_fraction and self.shuffle == "block":
+            # its windows read whole blocks of the file, held-out rows among them
+            raise UsageError("val_fraction cannot be used with shuffle block (its contiguous "
+                             "reads would include the held-out rows); use shuffle global or "
+                             "none, or hold out a test split in the file instead")
 
 
 def parse_hidden(value: Any) -> tuple[int, ...]:

@@ -5,6 +5,7 @@
     RUN_DIR/summary.json          written at the end
     RUN_DIR/checkpoints/step-NNNNNNNNN.h5   the last `keep_checkpoints` checkpoints
     RUN_DIR/checkpoint.h5         a hard link to the newest of them
+    RUN_DIR/best.h5               --early-stopping: the checkpoint of the best epoch
     RUN_DIR/.lock                 held by the run using the directory (lock.py)
 
 Every file is replaced atomically (fileio.write_atomically; the link too: a
@@ -41,13 +42,13 @@ from .fileio import (
 )
 from .lock import RunLock
 
-OLD_RUN_FILES = ("checkpoint.h5", "summary.json", "metrics.jsonl", "config.toml")
+OLD_RUN_FILES = ("checkpoint.h5", "summary.json", "metrics.jsonl", "config.toml", "best.h5")
 # temporary files of this module's writers (fileio.temp_path; `checkpoint.h5.tmp-PID`
 # without the dot from earlier versions), and nothing else: other programs may share
 # the directory
 STEP_FILE = re.compile(r"step-(\d{9,})\.h5")
 TEMP_FILES = re.compile(r"\.{0,2}(config\.toml|metrics\.jsonl|summary\.json|checkpoint\.h5|"
-                        r"step-\d+\.h5|write-probe)\.tmp-\d+")
+                        r"best\.h5|step-\d+\.h5|write-probe)\.tmp-\d+")
 
 
 def checkpoint_path(out: str) -> str:
@@ -177,6 +178,12 @@ class RunDir:
     def write_summary(self, summary: dict) -> None:
         write_atomically(os.path.join(self.out, "summary.json"),
                          (strict_json(summary, indent=2) + "\n").encode(), "write")
+
+    def save_best(self, image: bytes) -> str:
+        """best.h5: a checkpoint (its bytes: checkpoint.image) of the best epoch so far."""
+        path = os.path.join(self.out, "best.h5")
+        write_atomically(path, image, "write checkpoint")
+        return path
 
     def save_checkpoint(self, step: int, image: bytes) -> str:
         """A new checkpoint file of a step (its bytes: checkpoint.image), checkpoint.h5

@@ -24,6 +24,15 @@ its share of every micro-batch: its rows of a step are those K shares one after
 another (`micro` holds their lengths). The sum over micro-batches and ranks is
 the sum over the batch whatever K and P are. (Block mode splits each rank's rows
 of a step into K parts: it is not P-invariant anyway.)
+
+Validation (--val-fraction F) holds out `holdout(seed, n, F)` of the n training
+rows: the first round(F * n) entries of a permutation drawn from a generator
+keyed by (seed, VAL_STREAM), sorted. It depends on nothing else (not on P, not
+on the epoch), so it is the same set for every P and every resume. The epochs
+then run over the remaining rows only (`rows=` of epoch_plan): the global and
+none orders above, applied to positions in that list, so still P-invariant.
+Block shuffle reads contiguous blocks of the file and would read held-out rows
+with them: the combination is refused (config.py).
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 SHUFFLES = ("global", "block", "none")
+VAL_STREAM = 0x7A11  # generator stream of the held-out rows: (seed, VAL_STREAM) -> rows
 
 
 @dataclass(frozen=True)
@@ -91,6 +101,26 @@ def epoch_order(seed: int, epoch: int, n: int, shuffle: bool) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 0x5A3D]).permutation(n)
 
 
+def holdout(seed: int, n: int, fraction: float) -> np.ndarray:
+    """The validation rows of n training rows: sorted, round(fraction * n) of them,
+    the first of a permutation keyed by (seed, VAL_STREAM). A function of these only."""
+    count = round(fraction * n)
+    if count == 0:
+        return np.zeros(0, np.int64)
+    held = np.random.default_rng([seed, VAL_STREAM]).permutation(n)[:count]
+    return np.sort(held).astype(np.int64)
+
+
+def remaining(n: int, held: np.ndarray) -> np.ndarray | None:
+    """The training rows left of n once `held` is held out; None if nothing is held out
+    (then every row trains, and the plans are those of a run without validation)."""
+    if len(held) == 0:
+        return None
+    keep = np.ones(n, bool)
+    keep[held] = False
+    return np.flatnonzero(keep).astype(np.int64)
+
+
 def runs(rows: np.ndarray) -> np.ndarray:
     """Sorted unique rows as maximal runs of consecutive values: array of [start, stop)."""
     if len(rows) == 0:
@@ -102,23 +132,30 @@ def runs(rows: np.ndarray) -> np.ndarray:
 
 
 def epoch_plan(sampling: Sampling, seed: int, epoch: int, n: int, batch_size: int,
-               rank: int, size: int, accumulate: int = 1) -> EpochPlan:
+               rank: int, size: int, accumulate: int = 1, rows: np.ndarray | None = None
+               ) -> EpochPlan:
     """The rows of rank `rank` of `size` at every step of epoch `epoch` (with
-    `accumulate` micro-batches per step: see the module docstring)."""
+    `accumulate` micro-batches per step: see the module docstring): of all n rows,
+    or only of `rows` (ascending file rows: the training rows left by a hold-out)."""
+    if rows is not None:
+        assert sampling.shuffle != "block", "block shuffle cannot skip held-out rows"
+        n = len(rows)
     sizes = batch_sizes(n, batch_size)
     if sampling.shuffle == "block":
         plan = _block_plan(sampling, seed, epoch, n, batch_size, sizes, rank, size)
         if accumulate > 1:
-            plan.micro = [np.diff([share(len(rows), k, accumulate)[0]
-                                   for k in range(accumulate)] + [len(rows)])
-                          for rows in plan.steps]
+            plan.micro = [np.diff([share(len(mine), k, accumulate)[0]
+                                   for k in range(accumulate)] + [len(mine)])
+                          for mine in plan.steps]
         return plan
     order = epoch_order(seed, epoch, n, sampling.shuffle == "global")
+    if rows is not None:
+        order = rows[order]  # positions in the list of training rows -> file rows
     steps, micro = [], []
-    for k, rows in enumerate(sizes):
+    for k, count in enumerate(sizes):
         parts = []
         for m in range(accumulate):
-            m_lo, m_hi = share(int(rows), m, accumulate)  # the micro-batch in the batch
+            m_lo, m_hi = share(int(count), m, accumulate)  # the micro-batch in the batch
             lo, hi = share(m_hi - m_lo, rank, size)  # this rank's share of it
             first = k * batch_size + m_lo
             parts.append(order[first + lo:first + hi])

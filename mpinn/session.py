@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TypeVar
 
 import numpy as np
@@ -28,16 +28,19 @@ from .model import MLP, Architecture
 from .optim import Optimizer, make_optimizer
 from .readers import DataFile, SplitReader, resolve_io
 from .rundir import RunDir
-from .sampler import Sampling, ceil_div, epoch_plan, micro_rows, steps_per_epoch
+from .sampler import Sampling, ceil_div, epoch_plan, micro_rows, remaining, steps_per_epoch
 from .schedule import Schedule, scaled_rate
 from .step import Regime
 from .timing import PhaseTimer
+from .validation import EarlyStopping, held_out_rows
 
 T = TypeVar("T")
 INIT_STREAM = 0x1A17  # generator stream of the initial weights: seed -> weights
 # Settings that fix the trajectory: a resumed run must keep them.
 TRAJECTORY_KEYS = ("batch_size", "seed", "shuffle", "block_rows", "window_rows", "optimizer",
-                   "hidden", "activation", "loss", "dtype", "dropout")
+                   "hidden", "activation", "loss", "dtype", "dropout", "val_fraction")
+# a key missing from an older checkpoint's config had its default then
+DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 
 
 @dataclass
@@ -71,6 +74,13 @@ class Reading:
     train: SplitReader
     test: SplitReader
     buffers: Buffers
+    val: SplitReader  # the train split again: evaluating never counts as training reads
+    val_rows: np.ndarray  # held-out file rows of the train split (sorted; maybe none)
+    train_rows: np.ndarray | None  # the others; None: every row trains
+
+    @property
+    def train_count(self) -> int:
+        return self.train.n if self.train_rows is None else len(self.train_rows)
 
 
 @dataclass(kw_only=True)
@@ -85,6 +95,7 @@ class Session:
     resumed: Checkpoint | None  # metadata of the checkpoint this run continues
     progress: Progress
     data: Reading
+    watch: EarlyStopping  # validation loss: best so far, stale epochs (validation.py)
     timer: PhaseTimer = field(default_factory=PhaseTimer)
     saved_step: int = -1  # the step of the newest checkpoint on disk (-1: none)
     config_pending: bool = False  # a resumed run's config.toml, written with its checkpoint
@@ -94,18 +105,19 @@ class Session:
 
     @property
     def steps(self) -> int:
-        return steps_per_epoch(self.problem.info.n_train, self.cfg.batch_size)
+        return steps_per_epoch(self.data.train_count, self.cfg.batch_size)
 
     @property
     def complete(self) -> bool:
-        """Resumed at the end: --epochs done, nothing left to train."""
-        return self.resumed is not None and self.progress.epoch >= self.cfg.epochs
+        """Resumed at the end: --epochs done (or stopped early), nothing left to train."""
+        return self.resumed is not None and (self.progress.epoch >= self.cfg.epochs
+                                             or self.watch.exhausted)
 
     def feed(self, epoch: int) -> Feed:
         """This rank's batches of an epoch (from the resumed step in the first one)."""
         cfg, data, comm = self.cfg, self.data, self.comm
         plan = epoch_plan(data.sampling, cfg.seed, epoch, data.train.n, cfg.batch_size,
-                          comm.rank, comm.size, cfg.accumulate)
+                          comm.rank, comm.size, cfg.accumulate, rows=data.train_rows)
         self.active_feed = Feed(data.train, plan, data.buffers, data.prefetch,
                                 first_step=self.progress.step_in_epoch)
         return self.active_feed
@@ -114,9 +126,10 @@ class Session:
         """Collective: rank 0 applies write to the run directory; all learn if it failed."""
         dist.root_tries(self.comm, lambda: write(self.run))
 
-    def save(self, record: dict | None = None) -> None:
+    def save(self, record: dict | None = None, best: bool = False) -> None:
         """Collective: a checkpoint of the run as it stands (rank 0 writes it), after
-        the epoch's metrics line if one is given.
+        the epoch's metrics line if one is given; best: also as best.h5, first (a
+        crash between the two resumes before this epoch, which writes it again).
 
         The epoch's running sums are reduced first, so the file holds the global
         sums. The file's image is built (and refused if not finite) before anything
@@ -132,12 +145,16 @@ class Session:
                           step=p.step, step_in_epoch=p.step_in_epoch, config=to_toml(cfg),
                           optimizer=cfg.optimizer, optimizer_state=self.optimizer.state(),
                           epoch_sums=sums, data_shape=data_shape(self.problem),
-                          ranks=self.comm.size, lr_anchor=self.schedule.anchor)
+                          ranks=self.comm.size, lr_anchor=self.schedule.anchor,
+                          best_val_loss=self.watch.best_loss,
+                          best_epoch=self.watch.best_epoch, stale_epochs=self.watch.stale)
 
         def write(run: RunDir) -> None:
             image = checkpoint.image(ckpt, self.model)
             if record is not None:
                 run.append_metrics(record)
+            if best:
+                run.save_best(image)
             run.save_checkpoint(ckpt.step, image)
             if self.config_pending:
                 run.write_config(ckpt.config)
@@ -162,6 +179,7 @@ def open_session(cfg: TrainConfig, comm: dist.Comm) -> Session:
     """Collective: validate, agree, take the run directory, build and resume the model."""
     io = resolve_io(cfg.io)
     problem = check_data(comm, cfg.data, cfg.loss)
+    held = held_out_rows(cfg.seed, problem.info.n_train, cfg.val_fraction)  # alike on all
     # the largest share of a global batch (no batch is larger than the data), and of
     # a micro-batch: the model's buffers hold one micro-batch (sampler.py)
     model_rows, max_rows = (max(1, r) for r in micro_rows(
@@ -180,15 +198,20 @@ def open_session(cfg: TrainConfig, comm: dist.Comm) -> Session:
         if resumed is not None:
             progress = Progress(resumed.epoch, resumed.step, resumed.step_in_epoch,
                                 np.array(resumed.epoch_sums) if comm.rank == 0 else np.zeros(3))
+        watch = EarlyStopping(patience=cfg.early_stopping)
+        if resumed is not None:
+            watch = EarlyStopping(patience=cfg.early_stopping, best_loss=resumed.best_val_loss,
+                                  best_epoch=resumed.best_epoch, stale=resumed.stale_epochs)
         return Session(cfg=cfg, comm=comm, problem=problem, model=model, optimizer=optimizer,
                        sync=sync, run=run, resumed=resumed, progress=progress,
-                       data=open_reading(cfg, comm, io, max_rows, problem),
+                       data=open_reading(cfg, comm, io, max_rows, problem, held), watch=watch,
                        saved_step=resumed.step if resumed else -1,
                        config_pending=resumed is not None,
                        regime=Regime(Dropout(cfg.dropout, cfg.hidden, model_rows, cfg.seed,
                                              cfg.dtype) if any(cfg.dropout) else None,
                                      cfg.clip_norm),
-                       schedule=make_schedule(cfg, problem, resumed))
+                       schedule=make_schedule(cfg, steps_per_epoch(
+                           problem.info.n_train - len(held), cfg.batch_size), resumed))
     except BaseException:
         if run is not None:
             run.close()
@@ -213,11 +236,10 @@ def build_model(comm: dist.Comm, cfg: TrainConfig, arch: Architecture, max_rows:
         + (" or --dtype float32" if arch.dtype == "float64" else "")))
 
 
-def make_schedule(cfg: TrainConfig, problem: Problem, resumed: Checkpoint | None
-                  ) -> Schedule:
-    """The rate of every step. A resume keeps the checkpoint's stretch (anchor) and,
-    if --epochs changed, stretches cosine from the resumed step (schedule.py)."""
-    steps = steps_per_epoch(problem.info.n_train, cfg.batch_size)
+def make_schedule(cfg: TrainConfig, steps: int, resumed: Checkpoint | None) -> Schedule:
+    """The rate of every step (`steps` per epoch). A resume keeps the checkpoint's
+    stretch (anchor) and, if --epochs changed, stretches cosine from the resumed step
+    (schedule.py)."""
 
     def planned(epochs: int, anchor: tuple[int, float] | None) -> Schedule:
         return Schedule(scaled_rate(cfg.lr, cfg.lr_scaling, cfg.batch_size, cfg.base_batch),
@@ -245,7 +267,7 @@ def affordable(comm: dist.Comm, build: Callable[[], T], what: tuple[str, str]) -
 
 
 def open_reading(cfg: TrainConfig, comm: dist.Comm, io: str, max_rows: int,
-                 problem: Problem) -> Reading:
+                 problem: Problem, held: np.ndarray) -> Reading:
     # mpio reads are MPI collectives: from the prefetch thread only if MPI allows threads
     prefetch = cfg.prefetch and (io != "mpio" or dist.thread_multiple())
     sampling = Sampling(cfg.shuffle, cfg.block_rows, cfg.window_rows)
@@ -261,7 +283,9 @@ def open_reading(cfg: TrainConfig, comm: dist.Comm, io: str, max_rows: int,
         f"--shuffle block's window of {window_rows:,} rows per rank",
         "choose a smaller --window-rows"))
     return Reading(io=io, prefetch=prefetch, file=datafile, train=train,
-                   test=datafile.reader("test", max_rows), buffers=buffers, sampling=sampling)
+                   test=datafile.reader("test", max_rows), buffers=buffers, sampling=sampling,
+                   val=datafile.reader("train", max_rows), val_rows=held,
+                   train_rows=remaining(problem.info.n_train, held))
 
 
 def resume(comm: dist.Comm, cfg: TrainConfig, run: RunDir | None, model: MLP,
@@ -299,8 +323,8 @@ def check_compatible(ckpt: Checkpoint, cfg: TrainConfig, arch: Architecture,
                      shape: tuple[int, int, int], comm_size: int) -> None:
     saved = tomllib.loads(ckpt.config)
     current = tomllib.loads(to_toml(cfg))
-    changed = [f"{k} {saved.get(k)!r} -> {current[k]!r}" for k in TRAJECTORY_KEYS
-               if saved.get(k) != current[k]]
+    changed = [f"{k} {saved.get(k, DEFAULTS[k])!r} -> {current[k]!r}" for k in TRAJECTORY_KEYS
+               if saved.get(k, DEFAULTS[k]) != current[k]]
     if ckpt.arch != arch and not changed:
         changed.append(f"model {ckpt.arch} -> {arch}")
     window_steps = Sampling(cfg.shuffle, cfg.block_rows, cfg.window_rows).window_steps(

@@ -104,9 +104,10 @@ def count_correct(logits: np.ndarray, y: np.ndarray, problem: Problem) -> int:
     return int(np.count_nonzero(logits.argmax(axis=1) == y))
 
 
-def evaluate(comm: dist.Comm, model: MLP, reader: SplitReader, problem: Problem
-             ) -> dict[str, float | None]:
-    """Collective: mean loss (and accuracy) of the model on all rows of a split.
+def evaluate(comm: dist.Comm, model: MLP, reader: SplitReader, problem: Problem,
+             rows: np.ndarray | None = None) -> dict[str, float | None]:
+    """Collective: mean loss (and accuracy) of the model on all rows of a split, or on
+    the ascending file rows `rows` of it (the held-out validation rows).
 
     Each rank evaluates its contiguous share of the rows; the sums of loss,
     correct predictions and rows are reduced, then divided. Every rank makes
@@ -114,13 +115,16 @@ def evaluate(comm: dist.Comm, model: MLP, reader: SplitReader, problem: Problem
     A non-finite input row, or rows HDF5 cannot read (independent reads), are bad
     input: UsageError on every rank, naming them.
     """
-    start, stop = share(reader.n, comm.rank, comm.size)
+    n = reader.n if rows is None else len(rows)
+    start, stop = share(n, comm.rank, comm.size)
     rows_per_read = model.max_rows
     x_buf, y_buf = reader.buffers(rows_per_read)
     sums = np.zeros(4)  # loss, correct, rows, ranks that met a non-finite row
     bad = None
-    for first in range(start, start + ceil_div(reader.n, comm.size), rows_per_read):
+    for first in range(start, start + ceil_div(n, comm.size), rows_per_read):
         indices = np.arange(first, max(first, min(stop, first + rows_per_read)))
+        if rows is not None:
+            indices = rows[indices]  # positions in the list -> file rows
         if bad is not None and reader.file.io != "mpio":
             continue  # independent reads: nothing more to learn once this rank failed
         try:

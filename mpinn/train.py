@@ -47,6 +47,9 @@ def train(cfg: TrainConfig, comm: dist.Comm) -> dict:
         with np.errstate(all="ignore"):
             for epoch in range(session.progress.epoch, cfg.epochs):
                 record = run_epoch(session, epoch, stop, checkpointer)
+                if session.watch.exhausted:  # early stopping: a normal end
+                    log_early_stop(session)
+                    break
         return finish(session, record)
 
 
@@ -94,27 +97,32 @@ def run_epoch(s: Session, epoch: int, stop: StopRequest, checkpointer: Checkpoin
     seconds = time.perf_counter() - began
     record = {"epoch": epoch + 1, "step": p.step, "train_loss": loss / seen,
               "train_accuracy": correct / seen if s.problem.classification else None,
-              "test_loss": None, "test_accuracy": None,
+              "test_loss": None, "test_accuracy": None, "val_loss": None, "val_accuracy": None,
               "seconds": seconds, "samples_per_s": rows / seconds,
               "lr": s.optimizer.lr}  # the rate of the epoch's last step
     p.end_epoch()
     record.update(evaluate_epoch(s, record))
-    s.save(record)
+    # a strictly lower validation loss: saved as best.h5 too (with early stopping)
+    best = s.watch.observe(record["val_loss"], epoch + 1) and s.cfg.early_stopping > 0
+    s.save(record, best=best)
     dist.print0(s.comm, format_epoch(record, s.cfg.epochs, s.problem.classification))
     return record
 
 
 def evaluate_epoch(s: Session, record: dict) -> dict:
-    """Collective: the epoch's test loss and accuracy. A non-finite test row is bad
-    input (exit 2), but the epoch's training is not lost: it is saved first."""
+    """Collective: the epoch's test and validation scores (val_*: None without held-out
+    rows). A non-finite row is bad input (exit 2), but the epoch's training is not lost:
+    it is saved first."""
     try:
         test = evaluate(s.comm, s.model, s.data.test, s.problem)
+        val = evaluate(s.comm, s.model, s.data.val, s.problem, rows=s.data.val_rows)
     except UsageError as exc:
         s.save(record)
-        raise UsageError(f"{exc}; epoch {record['epoch']} is saved without its test scores: "
-                         f"fix the row, then continue with: mpinn train --out {s.cfg.out} "
-                         f"--resume") from None
-    return {"test_loss": test["loss"], "test_accuracy": test["accuracy"]}
+        raise UsageError(f"{exc}; epoch {record['epoch']} is saved without its test scores "
+                         f"and validation scores: fix the row, then continue with: mpinn "
+                         f"train --out {s.cfg.out} --resume") from None
+    return {"test_loss": test["loss"], "test_accuracy": test["accuracy"],
+            **{f"val_{k}": v for k, v in val.items()}}
 
 
 def bad_input(s: Session, batch: Batch, feed: Feed) -> UsageError:
@@ -210,6 +218,8 @@ def summarize(s: Session, record: dict, test: dict) -> dict:
         "samples_per_s": timer.steady_samples / peak[0] if peak[0] > 0 else None,
         "step_time_s": phases,
         "allreduce_bytes_per_step": s.sync.buffer.nbytes,
+        # validation; the test scores above are the final model's, not best.h5's
+        **s.watch.summary(len(data.val_rows), s.progress.epoch),
     }
 
 
@@ -263,6 +273,14 @@ def log_start(s: Session) -> None:
                           f"step {r.step_in_epoch} of {s.steps} (global step {r.step})")
 
 
+def log_early_stop(s: Session) -> None:
+    w = s.watch
+    dist.print0(s.comm, f"early stopping after epoch {s.progress.epoch}: no lower validation "
+                        f"loss in {w.stale} epochs; the best, epoch {w.best_epoch} (val loss "
+                        f"{w.best_loss:.4f}), is {os.path.join(s.cfg.out, 'best.h5')}; the "
+                        f"test scores below are the final model's")
+
+
 def merge_counts(per_rank: list[dict[str, int]]) -> dict[str, int]:
     total: dict[str, int] = {}
     for counts in per_rank:
@@ -277,5 +295,6 @@ def format_epoch(r: dict, epochs: int, classification: bool) -> str:
             return f"{split}: no rows"
         accuracy = f" acc {r[f'{split}_accuracy']:.4f}" if classification else ""
         return f"{split} loss {r[f'{split}_loss']:.4f}{accuracy}"
-    return (f"epoch {r['epoch']}/{epochs}  {scores('train')}  {scores('test')}"
+    val = f"  {scores('val')}" if r.get("val_loss") is not None else ""
+    return (f"epoch {r['epoch']}/{epochs}  {scores('train')}  {scores('test')}{val}"
             f"  {r['samples_per_s']:,.0f} samples/s  {r['seconds']:.2f} s")
