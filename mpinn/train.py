@@ -20,11 +20,12 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from . import __version__, dist
+from . import __version__, dist, metrics
 from .config import TrainConfig, to_toml
 from .data import LARGE_INPUT
 from .errors import CollectiveError, Interrupted, UsageError
 from .feed import Batch, Feed
+from .progress import EpochProgress
 from .rundir import checkpoint_path
 from .session import Checkpointer, Session, open_session
 from .signals import StopRequest
@@ -70,29 +71,33 @@ def run_epoch(s: Session, epoch: int, stop: StopRequest, checkpointer: Checkpoin
     began, rows, p, timer = time.perf_counter(), 0, s.progress, s.timer
     feed = s.feed(epoch)
     batches = iter(feed)
+    report = EpochProgress(s.cfg.progress if s.comm.rank == 0 else "off", s.cfg.log_every,
+                           epoch, s.cfg.epochs, s.steps, p.step_in_epoch)
     for _ in range(len(feed)):
         timer.begin_step()
         with timer.phase("data"):  # waiting for this step's rows (read ahead)
             batch = next(batches)
         # forward, backward, the one Allreduce, update
         result = train_step(s.sync, s.model, s.optimizer, timer, batch.x, batch.y, batch.rows,
-                            s.problem, stop.requested, batch.bad is not None)
+                            s.problem, stop.requested, batch.bad is not None, p.confusion)
         # guards: bad input or divergence, agreed through the Allreduce's control slots
         if not result.applied:
             raise bad_input(s, batch, feed) if s.sync.bad_input else divergence(s, batch)
         p.advance(result.loss, result.correct, len(batch.y))
         timer.end_step(batch.rows)
         rows += batch.rows
+        report.step(p.step_in_epoch, s.sync.loss, batch.rows)  # rank 0; a clock read mostly
         # checkpoint: every N steps, and at a stop request (then exit 3)
         checkpointer.after_step(feed)
     feed.close()
+    report.end()
     # evaluate, log, checkpoint
-    dist.allreduce_sum(s.comm, p.sums)
-    loss, correct, seen = p.sums
+    dist.allreduce_sum(s.comm, p.sums)  # loss, correct, rows and the confusion counts
+    loss, correct, seen = p.sums[:3]
     seconds = time.perf_counter() - began
     record = {"epoch": epoch + 1, "step": p.step, "train_loss": loss / seen,
               "train_accuracy": correct / seen if s.problem.classification else None,
-              "test_loss": None, "test_accuracy": None,
+              **train_scores(p.confusion), **test_record({"loss": None, "accuracy": None}),
               "seconds": seconds, "samples_per_s": rows / seconds}
     p.end_epoch()
     record.update(evaluate_epoch(s, record))
@@ -111,7 +116,22 @@ def evaluate_epoch(s: Session, record: dict) -> dict:
         raise UsageError(f"{exc}; epoch {record['epoch']} is saved without its test scores: "
                          f"fix the row, then continue with: mpinn train --out {s.cfg.out} "
                          f"--resume") from None
-    return {"test_loss": test["loss"], "test_accuracy": test["accuracy"]}
+    return test_record(test)
+
+
+def train_scores(confusion: np.ndarray | None) -> dict:
+    """The epoch's macro precision, recall and F1 of the training predictions (made
+    before each update, as the training accuracy), from the reduced confusion counts."""
+    if confusion is None:
+        return metrics.macro_record("train", {})
+    classes = int(round(np.sqrt(confusion.size)))
+    return metrics.macro_record("train", metrics.scores(confusion.reshape(classes, classes)))
+
+
+def test_record(test: dict) -> dict:
+    """The epoch record's test_* keys of an evaluation."""
+    return {"test_loss": test["loss"], "test_accuracy": test["accuracy"],
+            **metrics.macro_record("test", test)}
 
 
 def bad_input(s: Session, batch: Batch, feed: Feed) -> UsageError:
@@ -225,7 +245,7 @@ def report_complete(s: Session) -> dict:
                             f"summary.json: evaluating the test split and writing it")
         if record:
             test = evaluate(s.comm, s.model, s.data.test, s.problem)
-            record.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
+            record.update(test_record(test))
         return finish(s, record)
     dist.print0(s.comm, f"the run in {out} is complete: {p.epoch} of {s.cfg.epochs} epochs, "
                         f"{p.step} steps; nothing to do (nothing was written). To train "
