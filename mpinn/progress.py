@@ -1,7 +1,8 @@
 """Progress within an epoch, reported by rank 0: step/steps, the epoch's running mean
 loss, samples/s and the epoch's ETA.
 
-    --progress bar    a live bar, redrawn in place (carriage return) a few times a second
+    --progress bar    a live bar, redrawn in place (carriage return) five times a second
+                      (or every --log-every seconds if that is shorter)
     --progress lines  a line every --log-every seconds (what a log file wants)
     --progress auto   bar when rank 0's stdout is a terminal, else lines (under mpiexec
                       output is piped, so a job logs lines)
