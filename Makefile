@@ -46,9 +46,9 @@ $(STAMP): setup.cfg pyproject.toml
 ifeq ($(MPI),system)
 	$(BIN)/python -m pip uninstall -q -y mpich 2>/dev/null || true
 	env MPICC=$(MPICC) $(BIN)/python -m pip install --no-binary=mpi4py --force-reinstall --no-deps mpi4py
-	$(BIN)/python -m pip install -e '.[digits,test]'
+	$(BIN)/python -m pip install -e '.[digits,plot,test]'
 else
-	$(BIN)/python -m pip install -e '.[mpich,digits,test]'
+	$(BIN)/python -m pip install -e '.[mpich,digits,plot,test]'
 endif
 	touch $@
 
@@ -57,7 +57,9 @@ demo: install
 	$(BIN)/mpinn data digits data/digits.h5
 	$(MPIEXEC) -n $(NP) $(BIN)/mpinn train data/digits.h5 --config jobs/digits.toml \
 		--out runs/digits --overwrite
-	$(MPIEXEC) -n $(NP) $(BIN)/mpinn evaluate runs/digits/checkpoint.h5 data/digits.h5
+	$(MPIEXEC) -n $(NP) $(BIN)/mpinn evaluate runs/digits/checkpoint.h5 data/digits.h5 \
+		--json runs/digits/evaluation.json
+	$(BIN)/mpinn plot runs/digits
 
 parallel-hdf5:
 	bash tests/infra/parallel_hdf5.sh $(PVENV)

@@ -5,6 +5,8 @@ Layout:
     /model attrs: sizes, activation, loss, dtype
     /optimizer/<name>       optimizer state arrays (velocity; m, v, t), attr: optimizer
     /progress/epoch_sums    the epoch's running sums so far (loss, correct, rows; all ranks)
+    /progress/epoch_confusion  the epoch's confusion counts so far (C*C; optional: absent
+                            in older checkpoints, empty for regression)
     / attrs: format, mpinn_version, task, config (the resolved TOML),
              epoch (completed epochs), step (global steps done),
              step_in_epoch (steps done of epoch `epoch`; 0 at an epoch boundary),
@@ -81,6 +83,8 @@ class Checkpoint:
     optimizer: str = ""
     optimizer_state: dict[str, np.ndarray] = field(default_factory=dict)
     epoch_sums: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    # the epoch's confusion counts so far (C x C flattened; empty for regression)
+    epoch_confusion: np.ndarray = field(default_factory=lambda: np.zeros(0))
     data_shape: tuple[int, int, int] = (0, 0, 0)  # rows, features, outputs
     version: str = __version__
     ranks: int = 1  # that wrote it (block shuffle's windows depend on it)
@@ -137,6 +141,7 @@ def image(ckpt: Checkpoint, model: MLP) -> bytes:
         for name, value in ckpt.optimizer_state.items():
             o.create_dataset(name, data=value)
         f.create_dataset("progress/epoch_sums", data=ckpt.epoch_sums)
+        f.create_dataset("progress/epoch_confusion", data=ckpt.epoch_confusion)
         f.flush()
         return seal(f.id.get_file_image())
 
@@ -229,6 +234,8 @@ def parse(path: str, f: h5py.File) -> Checkpoint:
         step=int(a["step"]), step_in_epoch=int(a["step_in_epoch"]), config=str(a["config"]),
         optimizer=str(o.attrs["optimizer"]), optimizer_state={k: o[k][...] for k in o},
         epoch_sums=f["progress/epoch_sums"][...],
+        epoch_confusion=f["progress/epoch_confusion"][...].ravel()
+        if isinstance(f.get("progress/epoch_confusion"), h5py.Dataset) else np.zeros(0),
         data_shape=(int(a["data_rows"]), int(a["data_features"]), int(a["data_outputs"])),
         version=str(a["mpinn_version"]), ranks=int(a.get("ranks", 1)),
         lr_anchor=(int(a["lr_anchor_step"]), float(a["lr_anchor_rate"]))

@@ -1,14 +1,15 @@
-"""Command line: `mpinn data|train|evaluate|predict` (and `python -m mpinn`).
+"""Command line: `mpinn data|train|evaluate|predict|plot` (and `python -m mpinn`).
 
     mpinn data synth data.h5 --samples 100000 --features 64 --classes 10
     mpiexec -n 4 mpinn train data.h5 --out runs/a --hidden 256,128 --epochs 5
-    mpiexec -n 2 mpinn evaluate runs/a/checkpoint.h5 data.h5
+    mpiexec -n 2 mpinn evaluate runs/a/checkpoint.h5 data.h5 --json scores.json
+    mpinn plot runs/a                       # runs/a/metrics.png (needs mpinn[plot])
 
 Exit codes: 0 success; 2 bad usage or bad input (one message, from rank 0);
 1 a failure while running (all ranks end; none is left waiting); 3 stopped by
 SIGINT (Ctrl-C), SIGTERM or SIGUSR1 at a step boundary after writing a checkpoint.
 `data synth` writes in parallel under mpiexec; the other `data` commands and
-`predict` are serial and do not initialise MPI.
+`predict` and `plot` are serial and do not initialise MPI.
 """
 
 from __future__ import annotations
@@ -232,13 +233,16 @@ def build_parser() -> Parser:
     g.add_argument("--log-every", type=float, metavar="SECONDS",
                    help="seconds between progress lines (default 30)")
 
-    e = sub.add_parser("evaluate", help="loss and accuracy of a checkpoint (distributed)")
+    e = sub.add_parser("evaluate", help="loss, accuracy, macro precision/recall/F1 and the "
+                       "confusion matrix of a checkpoint (distributed)")
     e.add_argument("checkpoint", help="a checkpoint file, or a run directory (its checkpoint.h5)")
     e.add_argument("data")
     e.add_argument("--split", choices=("train", "test"), default="test",
                    help="which split to evaluate (default test)")
     e.add_argument("--io", choices=IO_MODES, default="auto",
                    help="how ranks read the data (see `mpinn train --help`)")
+    e.add_argument("--json", metavar="FILE", help="also write the scores (per-class precision, "
+                   "recall and F1, the confusion matrix) to this JSON file")
 
     b = sub.add_parser("bench", help="benchmarks (run under mpiexec)")
     bsub = b.add_subparsers(dest="bench_command", required=True, parser_class=Parser)
@@ -266,6 +270,12 @@ def build_parser() -> Parser:
     r.add_argument("input", help="HDF5 file with a dataset `x` (or `test/x`) of input rows")
     r.add_argument("out", help="HDF5 file to write: `outputs` (and `predictions`)")
     r.add_argument("--dataset", help="input dataset path inside INPUT (default x, then test/x)")
+
+    pl = sub.add_parser("plot", help="plot a run's loss, accuracy and macro F1 per epoch "
+                        "(serial; needs matplotlib: pip install 'mpinn[plot]')")
+    pl.add_argument("run_dir", help="a run directory (its metrics.jsonl)")
+    pl.add_argument("--out", metavar="FILE.png", help="image to write (default "
+                    "RUN_DIR/metrics.png)")
     return p
 
 
@@ -351,7 +361,7 @@ def run_parallel(args: argparse.Namespace, comm) -> int:
         train(cfg, comm)
     else:
         from .infer import run_evaluate
-        run_evaluate(comm, args.checkpoint, args.data, args.split, args.io)
+        run_evaluate(comm, args.checkpoint, args.data, args.split, args.io, args.json)
     return 0
 
 
@@ -361,6 +371,9 @@ def run_serial(args: argparse.Namespace) -> int:
         from .infer import predict
         n = predict(args.checkpoint, args.input, args.out, args.dataset)
         print(f"wrote {n} predictions to {args.out}")
+    elif args.command == "plot":
+        from .plot import plot_run
+        print(f"wrote {plot_run(args.run_dir, args.out)}")
     elif args.data_command == "idx":
         datasets.write_idx(args.out, args.source)
         print(datasets.inspect(args.out))

@@ -1,6 +1,7 @@
 """Using a trained model: distributed evaluation of a checkpoint, and prediction.
 
     mpiexec -n 2 mpinn evaluate runs/a data.h5          # a run directory: its checkpoint.h5
+    mpiexec -n 2 mpinn evaluate runs/a data.h5 --json scores.json   # also as JSON
     mpinn predict runs/a/checkpoint.h5 inputs.h5 predictions.h5
 
 Rank 0 reads the checkpoint and broadcasts it (one small pickle for the
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING
 import h5py
 import numpy as np
 
-from . import checkpoint, probe
+from . import checkpoint, fileio, metrics, probe
 from .data import Problem, check_data
 from .errors import UsageError
 from .fileio import atomic_output, check_writable, hdf5_errors, open_hdf5
@@ -65,11 +66,15 @@ def load_model(comm: dist.Comm, path: str) -> tuple[MLP, str]:
 
 
 def run_evaluate(comm: dist.Comm, ckpt_path: str, data_path: str, split: str,
-                 io: str = "auto") -> dict:
-    """Collective: loss and accuracy of a checkpoint on a split, printed by rank 0."""
+                 io: str = "auto", json_path: str | None = None) -> dict:
+    """Collective: loss and accuracy (classification: also macro precision, recall, F1
+    and the confusion matrix) of a checkpoint on a split, printed by rank 0 and, with
+    json_path, written there by rank 0 (atomically, strict JSON)."""
     from . import dist
     from .step import evaluate
     io = resolve_io(io)
+    if json_path is not None:
+        dist.root_tries(comm, lambda: check_writable(json_path))
     model, task = load_model(comm, ckpt_path)
     problem: Problem = check_data(comm, data_path, model.arch.loss,
                                   features=model.arch.sizes[0], outputs=model.arch.sizes[-1])
@@ -78,15 +83,27 @@ def run_evaluate(comm: dist.Comm, ckpt_path: str, data_path: str, split: str,
                          f"was trained for {task}")
     with DataFile(data_path, io, comm) as datafile:
         result = evaluate(comm, model, datafile.reader(split, model.max_rows), problem)
-    result = {"split": split, "rows": problem.info.rows(split), "ranks": comm.size, **result}
-    if result["loss"] is None:
-        line = f"{split}: no rows in {data_path}, nothing to evaluate"
-    else:
-        line = f"{split}: {result['rows']} rows, loss {result['loss']:.6f}"
-    if result["accuracy"] is not None:
-        line += f", accuracy {result['accuracy']:.4f}"
-    dist.print0(comm, line)
+    result = {"split": split, "ranks": comm.size, **result}
+    if json_path is not None:
+        dist.root_tries(comm, lambda: fileio.write_atomically(
+            json_path, (fileio.strict_json(result) + "\n").encode(), "write"))
+    dist.print0(comm, evaluation_text(result, data_path, json_path))
     return result
+
+
+def evaluation_text(result: dict, data_path: str, json_path: str | None) -> str:
+    """What `mpinn evaluate` prints."""
+    split = result["split"]
+    if result["loss"] is None:
+        return f"{split}: no rows in {data_path}, nothing to evaluate"
+    text = f"{split}: {result['rows']} rows, loss {result['loss']:.6f}"
+    if result["accuracy"] is not None:
+        text += f", accuracy {result['accuracy']:.4f}\n" + metrics.format_report(result)
+        if json_path is not None:
+            text = text.replace("(write it with --json FILE)", f"(it is in {json_path})")
+    if json_path is not None:
+        text += f"\nwritten to {json_path}"
+    return text
 
 
 def predict(ckpt_path: str, input_path: str, out_path: str, dataset: str | None) -> int:

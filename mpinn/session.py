@@ -50,12 +50,19 @@ class Progress:
     epoch: int = 0  # completed epochs
     step: int = 0  # global steps done
     step_in_epoch: int = 0  # steps done of epoch `epoch`
-    sums: np.ndarray = field(default_factory=lambda: np.zeros(3))  # loss, correct, rows
+    # loss, correct, rows, then (classification) the flattened C x C confusion counts:
+    # one vector, so one Allreduce at the epoch's end reduces them all
+    sums: np.ndarray = field(default_factory=lambda: np.zeros(3))
+
+    @property
+    def confusion(self) -> np.ndarray | None:
+        """The epoch's confusion counts (a view of sums), None for regression."""
+        return self.sums[3:] if len(self.sums) > 3 else None
 
     def advance(self, loss: float, correct: int, rows: int) -> None:
         self.step += 1
         self.step_in_epoch += 1
-        self.sums += (loss, correct, rows)
+        self.sums[:3] += (loss, correct, rows)
 
     def end_epoch(self) -> None:
         self.epoch += 1
@@ -144,7 +151,8 @@ class Session:
         ckpt = Checkpoint(arch=self.model.arch, task=self.problem.info.task, epoch=p.epoch,
                           step=p.step, step_in_epoch=p.step_in_epoch, config=to_toml(cfg),
                           optimizer=cfg.optimizer, optimizer_state=self.optimizer.state(),
-                          epoch_sums=sums, data_shape=data_shape(self.problem),
+                          epoch_sums=sums[:3], epoch_confusion=sums[3:],
+                          data_shape=data_shape(self.problem),
                           ranks=self.comm.size, lr_anchor=self.schedule.anchor,
                           best_val_loss=self.watch.best_loss,
                           best_epoch=self.watch.best_epoch, stale_epochs=self.watch.stale)
@@ -194,10 +202,14 @@ def open_session(cfg: TrainConfig, comm: dist.Comm) -> Session:
         if resumed is None:
             model.init(np.random.default_rng([cfg.seed, INIT_STREAM]))
         dist.check_identical(comm, model.params, "initial weights")
-        progress = Progress()
-        if resumed is not None:
-            progress = Progress(resumed.epoch, resumed.step, resumed.step_in_epoch,
-                                np.array(resumed.epoch_sums) if comm.rank == 0 else np.zeros(3))
+        classes = problem.outputs if problem.classification else 0
+        sums = np.zeros(3 + classes * classes)
+        if resumed is not None and comm.rank == 0:  # the others' sums start from zero
+            sums[:3] = resumed.epoch_sums
+            if len(resumed.epoch_confusion) == classes * classes:  # older checkpoints: none
+                sums[3:] = resumed.epoch_confusion
+        progress = Progress(resumed.epoch, resumed.step, resumed.step_in_epoch, sums) \
+            if resumed is not None else Progress(sums=sums)
         watch = EarlyStopping(patience=cfg.early_stopping)
         if resumed is not None:
             watch = EarlyStopping(patience=cfg.early_stopping, best_loss=resumed.best_val_loss,

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import dist
+from . import dist, metrics
 from .data import Problem, nonfinite_message
 from .dropout import Dropout
 from .errors import UsageError
@@ -53,8 +53,11 @@ class Rows(NamedTuple):
 def train_step(sync: dist.GradientSync, model: MLP, optimizer: Optimizer, timer: PhaseTimer,
                x: np.ndarray, y: np.ndarray, batch_rows: int, problem: Problem,
                stop: bool = False, bad_input: bool = False, rows: Rows | None = None,
-               regime: Regime = Regime()) -> StepResult:
+               regime: Regime = Regime(), confusion: np.ndarray | None = None) -> StepResult:
     """One step on this rank's rows of a global batch of batch_rows samples.
+
+    confusion (the flattened C x C counts of the epoch, classification only) gets
+    this rank's predictions of the step added, from the logits before the update.
 
     With micro-batches (gradient accumulation) forward and backward run on each in
     turn, the 2nd..Kth adding into grads, before the one Allreduce. The update is
@@ -73,7 +76,7 @@ def train_step(sync: dist.GradientSync, model: MLP, optimizer: Optimizer, timer:
             masks = regime.dropout.masks(rows.step, rows.index[part])
         with timer.phase("forward"):
             logits = model.forward(x[part], masks)
-            correct += count_correct(logits, y[part], problem)
+            correct += count_correct(logits, y[part], problem, confusion)
         with timer.phase("backward"):
             loss += model.backward(y[part], add=k > 0)  # grads <- (+=) sum over the rows
     with timer.phase("allreduce"):
@@ -98,28 +101,36 @@ def clip(grads: np.ndarray, sq_norm: float, limit: float) -> None:
         grads *= limit / np.sqrt(sq_norm)
 
 
-def count_correct(logits: np.ndarray, y: np.ndarray, problem: Problem) -> int:
+def count_correct(logits: np.ndarray, y: np.ndarray, problem: Problem,
+                  confusion: np.ndarray | None = None) -> int:
+    """Correct predictions of the rows (0 for regression); also added to confusion."""
     if not problem.classification or len(y) == 0:
         return 0
-    return int(np.count_nonzero(logits.argmax(axis=1) == y))
+    predicted = logits.argmax(axis=1)
+    if confusion is not None:
+        metrics.count_confusion(confusion, y, predicted)
+    return int(np.count_nonzero(predicted == y))
 
 
 def evaluate(comm: dist.Comm, model: MLP, reader: SplitReader, problem: Problem,
-             rows: np.ndarray | None = None) -> dict[str, float | None]:
-    """Collective: mean loss (and accuracy) of the model on all rows of a split, or on
+             rows: np.ndarray | None = None) -> dict:
+    """Collective: mean loss (and, for classification, accuracy, precision, recall, F1
+    and the confusion matrix: metrics.py) of the model on all rows of a split, or on
     the ascending file rows `rows` of it (the held-out validation rows).
 
-    Each rank evaluates its contiguous share of the rows; the sums of loss,
-    correct predictions and rows are reduced, then divided. Every rank makes
-    the same number of reads (collective with mpio), the last ones maybe empty.
-    A non-finite input row, or rows HDF5 cannot read (independent reads), are bad
-    input: UsageError on every rank, naming them.
+    Each rank evaluates its contiguous share of the rows; the sums of loss, rows
+    and the confusion counts are reduced in one Allreduce, then divided. Every
+    rank makes the same number of reads (collective with mpio), the last ones maybe
+    empty. A non-finite input row, or rows HDF5 cannot read (independent reads), are
+    bad input: UsageError on every rank, naming them.
     """
     n = reader.n if rows is None else len(rows)
     start, stop = share(n, comm.rank, comm.size)
     rows_per_read = model.max_rows
     x_buf, y_buf = reader.buffers(rows_per_read)
-    sums = np.zeros(4)  # loss, correct, rows, ranks that met a non-finite row
+    classes = problem.outputs if problem.classification else 0
+    # loss, rows, ranks that met a non-finite row, then the C x C confusion counts
+    sums = np.zeros(3 + classes * classes)
     bad = None
     for first in range(start, start + ceil_div(n, comm.size), rows_per_read):
         indices = np.arange(first, max(first, min(stop, first + rows_per_read)))
@@ -140,13 +151,20 @@ def evaluate(comm: dist.Comm, model: MLP, reader: SplitReader, problem: Problem,
                                            int(indices[found[1]]))
             continue
         logits = model.forward(x)
-        sums[:3] += (model.loss(y), count_correct(logits, y, problem), len(y))
-    sums[3] = bad is not None
-    dist.allreduce_sum(comm, sums)
-    if sums[3]:
+        count_correct(logits, y, problem, sums[3:] if classes else None)
+        sums[:2] += (model.loss(y), len(y))
+    sums[2] = bad is not None
+    dist.allreduce_sum(comm, sums)  # integer counts: exact, so the metrics are too
+    if sums[2]:
         raise UsageError(dist.first_error(comm, bad))
-    if sums[2] == 0:  # an empty split: nothing to report, not a perfect or zero score
-        return {"loss": None, "accuracy": None}
-    return {"loss": sums[0] / sums[2],
-            "accuracy": sums[1] / sums[2] if problem.classification else None}
+    return evaluation(sums[0], int(sums[1]), sums[3:], classes)
 
+
+def evaluation(loss_sum: float, rows: int, counts: np.ndarray, classes: int) -> dict:
+    """The evaluation of reduced sums: loss per row, and for classification the scores
+    of the confusion counts. An empty split scores None (not a perfect or zero score)."""
+    result: dict = {"rows": rows, "loss": loss_sum / rows if rows else None,
+                    "accuracy": None}
+    if classes and rows:
+        result.update(metrics.scores(counts.reshape(classes, classes)))
+    return result

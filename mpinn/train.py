@@ -20,11 +20,12 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from . import __version__, dist
+from . import __version__, dist, metrics
 from .config import TrainConfig, to_toml
 from .data import LARGE_INPUT
 from .errors import CollectiveError, Interrupted, UsageError
 from .feed import Batch, Feed
+from .progress import EpochProgress
 from .rundir import checkpoint_path
 from .session import Checkpointer, Session, open_session
 from .signals import StopRequest
@@ -73,6 +74,8 @@ def run_epoch(s: Session, epoch: int, stop: StopRequest, checkpointer: Checkpoin
     began, rows, p, timer = time.perf_counter(), 0, s.progress, s.timer
     feed = s.feed(epoch)
     batches = iter(feed)
+    report = EpochProgress(s.cfg.progress if s.comm.rank == 0 else "off", s.cfg.log_every,
+                           epoch, s.cfg.epochs, s.steps, p.step_in_epoch)
     for _ in range(len(feed)):
         timer.begin_step()
         with timer.phase("data"):  # waiting for this step's rows (read ahead)
@@ -81,23 +84,26 @@ def run_epoch(s: Session, epoch: int, stop: StopRequest, checkpointer: Checkpoin
         s.optimizer.lr = s.schedule(p.step)
         result = train_step(s.sync, s.model, s.optimizer, timer, batch.x, batch.y, batch.rows,
                             s.problem, stop.requested, batch.bad is not None,
-                            Rows(batch.index, batch.micro, p.step), s.regime)
+                            Rows(batch.index, batch.micro, p.step), s.regime, p.confusion)
         # guards: bad input or divergence, agreed through the Allreduce's control slots
         if not result.applied:
             raise bad_input(s, batch, feed) if s.sync.bad_input else divergence(s, batch)
         p.advance(result.loss, result.correct, len(batch.y))
         timer.end_step(batch.rows)
         rows += batch.rows
+        report.step(p.step_in_epoch, s.sync.loss, batch.rows)  # rank 0; a clock read mostly
         # checkpoint: every N steps, and at a stop request (then exit 3)
         checkpointer.after_step(feed)
     feed.close()
+    report.end()
     # evaluate, log, checkpoint
-    dist.allreduce_sum(s.comm, p.sums)
-    loss, correct, seen = p.sums
+    dist.allreduce_sum(s.comm, p.sums)  # loss, correct, rows and the confusion counts
+    loss, correct, seen = p.sums[:3]
     seconds = time.perf_counter() - began
     record = {"epoch": epoch + 1, "step": p.step, "train_loss": loss / seen,
               "train_accuracy": correct / seen if s.problem.classification else None,
-              "test_loss": None, "test_accuracy": None, "val_loss": None, "val_accuracy": None,
+              **train_scores(p.confusion), **split_record("test", EMPTY),
+              **split_record("val", EMPTY),
               "seconds": seconds, "samples_per_s": rows / seconds,
               "lr": s.optimizer.lr}  # the rate of the epoch's last step
     p.end_epoch()
@@ -121,8 +127,25 @@ def evaluate_epoch(s: Session, record: dict) -> dict:
         raise UsageError(f"{exc}; epoch {record['epoch']} is saved without its test scores "
                          f"and validation scores: fix the row, then continue with: mpinn "
                          f"train --out {s.cfg.out} --resume") from None
-    return {"test_loss": test["loss"], "test_accuracy": test["accuracy"],
-            **{f"val_{k}": v for k, v in val.items()}}
+    return {**split_record("test", test), **split_record("val", val)}
+
+
+def train_scores(confusion: np.ndarray | None) -> dict:
+    """The epoch's macro precision, recall and F1 of the training predictions (made
+    before each update, as the training accuracy), from the reduced confusion counts."""
+    if confusion is None:
+        return metrics.macro_record("train", {})
+    classes = int(round(np.sqrt(confusion.size)))
+    return metrics.macro_record("train", metrics.scores(confusion.reshape(classes, classes)))
+
+
+EMPTY = {"loss": None, "accuracy": None}  # the scores of a split without rows
+
+
+def split_record(split: str, scores: dict) -> dict:
+    """The epoch record's keys of a split's evaluation: loss, accuracy, macro P/R/F1."""
+    return {f"{split}_loss": scores["loss"], f"{split}_accuracy": scores["accuracy"],
+            **metrics.macro_record(split, scores)}
 
 
 def bad_input(s: Session, batch: Batch, feed: Feed) -> UsageError:
@@ -238,7 +261,7 @@ def report_complete(s: Session) -> dict:
                             f"summary.json: evaluating the test split and writing it")
         if record:
             test = evaluate(s.comm, s.model, s.data.test, s.problem)
-            record.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
+            record.update(split_record("test", test))
         return finish(s, record)
     dist.print0(s.comm, f"the run in {out} is complete: {p.epoch} of {s.cfg.epochs} epochs, "
                         f"{p.step} steps; nothing to do (nothing was written). To train "
