@@ -31,6 +31,9 @@ FEATURES = {
     "step-warmup": ("--lr-schedule", "step", "--lr-step-every", 5, "--lr-gamma", 0.5,
                     "--warmup-steps", 4),
     "cosine-warmup": ("--lr-schedule", "cosine", "--warmup-steps", 6, "--lr-min", 0.001),
+    "all-together": ("--dropout", 0.2, "--l1", 1e-3, "--clip-norm", 0.5, "--lr-schedule",
+                     "cosine", "--warmup-steps", 5, "--accumulate", 3, "--val-fraction", 0.2,
+                     "--early-stopping", 5),
 }
 
 
