@@ -80,15 +80,20 @@ def mid_run(tmp_path, full, step: int, name: str):
     return run
 
 
-def test_resume_with_dropout_and_cosine_is_bit_identical(synth, tmp_path):
+@pytest.mark.parametrize("extra,step", [((), 10), (("--val-fraction", 0.2, "--early-stopping",
+                                                     5, "--accumulate", 2), 15)])
+def test_resume_with_dropout_and_cosine_is_bit_identical(synth, tmp_path, extra, step):
+    """Mid-epoch; also with validation, early stopping's count and accumulation."""
     full = tmp_path / "full"
-    ok(mpinn(2, *train_args(synth, full, *COSINE, "--checkpoint-every", 5,
+    ok(mpinn(2, *train_args(synth, full, *COSINE, *extra, "--checkpoint-every", 5,
                             "--keep-checkpoints", 100)))
-    run = mid_run(tmp_path, full, 10, "resumed")
+    run = mid_run(tmp_path, full, step, "resumed")
     result = ok(mpinn(2, "train", "--out", run, "--resume"))
     assert "stretched" not in result.stdout
     assert_same(full, run)
-    assert [m["lr"] for m in metrics(run)] == [m["lr"] for m in metrics(full)]
+    resumed = [m["lr"] for m in metrics(run)]  # the epochs the resumed run finished
+    assert resumed and resumed == [m["lr"] for m in metrics(full)][-len(resumed):]
+    assert metrics(run)[-1]["val_loss"] == metrics(full)[-1]["val_loss"]  # None without
     assert metrics(full)[-1]["lr"] == pytest.approx(0.002, rel=1e-12)  # cosine's end
 
 
