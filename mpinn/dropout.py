@@ -4,14 +4,16 @@ A unit is kept with probability 1 - p and then scaled by 1 / (1 - p) (inverted
 dropout), so evaluation uses the weights as they are. The decision for unit u of
 sample i (its row in the training split) at global step s in hidden layer l is
 
-    h = mix(key(seed, s, l) + (i * width + u) * GOLDEN)    (64-bit, wrapping)
-    keep  <=>  h >= p * 2^64
+    w = mix(key(seed, s, l) + (i * half + u // 2) * GOLDEN)    (64-bit, wrapping)
+    h = the low 32 bits of w for even u, the high 32 bits for odd u
+    keep  <=>  h >= p * 2^32
 
-where mix is splitmix64's finaliser (a bijection of 64-bit words) and GOLDEN is
-odd, so distinct (i, u) of one key never share a word. Nothing depends on which
+where half = ceil(width / 2), mix is splitmix64's finaliser (a bijection of
+64-bit words) and GOLDEN is odd, so distinct (i, u // 2) of one key never share
+a word; each word decides two units, which halves the hashing. Nothing depends on which
 rank holds the sample or how the batch is split (ranks, micro-batches): dropout
 keeps P-invariance. No generator state, so a resume needs nothing saved.
-Cost: about 12 in-place passes over an (n x width) uint64 array per layer.
+Cost: about 12 in-place passes over an (n x width/2) uint64 array per layer.
 """
 
 from __future__ import annotations
@@ -52,17 +54,24 @@ def hash_words(seed: int, step: int, layer: int, indices: np.ndarray, width: int
     return out
 
 
-def threshold(p: float) -> np.uint64:
-    """The smallest word that is kept: P(h >= it) = 1 - p (up to 2^-53)."""
-    return np.uint64(min(int(p * 2.0**64), MASK64))
+def threshold(p: float) -> np.uint32:
+    """The smallest 32-bit half that is kept: P(h >= it) = 1 - p (up to 2^-32)."""
+    return np.uint32(min(int(p * 2.0**32), 2**32 - 1))
+
+
+def halves(words: np.ndarray, width: int) -> np.ndarray:
+    """(n, width) uint32 view of (n, ceil(width/2)) words: unit u is half u % 2 of word
+    u // 2 (the low half first, on the little-endian machines mpinn runs on)."""
+    return words.view(np.uint32)[:, :width]
 
 
 def keep_mask(seed: int, step: int, layer: int, indices: np.ndarray, width: int,
               p: float) -> np.ndarray:
     """Boolean (n, width): which units are kept (allocates; for tests and tools)."""
-    n = len(indices)
-    out, tmp = np.empty((n, width), np.uint64), np.empty((n, width), np.uint64)
-    return hash_words(seed, step, layer, np.asarray(indices), width, out, tmp) >= threshold(p)
+    n, half = len(indices), -(-width // 2)
+    out, tmp = np.empty((n, half), np.uint64), np.empty((n, half), np.uint64)
+    words = hash_words(seed, step, layer, np.asarray(indices), half, out, tmp)
+    return halves(words, width) >= threshold(p)
 
 
 class Dropout:
@@ -88,10 +97,12 @@ class Dropout:
             if mask is None:
                 out.append(None)
                 continue
-            words = hash_words(self.seed, step, layer, indices, w,
-                               self._words[:n * w].reshape(n, w), self._tmp[:n * w].reshape(n, w))
+            half = -(-w // 2)
+            words = hash_words(self.seed, step, layer, indices, half,
+                               self._words[:n * half].reshape(n, half),
+                               self._tmp[:n * half].reshape(n, half))
             kept = self._kept[:n * w].reshape(n, w)
-            np.greater_equal(words, threshold(p), out=kept)
+            np.greater_equal(halves(words, w), threshold(p), out=kept)
             np.multiply(kept, 1.0 / (1.0 - p), out=mask[:n])
             out.append(mask[:n])
         return out
