@@ -317,7 +317,9 @@ def format_epoch(r: dict, epochs: int, classification: bool) -> str:
         if r[f"{split}_loss"] is None:
             return f"{split}: no rows"
         accuracy = f" acc {r[f'{split}_accuracy']:.4f}" if classification else ""
-        return f"{split} loss {r[f'{split}_loss']:.4f}{accuracy}"
+        f1 = r.get(f"{split}_f1")
+        return (f"{split} loss {r[f'{split}_loss']:.4f}{accuracy}"
+                + (f" f1 {f1:.4f}" if f1 is not None else ""))
     val = f"  {scores('val')}" if r.get("val_loss") is not None else ""
     return (f"epoch {r['epoch']}/{epochs}  {scores('train')}  {scores('test')}{val}"
-            f"  {r['samples_per_s']:,.0f} samples/s  {r['seconds']:.2f} s")
+            f"  lr {r['lr']:.3g}  {r['samples_per_s']:,.0f} samples/s  {r['seconds']:.2f} s")
