@@ -135,6 +135,9 @@ class TrainConfig:
         if not self.lr_gamma > 0 or not self.log_every > 0:
             raise UsageError(f"lr_gamma and log_every must be positive, got {self.lr_gamma} "
                              f"and {self.log_every}")
+        if self.lr_schedule == "cosine" and self.lr_min > self.lr:
+            raise UsageError(f"lr_min ({self.lr_min:g}) must not exceed lr ({self.lr:g}): "
+                             f"cosine decays from lr to lr_min")
         if self.lr_schedule == "step" and not self.lr_step_every:
             raise UsageError("lr_schedule step: give lr_step_every N (decay every N steps)")
         if self.lr_scaling == "linear" and not self.base_batch:

@@ -60,6 +60,7 @@ class Buffers:
     """Preallocated memory of the feeds of one reader: two batch slots, two windows."""
 
     def __init__(self, reader: SplitReader, max_rows: int, window_rows: int = 0) -> None:
+        self.max_rows = max_rows  # a step's rows on this rank, at most
         self.slots = [reader.buffers(max_rows) for _ in range(2)]
         self.windows = [reader.buffers(window_rows) for _ in range(2)] if window_rows else []
         for pair in self.slots + self.windows:

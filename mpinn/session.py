@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
@@ -39,8 +39,9 @@ INIT_STREAM = 0x1A17  # generator stream of the initial weights: seed -> weights
 # Settings that fix the trajectory: a resumed run must keep them.
 TRAJECTORY_KEYS = ("batch_size", "seed", "shuffle", "block_rows", "window_rows", "optimizer",
                    "hidden", "activation", "loss", "dtype", "dropout", "val_fraction")
-# a key missing from an older checkpoint's config had its default then
-DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+# a key missing from an older checkpoint's config had its default then (through TOML,
+# as the current configuration is compared: a tuple default reads back as a list)
+DEFAULTS = tomllib.loads(to_toml(TrainConfig()))
 
 
 @dataclass
@@ -260,8 +261,14 @@ def make_schedule(cfg: TrainConfig, steps: int, resumed: Checkpoint | None) -> S
     if resumed is None:
         return planned(cfg.epochs, None)
     saved_epochs = int(tomllib.loads(resumed.config).get("epochs", cfg.epochs))
-    return planned(saved_epochs, resumed.lr_anchor).stretched(resumed.step,
-                                                              max(1, cfg.epochs * steps))
+    schedule = planned(saved_epochs, resumed.lr_anchor).stretched(resumed.step,
+                                                                  max(1, cfg.epochs * steps))
+    if cfg.epochs * steps > resumed.step and not schedule(resumed.step) > 0:
+        raise UsageError(f"--resume: this run's {cfg.lr_schedule} schedule reached a rate of "
+                         f"{schedule(resumed.step):g} at step {resumed.step}: more epochs would "
+                         f"not change the model; resume with --lr-min R > 0 (cosine) or "
+                         f"--lr-schedule constant --lr R")
+    return schedule
 
 
 def affordable(comm: dist.Comm, build: Callable[[], T], what: tuple[str, str]) -> T:

@@ -25,6 +25,8 @@ from .readers import ReadFailure, SplitReader
 from .sampler import ceil_div, share
 from .timing import PhaseTimer
 
+EVAL_READ_ROWS = 1024  # rows per read in evaluation, at least
+
 
 class StepResult(NamedTuple):
     loss: float  # this rank's summed loss (before the update)
@@ -126,7 +128,9 @@ def evaluate(comm: dist.Comm, model: MLP, reader: SplitReader, problem: Problem,
     """
     n = reader.n if rows is None else len(rows)
     start, stop = share(n, comm.rank, comm.size)
-    rows_per_read = model.max_rows
+    # reads of at least EVAL_READ_ROWS rows (few, large reads), forward a model's
+    # buffer at a time (a micro-batch share with --accumulate)
+    rows_per_read = max(model.max_rows, EVAL_READ_ROWS)
     x_buf, y_buf = reader.buffers(rows_per_read)
     classes = problem.outputs if problem.classification else 0
     # loss, rows, ranks that met a non-finite row, then the C x C confusion counts
@@ -150,14 +154,23 @@ def evaluate(comm: dist.Comm, model: MLP, reader: SplitReader, problem: Problem,
             bad = bad or nonfinite_message(reader.file.path, reader.split, found[0],
                                            int(indices[found[1]]))
             continue
-        logits = model.forward(x)
-        count_correct(logits, y, problem, sums[3:] if classes else None)
-        sums[:2] += (model.loss(y), len(y))
+        score(model, x, y, problem, sums, classes)
     sums[2] = bad is not None
     dist.allreduce_sum(comm, sums)  # integer counts: exact, so the metrics are too
     if sums[2]:
         raise UsageError(dist.first_error(comm, bad))
     return evaluation(sums[0], int(sums[1]), sums[3:], classes)
+
+
+def score(model: MLP, x: np.ndarray, y: np.ndarray, problem: Problem, sums: np.ndarray,
+          classes: int) -> None:
+    """sums[:2] += the rows' summed loss and count; sums[3:] += their confusion counts
+    (classification), model.max_rows rows at a time."""
+    for lo in range(0, len(y), model.max_rows):
+        part = slice(lo, lo + model.max_rows)
+        logits = model.forward(x[part])
+        count_correct(logits, y[part], problem, sums[3:] if classes else None)
+        sums[:2] += (model.loss(y[part]), len(y[part]))
 
 
 def evaluation(loss_sum: float, rows: int, counts: np.ndarray, classes: int) -> dict:

@@ -108,8 +108,8 @@ def run_epoch(s: Session, epoch: int, stop: StopRequest, checkpointer: Checkpoin
               "lr": s.optimizer.lr}  # the rate of the epoch's last step
     p.end_epoch()
     record.update(evaluate_epoch(s, record))
-    # a strictly lower validation loss: saved as best.h5 too (with early stopping)
-    best = s.watch.observe(record["val_loss"], epoch + 1) and s.cfg.early_stopping > 0
+    # a strictly lower validation loss: saved as best.h5 too
+    best = s.watch.observe(record["val_loss"], epoch + 1)
     s.save(record, best=best)
     dist.print0(s.comm, format_epoch(record, s.cfg.epochs, s.problem.classification))
     return record
@@ -263,9 +263,11 @@ def report_complete(s: Session) -> dict:
             test = evaluate(s.comm, s.model, s.data.test, s.problem)
             record.update(split_record("test", test))
         return finish(s, record)
+    longer = (f"--early-stopping N (more than its {s.watch.stale} epochs without a lower "
+              f"validation loss)" if s.watch.exhausted else "--epochs N")
     dist.print0(s.comm, f"the run in {out} is complete: {p.epoch} of {s.cfg.epochs} epochs, "
                         f"{p.step} steps; nothing to do (nothing was written). To train "
-                        f"longer: mpinn train --out {out} --resume --epochs N")
+                        f"longer: mpinn train --out {out} --resume {longer}")
     return {"ranks": s.comm.size, "epochs": s.cfg.epochs, "steps": p.step, "complete": True}
 
 
@@ -277,8 +279,10 @@ def log_start(s: Session) -> None:
                       f"{'classes' if s.problem.classification else 'targets'}")
     dist.print0(comm, f"model {'-'.join(map(str, arch.sizes))} {arch.activation}, "
                       f"{arch.loss}, {arch.n_params:,} params ({arch.dtype}); {cfg.optimizer} "
-                      f"lr {cfg.lr}; global batch {cfg.batch_size} (<= {s.model.max_rows} per "
-                      f"rank), {s.steps} steps/epoch")
+                      f"lr {cfg.lr}; global batch {cfg.batch_size} (<= "
+                      f"{s.data.buffers.max_rows} per rank"
+                      + (f", in micro-batches of <= {s.model.max_rows}" if cfg.accumulate > 1
+                         else "") + f"), {s.steps} steps/epoch")
     dist.print0(comm, f"lr {s.schedule.rate:g}"
                       + (f" (--lr {cfg.lr:g} x batch {cfg.batch_size} / base batch "
                          f"{cfg.base_batch})" if cfg.lr_scaling == "linear" else "")

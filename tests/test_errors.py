@@ -102,6 +102,8 @@ CASES = {
                                        "99999999999999999999"], ["batch_size is too large"]),
     "stall timeout under a second": (["train", "{synth}", "--stall-timeout", "0.5"],
                                      ["stall_timeout must be 0", "at least 1 second"]),
+    "cosine rising to lr_min": (["train", "{synth}", "--lr-schedule", "cosine", "--lr-min",
+                                 "0.5"], ["lr_min (0.5) must not exceed lr"]),
     "model larger than memory": (["train", "{synth}", "--hidden", "1000000000"],
                                  ["12-1000000000-4", "does not fit in rank"]),
     "negative batch size": (["train", "{synth}", "--batch-size", "-4"], ["batch_size"]),

@@ -12,7 +12,7 @@ import pytest
 from test_checkpoint import assert_same, metrics
 from test_parallel import train_args
 
-from conftest import RANKS, load_weights, mpinn, ok
+from conftest import RANKS, expect_error, load_weights, mpinn, ok
 from mpinn import checkpoint
 
 
@@ -61,7 +61,7 @@ def test_accumulation_equals_the_large_batch(synth, tmp_path):
         runs[n, k] = flat(out)
         if k == 4:
             assert "4 micro-batches per update" in result.stdout
-            assert f"(<= {-(-13 // n)} per rank)" in result.stdout  # buffers: a micro-batch
+            assert f"in micro-batches of <= {-(-13 // n)})" in result.stdout  # model buffers
     for key in ((2, 1), (2, 4), (1, 4), (3, 4)):
         assert rel(runs[key], runs[1, 1]) <= 1e-12, (key, rel(runs[key], runs[1, 1]))
 
@@ -115,3 +115,14 @@ def test_a_longer_resume_stretches_cosine(synth, tmp_path):
     again = mid_run(tmp_path, run, 30, "again")  # resume the stretched run at step 30
     ok(mpinn(1, "train", "--out", again, "--resume"))
     assert_same(run, again)
+
+
+def test_extending_a_finished_cosine_at_rate_zero_is_refused(synth, tmp_path):
+    """More epochs after cosine reached --lr-min 0 would not change the model: exit 2
+    with the way out, which then works."""
+    run = tmp_path / "done"
+    ok(mpinn(1, *train_args(synth, run, "--lr-schedule", "cosine")))
+    expect_error(mpinn(2, "train", "--out", run, "--resume", "--epochs", 3), 2,
+                 "reached a rate of 0", "--lr-min R > 0")
+    result = ok(mpinn(2, "train", "--out", run, "--resume", "--epochs", 3, "--lr-min", 0.01))
+    assert "stretched at resume: from 0.01" in result.stdout

@@ -151,3 +151,31 @@ def test_wrong_validation_settings_are_refused(synth, tmp_path):
                        "--val-fraction", 0.3), 2, "val_fraction 0.2 -> 0.3")
     expect_error(mpinn(1, "train", synth, "--out", tmp_path / "t", "--val-fraction", 0.0001),
                  2, "holds out no row")
+
+
+def test_a_stopped_run_says_how_to_train_on(stopped):
+    """--epochs cannot extend a run whose patience ran out: the message says what can."""
+    result = ok(mpinn(1, "train", "--out", stopped, "--resume", "--epochs", 40))
+    assert "is complete" in result.stdout and "--resume --early-stopping N" in result.stdout
+
+
+def test_best_h5_is_kept_with_validation_alone(synth, tmp_path):
+    """Held-out rows without early stopping still keep the best epoch's model."""
+    out = tmp_path / "v"
+    ok(mpinn(1, "train", synth, "--out", out, "--hidden", "8", "--epochs", 2,
+             "--val-fraction", 0.2))
+    best = checkpoint.load(str(out / "best.h5"))
+    assert best.epoch == best.best_epoch >= 1
+
+
+def test_a_checkpoint_from_before_the_toolkit_resumes(synth, tmp_path):
+    """A configuration without the toolkit's keys (mpinn before them) means their
+    defaults: it fits a configuration that leaves them at their defaults."""
+    from mpinn.config import resolve, to_toml
+    from mpinn.session import check_compatible
+    cfg = resolve({}, {"data": str(synth), "out": str(tmp_path / "r"), "hidden": "8"})
+    old = "\n".join(line for line in to_toml(cfg).splitlines()
+                    if not line.startswith(("dropout", "val_fraction")))
+    ckpt = checkpoint.Checkpoint(arch=object(), task="classification", config=old,
+                                 data_shape=(600, 12, 4))
+    check_compatible(ckpt, cfg, ckpt.arch, (600, 12, 4), 1)  # no UsageError
