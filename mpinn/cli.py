@@ -223,11 +223,12 @@ def build_parser() -> Parser:
                    "not fit in memory (default 1)")
     g = t.add_argument_group("validation and reporting")
     g.add_argument("--val-fraction", type=float, metavar="F",
-                   help="hold out this fraction of the training split (chosen by the seed) "
-                   "and report it every epoch (default 0)")
+                   help="hold out this fraction of the training split (chosen by the seed), "
+                   "report it every epoch and keep the best model as RUN_DIR/best.h5 "
+                   "(default 0)")
     g.add_argument("--early-stopping", type=int, metavar="PATIENCE",
-                   help="stop after PATIENCE epochs without a better validation loss; the best "
-                   "model is RUN_DIR/best.h5 (default 0: off)")
+                   help="stop after PATIENCE epochs without a lower validation loss (needs "
+                   "--val-fraction; default 0: off)")
     g.add_argument("--progress", help="auto | bar | lines | off: progress within an epoch "
                    "(auto: a live bar at a terminal, else lines; default auto)")
     g.add_argument("--log-every", type=float, metavar="SECONDS",
