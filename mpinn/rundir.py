@@ -5,7 +5,7 @@
     RUN_DIR/summary.json          written at the end
     RUN_DIR/checkpoints/step-NNNNNNNNN.h5   the last `keep_checkpoints` checkpoints
     RUN_DIR/checkpoint.h5         a hard link to the newest of them
-    RUN_DIR/best.h5               --early-stopping: the checkpoint of the best epoch
+    RUN_DIR/best.h5               --val-fraction: the checkpoint of the best epoch
     RUN_DIR/.lock                 held by the run using the directory (lock.py)
 
 Every file is replaced atomically (fileio.write_atomically; the link too: a
