@@ -41,6 +41,15 @@ def library() -> str:
     return " ".join(MPI.Get_library_version().splitlines()[0].split())
 
 
+def placement(comm: Comm) -> tuple[list[str], list[int]]:
+    """Collective: the distinct hosts (MPI processor names, in order of their first
+    rank) and how many ranks each runs."""
+    hosts: dict[str, int] = {}
+    for name in gather_objects(comm, MPI.Get_processor_name(), "an exchange of host names"):
+        hosts[name] = hosts.get(name, 0) + 1
+    return list(hosts), list(hosts.values())
+
+
 def thread_multiple() -> bool:
     """Whether MPI lets any thread make MPI calls at any time (MPI_THREAD_MULTIPLE)."""
     return MPI.Query_thread() == MPI.THREAD_MULTIPLE

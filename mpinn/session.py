@@ -108,6 +108,7 @@ class Session:
     saved_step: int = -1  # the step of the newest checkpoint on disk (-1: none)
     config_pending: bool = False  # a resumed run's config.toml, written with its checkpoint
     active_feed: Feed | None = None  # the epoch's feed, whose threads may still read
+    hosts: tuple[list[str], list[int]] = ([], [])  # dist.placement: hosts, ranks on each
     regime: Regime = field(default_factory=Regime)  # dropout, clipping
     schedule: Schedule = field(default_factory=lambda: Schedule(0.0))  # the rate per step
 
@@ -215,7 +216,8 @@ def open_session(cfg: TrainConfig, comm: dist.Comm) -> Session:
         if resumed is not None:
             watch = EarlyStopping(patience=cfg.early_stopping, best_loss=resumed.best_val_loss,
                                   best_epoch=resumed.best_epoch, stale=resumed.stale_epochs)
-        return Session(cfg=cfg, comm=comm, problem=problem, model=model, optimizer=optimizer,
+        return Session(cfg=cfg, comm=comm, hosts=dist.placement(comm), problem=problem,
+                       model=model, optimizer=optimizer,
                        sync=sync, run=run, resumed=resumed, progress=progress,
                        data=open_reading(cfg, comm, io, max_rows, problem, held), watch=watch,
                        saved_step=resumed.step if resumed else -1,

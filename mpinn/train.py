@@ -225,7 +225,8 @@ def summarize(s: Session, record: dict, test: dict) -> dict:
     phases = timer.reduce(comm)
     step_mean = sum(p["mean"] for p in phases.values())
     return {
-        "ranks": comm.size, "mpi": dist.library(), "epochs": s.cfg.epochs,
+        "ranks": comm.size, "hosts": s.hosts[0], "ranks_per_host": s.hosts[1],
+        "mpi": dist.library(), "epochs": s.cfg.epochs,
         "steps": s.progress.step, "steps_this_run": timer.steps + timer.warm,
         "resumed_from_step": s.resumed.step if s.resumed else None,
         "batch_size": s.cfg.batch_size, "params": s.model.arch.n_params,
@@ -273,7 +274,9 @@ def report_complete(s: Session) -> dict:
 
 def log_start(s: Session) -> None:
     cfg, comm, info, arch = s.cfg, s.comm, s.problem.info, s.model.arch
-    dist.print0(comm, f"mpinn {__version__}: {comm.size} ranks ({dist.library()})")
+    hosts = len(s.hosts[0])
+    dist.print0(comm, f"mpinn {__version__}: {comm.size} ranks on {hosts} host"
+                      f"{'s' if hosts > 1 else ''} ({dist.library()})")
     dist.print0(comm, f"data {cfg.data}: {info.n_train} train / {info.n_test} test rows, "
                       f"{info.features} features, {s.problem.outputs} "
                       f"{'classes' if s.problem.classification else 'targets'}")

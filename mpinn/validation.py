@@ -6,8 +6,9 @@ the others, and every epoch ends with the held-out rows evaluated like the test
 split (step.evaluate over their list). A strictly lower loss than the best so
 far is a new best (the session saves it as RUN_DIR/best.h5, a checkpoint file
 like the others) and resets the count of stale epochs; with --early-stopping
-PATIENCE, that many stale epochs in a row end the run normally (exit 0). The best loss, its epoch and the count live in every checkpoint, so a
-resume counts on exactly where the run stood. All ranks decide alike: the loss
+PATIENCE, that many stale epochs in a row end the run normally (exit 0). The
+best loss, its epoch and the count live in every checkpoint, so a resume counts
+on exactly where the run stood. All ranks decide alike: the loss
 they compare is the reduced one.
 """
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import sys
 import tomllib
 from pathlib import Path
@@ -65,6 +66,8 @@ def test_run_directory_contract(synth, tmp_path):
     for key in ("ranks", "epochs", "final_train_loss", "test_accuracy", "samples_per_s"):
         assert summary[key] is not None, key
     assert summary["ranks"] == 2 and summary["final_train_loss"] == lines[-1]["train_loss"]
+    assert summary["hosts"] == [socket.gethostname()] and summary["ranks_per_host"] == [2]
+    assert "2 ranks on 1 host (" in result.stdout
     assert summary["test_accuracy"] == lines[-1]["test_accuracy"]
     assert summary["samples_per_s"] > 0
     phases = summary["step_time_s"]
