@@ -108,7 +108,7 @@ test: install test-prerequisites
 	exit $$status
 
 # A lab of HOSTS hosts on this workstation, for trying and timing multi-host runs by hand.
-cluster-lab: install
+cluster-lab:
 	bash tests/infra/netns_cluster.sh start $(LAB) --hosts $(HOSTS) $(if $(RATE),--rate $(RATE))
 	@echo "run on it:  $(LAB)/mpiexec -n P [-ppn K] $(abspath $(BIN))/mpinn train DATA --out RUN ..."
 	@echo "            (DATA and RUN on a path every host sees: they share this file system)"

@@ -49,9 +49,8 @@ stop() {
                          | grep -E "^(mpv$id-|$bridge\$)" || true; } | sort -u); do
         ip link del "$link" 2>/dev/null || true
     done
-    if grep -qsx 'dir /etc/netns' "$dir/created"; then
-        rmdir /etc/netns 2>/dev/null || true  # ours, and only if empty: others may use it
-    fi
+    # an empty /etc/netns does nothing; one in use by others is not empty and stays
+    rmdir /etc/netns 2>/dev/null || true
     rm -f "$dir/mpiexec" "$dir/netns-exec" "$dir/hosts" "$dir/hosts.tmp" "$dir/links" \
         "$dir/shape" "$dir/created"
 }
@@ -117,7 +116,6 @@ for i in $(seq "$hosts"); do echo "$net.$i node$i"; done >> "$dir/hosts.tmp"
 record "file $dir/hosts"
 mv "$dir/hosts.tmp" "$dir/hosts"
 : > "$dir/links"
-[ -d /etc/netns ] || record "dir /etc/netns"
 for i in $(seq "$hosts"); do
     ns=$prefix-node$i
     record "netns $ns"
@@ -158,6 +156,8 @@ chmod +x "$dir/netns-exec"
 # The launcher. Its mpiexec: \$MPINN_MPIEXEC when set at launch, else the one found now.
 default_mpiexec=${MPINN_MPIEXEC:-$(command -v "$(dirname "$(command -v python3)")/mpiexec" \
     || command -v mpiexec || echo mpiexec)}
+case $default_mpiexec in */*) default_mpiexec=$(realpath -m "$default_mpiexec");; esac  # the
+# Makefile's is relative to the checkout; the launcher runs from anywhere
 record "file $dir/mpiexec"
 cat > "$dir/mpiexec" <<EOF
 #!/usr/bin/env bash
