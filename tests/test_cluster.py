@@ -56,8 +56,10 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
                     "and MPINN_CLUSTER=DIR)")
     state = tmp_path_factory.mktemp("netns-cluster")
     try:
-        subprocess.run(["bash", SCRIPT, "start", state, "--hosts", str(HOSTS)], check=True,
-                       timeout=60, capture_output=True, text=True)
+        started = subprocess.run(["bash", SCRIPT, "start", state, "--hosts", str(HOSTS)],
+                                 timeout=60, capture_output=True, text=True)
+        if started.returncode != 0:
+            pytest.fail(f"{SCRIPT.name} start failed:\n{started.stdout}{started.stderr}")
         yield Cluster(state)
     finally:  # also after a failed start or failed tests
         subprocess.run(["bash", SCRIPT, "stop", state], check=False, timeout=60)
