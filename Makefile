@@ -15,6 +15,10 @@
 #   make fashion-mnist        the Fashion-MNIST idx files into $(DATASETS)/fashion-mnist
 #                             (make test also starts a one-node SLURM cluster for the
 #                             tests of jobs/: Debian's slurm packages, installed if root)
+#   make cluster-lab [HOSTS=2] [RATE=1gbit]   (root) hosts node1..N as network namespaces
+#                             on a private bridge, links shaped to RATE; prints how to
+#                             launch on them; state in $(LAB)
+#   make cluster-lab-stop     remove the lab's namespaces, links and files
 #   make clean                remove the venvs and the demo's data/ and runs/
 
 PYTHON ?= python3
@@ -25,6 +29,9 @@ NP     ?= 2
 PVENV  ?= .venv-phdf5
 DATASETS ?= $(VENV)/datasets
 PYTEST_ARGS ?=
+HOSTS ?= 2
+RATE  ?=
+LAB   ?= /tmp/mpinn-cluster-lab
 
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.mpinn-installed-$(MPI)
@@ -34,7 +41,8 @@ export MPINN_MPIEXEC := $(MPIEXEC)
 export MPINN_PARALLEL_VENV := $(abspath $(PVENV))
 export MPINN_FASHION_DIR := $(abspath $(DATASETS))/fashion-mnist
 
-.PHONY: install demo test clean parallel-hdf5 fashion-mnist test-prerequisites
+.PHONY: install demo test clean parallel-hdf5 fashion-mnist test-prerequisites \
+	cluster-lab cluster-lab-stop
 
 install: $(STAMP)
 
@@ -77,17 +85,39 @@ test-prerequisites:
 		echo "note: $$target unavailable here; its tests will skip" >&2; \
 	done
 
-# The suite runs with a real single-node SLURM cluster (tests of jobs/), started
-# here in a scratch directory and stopped afterwards, whatever the tests did.
+# The suite runs with a real single-node SLURM cluster (tests of jobs/) and a cluster of
+# two network-namespace hosts (tests/test_cluster.py), both started here in scratch
+# directories and stopped afterwards, whatever the tests did.
 test: install test-prerequisites
-	@slurm=$$(mktemp -d /tmp/mpinn-slurm.XXXXXX); status=0; \
+	@slurm=$$(mktemp -d /tmp/mpinn-slurm.XXXXXX); net=$$(mktemp -d /tmp/mpinn-net.XXXXXX); \
+	status=0; \
+	cleanup() { bash tests/infra/slurm_cluster.sh stop "$$slurm"; rm -rf "$$slurm"; \
+		bash tests/infra/netns_cluster.sh stop "$$net"; rm -rf "$$net"; }; \
+	trap cleanup EXIT; trap 'exit 130' INT TERM; \
 	if bash tests/infra/slurm_cluster.sh start "$$slurm"; then \
 		export MPINN_SLURM_CONF="$$slurm/slurm.conf"; \
 	elif [ "$${CI:-}" = true ]; then \
-		echo "a SLURM test cluster is required under CI=true" >&2; rm -rf "$$slurm"; exit 1; \
+		echo "a SLURM test cluster is required under CI=true" >&2; exit 1; \
 	else echo "note: no SLURM test cluster here; the tests of jobs/ will skip" >&2; fi; \
+	if bash tests/infra/netns_cluster.sh start "$$net" --hosts 2; then \
+		export MPINN_CLUSTER="$$net"; \
+	elif [ "$${CI:-}" = true ]; then \
+		echo "a network-namespace cluster is required under CI=true" >&2; exit 1; \
+	else echo "note: no network-namespace cluster here (needs root); tests/test_cluster.py will skip" >&2; fi; \
 	$(BIN)/python -m pytest $(PYTEST_ARGS) || status=$$?; \
-	bash tests/infra/slurm_cluster.sh stop "$$slurm"; rm -rf "$$slurm"; exit $$status
+	exit $$status
+
+# A lab of HOSTS hosts on this workstation, for trying and timing multi-host runs by hand.
+cluster-lab:
+	bash tests/infra/netns_cluster.sh start $(LAB) --hosts $(HOSTS) $(if $(RATE),--rate $(RATE))
+	@echo "run on it:  $(LAB)/mpiexec -n P [-ppn K] $(abspath $(BIN))/mpinn train DATA --out RUN ..."
+	@echo "            (DATA and RUN on a path every host sees: they share this file system)"
+	@echo "bench:      $(LAB)/mpiexec -n $(HOSTS) $(abspath $(BIN))/mpinn bench step"
+	@echo "host names: $(LAB)/hosts; link counters: $(LAB)/links; stop: make cluster-lab-stop"
+
+cluster-lab-stop:
+	bash tests/infra/netns_cluster.sh stop $(LAB)
+	rmdir $(LAB) 2>/dev/null || true
 
 clean:
 	rm -rf $(VENV) $(PVENV) data runs *.egg-info

@@ -1,0 +1,115 @@
+"""Training across hosts: network namespaces node1..node2 joined by veth links
+(tests/infra/netns_cluster.sh), so ranks on different hosts talk TCP, not shared memory.
+
+`make test` starts the cluster and exports MPINN_CLUSTER=DIR; run alone as root, these
+tests start one of their own and remove it after. Oracle: the same training on one host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import HERE, load_weights, ok, run, unavailable
+from test_parallel import train_args
+
+SCRIPT = HERE / "infra" / "netns_cluster.sh"
+HOSTS = 2
+
+
+class Cluster:
+    """A started netns cluster: its launcher and the root-side veth of each host."""
+
+    def __init__(self, state: Path) -> None:
+        self.launcher = state / "mpiexec"
+        # DIR/links: "nodeI NAMESPACE ROOT-SIDE-VETH" per host
+        self.veths = {host: veth for host, _, veth in
+                      (line.split() for line in (state / "links").read_text().splitlines())}
+
+    def mpiexec(self, n: int, *args, ppn: int | None = None, timeout: float = 60
+                ) -> subprocess.CompletedProcess:
+        """`DIR/mpiexec -n N [-ppn K] python ARGS`: block placement over node1, node2."""
+        placement = ["-ppn", str(ppn)] if ppn else []
+        return run([self.launcher, "-n", n, *placement, sys.executable, *args], timeout=timeout)
+
+    def bytes_sent_to(self, host: str) -> int:
+        """Bytes the bridge has sent to host (tx of the root side of its link)."""
+        return int(Path(f"/sys/class/net/{self.veths[host]}/statistics/tx_bytes").read_text())
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> Iterator[Cluster]:
+    if os.environ.get("MPINN_CLUSTER"):  # started (and stopped) by `make test`
+        yield Cluster(Path(os.environ["MPINN_CLUSTER"]))
+        return
+    if os.geteuid() != 0:
+        unavailable("a cluster of network namespaces",
+                    "run the tests as root (`sudo make test`, or as root: "
+                    f"bash {SCRIPT.relative_to(HERE.parent)} start DIR --hosts {HOSTS} "
+                    "and MPINN_CLUSTER=DIR)")
+    state = tmp_path_factory.mktemp("netns-cluster")
+    try:
+        started = subprocess.run(["bash", SCRIPT, "start", state, "--hosts", str(HOSTS)],
+                                 timeout=60, capture_output=True, text=True)
+        if started.returncode != 0:
+            pytest.fail(f"{SCRIPT.name} start failed:\n{started.stdout}{started.stderr}")
+        yield Cluster(state)
+    finally:  # also after a failed start or failed tests
+        subprocess.run(["bash", SCRIPT, "stop", state], check=False, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def shared_synth(cluster, tmp_path_factory) -> Path:
+    """The synthetic data set, made by a rank on node1: all hosts see the same files."""
+    path = tmp_path_factory.mktemp("data") / "synth.h5"
+    ok(cluster.mpiexec(1, "-m", "mpinn", "data", "synth", path, "--samples", 600,
+                       "--test-samples", 150, "--features", 12, "--classes", 4, "--seed", 3))
+    return path
+
+
+def test_ranks_run_on_their_hosts(cluster):
+    """-n 4 places ranks 0, 1 on node1 and 2, 3 on node2; MPI names the host."""
+    result = ok(cluster.mpiexec(4, HERE / "mpi" / "processor_name.py"))
+    names = dict(line.split() for line in result.stdout.splitlines())
+    assert names == {"0": "node1", "1": "node1", "2": "node2", "3": "node2"}, result.stdout
+
+
+@pytest.mark.parametrize("across, one_host", [((4, None), (1, None)), ((2, None), (2, 2))],
+                         ids=["2x2-vs-1", "2x1-vs-2-on-one-host"])
+def test_weights_independent_of_hosts(cluster, shared_synth, tmp_path, across, one_host):
+    """float64: ranks spread over two hosts end with the weights of the same ranks' work
+    on one host, to 1e-12 relative (up to the order of summation)."""
+    weights = []
+    for name, (n, ppn) in (("across", across), ("one-host", one_host)):
+        out = tmp_path / name
+        ok(cluster.mpiexec(n, "-m", "mpinn", *train_args(shared_synth, out), ppn=ppn))
+        assert json.loads((out / "summary.json").read_text())["ranks"] == n
+        weights.append(np.concatenate([w.ravel() for w in load_weights(out / "checkpoint.h5")]))
+    spread, reference = weights
+    assert np.linalg.norm(spread - reference) / np.linalg.norm(reference) <= 1e-12
+
+
+def test_gradients_cross_the_network(cluster, shared_synth, tmp_path):
+    """2 hosts x 1 rank: each host receives at least the gradient buffer every step.
+
+    At P = 2 any Allreduce algorithm (ring, recursive doubling, reduce + broadcast)
+    delivers B bytes of the other rank's data to each rank: half the buffer in the
+    reduce-scatter and half in the allgather for the ring. A model of ~70k parameters
+    makes the gradients dwarf Hydra's control traffic on the same links."""
+    out = tmp_path / "run"
+    before = {host: cluster.bytes_sent_to(host) for host in cluster.veths}
+    ok(cluster.mpiexec(2, "-m", "mpinn", *train_args(shared_synth, out),
+                       "--hidden", "256,256"))  # the last flag wins
+    received = {host: cluster.bytes_sent_to(host) - before[host] for host in before}
+    summary = json.loads((out / "summary.json").read_text())
+    gradients = summary["steps"] * summary["allreduce_bytes_per_step"]
+    assert gradients > 10e6, summary  # the test means something only with a large buffer
+    for host, nbytes in received.items():
+        assert nbytes >= gradients, (host, nbytes, gradients)
