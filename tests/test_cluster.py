@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_parallel import train_args
 
 from conftest import HERE, load_weights, ok, run, unavailable
-from test_parallel import train_args
 
 SCRIPT = HERE / "infra" / "netns_cluster.sh"
 HOSTS = 2
