@@ -90,7 +90,11 @@ def test_weights_independent_of_hosts(cluster, shared_synth, tmp_path, across, o
     for name, (n, ppn) in (("across", across), ("one-host", one_host)):
         out = tmp_path / name
         ok(cluster.mpiexec(n, "-m", "mpinn", *train_args(shared_synth, out), ppn=ppn))
-        assert json.loads((out / "summary.json").read_text())["ranks"] == n
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["ranks"] == n
+        if name == "across":  # mpinn knows where its ranks ran
+            assert summary["hosts"] == ["node1", "node2"]
+            assert summary["ranks_per_host"] == [n // 2, n // 2]
         weights.append(np.concatenate([w.ravel() for w in load_weights(out / "checkpoint.h5")]))
     spread, reference = weights
     assert np.linalg.norm(spread - reference) / np.linalg.norm(reference) <= 1e-12
