@@ -142,7 +142,7 @@ def test_sigusr1_to_mpirun_checkpoints_and_resume_is_bit_identical(openmpi_env, 
 @pytest.mark.parametrize("signum,forwarded", [
     (signal.SIGUSR1, ["SIGUSR1", "ended"]),           # forwarded; the job goes on
     (signal.SIGTERM, ["SIGCONT", "SIGTERM"]),         # the job is aborted, ranks killed
-])
+], ids=["SIGUSR1", "SIGTERM"])
 def test_what_mpirun_does_with_a_signal(openmpi_env, tmp_path, signum, forwarded):
     """Documents Open MPI 5's forwarding (module docstring); a change shows up here."""
     proc = start(openmpi_env.command(2, HERE / "mpi" / "signal_probe.py", tmp_path, 3),
