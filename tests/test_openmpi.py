@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_checkpoint import ARGS, assert_same
+from test_parallel import train_args
 
 from conftest import (
     HERE,
@@ -41,8 +43,6 @@ from conftest import (
     wait_for,
 )
 from mpinn import checkpoint
-from test_checkpoint import ARGS, assert_same
-from test_parallel import train_args
 
 
 class OpenMPIEnv:
