@@ -5,6 +5,9 @@
 #                   build is `make install MPI=system` after loading the MPI module)
 #   MPINN_SRUN_MPI  srun's MPI plugin (default pmi2; `srun --mpi=list` shows yours)
 #   MPINN_MODULES   modules to load first, e.g. "gcc openmpi hdf5" (default none)
+# Anything else the ranks need (UCX_TLS=tcp UCX_NET_DEVICES=eth0 where UCX picks the
+# wrong interface, FI_PROVIDER=...): export it before sbatch; sbatch and srun pass the
+# submitting environment on to every rank (so never #SBATCH --export=NONE).
 
 MPINN_HOME=${MPINN_HOME:-$SLURM_SUBMIT_DIR}
 MPINN_VENV=${MPINN_VENV:-$MPINN_HOME/.venv}
