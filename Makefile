@@ -20,7 +20,8 @@
 #                             MPIEXEC=... make parallel-hdf5 after loading the modules)
 #   make fashion-mnist        the Fashion-MNIST idx files into $(DATASETS)/fashion-mnist
 #                             (make test also starts a one-node SLURM cluster for the
-#                             tests of jobs/: Debian's slurm packages, installed if root)
+#                             tests of jobs/: Debian's slurm packages, installed if root;
+#                             as root, a two-node one on network-namespace hosts too)
 #   make cluster-lab [HOSTS=2] [RATE=1gbit]   (root) hosts node1..N as network namespaces
 #                             on a private bridge, links shaped to RATE; prints how to
 #                             launch on them; state in $(LAB)
@@ -101,13 +102,16 @@ test-prerequisites:
 		echo "note: $$target unavailable here; its tests will skip" >&2; \
 	done
 
-# The suite runs with a real single-node SLURM cluster (tests of jobs/) and a cluster of
-# two network-namespace hosts (tests/test_cluster.py), both started here in scratch
-# directories and stopped afterwards, whatever the tests did.
+# The suite runs with a real single-node SLURM cluster (tests of jobs/), a cluster of
+# two network-namespace hosts (tests/test_cluster.py) and a SLURM cluster over those two
+# hosts (tests/test_slurm2.py), all started here in scratch directories and stopped
+# afterwards, whatever the tests did.
 test: install test-prerequisites
 	@slurm=$$(mktemp -d /tmp/mpinn-slurm.XXXXXX); net=$$(mktemp -d /tmp/mpinn-net.XXXXXX); \
 	status=0; \
+	slurm2=$$(mktemp -d /tmp/mpinn-slurm2.XXXXXX); \
 	cleanup() { bash tests/infra/slurm_cluster.sh stop "$$slurm"; rm -rf "$$slurm"; \
+		bash tests/infra/slurm_nodes.sh stop "$$slurm2"; rm -rf "$$slurm2"; \
 		bash tests/infra/netns_cluster.sh stop "$$net"; rm -rf "$$net"; }; \
 	trap cleanup EXIT; trap 'exit 130' INT TERM; \
 	if bash tests/infra/slurm_cluster.sh start "$$slurm"; then \
@@ -120,6 +124,11 @@ test: install test-prerequisites
 	elif [ "$${CI:-}" = true ]; then \
 		echo "a network-namespace cluster is required under CI=true" >&2; exit 1; \
 	else echo "note: no network-namespace cluster here (needs root); tests/test_cluster.py will skip" >&2; fi; \
+	if [ "$${MPINN_CLUSTER:-}" = "$$net" ] && bash tests/infra/slurm_nodes.sh start "$$slurm2" --netns "$$net"; then \
+		export MPINN_SLURM2_CONF="$$slurm2/slurm.conf"; \
+	elif [ "$${CI:-}" = true ]; then \
+		echo "a two-node SLURM cluster is required under CI=true" >&2; exit 1; \
+	else echo "note: no two-node SLURM cluster here (needs root and SLURM); tests/test_slurm2.py will skip" >&2; fi; \
 	$(BIN)/python -m pytest $(PYTEST_ARGS) || status=$$?; \
 	exit $$status
 

@@ -104,25 +104,39 @@ def test_scaling_sbatch(slurm, synth, tmp_path, script, batch):
         assert summary["samples_per_s"] > 0 and "allreduce" in summary["step_time_s"]
 
 
-def test_preempted_job_requeues_and_ends_bit_identical(slurm, synth, tmp_path):
-    """scancel --signal=USR1 --batch: checkpoint, requeue, resume; weights as if never stopped."""
-    args = "--epochs 8 --hidden 16 --dtype float64 --batch-size 5 --optimizer adam --seed 4"
-    run_dir = tmp_path / "run"
-    job = sbatch(slurm, tmp_path, "train.sbatch", MPINN_DATA=synth, MPINN_RUN_DIR=run_dir,
+def preempt(env: dict, cwd: Path, data: Path, args: str, *options: str) -> Path:
+    """Submit jobs/train.sbatch, USR1 it once it trains, and wait until the requeued job
+    completes; returns its run directory. Checks the restart and what the log tells."""
+    run_dir = cwd / "run"
+    job = sbatch(env, cwd, "train.sbatch", *options, MPINN_DATA=data, MPINN_RUN_DIR=run_dir,
                  MPINN_TRAIN_ARGS=args)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.exists() and metrics.read_text()):
-        assert time.monotonic() < deadline and job_field(slurm, job, "JobState") not in DONE
+        assert time.monotonic() < deadline and job_field(env, job, "JobState") not in DONE
         time.sleep(0.1)
-    ok(run(["scancel", "--signal=USR1", "--batch", job], env=slurm, timeout=30))
-    log_path = tmp_path / f"mpinn-train-{job}.out"
-    assert wait_done(slurm, job, timeout=300) == "COMPLETED", log_path.read_text()
+    ok(run(["scancel", "--signal=USR1", "--batch", job], env=env, timeout=30))
+    log_path = cwd / f"mpinn-train-{job}.out"
+    assert wait_done(env, job, timeout=300) == "COMPLETED", log_path.read_text()
     log = log_path.read_text()
-    assert job_field(slurm, job, "Restarts") == "1", log
+    assert job_field(env, job, "Restarts") == "1", log
     assert "stopped by a signal" in log and "requeueing job" in log and "resumed from" in log
-    reference = tmp_path / "reference"
-    ok(mpinn(2, "train", synth, "--out", reference, *args.split()))
+    return run_dir
+
+
+def assert_same_weights(reference: Path, resumed: Path) -> None:
+    """Bit for bit: the checkpoint of the interrupted run equals the uninterrupted one."""
     for a, b in zip(load_weights(reference / "checkpoint.h5"),
-                    load_weights(run_dir / "checkpoint.h5"), strict=True):
+                    load_weights(resumed / "checkpoint.h5"), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+PREEMPT_ARGS = "--epochs 8 --hidden 16 --dtype float64 --batch-size 5 --optimizer adam --seed 4"
+
+
+def test_preempted_job_requeues_and_ends_bit_identical(slurm, synth, tmp_path):
+    """scancel --signal=USR1 --batch: checkpoint, requeue, resume; weights as if never stopped."""
+    run_dir = preempt(slurm, tmp_path, synth, PREEMPT_ARGS)
+    reference = tmp_path / "reference"
+    ok(mpinn(2, "train", synth, "--out", reference, *PREEMPT_ARGS.split()))
+    assert_same_weights(reference, run_dir)

@@ -65,6 +65,12 @@ munged --key-file="$dir/munge.key" --socket="$dir/munge/munge.socket" \
 
 node=$(slurmd -C | head -1 | sed -e 's/ UpTime=.*//')   # NodeName=... CPUs=... RealMemory=...
 host=$(hostname -s)
+# Ports: the first free pair from 16817, so that clusters started from several
+# directories (two checkouts testing at once) coexist.
+port=16817
+while [ -n "$(ss -Hltn "( sport = :$port or sport = :$((port + 1)) )")" ]; do
+    port=$((port + 2))
+done
 cat > "$conf" <<CONF
 # mpinn test cluster: one node, everything as root, no accounting, no cgroups
 ClusterName=mpinn-test
@@ -81,8 +87,8 @@ SlurmctldPidFile=$dir/slurmctld.pid
 SlurmdPidFile=$dir/slurmd.pid
 SlurmctldLogFile=$dir/slurmctld.log
 SlurmdLogFile=$dir/slurmd.log
-SlurmctldPort=16817
-SlurmdPort=16818
+SlurmctldPort=$port
+SlurmdPort=$((port + 1))
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -100,7 +106,7 @@ slurmctld -f "$conf"
 slurmd -f "$conf"
 for _ in $(seq 100); do
     if sinfo -h -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
-        echo "SLURM test cluster up: SLURM_CONF=$conf"
+        echo "SLURM test cluster up (port $port): SLURM_CONF=$conf"
         exit 0
     fi
     sleep 0.2
