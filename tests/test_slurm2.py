@@ -17,8 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_slurm import (PREEMPT_ARGS, assert_same_weights, job_field, preempt, sbatch,
-                        wait_done)
+from test_slurm import PREEMPT_ARGS, assert_same_weights, job_field, preempt, sbatch, wait_done
 
 from conftest import HERE, child_env, ok, run, unavailable
 
