@@ -148,20 +148,26 @@ def unavailable(what: str, how: str) -> None:
 
 
 class ParallelEnv:
-    """The venv of `make parallel-hdf5`: h5py with MPI-IO, and its MPI's launcher."""
+    """The venv of `make parallel-hdf5`: h5py with MPI-IO, and its MPI's launcher.
+    Other venvs with an MPI of their own (Open MPI's) change `command` and `env`."""
 
     def __init__(self, venv: Path) -> None:
         self.python = venv / "bin" / "python"
         self.mpiexec = venv / "bin" / "mpiexec"
+        self.env = child_env()
+
+    def command(self, n: int, *args) -> list:
+        return [self.mpiexec, "-n", n, self.python, *args]
+
+    def start_mpinn(self, n: int, *args) -> subprocess.Popen:
+        return start(self.command(n, "-m", "mpinn", *args), env=self.env)
 
     def mpinn(self, n: int, *args, timeout: float = 180) -> subprocess.CompletedProcess:
-        return run([str(self.mpiexec), "-n", str(n), str(self.python), "-m", "mpinn",
-                    *map(str, args)], timeout=timeout)
+        return run(self.command(n, "-m", "mpinn", *args), timeout=timeout, env=self.env)
 
     def script(self, n: int, name: str, *args, timeout: float = 180
                ) -> subprocess.CompletedProcess:
-        return run([str(self.mpiexec), "-n", str(n), str(self.python), str(HERE / "mpi" / name),
-                    *map(str, args)], timeout=timeout)
+        return run(self.command(n, HERE / "mpi" / name, *args), timeout=timeout, env=self.env)
 
 
 @pytest.fixture(scope="session")

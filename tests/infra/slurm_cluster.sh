@@ -7,6 +7,7 @@
 # as root without systemd; state, spool and logs live in DIR. Idempotent.
 # Exit status 3: SLURM is not installed and cannot be installed here.
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/slurm_common.sh"
 action=${1:?usage: slurm_cluster.sh start|stop DIR}
 dir=$(mkdir -p "${2:?usage: slurm_cluster.sh start|stop DIR}" && cd "$2" && pwd)
 conf=$dir/slurm.conf
@@ -75,30 +76,13 @@ cat > "$conf" <<CONF
 # mpinn test cluster: one node, everything as root, no accounting, no cgroups
 ClusterName=mpinn-test
 SlurmctldHost=$host(127.0.0.1)
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-# cred_expire: a requeued job may start again after 10 s (default 120)
-AuthInfo=socket=$dir/munge/munge.socket,cred_expire=10
-CredType=cred/munge
-StateSaveLocation=$dir/state
+$(slurm_auth "$dir")
 SlurmdSpoolDir=$dir/spool
 SlurmctldPidFile=$dir/slurmctld.pid
 SlurmdPidFile=$dir/slurmd.pid
 SlurmctldLogFile=$dir/slurmctld.log
 SlurmdLogFile=$dir/slurmd.log
-SlurmctldPort=$port
-SlurmdPort=$((port + 1))
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-MpiDefault=pmi2
-SchedulerParameters=batch_sched_delay=0
-MailProg=/bin/true
-ReturnToService=2
+$(slurm_plugins "$port")
 $node NodeAddr=127.0.0.1 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF

@@ -11,6 +11,7 @@
 # every daemon and job step it started, and is safe twice and after a failed start.
 # Exit status 3: not root, or SLURM not installed (slurm_cluster.sh installs it).
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/slurm_common.sh"
 usage="usage: slurm_nodes.sh start DIR --netns NETNS_DIR | stop DIR"
 action=${1:?$usage}
 dir=$(mkdir -p "${2:?$usage}" && cd "$2" && pwd)
@@ -117,31 +118,14 @@ cat > "$conf" <<CONF
 # mpinn test cluster: slurmctld on the bridge of a netns cluster, a slurmd per host
 ClusterName=mpinn-test2
 SlurmctldHost=$host($ctld_addr)
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-# cred_expire: a requeued job may start again after 10 s (default 120)
-AuthInfo=socket=$dir/munge/munge.socket,cred_expire=10
-CredType=cred/munge
-StateSaveLocation=$dir/state
+$(slurm_auth "$dir")
 # %n: each node's slurmd has its own spool, pid file and log
 SlurmdSpoolDir=$dir/spool-%n
 SlurmctldPidFile=$dir/slurmctld.pid
 SlurmdPidFile=$dir/slurmd-%n.pid
 SlurmctldLogFile=$dir/slurmctld.log
 SlurmdLogFile=$dir/slurmd-%n.log
-SlurmctldPort=$port
-SlurmdPort=$((port + 1))
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-MpiDefault=pmi2
-SchedulerParameters=batch_sched_delay=0
-MailProg=/bin/true
-ReturnToService=2
+$(slurm_plugins "$port")
 $(while read -r name _ addr; do
       echo "NodeName=$name NodeAddr=$addr $hardware State=UNKNOWN"
   done <<< "$nodes")
