@@ -15,6 +15,7 @@ SIGINT (Ctrl-C), SIGTERM or SIGUSR1 at a step boundary after writing a checkpoin
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -149,9 +150,112 @@ def build_parser() -> Parser:
                        epilog="Flags override the --config TOML file, which overrides the "
                        "defaults shown. The resolved configuration is saved as "
                        "RUN_DIR/config.toml.")
+    add_train_options(t)
+
+    e = sub.add_parser("evaluate", help="loss, accuracy, macro precision/recall/F1 and the "
+                       "confusion matrix of a checkpoint (distributed)")
+    e.add_argument("checkpoint", help="a checkpoint file, or a run directory (its checkpoint.h5)")
+    e.add_argument("data")
+    e.add_argument("--split", choices=("train", "test"), default="test",
+                   help="which split to evaluate (default test)")
+    e.add_argument("--io", choices=IO_MODES, default="auto",
+                   help="how ranks read the data (see `mpinn train --help`)")
+    e.add_argument("--json", metavar="FILE", help="also write the scores (per-class precision, "
+                   "recall and F1, the confusion matrix) to this JSON file")
+
+    b = sub.add_parser("bench", help="benchmarks (run under mpiexec)")
+    bsub = b.add_subparsers(dest="bench_command", required=True, parser_class=Parser)
+    bi = bsub.add_parser("io", help="read throughput of every reader and shuffle mode against "
+                         "a raw sequential read, and the data wait of a short training run")
+    bi.add_argument("data", help="dataset HDF5 file")
+    bi.add_argument("--batch-size", type=int, default=512, help="global batch (default 512)")
+    bi.add_argument("--steps", type=int, default=200, help="steps per measurement (default 200)")
+    bi.add_argument("--hidden", default="256,128", help="model of the training run")
+    bi.add_argument("--seed", type=int, default=0)
+    bi.add_argument("--json", help="also write the results to this JSON file")
+
+    bs = bsub.add_parser("step", help="training steps on in-memory data: compute against a "
+                         "GEMM's speed, the gradient Allreduce against a bare MPI Allreduce")
+    bs.add_argument("--features", type=int, default=784)
+    bs.add_argument("--hidden", default="1024,1024")
+    bs.add_argument("--classes", type=int, default=10)
+    bs.add_argument("--batch-size", type=int, default=512, help="global batch (default 512)")
+    bs.add_argument("--steps", type=int, default=50)
+    bs.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    bs.add_argument("--json", help="also write the results to this JSON file")
+
+    add_scaling_commands(sub)
+
+    r = sub.add_parser("predict", help="write a checkpoint's outputs for input rows (serial)")
+    r.add_argument("checkpoint", help="a checkpoint file, or a run directory (its checkpoint.h5)")
+    r.add_argument("input", help="HDF5 file with a dataset `x` (or `test/x`) of input rows")
+    r.add_argument("out", help="HDF5 file to write: `outputs` (and `predictions`)")
+    r.add_argument("--dataset", help="input dataset path inside INPUT (default x, then test/x)")
+
+    pl = sub.add_parser("plot", help="plot a run's loss, accuracy and macro F1 per epoch "
+                        "(serial; needs matplotlib: pip install 'mpinn[plot]')")
+    pl.add_argument("run_dir", help="a run directory (its metrics.jsonl)")
+    pl.add_argument("--out", metavar="FILE.png", help="image to write (default "
+                    "RUN_DIR/metrics.png)")
+    return p
+
+
+def add_scaling_commands(sub: argparse._SubParsersAction) -> None:
+    """`mpinn scaling run` and `mpinn scaling report`: serial drivers, no MPI."""
+    sc = sub.add_parser("scaling", help="strong and weak scaling studies: run a sweep of "
+                        "trainings, report on it (serial; launches mpiexec itself)")
+    ssub = sc.add_subparsers(dest="scaling_command", required=True, parser_class=Parser)
+    sr = ssub.add_parser(
+        "run", help="one training per mode, rank count and repeat, each in "
+        "SWEEP_DIR/<mode>/p<ranks>-r<repeat>/, with SWEEP_DIR/sweep.json",
+        description="Run a scaling study: the trainings one after another, through a "
+        "launcher. Strong scaling keeps --batch-size as the global batch; weak scaling keeps "
+        "it per rank and scales the learning rate linearly (--lr-scaling linear, --base-batch "
+        "= --batch-size) unless --lr-scaling or the --config file chooses. The same command "
+        "again continues a stopped sweep (finished points are kept) or extends it with more "
+        "--ranks or --repeats. Ctrl-C, SIGTERM and SIGUSR1 reach the running training, which "
+        "checkpoints; the sweep then ends with exit 3.",
+        epilog="The driver does not start MPI; it removes PMI_*, PMIX_* and OMPI_* variables "
+        "(keeping OMPI_MCA_* and OMPI_ALLOW_RUN_AS_ROOT*) from the trainings' environment and "
+        "sets MPINN_OVERSUBSCRIBE=error there unless --oversubscribe, so that oversubscribed "
+        "ranks refuse to train (exit 2). Then: mpinn scaling report SWEEP_DIR --out DIR.")
+    sr.add_argument("--out", required=True, metavar="SWEEP_DIR",
+                    help="the sweep directory (created; an unfinished sweep there continues)")
+    sr.add_argument("--ranks", metavar="N,N,...", help="rank counts (default 1, 2, 4, ... up "
+                    "to the CPUs this process may use, and that count)")
+    sr.add_argument("--mode", choices=("strong", "weak", "both"), default="both",
+                    help="which study (default both)")
+    sr.add_argument("--repeats", type=int, default=1, metavar="K",
+                    help="trainings per point, for the spread of the figures (default 1)")
+    sr.add_argument("--launcher", metavar="'CMD {n} ...'",
+                    help="how to start N ranks, {n} standing for N, $VARIABLES expanded "
+                    "(default: the mpiexec beside this Python, `mpiexec -n {n}`); e.g. "
+                    "'srun --ntasks={n}' inside an allocation")
+    sr.add_argument("--oversubscribe", action="store_true",
+                    help="also run points with more ranks x BLAS threads than a host has "
+                    "CPUs (flagged as oversubscribed in the runs and the report)")
+    sr.add_argument("--overwrite", action="store_true",
+                    help="replace a sweep with other settings in SWEEP_DIR")
+    add_train_options(sr, sweep=True)
+    sp = ssub.add_parser(
+        "report", help="points.csv, report.md and plots from one or more sweep directories",
+        description="Summarise sweeps: one row per mode and rank count (averaged over "
+        "repeats) with samples/s, per-phase step times, cross-rank imbalance, speedup, "
+        "efficiency and the Karp-Flatt serial fraction; report.md with the tables and the "
+        "environment; throughput, efficiency and per-phase plots (with matplotlib: pip "
+        "install 'mpinn[plot]').")
+    sp.add_argument("sweeps", nargs="+", metavar="SWEEP_DIR")
+    sp.add_argument("--out", required=True, metavar="REPORT_DIR", help="where the report goes")
+
+
+def add_train_options(t: Parser, sweep: bool = False) -> None:
+    """The options of `mpinn train`; for a sweep (`mpinn scaling run`) without the run
+    directory's (--out, --overwrite, --resume), which the sweep decides per point."""
     t.add_argument("data", nargs="?", help="dataset HDF5 file (or `data` in --config)")
-    t.add_argument("--out", help="run directory (config.toml, metrics.jsonl, summary.json, "
-                   "checkpoint.h5); one run at a time may use it (a second is refused)")
+    if not sweep:
+        t.add_argument("--out", help="run directory (config.toml, metrics.jsonl, "
+                       "summary.json, checkpoint.h5); one run at a time may use it (a second "
+                       "is refused)")
     t.add_argument("--config", help="TOML file with any of the options below (names with _)")
     t.add_argument("--hidden", help="hidden layer widths, comma separated (default 256,128)")
     t.add_argument("--activation", help="relu | tanh | sigmoid (default relu)")
@@ -159,10 +263,12 @@ def build_parser() -> Parser:
     t.add_argument("--optimizer", help="sgd | momentum | adam (default momentum)")
     t.add_argument("--lr", type=float, help="learning rate (default 0.01)")
     t.add_argument("--momentum", type=float, help="momentum coefficient (default 0.9)")
-    t.add_argument("--batch-size", type=int,
-                   help="GLOBAL batch size, split over the ranks (default 128)")
-    t.add_argument("--epochs", type=int, help="epochs; 0 writes the initial checkpoint "
-                   "(default 10)")
+    t.add_argument("--batch-size", type=int, help=(
+        "strong scaling: the GLOBAL batch of every point; weak: the batch PER RANK (the "
+        "global batch is ranks x this) (default 128)") if sweep else
+        "GLOBAL batch size, split over the ranks (default 128)")
+    t.add_argument("--epochs", type=int, help="epochs per point (default 1)" if sweep else
+                   "epochs; 0 writes the initial checkpoint (default 10)")
     t.add_argument("--seed", type=int, help="seed of weights and sample order (default 0)")
     t.add_argument("--dtype", help="float32 | float64 (default float32)")
     t.add_argument("--weight-decay", type=float, help="L2 weight decay (default 0)")
@@ -183,12 +289,13 @@ def build_parser() -> Parser:
                    "every rank reads with the serial driver; auto (default): mpio if available")
     t.add_argument("--no-prefetch", dest="prefetch", action="store_const", const=False,
                    help="read each batch when needed instead of during the previous step")
-    t.add_argument("--overwrite", action="store_const", const=True,
-                   help="replace a run already in --out")
-    t.add_argument("--resume", action="store_const", const=True,
-                   help="continue the run in --out from its checkpoint.h5, with its "
-                   "config.toml (flags may extend --epochs; changing the model, data, batch "
-                   "size, seed or sampling is refused). Any number of ranks.")
+    if not sweep:
+        t.add_argument("--overwrite", action="store_const", const=True,
+                       help="replace a run already in --out")
+        t.add_argument("--resume", action="store_const", const=True,
+                       help="continue the run in --out from its checkpoint.h5, with its "
+                       "config.toml (flags may extend --epochs; changing the model, data, batch "
+                       "size, seed or sampling is refused). Any number of ranks.")
     t.add_argument("--checkpoint-every", type=int, metavar="N",
                    help="also checkpoint every N steps (default 0: at the end of each epoch "
                    "only)")
@@ -234,59 +341,14 @@ def build_parser() -> Parser:
     g.add_argument("--log-every", type=float, metavar="SECONDS",
                    help="seconds between progress lines (default 30)")
 
-    e = sub.add_parser("evaluate", help="loss, accuracy, macro precision/recall/F1 and the "
-                       "confusion matrix of a checkpoint (distributed)")
-    e.add_argument("checkpoint", help="a checkpoint file, or a run directory (its checkpoint.h5)")
-    e.add_argument("data")
-    e.add_argument("--split", choices=("train", "test"), default="test",
-                   help="which split to evaluate (default test)")
-    e.add_argument("--io", choices=IO_MODES, default="auto",
-                   help="how ranks read the data (see `mpinn train --help`)")
-    e.add_argument("--json", metavar="FILE", help="also write the scores (per-class precision, "
-                   "recall and F1, the confusion matrix) to this JSON file")
 
-    b = sub.add_parser("bench", help="benchmarks (run under mpiexec)")
-    bsub = b.add_subparsers(dest="bench_command", required=True, parser_class=Parser)
-    bi = bsub.add_parser("io", help="read throughput of every reader and shuffle mode against "
-                         "a raw sequential read, and the data wait of a short training run")
-    bi.add_argument("data", help="dataset HDF5 file")
-    bi.add_argument("--batch-size", type=int, default=512, help="global batch (default 512)")
-    bi.add_argument("--steps", type=int, default=200, help="steps per measurement (default 200)")
-    bi.add_argument("--hidden", default="256,128", help="model of the training run")
-    bi.add_argument("--seed", type=int, default=0)
-    bi.add_argument("--json", help="also write the results to this JSON file")
-
-    bs = bsub.add_parser("step", help="training steps on in-memory data: compute against a "
-                         "GEMM's speed, the gradient Allreduce against a bare MPI Allreduce")
-    bs.add_argument("--features", type=int, default=784)
-    bs.add_argument("--hidden", default="1024,1024")
-    bs.add_argument("--classes", type=int, default=10)
-    bs.add_argument("--batch-size", type=int, default=512, help="global batch (default 512)")
-    bs.add_argument("--steps", type=int, default=50)
-    bs.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    bs.add_argument("--json", help="also write the results to this JSON file")
-
-    r = sub.add_parser("predict", help="write a checkpoint's outputs for input rows (serial)")
-    r.add_argument("checkpoint", help="a checkpoint file, or a run directory (its checkpoint.h5)")
-    r.add_argument("input", help="HDF5 file with a dataset `x` (or `test/x`) of input rows")
-    r.add_argument("out", help="HDF5 file to write: `outputs` (and `predictions`)")
-    r.add_argument("--dataset", help="input dataset path inside INPUT (default x, then test/x)")
-
-    pl = sub.add_parser("plot", help="plot a run's loss, accuracy and macro F1 per epoch "
-                        "(serial; needs matplotlib: pip install 'mpinn[plot]')")
-    pl.add_argument("run_dir", help="a run directory (its metrics.jsonl)")
-    pl.add_argument("--out", metavar="FILE.png", help="image to write (default "
-                    "RUN_DIR/metrics.png)")
-    return p
-
-
-TRAIN_FLAGS = ("data", "out", "hidden", "activation", "loss", "optimizer", "lr", "momentum",
+SWEEP_FLAGS = ("data", "hidden", "activation", "loss", "optimizer", "lr", "momentum",
                "batch_size", "epochs", "seed", "dtype", "weight_decay", "shuffle", "block_rows",
                "window_rows", "io", "prefetch", "checkpoint_every", "keep_checkpoints",
                "stall_timeout", "dropout", "l1", "clip_norm", "lr_schedule", "warmup_steps",
                "lr_step_every", "lr_gamma", "lr_min", "lr_scaling", "base_batch", "accumulate",
-               "val_fraction", "early_stopping", "progress", "log_every",
-               "overwrite", "resume")
+               "val_fraction", "early_stopping", "progress", "log_every")
+TRAIN_FLAGS = (*SWEEP_FLAGS, "out", "overwrite", "resume")
 
 
 PARALLEL = ("train", "evaluate", "bench")  # and `data synth`: they start MPI
@@ -353,7 +415,6 @@ def run_parallel(args: argparse.Namespace, comm) -> int:
         from .train import train
         toml = {}
         if args.resume and args.out:  # the run's own configuration first
-            import os
             saved = os.path.join(args.out, "config.toml")
             toml = load_toml(saved) if os.path.exists(saved) else {}
         if args.config:
@@ -372,6 +433,8 @@ def run_serial(args: argparse.Namespace) -> int:
         from .infer import predict
         n = predict(args.checkpoint, args.input, args.out, args.dataset)
         print(f"wrote {n} predictions to {args.out}")
+    elif args.command == "scaling":
+        return run_scaling(args)
     elif args.command == "plot":
         from .plot import plot_run
         print(f"wrote {plot_run(args.run_dir, args.out)}")
@@ -388,6 +451,23 @@ def run_serial(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_scaling(args: argparse.Namespace) -> int:
+    """`mpinn scaling run|report`: serial; the sweep launches its own MPI jobs."""
+    if args.scaling_command == "report":
+        from .report import build
+        for path in build(args.sweeps, args.out):
+            print(f"wrote {path}" if os.path.exists(path) else f"mpinn scaling: {path}")
+        return 0
+    from . import scaling
+    from .config import load_toml
+    toml = load_toml(args.config) if args.config else {}
+    flags = {k: getattr(args, k) for k in SWEEP_FLAGS}
+    sweep = scaling.define(toml, flags, ranks=args.ranks, mode=args.mode,
+                           repeats=args.repeats, launcher=args.launcher,
+                           oversubscribe=args.oversubscribe, out=args.out)
+    return scaling.run(sweep, args.overwrite)
+
+
 def rank_hint() -> int:
     """This process's rank without initialising MPI (for messages before MPI starts).
 
@@ -395,7 +475,6 @@ def rank_hint() -> int:
     OMPI_COMM_WORLD_RANK, PMIx PMIX_RANK; srun sets SLURM_PROCID (0 for every
     rank under mpiexec, hence checked last).
     """
-    import os
     for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])

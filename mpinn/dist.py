@@ -41,6 +41,11 @@ def library() -> str:
     return " ".join(MPI.Get_library_version().splitlines()[0].split())
 
 
+def library_version() -> str:
+    """The MPI library's whole version text (MPICH names its device and configuration)."""
+    return MPI.Get_library_version().strip()
+
+
 def placement(comm: Comm) -> tuple[list[str], list[int]]:
     """Collective: the distinct hosts (MPI processor names, in order of their first
     rank) and how many ranks each runs."""

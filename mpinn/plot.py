@@ -43,15 +43,15 @@ def read_metrics(run_dir: str) -> list[dict]:
     return records
 
 
-def load_pyplot():
+def load_pyplot(what: str = "mpinn plot"):
     """matplotlib's pyplot on the Agg backend, or a UsageError saying how to get it."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise UsageError(f"mpinn plot needs matplotlib, which cannot be imported here ({exc}): "
-                         f"install it with pip install 'mpinn[plot]' (or pip install "
+        raise UsageError(f"{what}: matplotlib cannot be imported here ({exc}): install it "
+                         f"with pip install 'mpinn[plot]' (or pip install "
                          f"matplotlib)") from None
     return plt
 
@@ -84,3 +84,102 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
     plt.close(fig)
     write_atomically(out, image.getbuffer(), "write")
     return out
+
+
+def plot_scaling(rows: list[dict], out_dir: str) -> list[str]:
+    """The scaling report's pictures from its points (report.py): throughput.png,
+    efficiency.png and phases.png in out_dir; returns their paths."""
+    plt = load_pyplot("the scaling plots")
+    written = []
+    for name, draw in (("throughput", draw_throughput), ("efficiency", draw_efficiency),
+                       ("phases", draw_phases)):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        draw(ax, rows)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{name}.png")
+        image = io.BytesIO()
+        fig.savefig(image, format="png", dpi=100)
+        plt.close(fig)
+        write_atomically(path, image.getbuffer(), "write")
+        written.append(path)
+    return written
+
+
+def by_mode(rows: list[dict]) -> dict[str, list[dict]]:
+    modes: dict[str, list[dict]] = {}
+    for row in rows:
+        modes.setdefault(row["mode"], []).append(row)
+    return modes
+
+
+def rank_axis(ax, rows: list[dict]) -> None:
+    """Rank counts on a log2 axis, labelled with the counts themselves."""
+    ranks = sorted({r["ranks"] for r in rows})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ranks, [str(n) for n in ranks])
+    ax.minorticks_off()
+    ax.set_xlabel("ranks")
+    ax.grid(alpha=0.3)
+
+
+def mark_oversubscribed(ax, group: list[dict], key: str) -> None:
+    crowded = [r for r in group if r["oversubscribed"]]
+    if crowded:
+        ax.scatter([r["ranks"] for r in crowded], [r[key] for r in crowded], s=120,
+                   facecolors="none", edgecolors="red", zorder=3, label="oversubscribed")
+
+
+def draw_throughput(ax, rows: list[dict]) -> None:
+    """samples/s against ranks (min-max over repeats as error bars), with the ideal:
+    the fewest ranks' throughput times the rank ratio."""
+    for mode, group in by_mode(rows).items():
+        x = [r["ranks"] for r in group]
+        y = [r["samples_per_s"] for r in group]
+        err = [[r["samples_per_s"] - r["samples_per_s_min"] for r in group],
+               [r["samples_per_s_max"] - r["samples_per_s"] for r in group]]
+        line = ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"{mode}")
+        base = group[0]
+        ax.plot(x, [base["samples_per_s"] * n / base["ranks"] for n in x], linestyle="--",
+                color=line[0].get_color(), alpha=0.6, label=f"{mode}, ideal")
+        mark_oversubscribed(ax, group, "samples_per_s")
+    rank_axis(ax, rows)
+    ax.set_yscale("log")
+    ax.set_ylabel("samples/s")
+    ax.set_title("throughput")
+    ax.legend()
+
+
+def draw_efficiency(ax, rows: list[dict]) -> None:
+    """Parallel efficiency S(P)/P against ranks; 1 is ideal."""
+    for mode, group in by_mode(rows).items():
+        ax.plot([r["ranks"] for r in group], [r["efficiency"] for r in group], marker="o",
+                label=mode)
+        mark_oversubscribed(ax, group, "efficiency")
+    ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
+    rank_axis(ax, rows)
+    ax.set_ylim(0, max(1.1, max(r["efficiency"] for r in rows) * 1.05))
+    ax.set_ylabel("parallel efficiency")
+    ax.set_title("efficiency (strong: speedup / ranks; weak: scaled)")
+    ax.legend()
+
+
+def draw_phases(ax, rows: list[dict]) -> None:
+    """A stacked bar per point: the step's phases (mean over ranks), and hatched on
+    top the cross-rank imbalance (mean over phases of slowest minus mean)."""
+    from .timing import PHASES
+    labels = [f"{r['mode'][0]}{r['ranks']}" + ("*" if r["oversubscribed"] else "")
+              for r in rows]
+    bottom = [0.0] * len(rows)
+    for phase in PHASES:
+        heights = [r[f"{phase}_s"] * 1e3 for r in rows]
+        ax.bar(labels, heights, bottom=bottom, label=phase)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    ax.bar(labels, [r["imbalance_s"] * 1e3 for r in rows], bottom=bottom, fill=False,
+           hatch="//", edgecolor="gray", label="imbalance")
+    ax.set_ylabel("ms per step")
+    ax.set_xlabel("s: strong, w: weak; ranks" + ("; *: oversubscribed"
+                                                 if any(r["oversubscribed"] for r in rows)
+                                                 else ""))
+    ax.set_title("time per step by phase")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize="small")

@@ -29,18 +29,32 @@ from .errors import UsageError
 # Per launcher, the variable holding the number of tasks of this job step.
 TASK_COUNTS = {"SLURM_STEP_NUM_TASKS": "srun", "PMI_SIZE": "a PMI launcher (MPICH, Intel MPI)",
                "OMPI_COMM_WORLD_SIZE": "Open MPI's mpirun"}
+OVERSUBSCRIBE_POLICIES = ("warn", "error")
 BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def check(comm: dist.Comm, environ: Mapping[str, str] = os.environ) -> None:
-    """Collective: UsageError for a lone copy of a larger job; a warning (rank 0)
-    for oversubscribed cores."""
+    """Collective: UsageError for a lone copy of a larger job; for oversubscribed
+    cores a warning (rank 0), or with MPINN_OVERSUBSCRIBE=error (what `mpinn scaling
+    run` sets unless asked to oversubscribe) a UsageError."""
+    policy = environ.get("MPINN_OVERSUBSCRIBE", "warn")
+    if policy not in OVERSUBSCRIBE_POLICIES:
+        raise UsageError(f"MPINN_OVERSUBSCRIBE must be one of "
+                         f"{', '.join(OVERSUBSCRIBE_POLICIES)}, not {policy!r}")
     if comm.size == 1:
         lone_copy(environ)
-    else:
-        warning = oversubscription(dist.gather_objects(comm, machine_share(environ)))
-        if warning:
-            dist.print0(comm, f"mpinn: warning: {warning}", file=sys.stderr)
+    warning = oversubscription(dist.gather_objects(comm, machine_share(environ)))
+    if warning and policy == "error":
+        raise UsageError(f"oversubscribed, and MPINN_OVERSUBSCRIBE=error: {warning} (`mpinn "
+                         f"scaling run` sets MPINN_OVERSUBSCRIBE=error unless given "
+                         f"--oversubscribe)")
+    if warning:
+        dist.print0(comm, f"mpinn: warning: {warning}", file=sys.stderr)
+
+
+def oversubscribed(comm: dist.Comm, environ: Mapping[str, str] = os.environ) -> bool:
+    """Collective: whether some machine runs more ranks x BLAS threads than it has CPUs."""
+    return oversubscription(dist.gather_objects(comm, machine_share(environ))) is not None
 
 
 def lone_copy(environ: Mapping[str, str]) -> None:
@@ -68,6 +82,14 @@ def machine_share(environ: Mapping[str, str]) -> tuple[str, list[int], int]:
     except (AttributeError, OSError):
         cpus = list(range(os.cpu_count() or 1))
     return machine, cpus, blas_threads(environ, len(cpus))
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def blas_threads(environ: Mapping[str, str], cpus: int) -> int:

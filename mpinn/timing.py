@@ -66,3 +66,12 @@ class PhaseTimer:
         dist.allreduce_max(comm, peak)
         return {p: {"mean": float(total[i] / comm.size), "max": float(peak[i])}
                 for i, p in enumerate(self.phases)}
+
+    def reduce_steps(self, comm: dist.Comm) -> dict[str, float]:
+        """Collective: {"mean": s, "max": s} over ranks of this rank's wall seconds per
+        counted step (the phases plus what lies between them)."""
+        per_step = np.array([self.steady_seconds / max(self.steps, 1)])
+        total = per_step.copy()
+        dist.allreduce_sum(comm, total)
+        dist.allreduce_max(comm, per_step)
+        return {"mean": float(total[0] / comm.size), "max": float(per_step[0])}

@@ -15,21 +15,27 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator
 
 import numpy as np
 
-from . import __version__, dist, metrics
+from . import __version__, dist, metrics, preflight
 from .config import TrainConfig, to_toml
 from .data import LARGE_INPUT
 from .errors import CollectiveError, Interrupted, UsageError
 from .feed import Batch, Feed
 from .progress import EpochProgress
 from .rundir import checkpoint_path
+from .schedule import scaled_rate
 from .session import Checkpointer, Session, open_session
 from .signals import StopRequest
 from .step import Rows, evaluate, train_step
+
+# environment variables that choose MPI's transports and collectives (MPICH, UCX,
+# libfabric, Open MPI, Intel MPI, PSM2): a scaling report lists them
+TRANSPORT_VARIABLES = ("MPIR_CVAR_", "UCX_", "FI_", "OMPI_MCA_", "I_MPI_", "PSM2_")
 
 
 def train(cfg: TrainConfig, comm: dist.Comm) -> dict:
@@ -225,8 +231,9 @@ def summarize(s: Session, record: dict, test: dict) -> dict:
     phases = timer.reduce(comm)
     step_mean = sum(p["mean"] for p in phases.values())
     return {
-        "ranks": comm.size, "hosts": s.hosts[0], "ranks_per_host": s.hosts[1],
-        "mpi": dist.library(), "epochs": s.cfg.epochs,
+        "mpinn_version": __version__, "ranks": comm.size, "hosts": s.hosts[0],
+        "ranks_per_host": s.hosts[1], "oversubscribed": preflight.oversubscribed(comm),
+        "mpi": dist.library(), "environment": environment(), "epochs": s.cfg.epochs,
         "steps": s.progress.step, "steps_this_run": timer.steps + timer.warm,
         "resumed_from_step": s.resumed.step if s.resumed else None,
         "batch_size": s.cfg.batch_size, "params": s.model.arch.n_params,
@@ -239,12 +246,26 @@ def summarize(s: Session, record: dict, test: dict) -> dict:
         "final_train_loss": record.get("train_loss"),
         "final_train_accuracy": record.get("train_accuracy"),
         "test_loss": test["loss"], "test_accuracy": test["accuracy"],
+        "lr": scaled_rate(s.cfg.lr, s.cfg.lr_scaling, s.cfg.batch_size, s.cfg.base_batch),
         "samples_per_s": timer.steady_samples / peak[0] if peak[0] > 0 else None,
+        "step_s": timer.reduce_steps(comm),
         "step_time_s": phases,
         "allreduce_bytes_per_step": s.sync.buffer.nbytes,
         # validation; the test scores above are the final model's, not best.h5's
         **s.watch.summary(len(data.val_rows), s.progress.epoch),
     }
+
+
+def environment() -> dict:
+    """What a scaling report names of the software (rank 0's view): the MPI library's
+    version text, the BLAS and its threads, the variables that choose MPI's transports."""
+    blas = np.show_config(mode="dicts").get("Build Dependencies", {}).get("blas", {})
+    return {"mpi_version": dist.library_version(),
+            "blas": " ".join(str(blas.get(k, "")) for k in ("name", "version")).strip(),
+            "blas_threads": preflight.blas_threads(os.environ, preflight.usable_cpus()),
+            "python": sys.version.split()[0], "numpy": np.__version__,
+            "variables": {k: v for k, v in sorted(os.environ.items())
+                          if k.startswith(TRANSPORT_VARIABLES)}}
 
 
 def report_complete(s: Session) -> dict:
