@@ -166,7 +166,7 @@ def draw_efficiency(ax, rows: list[dict]) -> None:
 def draw_phases(ax, rows: list[dict]) -> None:
     """A stacked bar per point: the step's phases (mean over ranks), and hatched on
     top the cross-rank imbalance (mean over phases of slowest minus mean)."""
-    from .timing import PHASES
+    from .report import PHASES
     labels = [f"{r['mode'][0]}{r['ranks']}" + ("*" if r["oversubscribed"] else "")
               for r in rows]
     bottom = [0.0] * len(rows)

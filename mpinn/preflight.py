@@ -24,13 +24,13 @@ import sys
 from collections.abc import Mapping
 
 from . import dist
+from .cpus import blas_threads
 from .errors import UsageError
 
 # Per launcher, the variable holding the number of tasks of this job step.
 TASK_COUNTS = {"SLURM_STEP_NUM_TASKS": "srun", "PMI_SIZE": "a PMI launcher (MPICH, Intel MPI)",
                "OMPI_COMM_WORLD_SIZE": "Open MPI's mpirun"}
 OVERSUBSCRIBE_POLICIES = ("warn", "error")
-BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def check(comm: dist.Comm, environ: Mapping[str, str] = os.environ) -> None:
@@ -82,25 +82,6 @@ def machine_share(environ: Mapping[str, str]) -> tuple[str, list[int], int]:
     except (AttributeError, OSError):
         cpus = list(range(os.cpu_count() or 1))
     return machine, cpus, blas_threads(environ, len(cpus))
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask), else the machine's."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def blas_threads(environ: Mapping[str, str], cpus: int) -> int:
-    """The BLAS threads of a rank: OpenBLAS reads OPENBLAS_NUM_THREADS, then
-    OMP_NUM_THREADS (MKL: MKL_NUM_THREADS); unset, one per CPU (mpinn sets 1 unless
-    the user set any of them: see mpinn/__init__.py)."""
-    for var in BLAS_THREAD_VARS:
-        value = environ.get(var, "").strip()
-        if value.isdigit() and int(value) > 0:
-            return int(value)
-    return cpus
 
 
 def oversubscription(shares: list[tuple[str, list[int], int]]) -> str | None:

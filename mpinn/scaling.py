@@ -47,11 +47,11 @@ from dataclasses import asdict, dataclass, replace
 
 from . import __version__, probe
 from .config import TrainConfig, resolve, to_toml
+from .cpus import blas_threads, usable_cpus
 from .data import describe
 from .errors import UsageError
 from .fileio import read_bytes, strict_json, write_atomically
 from .lock import RunLock
-from .preflight import blas_threads, usable_cpus
 from .schedule import scaled_rate
 
 MODES = ("strong", "weak")

@@ -23,6 +23,7 @@ import numpy as np
 
 from . import __version__, dist, metrics, preflight
 from .config import TrainConfig, to_toml
+from .cpus import blas_threads, usable_cpus
 from .data import LARGE_INPUT
 from .errors import CollectiveError, Interrupted, UsageError
 from .feed import Batch, Feed
@@ -262,7 +263,7 @@ def environment() -> dict:
     blas = np.show_config(mode="dicts").get("Build Dependencies", {}).get("blas", {})
     return {"mpi_version": dist.library_version(),
             "blas": " ".join(str(blas.get(k, "")) for k in ("name", "version")).strip(),
-            "blas_threads": preflight.blas_threads(os.environ, preflight.usable_cpus()),
+            "blas_threads": blas_threads(os.environ, usable_cpus()),
             "python": sys.version.split()[0], "numpy": np.__version__,
             "variables": {k: v for k, v in sorted(os.environ.items())
                           if k.startswith(TRANSPORT_VARIABLES)}}

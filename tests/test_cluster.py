@@ -7,6 +7,7 @@ tests start one of their own and remove it after. Oracle: the same training on o
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 from test_parallel import train_args
 
-from conftest import HERE, load_weights, ok, run, unavailable
+from conftest import HERE, child_env, load_weights, ok, run, unavailable
 
 SCRIPT = HERE / "infra" / "netns_cluster.sh"
 HOSTS = 2
@@ -117,3 +118,23 @@ def test_gradients_cross_the_network(cluster, shared_synth, tmp_path):
     assert gradients > 10e6, summary  # the test means something only with a large buffer
     for host, nbytes in received.items():
         assert nbytes >= gradients, (host, nbytes, gradients)
+
+
+def test_scaling_sweep_over_the_hosts(cluster, shared_synth, tmp_path):
+    """`mpinn scaling run --launcher '$LAB/mpiexec -n {n} -ppn 1'`: one rank per host, so
+    P = 2 runs on node1 and node2, and the report says so."""
+    sweep, out = tmp_path / "sweep", tmp_path / "report"
+    env = dict(child_env(), MPINN_TEST_LAB=str(cluster.launcher.parent))
+    ok(run([sys.executable, "-m", "mpinn", "scaling", "run", shared_synth, "--out", sweep,
+            "--ranks", "1,2", "--mode", "strong", "--launcher",
+            "$MPINN_TEST_LAB/mpiexec -n {n} -ppn 1", "--hidden", "8", "--batch-size", "30",
+            "--epochs", "1", "--progress", "off"], env=env, timeout=180))
+    summary = json.loads((sweep / "strong" / "p2-r0" / "summary.json").read_text())
+    assert summary["hosts"] == ["node1", "node2"] and not summary["oversubscribed"]
+    ok(run([sys.executable, "-m", "mpinn", "scaling", "report", sweep, "--out", out]))
+    with open(out / "points.csv", newline="") as f:
+        rows = {r["ranks"]: r for r in csv.DictReader(f)}
+    assert (rows["2"]["hosts"], rows["2"]["ranks_per_host"]) == ("2", "1")
+    assert (rows["1"]["hosts"], rows["1"]["ranks_per_host"]) == ("1", "1")
+    text = (out / "report.md").read_text()
+    assert "between hosts, the network" in text and "node1, node2" in text

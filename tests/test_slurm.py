@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import HERE, child_env, load_weights, mpinn, ok, run, unavailable
-from mpinn import checkpoint
+from mpinn import checkpoint, report
 
 JOBS = HERE.parent / "jobs"
 SCRIPTS = sorted(JOBS.glob("*.sbatch"))
@@ -59,8 +60,7 @@ def wait_done(env: dict, job: str, timeout: float = 240) -> str:
 
 
 def test_every_sbatch_line_is_commented_and_scripts_are_strict():
-    assert {p.name for p in SCRIPTS} == {"train.sbatch", "strong_scaling.sbatch",
-                                         "weak_scaling.sbatch"}
+    assert {p.name for p in SCRIPTS} == {"train.sbatch", "scaling.sbatch"}
     for script in SCRIPTS:
         text = script.read_text()
         assert "set -euo pipefail" in text and "srun" not in text.split("env.sh")[0]
@@ -89,19 +89,31 @@ def test_train_sbatch(slurm, synth, tmp_path):
     assert checkpoint.load(str(tmp_path / "run" / "checkpoint.h5")).epoch == 2
 
 
-@pytest.mark.parametrize("script,batch", [("strong_scaling.sbatch", lambda n: 64),
-                                          ("weak_scaling.sbatch", lambda n: 32 * n)])
-def test_scaling_sbatch(slurm, synth, tmp_path, script, batch):
-    job = sbatch(slurm, tmp_path, script, "--ntasks=2", MPINN_DATA=synth,
-                 MPINN_RUN_ROOT=tmp_path / "study", MPINN_BATCH=64, MPINN_BATCH_PER_RANK=32,
-                 MPINN_TRAIN_ARGS="--epochs 1 --hidden 8")
-    name = script.split("_")[0]
-    log_path = tmp_path / f"mpinn-{name}-{job}.out"
+def test_scaling_sbatch_writes_a_sweep_the_report_reads(slurm, synth, tmp_path):
+    """jobs/scaling.sbatch: both modes on 1 and 2 ranks (up to --ntasks=2), launched with
+    srun, into the layout of a local sweep; `mpinn scaling report` reads it alike."""
+    job = sbatch(slurm, tmp_path, "scaling.sbatch", "--ntasks=2", MPINN_DATA=synth,
+                 MPINN_SWEEP_DIR=tmp_path / "study", MPINN_BATCH=32,
+                 MPINN_TRAIN_ARGS="--epochs 1 --hidden 8 --progress off")
+    log_path = tmp_path / f"mpinn-scaling-{job}.out"
     assert wait_done(slurm, job) == "COMPLETED", log_path.read_text()
-    for n in (1, 2):  # default rank counts up to --ntasks=2
-        summary = json.loads((tmp_path / "study" / f"p{n}" / "summary.json").read_text())
-        assert summary["ranks"] == n and summary["batch_size"] == batch(n)
-        assert summary["samples_per_s"] > 0 and "allreduce" in summary["step_time_s"]
+    manifest = json.loads((tmp_path / "study" / "sweep.json").read_text())
+    assert manifest["mode"] == "both" and manifest["ranks"] == [1, 2]
+    assert manifest["launcher"].startswith("srun --mpi=pmi2 --ntasks={n}")
+    for mode in ("strong", "weak"):
+        for n in (1, 2):
+            summary = json.loads((tmp_path / "study" / mode / f"p{n}-r0" / "summary.json")
+                                 .read_text())
+            assert summary["ranks"] == n and summary["hosts"] and not summary["oversubscribed"]
+            assert summary["batch_size"] == 32 * (n if mode == "weak" else 1)
+    ok(mpinn(None, "scaling", "report", tmp_path / "study", "--out", tmp_path / "report"))
+    with open(tmp_path / "report" / "points.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["mode"], r["ranks"]) for r in rows] == [
+        ("strong", "1"), ("strong", "2"), ("weak", "1"), ("weak", "2")]
+    assert list(rows[0]) == list(report.COLUMNS)
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "## Strong scaling (global batch 32)" in text and "srun --mpi=pmi2" in text
 
 
 def preempt(env: dict, cwd: Path, data: Path, args: str, *options: str) -> Path:

@@ -1,0 +1,320 @@
+"""Scaling studies: `mpinn scaling run` launches real mpiexec jobs, one per point;
+`mpinn scaling report` turns their summary.json files into points.csv, report.md and
+plots. Oracle: the figures recomputed here from the summaries, and closed forms."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import child_env, expect_error, finish, mpiexec, mpinn, ok, run, start, text_of
+from mpinn import report, scaling
+from mpinn.config import TrainConfig
+from mpinn.errors import UsageError
+
+PHASES = ("data", "forward", "backward", "allreduce", "update")
+COLUMNS = ["mode", "ranks", "hosts", "ranks_per_host", "repeats", "oversubscribed",
+           "global_batch", "samples_per_s", "samples_per_s_min", "samples_per_s_max", "step_s",
+           "data_s", "forward_s", "backward_s", "allreduce_s", "update_s", "imbalance_s",
+           "speedup", "efficiency", "karp_flatt"]
+TRAIN = ("--hidden", "8", "--batch-size", "30", "--epochs", "1", "--progress", "off")
+
+
+def sweep(data: Path, out: Path, *options, timeout: float = 300, env=None,
+          prefix: tuple = ()) -> subprocess.CompletedProcess:
+    cmd = [*prefix, sys.executable, "-m", "mpinn", "scaling", "run", data, "--out", out,
+           *TRAIN, *options]
+    return run(cmd, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def study(synth, tmp_path_factory) -> tuple[Path, Path]:
+    """P = 1, 2, strong and weak, 2 repeats, with the default launcher; and its report."""
+    root = tmp_path_factory.mktemp("study")
+    ok(sweep(synth, root / "sweep", "--ranks", "1,2", "--mode", "both", "--repeats", "2"))
+    ok(mpinn(None, "scaling", "report", root / "sweep", "--out", root / "report"))
+    return root / "sweep", root / "report"
+
+
+def summaries(sweep_dir: Path) -> dict[tuple[str, int], list[dict]]:
+    found: dict[tuple[str, int], list[dict]] = {}
+    for path in sorted(sweep_dir.glob("*/p*-r*/summary.json")):
+        mode, ranks = path.parent.parent.name, int(path.parent.name[1:].split("-")[0])
+        found.setdefault((mode, ranks), []).append(json.loads(path.read_text()))
+    return found
+
+
+def read_points(report_dir: Path) -> list[dict]:
+    with open(report_dir / "points.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == COLUMNS
+        return list(reader)
+
+
+def test_sweep_writes_one_run_directory_per_point_and_a_manifest(study, synth):
+    sweep_dir, _ = study
+    manifest = json.loads((sweep_dir / "sweep.json").read_text())
+    assert manifest["mode"] == "both" and manifest["ranks"] == [1, 2]
+    assert manifest["repeats"] == 2 and "-n {n}" in manifest["launcher"]
+    assert manifest["dataset"]["path"] == str(synth) and manifest["dataset"]["train_rows"] == 600
+    assert manifest["train_config"]["hidden"] == [8] and manifest["mpinn_version"]
+    names = {f"{m}/p{n}-r{k}" for m in ("strong", "weak") for n in (1, 2) for k in (0, 1)}
+    assert {p["name"] for p in manifest["points"]} == names
+    assert all(p["state"] == "done" and p["exit_code"] == 0 for p in manifest["points"])
+    for name in names:
+        assert (sweep_dir / name / "summary.json").exists() and (sweep_dir / f"{name}.log").exists()
+    found = summaries(sweep_dir)
+    for (mode, ranks), runs in found.items():
+        for s in runs:  # strong keeps the global batch; weak the batch per rank, lr x ranks
+            assert s["ranks"] == ranks
+            assert s["batch_size"] == 30 * (ranks if mode == "weak" else 1)
+            assert s["lr"] == pytest.approx(0.01 * (ranks if mode == "weak" else 1), rel=1e-12)
+            assert s["oversubscribed"] is False
+    point = next(p for p in manifest["points"] if p["name"] == "weak/p2-r1")
+    assert point["lr_scaling"] == "linear" and point["base_batch"] == 30 and point["lr"] == 0.02
+
+
+def test_points_csv_is_recomputed_from_the_summaries(study):
+    sweep_dir, report_dir = study
+    rows = {(r["mode"], int(r["ranks"])): r for r in read_points(report_dir)}
+    found = summaries(sweep_dir)
+    assert set(rows) == set(found)
+    for (mode, ranks), runs in found.items():
+        row = rows[mode, ranks]
+        rates = [s["samples_per_s"] for s in runs]
+        base = statistics.fmean(s["samples_per_s"] for s in found[mode, 1])
+        speedup = statistics.fmean(rates) / base
+        expected = {
+            "samples_per_s": statistics.fmean(rates), "samples_per_s_min": min(rates),
+            "samples_per_s_max": max(rates),
+            "step_s": statistics.fmean(s["step_s"]["mean"] for s in runs),
+            **{f"{p}_s": statistics.fmean(s["step_time_s"][p]["mean"] for s in runs)
+               for p in PHASES},
+            "imbalance_s": statistics.fmean(
+                statistics.fmean(s["step_time_s"][p]["max"] - s["step_time_s"][p]["mean"]
+                                 for p in PHASES) for s in runs),
+            "speedup": speedup, "efficiency": speedup / ranks}
+        for column, value in expected.items():
+            assert float(row[column]) == pytest.approx(value, rel=1e-12, abs=1e-15), column
+        assert row["karp_flatt"] == ("" if mode == "weak" or ranks == 1 else row["karp_flatt"])
+        if mode == "strong" and ranks > 1:
+            assert float(row["karp_flatt"]) == pytest.approx(
+                (1 / speedup - 1 / ranks) / (1 - 1 / ranks), rel=1e-12)
+        assert (row["hosts"], row["ranks_per_host"], row["repeats"]) == ("1", str(ranks), "2")
+        assert row["oversubscribed"] == "false"
+        assert int(row["global_batch"]) == 30 * (ranks if mode == "weak" else 1)
+    assert rows["strong", 1]["speedup"] == "1.0" and rows["weak", 1]["efficiency"] == "1.0"
+
+
+def test_plots_are_valid_images(study):
+    matplotlib_image = pytest.importorskip("matplotlib.image")
+    _, report_dir = study
+    for name in ("throughput", "efficiency", "phases"):
+        path = report_dir / f"{name}.png"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        height, width = matplotlib_image.imread(path).shape[:2]
+        assert height > 200 and width > 300
+
+
+def test_report_md_lists_every_point_and_the_environment(study):
+    sweep_dir, report_dir = study
+    text = (report_dir / "report.md").read_text()
+    for path in sweep_dir.glob("*/p*-r*"):
+        if path.is_dir():
+            assert f"`{sweep_dir / path.parent.name / path.name}`" in text, path
+    for heading in ("## Strong scaling (global batch 30)", "## Weak scaling (30 rows per rank)",
+                    "## Every run", "## Environment"):
+        assert heading in text
+    for word in ("**MPI**: MPICH", "**BLAS**", "1 thread(s) per rank", "**hosts**",
+                 "**model**: 12-8-4", "**optimizer**: momentum", "600 training rows",
+                 "![throughput](throughput.png)"):
+        assert word in text, word
+
+
+def test_the_same_command_again_keeps_finished_points(synth, tmp_path):
+    out = tmp_path / "sweep"
+    ok(sweep(synth, out, "--ranks", "1", "--mode", "strong"))
+    kept = (out / "strong" / "p1-r0" / "summary.json").stat().st_mtime_ns
+    again = ok(sweep(synth, out, "--ranks", "1", "--mode", "strong", "--repeats", "2"))
+    assert "strong/p1-r0: finished before, kept" in again.stdout
+    assert "[2/2] strong/p1-r1: 1 rank" in again.stdout
+    assert (out / "strong" / "p1-r0" / "summary.json").stat().st_mtime_ns == kept
+    manifest = json.loads((out / "sweep.json").read_text())
+    assert manifest["repeats"] == 2 and len(manifest["points"]) == 2
+    other = sweep(synth, out, "--ranks", "1", "--mode", "strong", "--lr", "0.5")
+    expect_error(other, 2, "holds a sweep with other settings", "train_config", "--overwrite")
+    ok(sweep(synth, out, "--ranks", "1", "--mode", "strong", "--lr", "0.5", "--overwrite"))
+    assert not (out / "strong" / "p1-r1").exists()
+
+
+def test_launch_variables_do_not_reach_the_trainings(synth, tmp_path):
+    """A driver started inside another job's environment launches clean jobs: with
+    OMPI_COMM_WORLD_SIZE=4 left in, the training would be refused as a lone copy."""
+    dump = tmp_path / "env.txt"
+    wrapper = tmp_path / "launcher.sh"
+    wrapper.write_text(f'#!/bin/sh\nenv > "{dump}"\nexec "{mpiexec()}" "$@"\n')
+    wrapper.chmod(0o755)
+    env = dict(child_env(), PMI_RANK="0", PMI_SIZE="4", PMIX_RANK="0",
+               OMPI_COMM_WORLD_SIZE="4", OMPI_MCA_btl="self", OMPI_ALLOW_RUN_AS_ROOT="1")
+    ok(sweep(synth, tmp_path / "sweep", "--ranks", "1", "--mode", "strong",
+             "--launcher", f"{wrapper} -n {{n}}", env=env))
+    seen = dict(line.split("=", 1) for line in dump.read_text().splitlines() if "=" in line)
+    assert not {"PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE"} & set(seen)
+    assert seen["OMPI_MCA_btl"] == "self" and seen["OMPI_ALLOW_RUN_AS_ROOT"] == "1"
+    assert seen["MPINN_OVERSUBSCRIBE"] == "error"
+
+
+def test_oversubscribed_points_are_refused_before_anything_runs(synth, tmp_path):
+    out = tmp_path / "sweep"
+    result = sweep(synth, out, "--ranks", "1,2", prefix=("taskset", "-c", "0"))
+    expect_error(result, 2, "2 ranks x 1 BLAS thread", "1 CPUs", "--oversubscribe")
+    assert not out.exists()
+
+
+def test_oversubscribed_points_run_when_asked_and_are_flagged(synth, tmp_path):
+    out = tmp_path / "sweep"
+    ok(sweep(synth, out, "--ranks", "2", "--mode", "strong", "--oversubscribe",
+             prefix=("taskset", "-c", "0")))
+    assert json.loads((out / "strong" / "p2-r0" / "summary.json").read_text())["oversubscribed"]
+    ok(mpinn(None, "scaling", "report", out, "--out", tmp_path / "report"))
+    assert read_points(tmp_path / "report")[0]["oversubscribed"] == "true"
+    assert "| 2 (oversubscribed) |" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_with_another_launcher_the_ranks_refuse_to_oversubscribe(synth, tmp_path):
+    out = tmp_path / "sweep"
+    result = sweep(synth, out, "--ranks", "2", "--mode", "strong",
+                   "--launcher", f"{mpiexec()} -n {{n}}", prefix=("taskset", "-c", "0"))
+    assert result.returncode == 2, text_of(result)
+    assert "oversubscribed, and MPINN_OVERSUBSCRIBE=error" in result.stdout
+    assert "strong/p2-r0 refused its input (exit 2" in result.stdout
+    point = json.loads((out / "sweep.json").read_text())["points"][0]
+    assert point["state"] == "failed" and point["exit_code"] == 2
+
+
+def test_a_signal_stops_the_running_point_and_the_sweep_continues_later(synth, tmp_path):
+    out = tmp_path / "sweep"
+    args = [sys.executable, "-m", "mpinn", "scaling", "run", synth, "--out", out,
+            "--ranks", "1,2", "--mode", "strong", "--hidden", "8", "--batch-size", "2",
+            "--epochs", "40", "--progress", "off"]
+    proc = start(args)
+    log = out / "strong" / "p1-r0.log"
+    deadline = time.monotonic() + 60
+    while not (log.exists() and "epoch 1/40" in log.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, finish(proc)
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    result = finish(proc, timeout=60)
+    assert result.returncode == 3, text_of(result)
+    assert "stopped at strong/p1-r0" in result.stdout and "run the same command" in result.stdout
+    manifest = json.loads((out / "sweep.json").read_text())
+    assert [p["state"] for p in manifest["points"]] == ["stopped", "pending"]
+    assert (out / "strong" / "p1-r0" / "checkpoint.h5").exists()
+
+
+@pytest.mark.parametrize("options,words", [
+    (("--ranks", "0"), ["--ranks", ">= 1"]),
+    (("--ranks", "one,2"), ["--ranks", "rank counts like 1,2,4"]),
+    (("--repeats", "0"), ["--repeats must be >= 1"]),
+    (("--launcher", "mpiexec -n 2"), ["has no {n}"]),
+    (("--launcher", "'unclosed {n}"), ["--launcher", "quotation"]),
+    (("--mode", "medium"), ["invalid choice", "both"]),
+    (("--hidden", "x"), ["hidden"]),
+    (("--accumulate", "40"), ["accumulate"]),
+    (("--lr-scaling", "linear"), ["base_batch"]),
+])
+def test_bad_sweeps_are_refused_with_one_message(synth, tmp_path, options, words):
+    expect_error(sweep(synth, tmp_path / "sweep", "--ranks", "1", *options), 2, *words)
+    assert not (tmp_path / "sweep" / "sweep.json").exists()
+
+
+def test_a_missing_dataset_or_sweep_is_one_message(tmp_path):
+    expect_error(sweep(tmp_path / "none.h5", tmp_path / "sweep", "--ranks", "1"), 2, "none.h5")
+    expect_error(mpinn(None, "scaling", "report", tmp_path, "--out", tmp_path / "r"), 2,
+                 "holds no sweep.json")
+
+
+def test_report_without_matplotlib_writes_the_tables(study, tmp_path):
+    sweep_dir, _ = study
+    fake = tmp_path / "fake" / "matplotlib"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named matplotlib')\n")
+    env = child_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(fake.parent), env.get("PYTHONPATH", "")])
+    result = ok(run([sys.executable, "-m", "mpinn", "scaling", "report", sweep_dir,
+                     "--out", tmp_path / "report"], env=env))
+    assert "pip install 'mpinn[plot]'" in result.stdout
+    assert (tmp_path / "report" / "points.csv").exists()
+    assert "No plots:" in (tmp_path / "report" / "report.md").read_text()
+    assert not list((tmp_path / "report").glob("*.png"))
+
+
+# in-process: the pieces, against closed forms
+
+def fake_run(mode: str, ranks: int, rate: float, repeat: int = 0) -> report.Run:
+    phases = {p: {"mean": 0.001 * (i + 1), "max": 0.001 * (i + 1) + 0.0005 * (ranks - 1)}
+              for i, p in enumerate(PHASES)}
+    summary = {"samples_per_s": rate, "batch_size": 64 * (ranks if mode == "weak" else 1),
+               "hosts": ["a", "b"][:1 + (ranks > 2)], "ranks_per_host": [min(ranks, 2)] * 2,
+               "step_s": {"mean": 0.02, "max": 0.03}, "step_time_s": phases}
+    return report.Run(mode, ranks, repeat, f"{mode}/p{ranks}", summary, "s")
+
+
+def test_speedup_efficiency_and_karp_flatt_follow_their_definitions():
+    rows = report.points([fake_run("strong", 1, 100.0), fake_run("strong", 2, 150.0),
+                          fake_run("strong", 4, 200.0), fake_run("strong", 4, 240.0, 1),
+                          fake_run("weak", 2, 180.0), fake_run("weak", 4, 300.0)])
+    strong = {r["ranks"]: r for r in rows if r["mode"] == "strong"}
+    assert strong[2]["speedup"] == 1.5 and strong[2]["efficiency"] == 0.75
+    assert strong[2]["karp_flatt"] == pytest.approx(1 / 3)  # (1/1.5 - 1/2) / (1 - 1/2)
+    assert strong[4]["samples_per_s"] == 220.0 and strong[4]["repeats"] == 2
+    assert strong[4]["speedup"] == 2.2 and strong[4]["karp_flatt"] == pytest.approx(
+        (1 / 2.2 - 0.25) / 0.75)
+    assert strong[4]["hosts"] == 2 and strong[4]["imbalance_s"] == pytest.approx(0.0015)
+    weak = {r["ranks"]: r for r in rows if r["mode"] == "weak"}  # no P = 1: relative to P = 2
+    assert weak[2]["speedup"] == 2.0 and weak[4]["speedup"] == pytest.approx(2 * 300 / 180)
+    assert weak[4]["karp_flatt"] is None and weak[4]["efficiency"] == pytest.approx(300 / 360)
+
+
+def test_weak_points_scale_the_learning_rate_unless_told_otherwise():
+    cfg = TrainConfig(data="d.h5", out="o", lr=0.1, batch_size=32)
+    points = scaling.plan(cfg, ("strong", "weak"), (1, 4), 1, scaling_given=False)
+    assert [(p.mode, p.ranks, p.batch_size, p.lr) for p in points] == [
+        ("strong", 1, 32, 0.1), ("strong", 4, 32, 0.1), ("weak", 1, 32, 0.1),
+        ("weak", 4, 128, pytest.approx(0.4))]
+    kept = scaling.plan(cfg, ("weak",), (4,), 2, scaling_given=True)
+    assert [(p.lr_scaling, p.lr, p.repeat) for p in kept] == [("none", 0.1, 0), ("none", 0.1, 1)]
+
+
+def test_launcher_templates_and_environment():
+    os.environ["MPINN_TEST_LAB"] = "/lab dir"
+    try:
+        assert scaling.launcher_argv("$MPINN_TEST_LAB/mpiexec -n {n} -ppn 1", 4) == \
+            ["/lab", "dir/mpiexec", "-n", "4", "-ppn", "1"]
+        assert scaling.launcher_argv("'$MPINN_TEST_LAB/mpiexec' --ntasks={n}", 2) == \
+            ["/lab dir/mpiexec", "--ntasks=2"]
+    finally:
+        del os.environ["MPINN_TEST_LAB"]
+    with pytest.raises(UsageError, match="no {n}"):
+        scaling.launcher_argv("srun", 2)
+    env = scaling.child_environment({"PMI_FD": "3", "PMIX_NAMESPACE": "x", "OMPI_MCA_pml": "ob1",
+                                     "OMPI_COMM_WORLD_RANK": "1", "PATH": "/bin"}, True)
+    assert env == {"OMPI_MCA_pml": "ob1", "PATH": "/bin", "MPINN_OVERSUBSCRIBE": "warn"}
+    assert scaling.parse_ranks("4,1,2,2") == (1, 2, 4) and scaling.default_ranks(6) == (1, 2, 4, 6)
+
+
+def test_the_driver_and_the_report_never_load_mpi():
+    code = ("import sys, mpinn.cli, mpinn.scaling, mpinn.report, mpinn.plot\n"
+            "assert not [m for m in sys.modules if m.startswith('mpi4py')], 'mpi4py loaded'")
+    ok(run([sys.executable, "-c", code]))
+    from mpinn import timing
+    assert report.PHASES == timing.PHASES and report.COLUMNS == tuple(COLUMNS)
