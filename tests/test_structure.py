@@ -10,6 +10,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "mpinn"
 MODULES = sorted(PACKAGE.glob("*.py"))
+# argparse declarations: long lists of options, not logic
+PARSER_TABLES = ("build_parser", "add_train_options")
 
 
 def imports(path: Path) -> set[str]:
@@ -31,7 +33,7 @@ def test_functions_are_short(path):
     long = [f"{node.name} ({node.end_lineno - node.lineno + 1} lines)"
             for node in ast.walk(ast.parse(path.read_text()))
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-            and node.end_lineno - node.lineno + 1 > 60 and node.name != "build_parser"]
+            and node.end_lineno - node.lineno + 1 > 60 and node.name not in PARSER_TABLES]
     assert not long, long
 
 
