@@ -1,15 +1,18 @@
-"""Command line: `mpinn data|train|evaluate|predict|plot` (and `python -m mpinn`).
+"""Command line: `mpinn data|train|evaluate|bench|scaling|predict|plot` (and
+`python -m mpinn`).
 
     mpinn data synth data.h5 --samples 100000 --features 64 --classes 10
     mpiexec -n 4 mpinn train data.h5 --out runs/a --hidden 256,128 --epochs 5
     mpiexec -n 2 mpinn evaluate runs/a/checkpoint.h5 data.h5 --json scores.json
     mpinn plot runs/a                       # runs/a/metrics.png (needs mpinn[plot])
+    mpinn scaling run data.h5 --out study --ranks 1,2,4   # launches mpiexec itself
+    mpinn scaling report study --out study/report
 
 Exit codes: 0 success; 2 bad usage or bad input (one message, from rank 0);
 1 a failure while running (all ranks end; none is left waiting); 3 stopped by
 SIGINT (Ctrl-C), SIGTERM or SIGUSR1 at a step boundary after writing a checkpoint.
-`data synth` writes in parallel under mpiexec; the other `data` commands and
-`predict` and `plot` are serial and do not initialise MPI.
+`data synth` writes in parallel under mpiexec; the other `data` commands,
+`scaling`, `predict` and `plot` are serial and do not initialise MPI.
 """
 
 from __future__ import annotations

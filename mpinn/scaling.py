@@ -34,6 +34,7 @@ exit 3) and end the sweep with its status.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import shlex
 import shutil
@@ -197,7 +198,6 @@ def read_manifest(out: str) -> dict | None:
     path = os.path.join(out, MANIFEST)
     if not os.path.exists(path):
         return None
-    import json
     try:
         manifest = json.loads(read_bytes(path, "sweep manifest"))
     except ValueError:
@@ -307,6 +307,9 @@ def run_point(sweep: Sweep, point: Point, toml: str, env: dict[str, str], index:
     state = "done" if status == 0 else "stopped" if status == 3 or signalled else "failed"
     entry = {"state": state, "exit_code": status, "seconds": round(seconds, 3),
              "log": os.path.relpath(log, sweep.out), "command": shlex.join(argv)}
+    if state == "done":  # as the ranks counted it
+        summary = json.loads(read_bytes(os.path.join(out, "summary.json"), "run summary"))
+        entry["oversubscribed"] = bool(summary.get("oversubscribed"))
     return (3 if signalled and status == 0 else status), entry
 
 

@@ -69,7 +69,8 @@ def test_sweep_writes_one_run_directory_per_point_and_a_manifest(study, synth):
     assert manifest["train_config"]["hidden"] == [8] and manifest["mpinn_version"]
     names = {f"{m}/p{n}-r{k}" for m in ("strong", "weak") for n in (1, 2) for k in (0, 1)}
     assert {p["name"] for p in manifest["points"]} == names
-    assert all(p["state"] == "done" and p["exit_code"] == 0 for p in manifest["points"])
+    assert all(p["state"] == "done" and p["exit_code"] == 0 and p["oversubscribed"] is False
+               for p in manifest["points"])
     for name in names:
         assert (sweep_dir / name / "summary.json").exists() and (sweep_dir / f"{name}.log").exists()
     found = summaries(sweep_dir)
@@ -185,6 +186,7 @@ def test_oversubscribed_points_run_when_asked_and_are_flagged(synth, tmp_path):
     ok(sweep(synth, out, "--ranks", "2", "--mode", "strong", "--oversubscribe",
              prefix=("taskset", "-c", "0")))
     assert json.loads((out / "strong" / "p2-r0" / "summary.json").read_text())["oversubscribed"]
+    assert json.loads((out / "sweep.json").read_text())["points"][0]["oversubscribed"] is True
     ok(mpinn(None, "scaling", "report", out, "--out", tmp_path / "report"))
     assert read_points(tmp_path / "report")[0]["oversubscribed"] == "true"
     assert "| 2 (oversubscribed) |" in (tmp_path / "report" / "report.md").read_text()
