@@ -297,6 +297,10 @@ def markdown(manifests: list[dict], runs: list[Run], rows: list[dict], missing: 
                   "Times are milliseconds per step, mean over ranks and repeats; imbalance is "
                   "the mean over phases of the slowest rank's time minus the mean's.", "",
                   *point_table(group), ""]
+        if group[0]["ranks"] != 1:
+            lines += [f"Speedup and efficiency are relative to {group[0]['ranks']} ranks, the "
+                      f"fewest measured, taken as ideal; no Karp-Flatt fraction without a "
+                      f"1-rank point.", ""]
     if any(r["oversubscribed"] for r in rows):
         lines += ["Points marked (oversubscribed) ran more ranks x BLAS threads than a host "
                   "has cores: they measure ranks taking turns on cores, not scaling.", ""]
