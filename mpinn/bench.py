@@ -221,7 +221,7 @@ def compute_fit(comm: dist.Comm, arch: Architecture, local_batches: list[int], s
                 ) -> dict:
     """Collective: forward + backward seconds on b rows for each local batch b, every rank
     at once (as in training: ranks that share a host slow each other down), the slowest
-    rank's mean over `steps` (after a warm-up); fitted as c0 + c1 b (costmodel.fit)."""
+    rank's median over `steps` (after a warm-up); fitted as c0 + c1 b (costmodel.fit)."""
     from . import costmodel
     model = MLP(arch, max(local_batches))
     model.init(np.random.default_rng(3))
@@ -231,14 +231,15 @@ def compute_fit(comm: dist.Comm, arch: Architecture, local_batches: list[int], s
     times = np.zeros((len(local_batches), 2))  # forward, backward
     for i, b in enumerate(local_batches):
         dist.barrier(comm)
+        samples = np.zeros((steps + 1, 2))
         for k in range(steps + 1):  # the first is the warm-up
             began = time.perf_counter()
             model.forward(x[:b])
             middle = time.perf_counter()
             model.backward(y[:b])
-            if k:
-                times[i] += (middle - began, time.perf_counter() - middle)
-    times /= steps
+            samples[k] = (middle - began, time.perf_counter() - middle)
+        # the median step: a burst of another process on a shared core is not the model's
+        times[i] = np.median(samples[1:], axis=0)
     dist.allreduce_max(comm, times, "the compute times")
     total = times.sum(axis=1)
     c0, c1, residuals = costmodel.fit(local_batches, total)
