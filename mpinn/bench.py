@@ -31,6 +31,7 @@ import numpy as np
 
 from . import dist
 from .data import DatasetInfo, Problem, check_data
+from .errors import UsageError
 from .feed import Buffers, Feed
 from .fileio import write_atomically
 from .model import MLP, Architecture
@@ -204,9 +205,55 @@ def gemm_peak(rows: int, dtype: str, repeats: int = 20) -> float:
     return 2 * rows * 1024 * 1024 / best / 1e9
 
 
+def local_batches(text: str) -> list[int]:
+    """--local-batches '64,128,256': at least two distinct positive row counts."""
+    try:
+        rows = sorted({int(s) for s in text.split(",")})
+    except ValueError:
+        rows = []
+    if len(rows) < 2 or rows[0] < 1 or rows[-1] > 1 << 16:
+        raise UsageError(f"--local-batches: at least two row counts from 1 to 65536, comma "
+                         f"separated (e.g. 64,128,256,512), not {text!r}")
+    return rows
+
+
+def compute_fit(comm: dist.Comm, arch: Architecture, local_batches: list[int], steps: int
+                ) -> dict:
+    """Collective: forward + backward seconds on b rows for each local batch b, every rank
+    at once (as in training: ranks that share a host slow each other down), the slowest
+    rank's median over `steps` (after a warm-up); fitted as c0 + c1 b (costmodel.fit)."""
+    from . import costmodel
+    model = MLP(arch, max(local_batches))
+    model.init(np.random.default_rng(3))
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((max(local_batches), arch.sizes[0])).astype(np.float32)
+    y = rng.integers(0, arch.sizes[-1], len(x))
+    times = np.zeros((len(local_batches), 2))  # forward, backward
+    for i, b in enumerate(local_batches):
+        dist.barrier(comm)
+        samples = np.zeros((steps + 1, 2))
+        for k in range(steps + 1):  # the first is the warm-up
+            began = time.perf_counter()
+            model.forward(x[:b])
+            middle = time.perf_counter()
+            model.backward(y[:b])
+            samples[k] = (middle - began, time.perf_counter() - middle)
+        # the median step: a burst of another process on a shared core is not the model's
+        times[i] = np.median(samples[1:], axis=0)
+    dist.allreduce_max(comm, times, "the compute times")
+    total = times.sum(axis=1)
+    c0, c1, residuals = costmodel.fit(local_batches, total)
+    return {"concurrent_ranks": comm.size, "local_batches": local_batches,
+            "forward_s": times[:, 0].tolist(), "backward_s": times[:, 1].tolist(),
+            "c0_s": c0, "c1_s_per_row": c1, "residuals": residuals.tolist(),
+            "backward_fraction": float(times[:, 1].sum() / total.sum())}
+
+
 def bench_step(comm: dist.Comm, features: int, hidden: tuple[int, ...], classes: int,
-               batch: int, steps: int, dtype: str, json_out: str | None) -> dict:
-    """Training steps on in-memory data: compute vs GEMM peak, allreduce vs raw MPI."""
+               batch: int, steps: int, dtype: str, json_out: str | None,
+               local_batches: list[int] | None = None) -> dict:
+    """Training steps on in-memory data: compute vs GEMM peak, allreduce vs raw MPI; with
+    local_batches also the compute fit of the cost model (compute_fit)."""
     rows = ceil_div(batch, comm.size)
     lo, hi = (comm.rank * batch) // comm.size, ((comm.rank + 1) * batch) // comm.size
     arch = Architecture((features, *hidden, classes), dtype=dtype)
@@ -252,6 +299,8 @@ def bench_step(comm: dist.Comm, features: int, hidden: tuple[int, ...], classes:
               "allreduce_bytes": sync.buffer.nbytes,
               "allreduce_s": phases["allreduce"]["max"], "raw_allreduce_s": raw[0],
               "allreduce_vs_raw": raw[0] / phases["allreduce"]["max"]}
+    if local_batches:
+        result["compute_fit"] = compute_fit(comm, arch, local_batches, steps)
     return report(comm, result, format_step(result), json_out)
 
 
@@ -267,4 +316,14 @@ def format_step(r: dict) -> str:
         f"allreduce: {1e3 * r['allreduce_s']:.3f} ms for {r['allreduce_bytes'] / 1e6:.2f} MB = "
         f"{r['allreduce_vs_raw']:.2f} x the speed of a bare MPI Allreduce (blocking) "
         f"({1e3 * r['raw_allreduce_s']:.3f} ms)",
-        f"throughput: {r['samples_per_s']:,.0f} samples/s"])
+        f"throughput: {r['samples_per_s']:,.0f} samples/s"] + format_fit(r.get("compute_fit")))
+
+
+def format_fit(f: dict | None) -> list[str]:
+    if not f:
+        return []
+    return [f"compute fit (forward + backward, {f['concurrent_ranks']} ranks at once): "
+            f"{1e3 * f['c0_s']:.3f} ms + {1e6 * f['c1_s_per_row']:.2f} us x rows; "
+            f"backward {100 * f['backward_fraction']:.0f}%; residuals "
+            + ", ".join(f"{b}: {100 * r:+.1f}%" for b, r in zip(f["local_batches"],
+                                                               f["residuals"]))]

@@ -185,7 +185,34 @@ def build_parser() -> Parser:
     bs.add_argument("--batch-size", type=int, default=512, help="global batch (default 512)")
     bs.add_argument("--steps", type=int, default=50)
     bs.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    bs.add_argument("--local-batches", metavar="B[,B...]",
+                    help="also time forward + backward at these rows per rank (all ranks at "
+                    "once) and fit c0 + c1 x rows: the compute term of the cost model, "
+                    "written to the JSON as compute_fit (e.g. 64,128,256,512)")
     bs.add_argument("--json", help="also write the results to this JSON file")
+
+    bc = bsub.add_parser(
+        "comm", help="latency alpha and inverse bandwidth beta of each transport (shm within "
+        "a host, net between hosts) from ping-pongs, and the Allreduce against MPICH's "
+        "algorithms in closed form (run under mpiexec/srun with 2 ranks or more)",
+        description="Ping-pong one pair of ranks per transport (shm: two ranks on one host; "
+        "net: ranks on two hosts) over message sizes 8 B, 32 B, .. (x4) up to --max-bytes, "
+        "and fit t = alpha + n * beta (least squares of relative errors; each size's "
+        "residual is reported). Then time the float32 SUM Allreduce of all ranks "
+        "(MPI_Iallreduce as the gradient sync runs it, and the blocking MPI_Allreduce) and "
+        "compare it with the cost model of the algorithm MPICH selects. Each measurement "
+        "repeats for about --budget seconds (3 to --repeats times). The table goes to "
+        "stdout; --json writes everything (the input of the cost model).")
+    bc.add_argument("--sizes", metavar="BYTES[,BYTES...]",
+                    help="message sizes in bytes, comma separated (default: 8 B to "
+                    "--max-bytes in steps of x4)")
+    bc.add_argument("--max-bytes", type=int, default=64 << 20, metavar="BYTES",
+                    help="the largest message (default 67108864 = 64 MiB)")
+    bc.add_argument("--repeats", type=int, default=1000,
+                    help="at most this many repeats per measurement (default 1000)")
+    bc.add_argument("--budget", type=float, default=0.2, metavar="SECONDS",
+                    help="seconds per measurement, about (default 0.2)")
+    bc.add_argument("--json", metavar="FILE", help="also write the results to this JSON file")
 
     add_scaling_commands(sub)
 
@@ -400,8 +427,12 @@ def run_parallel(args: argparse.Namespace, comm) -> int:
         if comm.rank == 0:
             print(datasets.inspect(args.out))
         dist.print0(comm, f"written by {comm.size} ranks" + (f" ({io})" if comm.size > 1 else ""))
+    elif args.command == "bench" and args.bench_command == "comm":
+        from .benchcomm import bench_comm, message_sizes
+        sizes = message_sizes(args.sizes, args.max_bytes, args.repeats, args.budget)
+        bench_comm(comm, sizes, args.budget, args.repeats, args.json)
     elif args.command == "bench":
-        from .bench import bench_io, bench_step
+        from .bench import bench_io, bench_step, local_batches
         from .config import parse_hidden
         if args.batch_size < 1 or args.steps < 1:
             raise UsageError("--batch-size and --steps must be positive")
@@ -412,7 +443,8 @@ def run_parallel(args: argparse.Namespace, comm) -> int:
             if args.features < 1 or args.classes < 2:
                 raise UsageError("--features must be >= 1 and --classes >= 2")
             bench_step(comm, args.features, parse_hidden(args.hidden), args.classes,
-                       args.batch_size, args.steps, args.dtype, args.json)
+                       args.batch_size, args.steps, args.dtype, args.json,
+                       local_batches(args.local_batches) if args.local_batches else None)
     elif args.command == "train":
         from .config import load_toml, resolve
         from .train import train

@@ -304,6 +304,48 @@ def bare_allreduce(comm: Comm, buf: np.ndarray) -> None:
     comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
 
 
+def timed_allreduce(comm: Comm, buf: np.ndarray, repeats: int, blocking: bool) -> float:
+    """Seconds per in-place SUM Allreduce of buf on this rank, over `repeats` calls after a
+    barrier: the blocking MPI_Allreduce, or MPI_Iallreduce + Wait (what the gradient
+    sync runs; MPICH picks its algorithms separately for the two)."""
+    comm.Barrier()
+    began = time.perf_counter()
+    for _ in range(repeats):
+        if blocking:
+            comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        else:
+            comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM).Wait()
+    return (time.perf_counter() - began) / repeats
+
+
+def ping_pong(comm: Comm, peer: int, buf: np.ndarray, repeats: int, lead: bool) -> float:
+    """Seconds per round trip of buf between this rank and peer (the lead sends first,
+    the other sends back what it received). Only the two ranks take part."""
+    began = time.perf_counter()
+    for _ in range(repeats):
+        if lead:
+            comm.Send(buf, peer, 7)
+            comm.Recv(buf, peer, 7)
+        else:
+            comm.Recv(buf, peer, 7)
+            comm.Send(buf, peer, 7)
+    return (time.perf_counter() - began) / repeats
+
+
+def exchange(comm: Comm, peer: int, buf: np.ndarray, into: np.ndarray, repeats: int) -> float:
+    """Seconds per MPI_Sendrecv of buf to peer while receiving peer's into `into`: both
+    directions at once, the step of recursive doubling and halving."""
+    began = time.perf_counter()
+    for _ in range(repeats):
+        comm.Sendrecv(buf, peer, 8, into, peer, 8)
+    return (time.perf_counter() - began) / repeats
+
+
+def processor_name() -> str:
+    """This rank's host as MPI names it (what placement() counts)."""
+    return MPI.Get_processor_name()
+
+
 def allreduce_max(comm: Comm, buf: np.ndarray, what: str = "a maximum over ranks") -> None:
     """In place: buf <- elementwise max over ranks of buf."""
     complete(comm, comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.MAX), what)

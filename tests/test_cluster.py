@@ -138,3 +138,17 @@ def test_scaling_sweep_over_the_hosts(cluster, shared_synth, tmp_path):
     assert (rows["1"]["hosts"], rows["1"]["ranks_per_host"]) == ("1", "1")
     text = (out / "report.md").read_text()
     assert "between hosts, the network" in text and "node1, node2" in text
+
+
+def test_bench_comm_across_hosts(cluster, tmp_path):
+    """2 hosts x 1 rank: bench comm finds one transport, `net` (TCP between the hosts),
+    and fits it; 2 hosts x 2 ranks finds both."""
+    for n, kinds in ((2, ["net"]), (4, ["net", "shm"])):
+        out = tmp_path / f"comm{n}.json"
+        ok(cluster.mpiexec(n, "-m", "mpinn", "bench", "comm", "--max-bytes", 1 << 16,
+                           "--budget", 0.02, "--json", out, ppn=n // 2, timeout=120))
+        r = json.loads(out.read_text())
+        assert r["hosts"] == ["node1", "node2"] and r["ranks_per_host"] == [n // 2] * 2
+        assert sorted(r["transports"]) == kinds
+        net = r["transports"]["net"]
+        assert net["pair"] == [0, n // 2] and net["alpha_s"] > 0 and net["beta_s_per_byte"] > 0

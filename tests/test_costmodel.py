@@ -1,0 +1,159 @@
+"""The cost model (mpinn/costmodel.py) against closed-form oracles, and `bench comm`
+launched for real: the JSON it writes is what the model reads."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from conftest import expect_error, mpinn, ok
+from mpinn import costmodel
+from mpinn.costmodel import Link, Machine
+
+MACHINE = Machine(shm=Link(2e-6, 1e-10), net=Link(50e-6, 1e-8), gamma=3e-11)
+
+
+def test_fit_recovers_alpha_and_beta_exactly():
+    sizes = np.array([8, 512, 32768, 2 << 20, 64 << 20])
+    alpha, beta, residuals = costmodel.fit(sizes, 3e-6 + sizes * 2.5e-10)
+    assert alpha == pytest.approx(3e-6, rel=1e-9)
+    assert beta == pytest.approx(2.5e-10, rel=1e-9)
+    assert np.abs(residuals).max() < 1e-9
+
+
+def test_fit_reports_relative_residuals():
+    sizes = np.array([1.0, 2.0, 3.0])
+    times = np.array([2.0, 3.0, 4.0]) * (1 + np.array([0.0, 0.1, 0.0]))  # one point 10% slow
+    _, _, residuals = costmodel.fit(sizes, times)
+    assert residuals[1] < 0 and len(residuals) == 3
+
+
+def test_fit_refuses_too_few_points():
+    with pytest.raises(ValueError):
+        costmodel.fit([8], [1e-6])
+
+
+def test_rabenseifner_and_ring_at_two_ranks():
+    """P = 2: one exchange of n/2 in each phase, n/2 added: 2 (alpha + n/2 beta) + n/2 gamma."""
+    n = 8e6
+    expected = 2 * (2e-6 + n / 2 * 1e-10) + n / 2 * 3e-11
+    assert costmodel.rabenseifner(n, 2, MACHINE) == pytest.approx(expected)
+    assert costmodel.ring(n, 2, MACHINE) == pytest.approx(expected)
+
+
+def test_recursive_doubling_by_hand():
+    """P = 4 on one host: 2 exchanges of n, 2 sums; P = 3 adds the fold 2 (alpha + n beta)
+    + n gamma."""
+    n = 1000.0
+    step = 2e-6 + n * 1e-10 + n * 3e-11
+    assert costmodel.recursive_doubling(n, 4, MACHINE) == pytest.approx(2 * step)
+    fold = 2 * (2e-6 + n * 1e-10) + n * 3e-11
+    assert costmodel.recursive_doubling(n, 3, MACHINE) == pytest.approx(step + fold)
+
+
+def test_two_level_rabenseifner():
+    """2 hosts x 2 ranks: the first step (distance 1, n/2) stays on the host, the second
+    (distance 2, n/4) crosses the network with 2 flows sharing each host's link."""
+    n = 1e6
+    shm, net = MACHINE.shm, MACHINE.net
+    expected = (2 * (shm.alpha + n / 2 * shm.beta) + n / 2 * MACHINE.gamma
+                + 2 * (net.alpha + 2 * n / 4 * net.beta) + n / 4 * MACHINE.gamma)
+    assert costmodel.rabenseifner(n, 4, MACHINE, ranks_per_host=2) == pytest.approx(expected)
+    assert costmodel.allreduce_time(n, 4, MACHINE, hosts=2, ranks_per_host=2) \
+        == pytest.approx(expected)
+
+
+def test_ring_across_hosts_waits_for_the_network():
+    n, p = 1e6, 8
+    expected = 2 * (p - 1) * (50e-6 + n / p * 1e-8) + (p - 1) / p * n * 3e-11
+    assert costmodel.ring(n, p, MACHINE, hosts=2) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("nbytes, ranks, algorithm", [
+    (2048, 2, "recursive_doubling"), (2052, 2, "rabenseifner"), (8 << 20, 4, "rabenseifner"),
+    (4096, 2048, "recursive_doubling"), (100, 1, "none")])
+def test_mpich_selection(nbytes, ranks, algorithm):
+    """MPICH's iallreduce: recursive doubling up to 2048 bytes or count < pof2(P)."""
+    assert costmodel.mpich_algorithm(nbytes, ranks) == algorithm
+
+
+def bench_step_json(c0=1e-3, c1=1e-4, update=2e-3) -> dict:
+    phases = {"data": 0.0, "forward": 0.02, "backward": 0.03, "allreduce": 0.0,
+              "update": update}
+    return {"ranks": 1, "batch_size": 512, "step_time_s": {k: {"mean": v, "max": v}
+                                                           for k, v in phases.items()},
+            "compute_fit": {"c0_s": c0, "c1_s_per_row": c1, "backward_fraction": 0.6}}
+
+
+COMM = {"gamma_s_per_byte": 3e-11, "transports": {
+    "shm": {"alpha_s": 2e-6, "beta_s_per_byte": 1e-10},
+    "net": {"alpha_s": 50e-6, "beta_s_per_byte": 1e-8}}}
+
+
+def test_predict_step_adds_the_phases():
+    n = 7_454_772
+    got = costmodel.predict_step(bench_step_json(), COMM, 512, 2, 2, 1, n)
+    compute = 1e-3 + 1e-4 * 256
+    allreduce = 2 * (50e-6 + n / 2 * 1e-8) + n / 2 * 3e-11
+    assert got["phases"]["allreduce"] == pytest.approx(allreduce)
+    assert got["step_s"] == pytest.approx(compute + 2e-3 + allreduce)
+    assert got["step_overlap_s"] == pytest.approx(0.4 * compute + max(0.6 * compute, allreduce)
+                                                  + 2e-3)
+
+
+@pytest.mark.parametrize("mode", ["strong", "weak"])
+def test_projection(mode):
+    rows = costmodel.project(bench_step_json(), COMM, 512, 7_454_772, ranks_per_host=4,
+                             max_ranks=4096, mode=mode)
+    assert [r["ranks"] for r in rows] == [2 ** k for k in range(13)]
+    assert rows[0]["efficiency"] == pytest.approx(1.0)
+    for a, b in zip(rows, rows[1:]):
+        if mode == "strong":
+            assert b["efficiency"] <= a["efficiency"] + 1e-12
+        assert b["hosts"] == math.ceil(b["ranks"] / 4)
+    for r in rows:
+        assert r["step_overlap_s"] <= r["step_s"] + 1e-15
+        assert r["samples_per_s_overlap"] >= r["samples_per_s"] - 1e-9
+
+
+def test_bench_comm_json(tmp_path):
+    """2 ranks on this host: one transport, shm, with a fit and its residuals."""
+    out = tmp_path / "comm.json"
+    result = ok(mpinn(2, "bench", "comm", "--max-bytes", 1 << 16, "--budget", 0.02,
+                      "--json", out, timeout=120))
+    assert "shm" in result.stdout
+    r = json.loads(out.read_text())
+    assert r["ranks"] == 2 and r["ranks_per_host"] == [2] and len(r["hosts"]) == 1
+    assert r["mpi"]  # the MPI library's version line
+    assert list(r["transports"]) == ["shm"]
+    for f in (r["transports"]["shm"], r["transports"]["shm"]["exchange"]):
+        assert f["alpha_s"] > 0 and f["beta_s_per_byte"] > 0
+        assert len(f["points"]) == len(r["sizes"]) == 8  # 8 B .. 32 KB (x4), then 64 KB
+        assert all("residual" in p for p in f["points"])
+    assert r["gamma_s_per_byte"] > 0
+    points = r["allreduce"]["points"]
+    assert [p["bytes"] for p in points] == r["sizes"]
+    assert all(p["time_s"] > 0 and "residual" in p and "algorithm" in p for p in points)
+    costmodel.machine_from(r)  # the model reads it
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--max-bytes", "4"), ["--max-bytes"]),
+    (("--sizes", "8,abc"), ["--sizes"]),
+    (("--sizes", "64"), ["--sizes"]),
+    (("--repeats", "0"), ["--repeats"]),
+])
+def test_bench_comm_bad_input(args, words):
+    expect_error(mpinn(2, "bench", "comm", *args, timeout=60), 2, *words)
+
+
+def test_bench_comm_needs_two_ranks():
+    expect_error(mpinn(1, "bench", "comm", timeout=60), 2, "mpiexec -n 2")
+
+
+def test_bench_step_local_batches_bad_input():
+    expect_error(mpinn(1, "bench", "step", "--local-batches", "64", timeout=60), 2,
+                 "--local-batches")
