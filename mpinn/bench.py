@@ -251,7 +251,7 @@ def compute_fit(comm: dist.Comm, arch: Architecture, local_batches: list[int], s
 
 def bench_step(comm: dist.Comm, features: int, hidden: tuple[int, ...], classes: int,
                batch: int, steps: int, dtype: str, json_out: str | None,
-               local_batches: list[int] | None = None) -> dict:
+               local_batches: list[int] | None = None, optimizer_name: str = "sgd") -> dict:
     """Training steps on in-memory data: compute vs GEMM peak, allreduce vs raw MPI; with
     local_batches also the compute fit of the cost model (compute_fit)."""
     rows = ceil_div(batch, comm.size)
@@ -260,7 +260,7 @@ def bench_step(comm: dist.Comm, features: int, hidden: tuple[int, ...], classes:
     sync = dist.GradientSync(comm, arch.n_params, arch.dtype)
     model = MLP(arch, rows, grads=sync.grads)
     model.init(np.random.default_rng(1))
-    optimizer = make_optimizer("sgd", model.params, 1e-3, 0.0, 0.0)
+    optimizer = make_optimizer(optimizer_name, model.params, 1e-3, 0.0, 0.9)
     rng = np.random.default_rng(2)
     x = rng.standard_normal((hi - lo, features)).astype(np.float32)
     y = rng.integers(0, classes, hi - lo)
@@ -290,7 +290,7 @@ def bench_step(comm: dist.Comm, features: int, hidden: tuple[int, ...], classes:
     dist.allreduce_sum(comm, peak)
     per_rank_gflops = flops / compute / 1e9 if compute else float("nan")
     result = {"ranks": comm.size, "mpi": dist.library(), "model": list(arch.sizes),
-              "batch_size": batch, "dtype": dtype, "steps": steps,
+              "batch_size": batch, "dtype": dtype, "steps": steps, "optimizer": optimizer_name,
               "step_time_s": phases, "samples_per_s": batch / sum(
                   p["max"] for p in phases.values()),
               "compute_gflops_per_rank": per_rank_gflops,

@@ -27,6 +27,7 @@ from . import __version__
 from .config import closest
 from .data import LARGE_INPUT
 from .errors import StorageError, UsageError
+from .optim import OPTIMIZERS
 from .readers import IO_MODES
 from .sampler import SHUFFLES
 
@@ -185,6 +186,8 @@ def build_parser() -> Parser:
     bs.add_argument("--batch-size", type=int, default=512, help="global batch (default 512)")
     bs.add_argument("--steps", type=int, default=50)
     bs.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    bs.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
+                    help="the update the step times (default sgd)")
     bs.add_argument("--local-batches", metavar="B[,B...]",
                     help="also time forward + backward at these rows per rank (all ranks at "
                     "once) and fit c0 + c1 x rows: the compute term of the cost model, "
@@ -266,6 +269,10 @@ def add_scaling_commands(sub: argparse._SubParsersAction) -> None:
                     "CPUs (flagged as oversubscribed in the runs and the report)")
     sr.add_argument("--overwrite", action="store_true",
                     help="replace a sweep with other settings in SWEEP_DIR")
+    sr.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                    help="skip the cost model's benchmarks (bench step at each rank count, "
+                    "bench comm at the largest) that run first, through the launcher, into "
+                    "SWEEP_DIR/calibration/; the report then has no predictions")
     add_train_options(sr, sweep=True)
     sp = ssub.add_parser(
         "report", help="points.csv, report.md and plots from one or more sweep directories",
@@ -444,7 +451,8 @@ def run_parallel(args: argparse.Namespace, comm) -> int:
                 raise UsageError("--features must be >= 1 and --classes >= 2")
             bench_step(comm, args.features, parse_hidden(args.hidden), args.classes,
                        args.batch_size, args.steps, args.dtype, args.json,
-                       local_batches(args.local_batches) if args.local_batches else None)
+                       local_batches(args.local_batches) if args.local_batches else None,
+                       args.optimizer)
     elif args.command == "train":
         from .config import load_toml, resolve
         from .train import train
@@ -499,7 +507,8 @@ def run_scaling(args: argparse.Namespace) -> int:
     flags = {k: getattr(args, k) for k in SWEEP_FLAGS}
     sweep = scaling.define(toml, flags, ranks=args.ranks, mode=args.mode,
                            repeats=args.repeats, launcher=args.launcher,
-                           oversubscribe=args.oversubscribe, out=args.out)
+                           oversubscribe=args.oversubscribe, out=args.out,
+                           calibrated=args.calibrate)
     return scaling.run(sweep, args.overwrite)
 
 

@@ -236,7 +236,7 @@ class Compute:
         return cls(c0, c1, share, phases["update"], phases.get("data", 0.0))
 
 
-def predict_step(bench_step: dict, comm: dict, global_batch: int, ranks: int, hosts: int,
+def predict_step(bench_step: dict, comm: dict | None, global_batch: int, ranks: int, hosts: int,
                  ranks_per_host: int, n_bytes: int) -> dict:
     """Predicted seconds per phase of a synchronous step (the slowest rank's share,
     ceil(B/P) rows) and the total, with and without overlapping backward and Allreduce:
@@ -246,11 +246,11 @@ def predict_step(bench_step: dict, comm: dict, global_batch: int, ranks: int, ho
     if min(global_batch, ranks, hosts, ranks_per_host, n_bytes) < 1:
         raise ValueError("global_batch, ranks, hosts, ranks_per_host, n_bytes must be >= 1")
     work = Compute.from_bench(bench_step)
-    machine = machine_from(comm)
     rows = math.ceil(global_batch / ranks)
     compute = work.time(rows)
     backward = compute * work.backward_fraction
-    allreduce = allreduce_time(n_bytes, ranks, machine, hosts, ranks_per_host)
+    allreduce = (allreduce_time(n_bytes, ranks, machine_from(comm), hosts, ranks_per_host)
+                 if ranks > 1 else 0.0)  # one rank: no Allreduce, and no need of comm
     phases = {"data": work.data, "forward": compute - backward, "backward": backward,
               "allreduce": allreduce, "update": work.update}
     total = sum(phases.values())

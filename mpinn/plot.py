@@ -86,15 +86,21 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
     return out
 
 
-def plot_scaling(rows: list[dict], out_dir: str) -> list[str]:
+def plot_scaling(rows: list[dict], projection: list[dict] | None, out_dir: str) -> list[str]:
     """The scaling report's pictures from its points (report.py): throughput.png,
-    efficiency.png and phases.png in out_dir; returns their paths."""
+    efficiency.png and phases.png in out_dir, with the cost model's prediction.png and
+    projection.png where the sweep was calibrated; returns their paths."""
     plt = load_pyplot("the scaling plots")
+    figures = [("throughput", draw_throughput, rows), ("efficiency", draw_efficiency, rows),
+               ("phases", draw_phases, rows)]
+    if any("predicted" in r for r in rows):
+        figures.append(("prediction", draw_prediction, rows))
+    if projection:
+        figures.append(("projection", draw_projection, (projection, rows)))
     written = []
-    for name, draw in (("throughput", draw_throughput), ("efficiency", draw_efficiency),
-                       ("phases", draw_phases)):
+    for name, draw, data in figures:
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        draw(ax, rows)
+        draw(ax, data)
         fig.tight_layout()
         path = os.path.join(out_dir, f"{name}.png")
         image = io.BytesIO()
@@ -182,4 +188,50 @@ def draw_phases(ax, rows: list[dict]) -> None:
                                                  else ""))
     ax.set_title("time per step by phase")
     ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize="small")
+
+
+def draw_prediction(ax, rows: list[dict]) -> None:
+    """Measured and predicted step per point, the error written above each pair."""
+    shown = [r for r in rows if "predicted" in r]
+    labels = [f"{r['mode'][0]}{r['ranks']}" for r in shown]
+    x = range(len(shown))
+    ax.bar([i - 0.2 for i in x], [r["step_s"] * 1e3 for r in shown], width=0.4,
+           label="measured")
+    ax.bar([i + 0.2 for i in x], [r["predicted_step_s"] * 1e3 for r in shown], width=0.4,
+           label="predicted")
+    for i, r in zip(x, shown):
+        top = max(r["step_s"], r["predicted_step_s"]) * 1e3
+        ax.annotate(f"{100 * r['prediction_error']:+.0f}%", (i, top), ha="center",
+                    va="bottom", fontsize="small")
+    ax.set_xticks(list(x), labels)
+    ax.set_xlabel("s: strong, w: weak; ranks")
+    ax.set_ylabel("ms per step")
+    ax.set_title("cost model: predicted against measured step")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend()
+
+
+def draw_projection(ax, data: tuple[list[dict], list[dict]]) -> None:
+    """Projected efficiency against ranks (solid), with the overlap bound (dashed) and
+    the measured points (markers)."""
+    projection, measured = data
+    for mode in ("strong", "weak"):
+        curve = [r for r in projection if r["mode"] == mode]
+        if not curve:
+            continue
+        line = ax.plot([r["ranks"] for r in curve], [r["efficiency"] for r in curve],
+                       label=f"{mode}, projected")[0]
+        ax.plot([r["ranks"] for r in curve], [r["efficiency_overlap"] for r in curve],
+                linestyle="--", color=line.get_color(), alpha=0.7,
+                label=f"{mode}, overlap bound")
+        points = [r for r in measured if r["mode"] == mode]
+        ax.scatter([r["ranks"] for r in points], [r["efficiency"] for r in points],
+                   color=line.get_color(), zorder=3, label=f"{mode}, measured")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(0, max([1.1] + [r["efficiency"] * 1.05 for r in measured]))
+    ax.set_xlabel("ranks")
+    ax.set_ylabel("parallel efficiency")
+    ax.set_title("projection")
+    ax.grid(alpha=0.3)
     ax.legend(fontsize="small")

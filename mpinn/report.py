@@ -31,6 +31,13 @@ from dataclasses import dataclass
 from . import __version__
 from .errors import UsageError
 from .fileio import read_bytes, write_atomically
+from .prediction import (
+    add_predictions,
+    load_calibration,
+    prediction_section,
+    projection_section,
+    sweep_projection,
+)
 from .scaling import MANIFEST, MODES, read_manifest
 
 # the step's phases as summary.json names them (timing.PHASES; written out here, as
@@ -39,7 +46,7 @@ PHASES = ("data", "forward", "backward", "allreduce", "update")
 COLUMNS = ("mode", "ranks", "hosts", "ranks_per_host", "repeats", "oversubscribed",
            "global_batch", "samples_per_s", "samples_per_s_min", "samples_per_s_max",
            "step_s", *(f"{p}_s" for p in PHASES), "imbalance_s", "speedup", "efficiency",
-           "karp_flatt")
+           "karp_flatt", "predicted_step_s", "prediction_error")
 
 
 @dataclass
@@ -172,6 +179,10 @@ def build(sweep_dirs: list[str], out: str) -> list[str]:
     what it wrote, and a message in place of the plots if it could not draw them."""
     manifests, runs, missing = load_sweeps(sweep_dirs)
     rows = points(runs)
+    calibrations = {m["directory"]: c for m in manifests
+                    if (c := load_calibration(m["directory"])) is not None}
+    add_predictions(rows, runs, calibrations)
+    projected = sweep_projection(rows, runs, calibrations)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as exc:
@@ -179,11 +190,12 @@ def build(sweep_dirs: list[str], out: str) -> list[str]:
     from .plot import load_pyplot, plot_scaling
     try:
         load_pyplot("the scaling plots")
-        images, note = plot_scaling(rows, out), None
+        images, note = plot_scaling(rows, projected[0] if projected else None, out), None
     except UsageError as exc:  # no matplotlib: the tables still tell it all
         images, note = [], f"{exc}; points.csv and report.md are written without them"
     write_atomically(os.path.join(out, "points.csv"), csv_text(rows).encode())
-    text = markdown(manifests, runs, rows, missing, [os.path.basename(i) for i in images], note)
+    text = markdown(manifests, runs, rows, missing, [os.path.basename(i) for i in images], note,
+                    projected)
     write_atomically(os.path.join(out, "report.md"), text.encode())
     written = [os.path.join(out, "points.csv"), os.path.join(out, "report.md"), *images]
     return written + ([note] if note else [])
@@ -284,7 +296,8 @@ def environment_lines(runs: list[Run]) -> list[str]:
 
 
 def markdown(manifests: list[dict], runs: list[Run], rows: list[dict], missing: list[str],
-             images: list[str], note: str | None) -> str:
+             images: list[str], note: str | None,
+             projected: tuple[list[dict], dict] | None = None) -> str:
     """report.md: a table per mode, the plots, every run, the set-up and the environment."""
     lines = ["# Scaling report", "", *setup_lines(manifests, runs), ""]
     for mode in MODES:
@@ -304,9 +317,16 @@ def markdown(manifests: list[dict], runs: list[Run], rows: list[dict], missing: 
     if any(r["oversubscribed"] for r in rows):
         lines += ["Points marked (oversubscribed) ran more ranks x BLAS threads than a host "
                   "has cores: they measure ranks taking turns on cores, not scaling.", ""]
-    lines += [f"![{name[:-4]}]({name})" for name in images] + ([""] if images else [])
+    shown = [name for name in images if name not in ("prediction.png", "projection.png")]
+    lines += [f"![{name[:-4]}]({name})" for name in shown] + ([""] if shown else [])
     if note:
         lines += [f"No plots: {note}.", ""]
+    if any("predicted" in r for r in rows):
+        lines += prediction_section(rows, "prediction.png" if "prediction.png" in images
+                                    else None)
+    if projected:
+        lines += projection_section(*projected, "projection.png" if "projection.png" in images
+                                    else None)
     lines += ["## Every run", "", *run_table(runs), ""]
     if missing:
         lines += ["Points without a summary.json (not finished; not in the tables): "

@@ -46,10 +46,10 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 
-from . import __version__, probe
+from . import __version__, calibrate, probe
 from .config import TrainConfig, resolve, to_toml
 from .cpus import blas_threads, usable_cpus
-from .data import describe
+from .data import describe, label_range
 from .errors import UsageError
 from .fileio import read_bytes, strict_json, write_atomically
 from .lock import RunLock
@@ -177,6 +177,7 @@ class Sweep:
     points: list[Point]
     launcher: str  # template with {n}
     oversubscribe: bool
+    calibrate: bool = True  # benchmarks for the cost model first (calibrate.py)
 
     def manifest(self, dataset: dict, states: dict[str, dict]) -> dict:
         modes = sorted({p.mode for p in self.points}, key=MODES.index)
@@ -186,6 +187,7 @@ class Sweep:
             "ranks": sorted({p.ranks for p in self.points}),
             "repeats": 1 + max(p.repeat for p in self.points),
             "launcher": self.launcher, "oversubscribe": self.oversubscribe,
+            "calibrated": self.calibrate,
             "dataset": dataset, "train_config": tomllib.loads(to_toml(replace(self.cfg, out=""))),
             "batch_size": self.cfg.batch_size, "driver_host": socket.gethostname(),
             "updated": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -212,9 +214,20 @@ def dataset_entry(path: str) -> dict:
     file is a message, not a crash of the driver)."""
     probe.check(path)
     info = describe(path)
+    outputs = info.outputs or 1 + max(label_range(path, split, 0, info.rows(split))[1]
+                                      for split in ("train", "test"))
     return {"path": os.path.abspath(path), "train_rows": info.n_train,
             "test_rows": info.n_test, "features": info.features, "task": info.task,
-            "outputs": info.outputs}
+            "outputs": outputs}
+
+
+def calibration_plan(sweep: Sweep, dataset: dict) -> list[tuple[str, int, list[str]]]:
+    """The cost model's benchmarks for this sweep's model and points (calibrate.py)."""
+    batches: dict[int, list[int]] = {}
+    for p in sweep.points:
+        batches.setdefault(p.ranks, []).append(p.batch_size)
+    sizes = (dataset["features"], *sweep.cfg.hidden, dataset["outputs"])
+    return calibrate.commands(sweep.out, sizes, sweep.cfg.dtype, sweep.cfg.optimizer, batches)
 
 
 def point_dir(out: str, point: Point) -> str:
@@ -248,7 +261,7 @@ def previous_states(sweep: Sweep, dataset: dict, overwrite: bool) -> dict[str, d
     if old is None and leftovers and not overwrite:
         raise UsageError(f"{sweep.out} is not empty and holds no sweep ({', '.join(leftovers[:3])}"
                          f"{', ...' if len(leftovers) > 3 else ''}): use a new or empty --out")
-    for name in (MANIFEST, TRAIN_TOML, *MODES):  # what a sweep writes, nothing else
+    for name in (MANIFEST, TRAIN_TOML, calibrate.DIRECTORY, *MODES):  # a sweep's, no more
         path = os.path.join(sweep.out, name)
         if os.path.isdir(path):
             shutil.rmtree(path)
@@ -274,6 +287,15 @@ def run(sweep: Sweep, overwrite: bool) -> int:
             write_atomically(os.path.join(sweep.out, MANIFEST),
                              strict_json(sweep.manifest(dataset, states), indent=1).encode())
         save()
+        if sweep.calibrate:
+            def bench(args: list[str], ranks: int, log: str) -> int:
+                return launch([*launcher_argv(sweep.launcher, ranks), *args], env, log)[0]
+            status = calibrate.calibrate(sweep.out, calibration_plan(sweep, dataset), bench, say)
+            if status != 0:
+                say(f"the calibration failed (exit {status}; its log is in "
+                    f"{os.path.join(sweep.out, calibrate.DIRECTORY)}); no point ran. "
+                    f"--no-calibrate runs the points without it (no predictions then)")
+                return status if status in (1, 2, 3) else 1
         for index, point in enumerate(sweep.points, 1):
             if finished(sweep.out, point):
                 say(f"[{index}/{len(sweep.points)}] {point.name}: finished before, kept")
@@ -365,7 +387,8 @@ def threads_per_rank(environ: Mapping[str, str]) -> int:
 
 
 def define(toml: dict, flags: dict, *, ranks: str | None, mode: str, repeats: int,
-           launcher: str | None, oversubscribe: bool, out: str) -> Sweep:
+           launcher: str | None, oversubscribe: bool, out: str, calibrated: bool = True
+           ) -> Sweep:
     """The sweep the command line asks for, validated before anything runs."""
     if repeats < 1:
         raise UsageError(f"--repeats must be >= 1, got {repeats}")
@@ -383,4 +406,4 @@ def define(toml: dict, flags: dict, *, ranks: str | None, mode: str, repeats: in
     if launcher is None and not oversubscribe:
         check_cores(points, cpus, threads)
     return Sweep(out=out, cfg=cfg, points=points, launcher=template,
-                 oversubscribe=oversubscribe)
+                 oversubscribe=oversubscribe, calibrate=calibrated)

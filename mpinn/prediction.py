@@ -1,0 +1,198 @@
+"""The cost model (costmodel.py) applied to studies: every point of a sweep predicted
+from the sweep's calibration (calibrate.py) and compared with its measurement, and the
+projection to thousands of ranks, from a sweep or from a network the user describes
+(`mpinn scaling project`). Serial, no MPI.
+
+A point's prediction uses the bench step of its rank count (compute and update under
+the same number of ranks per host), the bench comm of the sweep (alpha, beta of each
+transport, gamma), the point's placement (hosts, ranks per host, from its summary:
+decided by the launcher, not a measurement of speed) and its gradient buffer:
+
+    predicted_step_s = data + compute(ceil(B/P)) + update + allreduce(n, P, H, K)
+    prediction_error = predicted_step_s / step_s - 1
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from . import calibrate, costmodel
+from .errors import UsageError
+from .fileio import read_bytes
+
+PROJECTION_COLUMNS = ("mode", "ranks", "hosts", "global_batch", "step_s", "allreduce_s",
+                      "samples_per_s", "efficiency", "step_overlap_s", "samples_per_s_overlap",
+                      "efficiency_overlap")
+
+
+@dataclass
+class Calibration:
+    """A sweep's benchmarks: bench step per rank count, bench comm (None at one rank)."""
+
+    steps: dict[int, dict]
+    comm: dict | None
+
+    def covers(self, ranks: int) -> bool:
+        return ranks in self.steps and (ranks == 1 or self.comm is not None)
+
+
+def read_json(path: str, what: str) -> dict:
+    try:
+        return json.loads(read_bytes(path, what))
+    except ValueError:
+        raise UsageError(f"{path} is not JSON") from None
+
+
+def load_calibration(sweep_dir: str) -> Calibration | None:
+    """The calibration files of a sweep directory, or None if it has none."""
+    folder = os.path.join(sweep_dir, calibrate.DIRECTORY)
+    if not os.path.isdir(folder):
+        return None
+    steps = {}
+    for name in os.listdir(folder):
+        if name.startswith("step-p") and name.endswith(".json"):
+            steps[int(name[len("step-p"):-len(".json")])] = read_json(
+                os.path.join(folder, name), "bench step results")
+    comm_path = calibrate.comm_file(sweep_dir)
+    comm = read_json(comm_path, "bench comm results") if os.path.exists(comm_path) else None
+    return Calibration(steps, comm) if steps else None
+
+
+def predict_row(row: dict, n_bytes: int, calibration: Calibration) -> dict:
+    """The prediction of one report row (report.points) and its error."""
+    predicted = costmodel.predict_step(
+        calibration.steps[row["ranks"]], calibration.comm, row["global_batch"], row["ranks"],
+        row["hosts"], row["ranks_per_host"], n_bytes)
+    return {"predicted_step_s": predicted["step_s"],
+            "prediction_error": predicted["step_s"] / row["step_s"] - 1,
+            "predicted": predicted}
+
+
+def add_predictions(rows: list[dict], runs: list, calibrations: dict[str, Calibration]) -> bool:
+    """Fill predicted_step_s and prediction_error of each row its runs' sweep calibrated;
+    returns whether any row was predicted."""
+    done = False
+    for row in rows:
+        group = [r for r in runs if r.mode == row["mode"] and r.ranks == row["ranks"]]
+        sweep = next((r.sweep for r in group if r.sweep in calibrations
+                      and calibrations[r.sweep].covers(row["ranks"])), None)
+        if sweep is not None:
+            n_bytes = group[0].summary["allreduce_bytes_per_step"]
+            row.update(predict_row(row, n_bytes, calibrations[sweep]))
+            done = True
+    return done
+
+
+def project(bench_step: dict, comm: dict, n_bytes: int, batches: dict[str, int],
+            ranks_per_host: int, max_ranks: int) -> list[dict]:
+    """costmodel.project for each mode: batches maps strong -> the global batch, weak ->
+    the batch per rank."""
+    rows = []
+    for mode, batch in batches.items():
+        for r in costmodel.project(bench_step, comm, batch, n_bytes, ranks_per_host,
+                                   max_ranks, mode):
+            rows.append({"mode": mode, **r})
+    return rows
+
+
+def sweep_projection(rows: list[dict], runs: list, calibrations: dict[str, Calibration],
+                     max_ranks: int = 4096) -> tuple[list[dict], dict] | None:
+    """The report's projection: the calibration of the largest rank count measured, its
+    ranks per host, the sweep's batches; None without a calibration with bench comm."""
+    usable = [(c, r) for r in rows for s, c in calibrations.items()
+              if c.comm is not None and r["ranks"] in c.steps and r["ranks"] > 1
+              and any(run.sweep == s for run in runs)]
+    if not usable:
+        return None
+    calibration, top = max(usable, key=lambda cr: cr[1]["ranks"])
+    batches = {}
+    for mode in ("strong", "weak"):
+        group = [r for r in rows if r["mode"] == mode]
+        if group:
+            batches[mode] = group[0]["global_batch"] // (1 if mode == "strong"
+                                                         else group[0]["ranks"])
+    n_bytes = runs[0].summary["allreduce_bytes_per_step"]
+    basis = {"ranks_per_host": top["ranks_per_host"], "bench_step_ranks": top["ranks"],
+             "n_bytes": n_bytes, "batches": batches, "max_ranks": max_ranks,
+             "links": costmodel.machine_from(calibration.comm)}
+    return project(calibration.steps[top["ranks"]], calibration.comm, n_bytes, batches,
+                   top["ranks_per_host"], max_ranks), basis
+
+
+def described_comm(alpha: float, beta: float, gamma: float, shm: tuple[float, float] | None
+                   ) -> dict:
+    """A bench comm result for a network the user describes (mpinn scaling project)."""
+    transports = {"net": {"alpha_s": alpha, "beta_s_per_byte": beta}}
+    if shm is not None:
+        transports["shm"] = {"alpha_s": shm[0], "beta_s_per_byte": shm[1]}
+    return {"transports": transports, "gamma_s_per_byte": gamma}
+
+
+def shown_ranks(rows: list[dict]) -> list[dict]:
+    """The projection's rows at P = 1, 4, 16, ... and the last (a table to read)."""
+    top = max(r["ranks"] for r in rows)
+    return [r for r in rows if r["ranks"] in (1, top) or (r["ranks"].bit_length() - 1) % 2 == 0]
+
+
+def projection_table(rows: list[dict]) -> list[str]:
+    """Markdown: the projected step, samples/s and efficiency, with the overlap bound."""
+    lines = ["| mode | ranks | hosts | global batch | step ms | Allreduce ms | samples/s "
+             "| efficiency | with overlap: samples/s | efficiency |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in shown_ranks(rows):
+        lines.append(f"| {r['mode']} | {r['ranks']} | {r['hosts']} | {r['global_batch']} | "
+                     f"{r['step_s'] * 1e3:.3g} | {r['allreduce_s'] * 1e3:.3g} | "
+                     f"{r['samples_per_s']:,.0f} | {r['efficiency']:.3f} | "
+                     f"{r['samples_per_s_overlap']:,.0f} | {r['efficiency_overlap']:.3f} |")
+    return lines
+
+
+def prediction_table(rows: list[dict]) -> list[str]:
+    """Markdown: every point's measured and predicted step, per phase."""
+    lines = ["| mode | ranks | hosts x ranks/host | measured step ms | predicted ms | error "
+             "| predicted compute ms | measured compute ms | predicted Allreduce ms "
+             "| measured Allreduce ms | algorithm |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        if "predicted" not in r:
+            continue
+        p = r["predicted"]["phases"]
+        lines.append(
+            f"| {r['mode']} | {r['ranks']} | {r['hosts']} x {r['ranks_per_host']} | "
+            f"{r['step_s'] * 1e3:.3g} | {r['predicted_step_s'] * 1e3:.3g} | "
+            f"{100 * r['prediction_error']:+.1f}% | "
+            f"{(p['forward'] + p['backward']) * 1e3:.3g} | "
+            f"{(r['forward_s'] + r['backward_s']) * 1e3:.3g} | {p['allreduce'] * 1e3:.3g} | "
+            f"{r['allreduce_s'] * 1e3:.3g} | {r['predicted']['algorithm']} |")
+    return lines
+
+
+def prediction_section(rows: list[dict], image: str | None) -> list[str]:
+    """report.md's comparison of the model with the measurement."""
+    errors = [abs(r["prediction_error"]) for r in rows if "predicted" in r]
+    return ["## Predicted against measured", "",
+            "The cost model predicts each point from the sweep's calibration (bench step at "
+            "the point's rank count, bench comm at the largest) and the point's placement, "
+            "without its own timings: data + compute(ceil(B/P)) + update + the Allreduce "
+            "MPICH runs at that size and P. Error = predicted / measured - 1; largest "
+            f"|error| {100 * max(errors):.1f}%.", "", *prediction_table(rows), ""] + (
+        [f"![prediction]({image})", ""] if image else [])
+
+
+def projection_section(projection: list[dict], basis: dict, image: str | None) -> list[str]:
+    """report.md's projection to max_ranks from the measured alpha, beta and compute."""
+    links = basis["links"]
+    text = (f"From the measured links (network: alpha {links.net.alpha * 1e6:.3g} us, beta "
+            f"{links.net.beta * 1e12:.3g} ps/B; shared memory: alpha "
+            f"{links.shm.alpha * 1e6:.3g} us, beta {links.shm.beta * 1e12:.3g} ps/B; "
+            f"reduction {links.gamma * 1e12:.3g} ps/B) and the compute of "
+            f"{basis['bench_step_ranks']} ranks at once, with {basis['ranks_per_host']} ranks "
+            f"per host and the Allreduce of {basis['n_bytes']:,} bytes: strong scaling keeps "
+            f"the global batch, weak the batch per rank. 'With overlap' is the bound if the "
+            f"Allreduce overlapped backward completely: max(backward, Allreduce) instead of "
+            f"their sum. Where the sweep measured one host only, the network takes the "
+            f"shared-memory figures: project to a real network with mpinn scaling project.")
+    return ["## Projection", "", text, "", *projection_table(projection), ""] + (
+        [f"![projection]({image})", ""] if image else [])
