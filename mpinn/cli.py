@@ -283,6 +283,54 @@ def add_scaling_commands(sub: argparse._SubParsersAction) -> None:
         "install 'mpinn[plot]').")
     sp.add_argument("sweeps", nargs="+", metavar="SWEEP_DIR")
     sp.add_argument("--out", required=True, metavar="REPORT_DIR", help="where the report goes")
+    add_project_command(ssub)
+
+
+def add_project_command(ssub: argparse._SubParsersAction) -> None:
+    """`mpinn scaling project`: the cost model for a network the user describes."""
+    pj = ssub.add_parser(
+        "project", help="efficiency and samples/s against ranks (to 4096) for a network "
+        "given by its latency and bandwidth, strong and weak, with the overlap bound",
+        description="Project a model's data-parallel training to many ranks with the cost "
+        "model: T(P) = compute(B/P) + update + the Allreduce MPICH runs (recursive doubling "
+        "or reduce-scatter + allgather, in two levels: shared memory within a node, the "
+        "network between nodes). The compute comes from --bench-step (the JSON of `mpinn "
+        "bench step --local-batches ...`, best measured with the ranks per node you will "
+        "run) or, without it, from a bench step run here on one rank.",
+        epilog="Example networks (see README): 10 GbE with TCP --alpha 25e-6 --beta 8e-10; "
+        "InfiniBand HDR --alpha 1e-6 --beta 4e-11.")
+    pj.add_argument("--alpha", type=float, metavar="SECONDS",
+                    help="network latency per message (required unless --comm has a network)")
+    pj.add_argument("--beta", type=float, metavar="S_PER_BYTE",
+                    help="network inverse bandwidth, seconds per byte (1 / bytes per second)")
+    pj.add_argument("--comm", metavar="FILE", help="`mpinn bench comm --json` results: the "
+                    "shared-memory link, gamma, and the network unless --alpha/--beta")
+    pj.add_argument("--shm-alpha", type=float, metavar="SECONDS",
+                    help="latency between ranks of a node (default: --comm's, else the network's)")
+    pj.add_argument("--shm-beta", type=float, metavar="S_PER_BYTE",
+                    help="inverse bandwidth between ranks of a node")
+    pj.add_argument("--gamma", type=float, metavar="S_PER_BYTE", help="seconds per byte added "
+                    "in the reduction (default: --comm's, else measured here)")
+    pj.add_argument("--ranks-per-node", type=int, default=1, metavar="K",
+                    help="ranks per node (default 1)")
+    pj.add_argument("--bench-step", metavar="FILE",
+                    help="`mpinn bench step --local-batches ... --json` results: the model, "
+                    "its compute against rows per rank, and the update")
+    pj.add_argument("--features", type=int, default=784, help="without --bench-step: the "
+                    "model's inputs (default 784)")
+    pj.add_argument("--hidden", default="1024,1024", help="without --bench-step (default "
+                    "1024,1024)")
+    pj.add_argument("--classes", type=int, default=10, help="without --bench-step (default 10)")
+    pj.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    pj.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
+    pj.add_argument("--global-batch", type=int, default=512, metavar="B",
+                    help="strong scaling's global batch, weak scaling's batch per rank "
+                    "(default 512)")
+    pj.add_argument("--mode", choices=("strong", "weak", "both"), default="both")
+    pj.add_argument("--max-ranks", type=int, default=4096, metavar="P",
+                    help="the largest rank count (default 4096; powers of two up to it)")
+    pj.add_argument("--out", required=True, metavar="DIR",
+                    help="projection.csv, projection.md, projection.png")
 
 
 def add_train_options(t: Parser, sweep: bool = False) -> None:
@@ -496,6 +544,9 @@ def run_serial(args: argparse.Namespace) -> int:
 
 def run_scaling(args: argparse.Namespace) -> int:
     """`mpinn scaling run|report`: serial; the sweep launches its own MPI jobs."""
+    if args.scaling_command == "project":
+        from .prediction import run_project
+        return run_project(args)
     if args.scaling_command == "report":
         from .report import build
         for path in build(args.sweeps, args.out):

@@ -56,6 +56,16 @@ def load_pyplot(what: str = "mpinn plot"):
     return plt
 
 
+def save_figure(plt, fig, path: str) -> str:
+    """Write fig as a PNG to path atomically, and close it."""
+    fig.tight_layout()
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=100)
+    plt.close(fig)
+    write_atomically(path, image.getbuffer(), "write")
+    return path
+
+
 def plot_run(run_dir: str, out: str | None = None) -> str:
     """Write the run's curves to out (default RUN_DIR/metrics.png); returns the path."""
     records = read_metrics(run_dir)
@@ -78,12 +88,7 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(os.path.basename(os.path.abspath(run_dir)))
-    fig.tight_layout()
-    image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=100)
-    plt.close(fig)
-    write_atomically(out, image.getbuffer(), "write")
-    return out
+    return save_figure(plt, fig, out)
 
 
 def plot_scaling(rows: list[dict], projection: list[dict] | None, out_dir: str) -> list[str]:
@@ -101,13 +106,7 @@ def plot_scaling(rows: list[dict], projection: list[dict] | None, out_dir: str) 
     for name, draw, data in figures:
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         draw(ax, data)
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"{name}.png")
-        image = io.BytesIO()
-        fig.savefig(image, format="png", dpi=100)
-        plt.close(fig)
-        write_atomically(path, image.getbuffer(), "write")
-        written.append(path)
+        written.append(save_figure(plt, fig, os.path.join(out_dir, f"{name}.png")))
     return written
 
 
@@ -235,3 +234,11 @@ def draw_projection(ax, data: tuple[list[dict], list[dict]]) -> None:
     ax.set_title("projection")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
+
+
+def plot_projection(rows: list[dict], out_dir: str) -> str:
+    """projection.png of `mpinn scaling project` (no measured points)."""
+    plt = load_pyplot("the projection plot")
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    draw_projection(ax, (rows, []))
+    return save_figure(plt, fig, os.path.join(out_dir, "projection.png"))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 
 from . import calibrate, costmodel
@@ -181,18 +182,141 @@ def prediction_section(rows: list[dict], image: str | None) -> list[str]:
         [f"![prediction]({image})", ""] if image else [])
 
 
-def projection_section(projection: list[dict], basis: dict, image: str | None) -> list[str]:
+SWEEP_NOTE = ("Where the sweep measured one host only, the network takes the shared-memory "
+              "figures: project to a real network with mpinn scaling project.")
+
+
+def projection_section(projection: list[dict], basis: dict, image: str | None,
+                       note: str = SWEEP_NOTE) -> list[str]:
     """report.md's projection to max_ranks from the measured alpha, beta and compute."""
     links = basis["links"]
     text = (f"From the measured links (network: alpha {links.net.alpha * 1e6:.3g} us, beta "
             f"{links.net.beta * 1e12:.3g} ps/B; shared memory: alpha "
             f"{links.shm.alpha * 1e6:.3g} us, beta {links.shm.beta * 1e12:.3g} ps/B; "
             f"reduction {links.gamma * 1e12:.3g} ps/B) and the compute of "
-            f"{basis['bench_step_ranks']} ranks at once, with {basis['ranks_per_host']} ranks "
+            f"{basis['bench_step_ranks']} rank(s) at once, with {basis['ranks_per_host']} ranks "
             f"per host and the Allreduce of {basis['n_bytes']:,} bytes: strong scaling keeps "
             f"the global batch, weak the batch per rank. 'With overlap' is the bound if the "
             f"Allreduce overlapped backward completely: max(backward, Allreduce) instead of "
-            f"their sum. Where the sweep measured one host only, the network takes the "
-            f"shared-memory figures: project to a real network with mpinn scaling project.")
+            f"their sum. {note}")
     return ["## Projection", "", text, "", *projection_table(projection), ""] + (
         [f"![projection]({image})", ""] if image else [])
+
+
+def serial_gamma() -> float:
+    """Seconds per byte of a float32 a += b here (the reduction's cost), from the slope
+    between 1 MiB and 8 MiB arrays, best of five."""
+    import time
+
+    import numpy as np
+    times = []
+    for n in (1 << 18, 1 << 21):  # float32 elements: 1 MiB and 8 MiB
+        a, b = np.ones(n, np.float32), np.ones(n, np.float32)
+        best = float("inf")
+        for _ in range(5):
+            began = time.perf_counter()
+            np.add(a, b, out=a)
+            best = min(best, time.perf_counter() - began)
+        times.append(best)
+    return max((times[1] - times[0]) / ((1 << 23) - (1 << 20)), 0.0)
+
+
+def csv_text(rows: list[dict]) -> str:
+    lines = [",".join(PROJECTION_COLUMNS)]
+    lines += [",".join(repr(r[c]) if isinstance(r[c], float) else str(r[c])
+                       for c in PROJECTION_COLUMNS) for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_projection(out: str, bench_step: dict, comm: dict, batches: dict[str, int],
+                     ranks_per_node: int, max_ranks: int) -> tuple[list[str], list[str]]:
+    """`mpinn scaling project`: projection.csv, projection.md and (with matplotlib)
+    projection.png in out; returns (paths written, the Markdown's lines)."""
+    from .fileio import write_atomically
+    sizes = bench_step["model"]
+    n_bytes = calibrate.gradient_bytes(tuple(sizes), bench_step["dtype"])
+    rows = project(bench_step, comm, n_bytes, batches, ranks_per_node, max_ranks)
+    basis = {"links": costmodel.machine_from(comm), "bench_step_ranks": bench_step["ranks"],
+             "ranks_per_host": ranks_per_node, "n_bytes": n_bytes}
+    os.makedirs(out, exist_ok=True)
+    written = [os.path.join(out, "projection.csv"), os.path.join(out, "projection.md")]
+    write_atomically(written[0], csv_text(rows).encode())
+    image = None
+    try:
+        from .plot import plot_projection
+        image = plot_projection(rows, out)
+        written.append(image)
+    except UsageError as exc:  # no matplotlib: the tables say it all
+        written.append(f"no plot: {exc}")
+    model = "-".join(map(str, sizes))
+    lines = [f"# Projection: {model} ({bench_step['dtype']}, {bench_step.get('optimizer', 'sgd')})",
+             "", *projection_section(rows, basis, image and os.path.basename(image), "")[2:]]
+    write_atomically(written[1], "\n".join(lines).encode())
+    return written, lines
+
+
+def described_network(args) -> dict:
+    """The comm dict of `mpinn scaling project` from --comm and the flags (UsageError if
+    the network is not described)."""
+    base = read_json(args.comm, "bench comm results") if args.comm else {"transports": {}}
+    found = {k: t.get("exchange", t) for k, t in base.get("transports", {}).items()}
+    net = found.get("net")
+    alpha = args.alpha if args.alpha is not None else net and net["alpha_s"]
+    beta = args.beta if args.beta is not None else net and net["beta_s_per_byte"]
+    if alpha is None or beta is None or alpha < 0 or beta <= 0:
+        raise UsageError("describe the network: --alpha SECONDS and --beta SECONDS_PER_BYTE "
+                         "(alpha >= 0, beta > 0), or --comm with a bench comm across hosts")
+    shm = found.get("shm")
+    shm_link = (args.shm_alpha if args.shm_alpha is not None else shm and shm["alpha_s"],
+                args.shm_beta if args.shm_beta is not None else shm and shm["beta_s_per_byte"])
+    gamma = args.gamma if args.gamma is not None else base.get("gamma_s_per_byte")
+    return described_comm(alpha, beta, serial_gamma() if gamma is None else gamma,
+                          shm_link if None not in shm_link else None)
+
+
+def run_project(args) -> int:
+    """`mpinn scaling project`: validate, get a bench step (given, or run here on one
+    rank), project, write and print."""
+    if args.ranks_per_node < 1 or args.global_batch < 1 or args.max_ranks < 1:
+        raise UsageError("--ranks-per-node, --global-batch and --max-ranks must be >= 1")
+    comm = described_network(args)
+    if args.bench_step:
+        bench_step = read_json(args.bench_step, "bench step results")
+        if "model" not in bench_step or "step_time_s" not in bench_step:
+            raise UsageError(f"{args.bench_step} holds no `mpinn bench step --json` results")
+    else:
+        bench_step = bench_here(args)
+    modes = ("strong", "weak") if args.mode == "both" else (args.mode,)
+    written, lines = write_projection(args.out, bench_step, comm,
+                                      {m: args.global_batch for m in modes},
+                                      args.ranks_per_node, args.max_ranks)
+    print("\n".join(lines))
+    for path in written:
+        print(f"wrote {path}" if os.path.exists(path) else f"mpinn scaling: {path}")
+    return 0
+
+
+def bench_here(args) -> dict:
+    """`mpinn bench step` on one rank of this machine, through the default launcher, for
+    the model the flags describe; its JSON goes to OUT/bench-step.json."""
+    from .config import parse_hidden
+    from .scaling import child_environment, default_launcher, launch, launcher_argv
+    hidden = parse_hidden(args.hidden)
+    if args.features < 1 or args.classes < 2:
+        raise UsageError("--features must be >= 1 and --classes >= 2")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "bench-step.json")
+    batch = args.global_batch
+    rows = sorted({r for r in (1, 4, 16, 64, 256, batch) if r <= batch})
+    if len(rows) < 2:
+        rows = [1, 2]
+    argv = [*launcher_argv(default_launcher(), 1), sys.executable, "-m", "mpinn", "bench",
+            "step", "--features", str(args.features), "--hidden", ",".join(map(str, hidden)),
+            "--classes", str(args.classes), "--dtype", args.dtype, "--optimizer",
+            args.optimizer, "--batch-size", str(batch), "--steps", "20",
+            "--local-batches", ",".join(map(str, rows)), "--json", path]
+    status, _ = launch(argv, child_environment(os.environ, True), path[:-5] + ".log")
+    if status != 0:
+        raise UsageError(f"the bench step on this machine failed (exit {status}; its log: "
+                         f"{path[:-5]}.log); give --bench-step FILE instead")
+    return read_json(path, "bench step results")
