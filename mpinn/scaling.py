@@ -292,7 +292,8 @@ def run(sweep: Sweep, overwrite: bool) -> int:
                 return launch([*launcher_argv(sweep.launcher, ranks), *args], env, log)[0]
             status = calibrate.calibrate(sweep.out, calibration_plan(sweep, dataset), bench, say)
             if status != 0:
-                say(f"the calibration failed (exit {status}; its log is in "
+                what = {2: "refused its input", 3: "was stopped"}.get(status, "failed")
+                say(f"the calibration {what} (exit {status}; its log is in "
                     f"{os.path.join(sweep.out, calibrate.DIRECTORY)}); no point ran. "
                     f"--no-calibrate runs the points without it (no predictions then)")
                 return status if status in (1, 2, 3) else 1

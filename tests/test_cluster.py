@@ -138,6 +138,10 @@ def test_scaling_sweep_over_the_hosts(cluster, shared_synth, tmp_path):
     assert (rows["1"]["hosts"], rows["1"]["ranks_per_host"]) == ("1", "1")
     text = (out / "report.md").read_text()
     assert "between hosts, the network" in text and "node1, node2" in text
+    # the calibration ran through the same launcher: its bench comm crossed the hosts
+    comm = json.loads((sweep / "calibration" / "comm.json").read_text())
+    assert list(comm["transports"]) == ["net"] and comm["hosts"] == ["node1", "node2"]
+    assert all(r["predicted_step_s"] and r["prediction_error"] for r in rows.values())
 
 
 def test_bench_comm_across_hosts(cluster, tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import child_env, expect_error, finish, mpiexec, mpinn, ok, run, start, text_of
-from mpinn import report, scaling
+from mpinn import costmodel, report, scaling
 from mpinn.config import TrainConfig
 from mpinn.errors import UsageError
 
@@ -30,9 +30,10 @@ TRAIN = ("--hidden", "8", "--batch-size", "30", "--epochs", "1", "--progress", "
 
 
 def sweep(data: Path, out: Path, *options, timeout: float = 300, env=None,
-          prefix: tuple = ()) -> subprocess.CompletedProcess:
+          prefix: tuple = (), calibrate: bool = False) -> subprocess.CompletedProcess:
+    """`mpinn scaling run`; without the cost model's benchmarks unless calibrate."""
     cmd = [*prefix, sys.executable, "-m", "mpinn", "scaling", "run", data, "--out", out,
-           *TRAIN, *options]
+           *TRAIN, *options, *(() if calibrate else ("--no-calibrate",))]
     return run(cmd, timeout=timeout, env=env)
 
 
@@ -40,7 +41,8 @@ def sweep(data: Path, out: Path, *options, timeout: float = 300, env=None,
 def study(synth, tmp_path_factory) -> tuple[Path, Path]:
     """P = 1, 2, strong and weak, 2 repeats, with the default launcher; and its report."""
     root = tmp_path_factory.mktemp("study")
-    ok(sweep(synth, root / "sweep", "--ranks", "1,2", "--mode", "both", "--repeats", "2"))
+    ok(sweep(synth, root / "sweep", "--ranks", "1,2", "--mode", "both", "--repeats", "2",
+             calibrate=True))
     ok(mpinn(None, "scaling", "report", root / "sweep", "--out", root / "report"))
     return root / "sweep", root / "report"
 
@@ -201,6 +203,12 @@ def test_with_another_launcher_the_ranks_refuse_to_oversubscribe(synth, tmp_path
     assert "strong/p2-r0 refused its input (exit 2" in result.stdout
     point = json.loads((out / "sweep.json").read_text())["points"][0]
     assert point["state"] == "failed" and point["exit_code"] == 2
+    # with the calibration, its first benchmark refuses already, and no point runs
+    result = sweep(synth, tmp_path / "calibrated", "--ranks", "2", "--mode", "strong",
+                   "--launcher", f"{mpiexec()} -n {{n}}", prefix=("taskset", "-c", "0"),
+                   calibrate=True)
+    assert result.returncode == 2 and "the calibration refused its input" in result.stdout
+    assert not (tmp_path / "calibrated" / "strong").exists()
 
 
 def test_a_signal_stops_the_running_point_and_the_sweep_continues_later(synth, tmp_path):
@@ -320,3 +328,84 @@ def test_the_driver_and_the_report_never_load_mpi():
     ok(run([sys.executable, "-c", code]))
     from mpinn import timing
     assert report.PHASES == timing.PHASES and report.COLUMNS == tuple(COLUMNS)
+
+
+# the cost model in the report, and the projection
+
+def test_the_sweep_calibrates_and_the_report_predicts_every_point(study):
+    sweep_dir, report_dir = study
+    calibration = sweep_dir / "calibration"
+    steps = {n: json.loads((calibration / f"step-p{n}.json").read_text()) for n in (1, 2)}
+    comm = json.loads((calibration / "comm.json").read_text())
+    assert steps[2]["ranks"] == 2 and steps[2]["model"] == [12, 8, 4]
+    assert steps[1]["optimizer"] == "momentum" and "compute_fit" in steps[1]
+    assert comm["ranks"] == 2 and comm["transports"]["shm"]["alpha_s"] > 0
+    found = summaries(sweep_dir)
+    for row in read_points(report_dir):
+        ranks = int(row["ranks"])
+        n_bytes = found[row["mode"], ranks][0]["allreduce_bytes_per_step"]
+        assert n_bytes == (12 * 8 + 8 + 8 * 4 + 4 + 3) * 4  # weights, biases, 3 control slots
+        expected = costmodel.predict_step(steps[ranks], comm, int(row["global_batch"]), ranks,
+                                          1, ranks, n_bytes)["step_s"]
+        assert float(row["predicted_step_s"]) == pytest.approx(expected, rel=1e-12)
+        assert float(row["prediction_error"]) == pytest.approx(
+            expected / float(row["step_s"]) - 1, rel=1e-9)
+    text = (report_dir / "report.md").read_text()
+    assert "## Predicted against measured" in text and "## Projection" in text
+    assert "| strong | 4096 | 2048 |" in text and "![projection](projection.png)" in text
+    for name in ("prediction", "projection"):
+        assert (report_dir / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+BENCH_STEP = {"model": [100, 50, 10], "dtype": "float32", "ranks": 1, "batch_size": 64,
+              "optimizer": "sgd",
+              "step_time_s": {p: {"mean": t, "max": t} for p, t in
+                              (("data", 0.0), ("forward", 0.01), ("backward", 0.02),
+                               ("allreduce", 0.0), ("update", 0.004))},
+              "compute_fit": {"c0_s": 0.002, "c1_s_per_row": 0.0005, "backward_fraction": 0.6}}
+
+
+def test_project_follows_the_closed_forms(tmp_path):
+    """One rank per node, P = 2: Rabenseifner's 2 (alpha + n/2 beta) + n/2 gamma."""
+    bench = tmp_path / "step.json"
+    bench.write_text(json.dumps(BENCH_STEP))
+    alpha, beta, gamma = 1e-5, 1e-9, 1e-10
+    ok(mpinn(None, "scaling", "project", "--alpha", alpha, "--beta", beta, "--gamma", gamma,
+             "--bench-step", bench, "--global-batch", 64, "--max-ranks", 8, "--out",
+             tmp_path / "out"))
+    with open(tmp_path / "out" / "projection.csv", newline="") as f:
+        rows = {(r["mode"], int(r["ranks"])): r for r in csv.DictReader(f)}
+    n = (100 * 50 + 50 + 50 * 10 + 10 + 3) * 4
+    compute = {b: 0.002 + 0.0005 * b for b in (64, 32, 8)}
+    t1 = compute[64] + 0.004
+    t2 = compute[32] + 0.004 + 2 * (alpha + n / 2 * beta) + n / 2 * gamma
+    assert float(rows["strong", 1]["step_s"]) == pytest.approx(t1, rel=1e-12)
+    assert float(rows["strong", 2]["step_s"]) == pytest.approx(t2, rel=1e-12)
+    assert float(rows["strong", 2]["efficiency"]) == pytest.approx(t1 / (2 * t2), rel=1e-12)
+    weak2 = compute[64] + 0.004 + 2 * (alpha + n / 2 * beta) + n / 2 * gamma
+    assert float(rows["weak", 2]["efficiency"]) == pytest.approx(t1 / weak2, rel=1e-12)
+    overlap = t2 - 0.6 * compute[32] - float(rows["strong", 2]["allreduce_s"]) + max(
+        0.6 * compute[32], float(rows["strong", 2]["allreduce_s"]))
+    assert float(rows["strong", 2]["step_overlap_s"]) == pytest.approx(overlap, rel=1e-12)
+    assert [p for m, p in rows if m == "strong"] == [1, 2, 4, 8]
+    assert "| strong | 8 | 8 |" in (tmp_path / "out" / "projection.md").read_text()
+
+
+def test_project_measures_the_compute_here_without_a_bench_step(tmp_path):
+    result = ok(mpinn(None, "scaling", "project", "--alpha", 2e-5, "--beta", 1e-9,
+                      "--features", 8, "--hidden", 8, "--classes", 2, "--global-batch", 16,
+                      "--ranks-per-node", 2, "--max-ranks", 16, "--out", tmp_path / "out"))
+    bench = json.loads((tmp_path / "out" / "bench-step.json").read_text())
+    assert bench["model"] == [8, 8, 2] and bench["compute_fit"]["local_batches"] == [1, 4, 16]
+    assert "| weak | 16 | 8 |" in result.stdout
+
+
+@pytest.mark.parametrize("options,words", [
+    ((), ["--alpha", "--beta"]),
+    (("--alpha", "1e-6", "--beta", "-1"), ["beta > 0"]),
+    (("--alpha", "1e-6", "--beta", "1e-9", "--ranks-per-node", "0"), [">= 1"]),
+    (("--alpha", "1e-6", "--beta", "1e-9", "--bench-step", "/nonexistent.json"),
+     ["/nonexistent.json"]),
+])
+def test_bad_projections_are_refused_with_one_message(tmp_path, options, words):
+    expect_error(mpinn(None, "scaling", "project", *options, "--out", tmp_path / "o"), 2, *words)

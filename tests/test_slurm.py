@@ -112,6 +112,7 @@ def test_scaling_sbatch_writes_a_sweep_the_report_reads(slurm, synth, tmp_path):
     assert [(r["mode"], r["ranks"]) for r in rows] == [
         ("strong", "1"), ("strong", "2"), ("weak", "1"), ("weak", "2")]
     assert list(rows[0]) == list(report.COLUMNS)
+    assert all(r["predicted_step_s"] for r in rows)  # calibrated through srun too
     text = (tmp_path / "report" / "report.md").read_text()
     assert "## Strong scaling (global batch 32)" in text and "srun --mpi=pmi2" in text
 
