@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 ISEND_SMALL = 2048  # bytes: MPICH's Iallreduce uses recursive doubling up to this size
+LARGE_SPAN = 256  # Allreduce sizes within 1/256 of the largest measured refit beta
 
 
 @dataclass(frozen=True)
@@ -192,18 +193,53 @@ def allreduce_time(nbytes: float, ranks: int, machine: Machine, hosts: int = 1,
 
 def machine_from(comm: dict) -> Machine:
     """A Machine from `mpinn bench comm` JSON: each transport's exchange fit (both
-    directions at once, as in every step of the Allreduce), else its ping-pong fit. A
-    transport it did not measure takes the other's figures (a one-host bench knows no
-    network: give one to project beyond)."""
+    directions at once, as in every step of the Allreduce), else its ping-pong fit, with
+    the beta of the transport its Allreduce ran over refitted to the Allreduce's large
+    messages (allreduce_beta). A transport it did not measure takes the other's figures
+    (a one-host bench knows no network: give one to project beyond)."""
     found = {}
     for name, t in comm["transports"].items():
         f = t.get("exchange", t)
         found[name] = Link(f["alpha_s"], f["beta_s_per_byte"])
     if not found:
         raise ValueError("the bench comm results hold no transport")
+    measured = comm.get("allreduce")
+    if measured:
+        kind = "net" if measured["hosts"] > 1 else "shm"
+        if kind in found and (measured["hosts"] == 1 or measured["ranks_per_host"] == 1):
+            found[kind] = allreduce_beta(measured, found[kind], comm["gamma_s_per_byte"])
     fallback = found.get("net") or found["shm"]
     return Machine(shm=found.get("shm", fallback), net=found.get("net", fallback),
                    gamma=comm["gamma_s_per_byte"])
+
+
+def allreduce_beta(measured: dict, link: Link, gamma: float) -> Link:
+    """The link with beta refitted to the measured Iallreduce over it (one transport: one
+    host, or one rank per host), alpha kept (the point-to-point latency). Over the large
+    messages (within LARGE_SPAN of the largest) that MPICH reduces with Rabenseifner,
+
+        T_i = 2 log2(P) alpha + 2 (P-1)/P n_i beta + (P-1)/P n_i gamma,
+
+    beta by least squares of relative errors. This folds into beta what the algorithm
+    costs beyond its messages (buffer copies, page faults, cache misses), which
+    ping-pongs do not show. Unchanged if P is not a power of two or too few points."""
+    p = measured["ranks"]
+    if p < 2 or p != pof2(p):
+        return link
+    points = [q for q in measured["points"]
+              if mpich_algorithm(q["bytes"], p) == "rabenseifner" and q["time_s"] > 0]
+    top = max((q["bytes"] for q in points), default=0)
+    points = [q for q in points if q["bytes"] * LARGE_SPAN >= top]
+    if len(points) < 2:
+        return link
+    share = (p - 1) / p
+    latency = 2 * math.log2(p) * link.alpha
+    weights = [1 / q["time_s"] ** 2 for q in points]
+    slopes = [2 * share * q["bytes"] for q in points]
+    rests = [q["time_s"] - latency - share * q["bytes"] * gamma for q in points]
+    beta = (sum(w * b * r for w, b, r in zip(weights, slopes, rests))
+            / sum(w * b * b for w, b in zip(weights, slopes)))
+    return Link(link.alpha, beta) if beta > 0 else link
 
 
 @dataclass(frozen=True)

@@ -157,3 +157,25 @@ def test_bench_comm_needs_two_ranks():
 def test_bench_step_local_batches_bad_input():
     expect_error(mpinn(1, "bench", "step", "--local-batches", "64", timeout=60), 2,
                  "--local-batches")
+
+
+@pytest.mark.parametrize("ranks,hosts,per_host,kind", [(2, 2, 1, "net"), (4, 1, 4, "shm")])
+def test_the_measured_allreduce_refits_beta_of_its_link(ranks, hosts, per_host, kind):
+    """Allreduce times made by Rabenseifner's closed form with 3x the exchange's beta (and
+    an 8 KB point run by it too): machine_from recovers that beta, keeps alpha, and
+    leaves the other link alone; at 2 hosts x 2 ranks (two links at once) it refits none."""
+    truth = Link(COMM["transports"][kind]["alpha_s"],
+                 3 * COMM["transports"][kind]["beta_s_per_byte"])
+    made = Machine(shm=truth, net=truth, gamma=3e-11)
+    sizes = [8, 8192, 1 << 16, 1 << 20, 1 << 22]
+    points = [{"bytes": n, "time_s": costmodel.rabenseifner(n, ranks, made)} for n in sizes]
+    comm = dict(COMM, allreduce={"ranks": ranks, "hosts": hosts, "ranks_per_host": per_host,
+                                 "points": points})
+    machine = costmodel.machine_from(comm)
+    refit = getattr(machine, kind)
+    assert refit.alpha == truth.alpha and refit.beta == pytest.approx(truth.beta, rel=1e-9)
+    other = "shm" if kind == "net" else "net"
+    assert getattr(machine, other) == Link(COMM["transports"][other]["alpha_s"],
+                                           COMM["transports"][other]["beta_s_per_byte"])
+    mixed = dict(comm, allreduce=dict(comm["allreduce"], hosts=2, ranks_per_host=2, ranks=4))
+    assert costmodel.machine_from(mixed) == costmodel.machine_from(COMM)
