@@ -30,7 +30,7 @@ DIRECTORY = "calibration"
 CONTROL_SLOTS = 3  # the gradient sync's buffer ends in loss, stop and bad-input slots
 SMALLEST_SIZE, LARGEST_SIZE = 1 << 16, 1 << 26  # bench comm's largest message: its bounds
 COMM_BUDGET = "0.1"  # seconds per measurement of bench comm
-STEP_STEPS = "20"
+STEP_STEPS = "50"
 
 
 def step_file(sweep_dir: str, ranks: int) -> str:
