@@ -31,6 +31,7 @@ CONTROL_SLOTS = 3  # the gradient sync's buffer ends in loss, stop and bad-input
 SMALLEST_SIZE, LARGEST_SIZE = 1 << 16, 1 << 26  # bench comm's largest message: its bounds
 COMM_BUDGET = "0.1"  # seconds per measurement of bench comm
 STEP_STEPS = "50"
+MAX_ROWS = 1 << 16  # bench step --local-batches takes rows per rank up to this
 
 
 def step_file(sweep_dir: str, ranks: int) -> str:
@@ -50,7 +51,9 @@ def gradient_bytes(sizes: tuple[int, ...], dtype: str) -> int:
 def local_batches(rows: set[int]) -> list[int]:
     """The rows per rank to time: those the points train, half the fewest and twice the
     most (a fit needs two sizes, and a projection goes beyond them)."""
-    return sorted(rows | {max(1, min(rows) // 2), min(2 * max(rows), 1 << 16)})
+    wanted = rows | {max(1, min(rows) // 2), 2 * max(rows)}
+    kept = sorted(r for r in wanted if r <= MAX_ROWS)  # bench step's bound
+    return kept if len(kept) >= 2 else [MAX_ROWS // 2, MAX_ROWS]
 
 
 def comm_max_bytes(nbytes: int) -> int:
@@ -64,8 +67,10 @@ def commands(sweep_dir: str, sizes: tuple[int, ...], dtype: str, optimizer: str,
              batches: dict[int, list[int]]) -> list[tuple[str, int, list[str]]]:
     """(file, ranks, mpinn arguments) of each benchmark; batches: the global batches of
     the points at each rank count."""
+    # bench step trains a classifier: one regression target is timed as two outputs (a
+    # column more in the last layer; the buffer the Allreduce moves is the run's own)
     model = ["--features", str(sizes[0]), "--hidden", ",".join(map(str, sizes[1:-1])),
-             "--classes", str(sizes[-1]), "--dtype", dtype]
+             "--classes", str(max(2, sizes[-1])), "--dtype", dtype]
     found = []
     for ranks, globals_ in sorted(batches.items()):
         rows = {math.ceil(b / ranks) for b in globals_}
@@ -93,8 +98,14 @@ def calibrate(sweep_dir: str, planned: list[tuple[str, int, list[str]]],
             continue
         say(f"[calibration] {name}: mpinn {' '.join(args[:2])} at {ranks} rank"
             f"{'s' if ranks > 1 else ''}")
-        status = launch([sys.executable, "-m", "mpinn", *args, "--json", path], ranks,
-                        path[:-len(".json")] + ".log")
-        if status != 0:
+        log = path[:-len(".json")] + ".log"
+        status = launch([sys.executable, "-m", "mpinn", *args, "--json", path], ranks, log)
+        if status == 2:  # refused (oversubscribed, say): its points will say so too
+            say(f"[calibration] {name} refused to run (exit 2; its log: {log}): no "
+                f"prediction at {ranks} rank{'s' if ranks > 1 else ''}")
+        elif status != 0:
             return status
+        elif not os.path.exists(path):
+            say(f"[calibration] {name}: the launcher ended with exit 0 but wrote no results")
+            return 1
     return 0

@@ -58,7 +58,7 @@ class Machine:
 def fit(sizes: np.ndarray | list, times: np.ndarray | list
         ) -> tuple[float, float, np.ndarray]:
     """Least squares of t = alpha + n * beta, weighted by 1/t (relative errors), so the
-    8-byte latencies count as much as the 64 MB transfers.
+    8-byte latencies count as much as the 64 MB transfers; alpha, beta >= 0.
 
     Returns (alpha, beta, residuals) with residuals = fitted / measured - 1 per size.
     """
@@ -67,6 +67,12 @@ def fit(sizes: np.ndarray | list, times: np.ndarray | list
         raise ValueError("fit needs at least two sizes with positive times")
     design = np.stack([np.ones_like(n), n], axis=1) / t[:, None]
     (alpha, beta), *_ = np.linalg.lstsq(design, np.ones_like(t), rcond=None)
+    # neither a latency nor a cost per byte is negative (noise can tilt the line so):
+    # then the best fit with that term at zero
+    if beta < 0:
+        alpha, beta = np.sum(1 / t) / np.sum(1 / t ** 2), 0.0
+    elif alpha < 0:
+        alpha, beta = 0.0, np.sum(n / t) / np.sum((n / t) ** 2)
     return float(alpha), float(beta), (alpha + beta * n) / t - 1
 
 
@@ -78,12 +84,16 @@ def pof2(p: int) -> int:
 def step_links(ranks: int, ranks_per_host: int, machine: Machine) -> list[tuple[Link, int]]:
     """(link, flows sharing a host's network link) for the steps mask = 1, 2, 4 .. of a
     recursive halving/doubling over pof2(ranks) ranks in block placement: partners at
-    distance mask < K share a host (shm); farther ones cross the network, and then all K
-    ranks of a host send at once, so K flows share the host's link."""
+    distance mask share a host (shm) when K is a multiple of 2 mask; otherwise some cross
+    the network, the step waits for them, and all K ranks of a host send at once, so K
+    flows share the host's link."""
     k = max(1, ranks_per_host)
     steps, mask = [], 1
     while mask < pof2(ranks):
-        steps.append((machine.shm, 1) if mask < k else (machine.net, k))
+        # rank r and r ^ mask share a host for every r only if K is a multiple of 2 mask
+        # (K = 6: the step of mask 2 pairs rank 4 with rank 6, on the next host)
+        one_host = k >= ranks or k % (2 * mask) == 0
+        steps.append((machine.shm, 1) if one_host else (machine.net, k))
         mask <<= 1
     return steps
 
@@ -285,14 +295,16 @@ def predict_step(bench_step: dict, comm: dict | None, global_batch: int, ranks: 
     rows = math.ceil(global_batch / ranks)
     compute = work.time(rows)
     backward = compute * work.backward_fraction
-    allreduce = (allreduce_time(n_bytes, ranks, machine_from(comm), hosts, ranks_per_host)
+    itemsize = 8 if bench_step.get("dtype") == "float64" else 4
+    allreduce = (allreduce_time(n_bytes, ranks, machine_from(comm), hosts, ranks_per_host,
+                                itemsize)
                  if ranks > 1 else 0.0)  # one rank: no Allreduce, and no need of comm
     phases = {"data": work.data, "forward": compute - backward, "backward": backward,
               "allreduce": allreduce, "update": work.update}
     total = sum(phases.values())
     overlap = total - backward - allreduce + max(backward, allreduce)
     return {"phases": phases, "step_s": total, "step_overlap_s": overlap,
-            "local_batch": rows, "algorithm": mpich_algorithm(n_bytes, ranks)}
+            "local_batch": rows, "algorithm": mpich_algorithm(n_bytes, ranks, itemsize)}
 
 
 def project(bench_step: dict, comm: dict, global_batch: int, n_bytes: int,
@@ -307,7 +319,8 @@ def project(bench_step: dict, comm: dict, global_batch: int, n_bytes: int,
         raise ValueError(f"mode must be strong or weak, not {mode!r}")
     rows, base = [], None
     p = 1
-    while p <= max_ranks:
+    # strong scaling ends where ranks outnumber the batch's rows (ranks without a row)
+    while p <= max_ranks and (mode == "weak" or p <= global_batch):
         k = min(ranks_per_host, p)
         batch = global_batch if mode == "strong" else global_batch * p
         step = predict_step(bench_step, comm, batch, p, math.ceil(p / k), k, n_bytes)

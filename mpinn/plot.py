@@ -91,21 +91,26 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
     return save_figure(plt, fig, out)
 
 
-def plot_scaling(rows: list[dict], projection: list[dict] | None, out_dir: str) -> list[str]:
+def plot_scaling(rows: list[dict], projection: list[dict] | None, out_dir: str,
+                 phases: tuple[str, ...]) -> list[str]:
     """The scaling report's pictures from its points (report.py): throughput.png,
     efficiency.png and phases.png in out_dir, with the cost model's prediction.png and
     projection.png where the sweep was calibrated; returns their paths."""
     plt = load_pyplot("the scaling plots")
-    figures = [("throughput", draw_throughput, rows), ("efficiency", draw_efficiency, rows),
-               ("phases", draw_phases, rows)]
+    figures = [("throughput", (draw_throughput,), rows),
+               ("efficiency", (draw_efficiency,), rows),
+               ("phases", (draw_phases,), (rows, phases))]
     if any("predicted" in r for r in rows):
-        figures.append(("prediction", draw_prediction, rows))
+        figures.append(("prediction", (draw_prediction,), rows))
     if projection:
-        figures.append(("projection", draw_projection, (projection, rows)))
+        figures.append(("projection", (draw_projection, draw_projected_rate),
+                        (projection, rows)))
     written = []
-    for name, draw, data in figures:
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        draw(ax, data)
+    for name, draws, data in figures:
+        fig, axes = plt.subplots(1, len(draws), figsize=(6.4 * len(draws), 4.2),
+                                 squeeze=False)
+        for ax, draw in zip(axes[0], draws):
+            draw(ax, data)
         written.append(save_figure(plt, fig, os.path.join(out_dir, f"{name}.png")))
     return written
 
@@ -168,14 +173,14 @@ def draw_efficiency(ax, rows: list[dict]) -> None:
     ax.legend()
 
 
-def draw_phases(ax, rows: list[dict]) -> None:
+def draw_phases(ax, data: tuple[list[dict], tuple[str, ...]]) -> None:
     """A stacked bar per point: the step's phases (mean over ranks), and hatched on
     top the cross-rank imbalance (mean over phases of slowest minus mean)."""
-    from .report import PHASES
+    rows, phases = data
     labels = [f"{r['mode'][0]}{r['ranks']}" + ("*" if r["oversubscribed"] else "")
               for r in rows]
     bottom = [0.0] * len(rows)
-    for phase in PHASES:
+    for phase in phases:
         heights = [r[f"{phase}_s"] * 1e3 for r in rows]
         ax.bar(labels, heights, bottom=bottom, label=phase)
         bottom = [b + h for b, h in zip(bottom, heights)]
@@ -239,6 +244,31 @@ def draw_projection(ax, data: tuple[list[dict], list[dict]]) -> None:
 def plot_projection(rows: list[dict], out_dir: str) -> str:
     """projection.png of `mpinn scaling project` (no measured points)."""
     plt = load_pyplot("the projection plot")
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    draw_projection(ax, (rows, []))
+    fig, axes = plt.subplots(1, 2, figsize=(12.8, 4.2))
+    draw_projection(axes[0], (rows, []))
+    draw_projected_rate(axes[1], (rows, []))
     return save_figure(plt, fig, os.path.join(out_dir, "projection.png"))
+
+
+def draw_projected_rate(ax, data: tuple[list[dict], list[dict]]) -> None:
+    """Projected samples/s against ranks, log-log, with the overlap bound and the
+    measured points."""
+    projection, measured = data
+    for mode in ("strong", "weak"):
+        curve = [r for r in projection if r["mode"] == mode]
+        if not curve:
+            continue
+        x = [r["ranks"] for r in curve]
+        line = ax.plot(x, [r["samples_per_s"] for r in curve], label=f"{mode}, projected")[0]
+        ax.plot(x, [r["samples_per_s_overlap"] for r in curve], linestyle="--",
+                color=line.get_color(), alpha=0.7, label=f"{mode}, overlap bound")
+        points = [r for r in measured if r["mode"] == mode]
+        ax.scatter([r["ranks"] for r in points], [r["samples_per_s"] for r in points],
+                   color=line.get_color(), zorder=3, label=f"{mode}, measured")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("ranks")
+    ax.set_ylabel("samples/s")
+    ax.set_title("projected throughput")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")

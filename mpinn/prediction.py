@@ -76,7 +76,9 @@ def add_predictions(rows: list[dict], runs: list, calibrations: dict[str, Calibr
     returns whether any row was predicted."""
     done = False
     for row in rows:
-        group = [r for r in runs if r.mode == row["mode"] and r.ranks == row["ranks"]]
+        group = [r for r in runs if r.mode == row["mode"] and r.ranks == row["ranks"]
+                 and len(r.summary["hosts"]) == row["hosts"]
+                 and max(r.summary["ranks_per_host"]) == row["ranks_per_host"]]
         sweep = next((r.sweep for r in group if r.sweep in calibrations
                       and calibrations[r.sweep].covers(row["ranks"])), None)
         if sweep is not None:
@@ -238,7 +240,7 @@ def write_projection(out: str, bench_step: dict, comm: dict, batches: dict[str, 
     rows = project(bench_step, comm, n_bytes, batches, ranks_per_node, max_ranks)
     basis = {"links": costmodel.machine_from(comm), "bench_step_ranks": bench_step["ranks"],
              "ranks_per_host": ranks_per_node, "n_bytes": n_bytes}
-    os.makedirs(out, exist_ok=True)
+    make_directory(out)
     written = [os.path.join(out, "projection.csv"), os.path.join(out, "projection.md")]
     write_atomically(written[0], csv_text(rows).encode())
     image = None
@@ -255,11 +257,33 @@ def write_projection(out: str, bench_step: dict, comm: dict, batches: dict[str, 
     return written, lines
 
 
+def make_directory(path: str) -> None:
+    """mkdir -p, or a UsageError saying why not."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {path}: cannot create the directory ({exc.strerror})") from None
+
+
+def comm_links(path: str) -> tuple[dict, dict[str, dict]]:
+    """A bench comm JSON and its transports' fits (exchange, else ping-pong); UsageError
+    if it is not one."""
+    base = read_json(path, "bench comm results")
+    transports = base.get("transports") if isinstance(base, dict) else None
+    try:
+        links = {k: t.get("exchange", t) for k, t in transports.items()}
+        for f in links.values():
+            float(f["alpha_s"]), float(f["beta_s_per_byte"])
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise UsageError(f"{path} holds no `mpinn bench comm --json` results (transports "
+                         f"with alpha_s and beta_s_per_byte)") from None
+    return base, links
+
+
 def described_network(args) -> dict:
     """The comm dict of `mpinn scaling project` from --comm and the flags (UsageError if
     the network is not described)."""
-    base = read_json(args.comm, "bench comm results") if args.comm else {"transports": {}}
-    found = {k: t.get("exchange", t) for k, t in base.get("transports", {}).items()}
+    base, found = comm_links(args.comm) if args.comm else ({}, {})
     net = found.get("net")
     alpha = args.alpha if args.alpha is not None else net and net["alpha_s"]
     beta = args.beta if args.beta is not None else net and net["beta_s_per_byte"]
@@ -304,7 +328,7 @@ def bench_here(args) -> dict:
     hidden = parse_hidden(args.hidden)
     if args.features < 1 or args.classes < 2:
         raise UsageError("--features must be >= 1 and --classes >= 2")
-    os.makedirs(args.out, exist_ok=True)
+    make_directory(args.out)
     path = os.path.join(args.out, "bench-step.json")
     batch = args.global_batch
     rows = sorted({r for r in (1, 4, 16, 64, 256, batch) if r <= batch})

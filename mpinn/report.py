@@ -13,7 +13,8 @@ rank's time minus the mean rank's. With X(P) the samples/s at P ranks and P0 the
 fewest ranks measured (normally 1):
 
     speedup     S(P) = P0 X(P) / X(P0)     (strong: the same work faster; weak: the
-                                            scaled speedup, P0 T(P0) / T(P) per step)
+                                            scaled speedup, P T(P0) / T(P) with T the
+                                            time per step)
     efficiency  E(P) = S(P) / P
     Karp-Flatt  e(P) = (1/S - 1/P) / (1 - 1/P)   (strong, P > 1, P0 = 1 only: the
                                             experimentally determined serial fraction)
@@ -49,6 +50,14 @@ COLUMNS = ("mode", "ranks", "hosts", "ranks_per_host", "repeats", "oversubscribe
            "karp_flatt", "predicted_step_s", "prediction_error")
 
 
+# what makes sweeps comparable
+DATA_KEYS = ("train_rows", "features", "outputs", "task")
+WORK_KEYS = ("hidden", "activation", "loss", "dtype", "optimizer", "lr", "momentum",
+             "weight_decay", "batch_size", "accumulate", "dropout", "l1", "clip_norm",
+             "shuffle", "block_rows", "window_rows", "io", "prefetch", "epochs",
+             "lr_scaling", "base_batch", "lr_schedule", "warmup_steps", "val_fraction")
+
+
 @dataclass
 class Run:
     """One finished training of a sweep."""
@@ -62,9 +71,12 @@ class Run:
 
 
 def load_sweeps(sweep_dirs: list[str]) -> tuple[list[dict], list[Run], list[str]]:
-    """The manifests, the finished runs, and the names of points without a summary."""
+    """The manifests, the finished runs, and the points the report leaves out (no
+    summary, no steady step timed, or resumed: timings of part of a run)."""
     manifests, runs, missing = [], [], []
-    for sweep in sweep_dirs:
+    for sweep in dict.fromkeys(sweep_dirs, None):
+        if any(os.path.realpath(sweep) == os.path.realpath(m["directory"]) for m in manifests):
+            continue  # the same sweep named twice counts once
         manifest = read_manifest(sweep)
         if manifest is None:
             raise UsageError(f"{sweep} holds no {MANIFEST}: not a sweep directory (made by "
@@ -82,9 +94,11 @@ def load_sweeps(sweep_dirs: list[str]) -> tuple[list[dict], list[Run], list[str]
             except ValueError:
                 raise UsageError(f"{summary_path} is not JSON") from None
             if not summary.get("samples_per_s"):
-                raise UsageError(f"{summary_path}: the run timed no steady steps (it needs "
-                                 f"at least 2 steps: more epochs or a smaller batch)")
-            runs.append(Run(p["mode"], p["ranks"], p["repeat"], path, summary, sweep))
+                missing.append(f"{sweep}/{p['name']} (no step timed: one step only)")
+            elif summary.get("resumed_from_step") is not None:
+                missing.append(f"{sweep}/{p['name']} (resumed: timings of part of a run)")
+            else:
+                runs.append(Run(p["mode"], p["ranks"], p["repeat"], path, summary, sweep))
     check_comparable(manifests)
     if not runs:
         raise UsageError(f"no finished runs in {', '.join(sweep_dirs)}: nothing to report")
@@ -92,14 +106,17 @@ def load_sweeps(sweep_dirs: list[str]) -> tuple[list[dict], list[Run], list[str]
 
 
 def check_comparable(manifests: list[dict]) -> None:
-    """UsageError if sweeps that share a mode trained different things."""
+    """UsageError if sweeps that share a mode did different work: another dataset shape,
+    model, batch, optimizer or schedule (where the file lies and how a run reports do
+    not matter)."""
     for mode in MODES:
         sweeps = [m for m in manifests if mode in m["modes"]]
-        for key in ("dataset", "train_config"):
-            if len({json.dumps(m[key], sort_keys=True) for m in sweeps}) > 1:
+        for what, keys, source in (("dataset", DATA_KEYS, "dataset"),
+                                   ("training", WORK_KEYS, "train_config")):
+            if len({json.dumps([m[source].get(k) for k in keys]) for m in sweeps}) > 1:
                 names = ", ".join(m["directory"] for m in sweeps)
-                raise UsageError(f"the {mode} scaling runs of {names} differ in their {key}: "
-                                 f"report them separately")
+                raise UsageError(f"the {mode} scaling runs of {names} differ in their "
+                                 f"{what} ({', '.join(keys)}): report them separately")
 
 
 def mean(values: list[float]) -> float:
@@ -131,18 +148,25 @@ def point_row(mode: str, ranks: int, runs: list[Run]) -> dict:
 
 def step_seconds(summary: dict) -> float:
     """A step's wall time, mean over ranks (older summaries: the sum of the phases)."""
-    if "step_s" in summary:
+    if summary.get("step_s"):
         return summary["step_s"]["mean"]
     return sum(p["mean"] for p in summary["step_time_s"].values())
 
 
+def placement(run: Run) -> tuple[int, int]:
+    """(hosts, the most ranks on one host) of a run."""
+    return len(run.summary["hosts"]), max(run.summary["ranks_per_host"])
+
+
 def points(runs: list[Run]) -> list[dict]:
-    """One row per (mode, ranks), with speedup, efficiency and Karp-Flatt per mode."""
+    """One row per mode, rank count and placement (one sweep has one placement per rank
+    count), with speedup, efficiency and Karp-Flatt per mode."""
     rows = []
     for mode in MODES:
-        counts = sorted({r.ranks for r in runs if r.mode == mode})
-        group = [point_row(mode, n, [r for r in runs if r.mode == mode and r.ranks == n])
-                 for n in counts]
+        keys = sorted({(r.ranks, *placement(r)) for r in runs if r.mode == mode})
+        group = [point_row(mode, key[0], [r for r in runs if r.mode == mode
+                                          and (r.ranks, *placement(r)) == key])
+                 for key in keys]
         if group:
             base = group[0]
             for row in group:
@@ -190,7 +214,8 @@ def build(sweep_dirs: list[str], out: str) -> list[str]:
     from .plot import load_pyplot, plot_scaling
     try:
         load_pyplot("the scaling plots")
-        images, note = plot_scaling(rows, projected[0] if projected else None, out), None
+        images = plot_scaling(rows, projected[0] if projected else None, out, PHASES)
+        note = None
     except UsageError as exc:  # no matplotlib: the tables still tell it all
         images, note = [], f"{exc}; points.csv and report.md are written without them"
     write_atomically(os.path.join(out, "points.csv"), csv_text(rows).encode())
@@ -329,7 +354,7 @@ def markdown(manifests: list[dict], runs: list[Run], rows: list[dict], missing: 
                                     else None)
     lines += ["## Every run", "", *run_table(runs), ""]
     if missing:
-        lines += ["Points without a summary.json (not finished; not in the tables): "
+        lines += ["Points left out of the tables (not finished, or not timed in full): "
                   + ", ".join(missing) + ".", ""]
     lines += ["## Environment", "", *environment_lines(runs), ""]
     return "\n".join(lines)

@@ -53,6 +53,7 @@ from .data import describe, label_range
 from .errors import UsageError
 from .fileio import read_bytes, strict_json, write_atomically
 from .lock import RunLock
+from .sampler import steps_per_epoch
 from .schedule import scaled_rate
 
 MODES = ("strong", "weak")
@@ -61,7 +62,11 @@ TRAIN_TOML = "train.toml"
 # variables a launcher gives its processes: a child must not believe it is one of them
 LAUNCH_PREFIXES = ("PMI_", "PMIX_", "OMPI_")
 KEPT_PREFIXES = ("OMPI_MCA_", "OMPI_ALLOW_RUN_AS_ROOT")  # settings, not launch state
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+# ... except the MCA variables mpirun itself sets for the processes of one job
+JOB_STATE_PREFIXES = ("OMPI_MCA_ess", "OMPI_MCA_orte_", "OMPI_MCA_pmix", "OMPI_MCA_prte",
+                      "OMPI_MCA_initial_wdir")
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
+FEW_STEPS = 20  # fewer steps per point give noisy figures: said, not refused
 # what must match for a second `scaling run` to continue a sweep (ranks and repeats
 # may grow)
 SAME_SWEEP = ("dataset", "launcher", "oversubscribe", "train_config")
@@ -131,7 +136,8 @@ def child_environment(environ: Mapping[str, str], oversubscribe: bool) -> dict[s
     """The driver's environment without a launcher's per-job variables; oversubscribed
     ranks refuse to train unless the study allows them."""
     env = {k: v for k, v in environ.items()
-           if not k.startswith(LAUNCH_PREFIXES) or k.startswith(KEPT_PREFIXES)}
+           if not k.startswith(LAUNCH_PREFIXES)
+           or (k.startswith(KEPT_PREFIXES) and not k.startswith(JOB_STATE_PREFIXES))}
     env["MPINN_OVERSUBSCRIBE"] = "warn" if oversubscribe else "error"
     return env
 
@@ -221,6 +227,24 @@ def dataset_entry(path: str) -> dict:
             "outputs": outputs}
 
 
+def check_steps(sweep: Sweep, dataset: dict) -> None:
+    """UsageError for points whose runs would time no step (the first is a warm-up);
+    a word about points with few."""
+    rows = dataset["train_rows"] - round(sweep.cfg.val_fraction * dataset["train_rows"])
+    steps = {p.name: sweep.cfg.epochs * steps_per_epoch(rows, p.batch_size)
+             for p in sweep.points}
+    empty = [name for name, n in steps.items() if n < 2]
+    if empty:
+        raise UsageError(f"{', '.join(empty)}: {min(steps.values())} step(s) in "
+                         f"{sweep.cfg.epochs} epoch(s) of {rows} rows, and a run's first "
+                         f"step is left out of its timings: give more --epochs or a smaller "
+                         f"--batch-size")
+    few = min(steps.values())
+    if few < FEW_STEPS:
+        say(f"some points train {few} steps only: their figures will be noisy (more "
+            f"--epochs help)")
+
+
 def calibration_plan(sweep: Sweep, dataset: dict) -> list[tuple[str, int, list[str]]]:
     """The cost model's benchmarks for this sweep's model and points (calibrate.py)."""
     batches: dict[int, list[int]] = {}
@@ -279,6 +303,7 @@ def run(sweep: Sweep, overwrite: bool) -> int:
     lock = RunLock(sweep.out).acquire()
     try:
         dataset = dataset_entry(sweep.cfg.data)
+        check_steps(sweep, dataset)
         states = previous_states(sweep, dataset, overwrite)
         toml = os.path.join(sweep.out, TRAIN_TOML)
         write_atomically(toml, to_toml(replace(sweep.cfg, out="")).encode())
@@ -287,29 +312,50 @@ def run(sweep: Sweep, overwrite: bool) -> int:
             write_atomically(os.path.join(sweep.out, MANIFEST),
                              strict_json(sweep.manifest(dataset, states), indent=1).encode())
         save()
-        if sweep.calibrate:
-            def bench(args: list[str], ranks: int, log: str) -> int:
-                return launch([*launcher_argv(sweep.launcher, ranks), *args], env, log)[0]
-            status = calibrate.calibrate(sweep.out, calibration_plan(sweep, dataset), bench, say)
-            if status != 0:
-                what = {2: "refused its input", 3: "was stopped"}.get(status, "failed")
-                say(f"the calibration {what} (exit {status}; its log is in "
-                    f"{os.path.join(sweep.out, calibrate.DIRECTORY)}); no point ran. "
-                    f"--no-calibrate runs the points without it (no predictions then)")
-                return status if status in (1, 2, 3) else 1
+        status = run_calibration(sweep, dataset, env) if sweep.calibrate else 0
+        if status != 0:
+            return status
+        refused = []
         for index, point in enumerate(sweep.points, 1):
             if finished(sweep.out, point):
                 say(f"[{index}/{len(sweep.points)}] {point.name}: finished before, kept")
+                states[point.name] = dict(states.get(point.name, {}), state="done")
                 continue
             status, states[point.name] = run_point(sweep, point, toml, env, index)
             save()
-            if status != 0:
+            if status == 2:  # refused (oversubscribed, say): the other points may run
+                refused.append(point.name)
+            elif status != 0:
                 return stopped(sweep, point, status)
-        say(f"{len(sweep.points)} points in {sweep.out}; the report: mpinn scaling report "
-            f"{sweep.out} --out {os.path.join(sweep.out, 'report')}")
-        return 0
+        return finish(sweep, refused)
     finally:
         lock.release()
+
+
+def run_calibration(sweep: Sweep, dataset: dict, env: dict[str, str]) -> int:
+    """The cost model's benchmarks; 0, or the status that ends the sweep."""
+    def bench(args: list[str], ranks: int, log: str) -> int:
+        status, signalled = launch([*launcher_argv(sweep.launcher, ranks), *args], env, log)
+        return 3 if signalled else status
+    status = calibrate.calibrate(sweep.out, calibration_plan(sweep, dataset), bench, say)
+    if status != 0:
+        what = "was stopped" if status == 3 else "failed"
+        say(f"the calibration {what} (exit {status}; its logs are in "
+            f"{os.path.join(sweep.out, calibrate.DIRECTORY)}); no point ran"
+            + ("" if status == 3 else ". --no-calibrate runs the points without it (no "
+               "predictions then)"))
+    return status if status in (0, 1, 3) else 1
+
+
+def finish(sweep: Sweep, refused: list[str]) -> int:
+    """The last word of a sweep that ran through its points; its exit status."""
+    if refused:
+        say(f"{len(refused)} point(s) refused to run (exit 2; see their logs): "
+            f"{', '.join(refused)}; the others are in {sweep.out}")
+        return 2
+    say(f"{len(sweep.points)} points in {sweep.out}; the report: mpinn scaling report "
+        f"{sweep.out} --out {os.path.join(sweep.out, 'report')}")
+    return 0
 
 
 def run_point(sweep: Sweep, point: Point, toml: str, env: dict[str, str], index: int
@@ -327,13 +373,17 @@ def run_point(sweep: Sweep, point: Point, toml: str, env: dict[str, str], index:
     started = datetime.datetime.now()
     status, signalled = launch(argv, env, log)
     seconds = (datetime.datetime.now() - started).total_seconds()
-    state = "done" if status == 0 else "stopped" if status == 3 or signalled else "failed"
+    if status == 0 and not signalled and not finished(sweep.out, point):
+        say(f"{point.name}: the launcher ended with exit 0 but the run wrote no summary.json")
+        status = 1
+    status = 3 if signalled else status  # srun may report its own status for a signal
+    state = {0: "done", 2: "refused", 3: "stopped"}.get(status, "failed")
     entry = {"state": state, "exit_code": status, "seconds": round(seconds, 3),
              "log": os.path.relpath(log, sweep.out), "command": shlex.join(argv)}
     if state == "done":  # as the ranks counted it
         summary = json.loads(read_bytes(os.path.join(out, "summary.json"), "run summary"))
         entry["oversubscribed"] = bool(summary.get("oversubscribed"))
-    return (3 if signalled and status == 0 else status), entry
+    return status, entry
 
 
 def launch(argv: list[str], env: dict[str, str], log_path: str) -> tuple[int, bool]:
@@ -358,6 +408,10 @@ def launch(argv: list[str], env: dict[str, str], log_path: str) -> tuple[int, bo
                 sys.stdout.flush()
                 log.write(line)
         status = proc.wait()
+    except BaseException:  # the driver cannot go on (a full disk, a closed pipe): nor the job
+        proc.terminate()
+        proc.wait()
+        raise
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -370,8 +424,6 @@ def stopped(sweep: Sweep, point: Point, status: int) -> int:
     if status == 3:
         say(f"stopped at {point.name} (its ranks checkpointed); finished points are kept: "
             f"run the same command again to continue")
-    elif status == 2:
-        say(f"{point.name} refused its input (exit 2; its log: {log}); the sweep stops here")
     else:
         say(f"{point.name} failed (exit {status}; its log: {log}); the sweep stops here, "
             f"finished points are kept")

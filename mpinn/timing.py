@@ -59,19 +59,19 @@ class PhaseTimer:
 
     def reduce(self, comm: dist.Comm) -> dict[str, dict[str, float]]:
         """Collective: {phase: {"mean": s, "max": s}} of seconds per step over ranks."""
-        per_step = self.seconds / max(self.steps, 1)
+        return self.reduce_with_step(comm)[0]
+
+    def reduce_with_step(self, comm: dist.Comm
+                         ) -> tuple[dict[str, dict[str, float]], dict[str, float] | None]:
+        """Collective: the phases as reduce() gives them, and {"mean": s, "max": s} of the
+        wall seconds per counted step (the phases and what lies between them; None if no
+        step was counted), in the same two reductions."""
+        per_step = np.append(self.seconds, self.steady_seconds) / max(self.steps, 1)
         total = per_step.copy()
         dist.allreduce_sum(comm, total)
         peak = per_step.copy()
         dist.allreduce_max(comm, peak)
-        return {p: {"mean": float(total[i] / comm.size), "max": float(peak[i])}
-                for i, p in enumerate(self.phases)}
-
-    def reduce_steps(self, comm: dist.Comm) -> dict[str, float]:
-        """Collective: {"mean": s, "max": s} over ranks of this rank's wall seconds per
-        counted step (the phases plus what lies between them)."""
-        per_step = np.array([self.steady_seconds / max(self.steps, 1)])
-        total = per_step.copy()
-        dist.allreduce_sum(comm, total)
-        dist.allreduce_max(comm, per_step)
-        return {"mean": float(total[0] / comm.size), "max": float(per_step[0])}
+        phases = {p: {"mean": float(total[i] / comm.size), "max": float(peak[i])}
+                  for i, p in enumerate(self.phases)}
+        step = {"mean": float(total[-1] / comm.size), "max": float(peak[-1])}
+        return phases, (step if self.steps else None)

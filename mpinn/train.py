@@ -229,7 +229,7 @@ def summarize(s: Session, record: dict, test: dict) -> dict:
     io_totals = np.array([data.train.bytes_read, data.train.read_seconds])
     dist.allreduce_sum(comm, io_totals)
     io_modes = dist.gather_objects(comm, data.file.io_modes)
-    phases = timer.reduce(comm)
+    phases, step = timer.reduce_with_step(comm)
     step_mean = sum(p["mean"] for p in phases.values())
     return {
         "mpinn_version": __version__, "ranks": comm.size, "hosts": s.hosts[0],
@@ -249,7 +249,7 @@ def summarize(s: Session, record: dict, test: dict) -> dict:
         "test_loss": test["loss"], "test_accuracy": test["accuracy"],
         "lr": scaled_rate(s.cfg.lr, s.cfg.lr_scaling, s.cfg.batch_size, s.cfg.base_batch),
         "samples_per_s": timer.steady_samples / peak[0] if peak[0] > 0 else None,
-        "step_s": timer.reduce_steps(comm),
+        "step_s": step,
         "step_time_s": phases,
         "allreduce_bytes_per_step": s.sync.buffer.nbytes,
         # validation; the test scores above are the final model's, not best.h5's

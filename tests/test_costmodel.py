@@ -108,7 +108,8 @@ def test_predict_step_adds_the_phases():
 def test_projection(mode):
     rows = costmodel.project(bench_step_json(), COMM, 512, 7_454_772, ranks_per_host=4,
                              max_ranks=4096, mode=mode)
-    assert [r["ranks"] for r in rows] == [2 ** k for k in range(13)]
+    # strong scaling stops at the batch's 512 rows: more ranks would have none
+    assert [r["ranks"] for r in rows] == [2 ** k for k in range(13 if mode == "weak" else 10)]
     assert rows[0]["efficiency"] == pytest.approx(1.0)
     for a, b in zip(rows, rows[1:]):
         if mode == "strong":
@@ -179,3 +180,22 @@ def test_the_measured_allreduce_refits_beta_of_its_link(ranks, hosts, per_host, 
                                            COMM["transports"][other]["beta_s_per_byte"])
     mixed = dict(comm, allreduce=dict(comm["allreduce"], hosts=2, ranks_per_host=2, ranks=4))
     assert costmodel.machine_from(mixed) == costmodel.machine_from(COMM)
+
+
+def test_fit_never_goes_negative():
+    """Times that fall with size (noise) fit a constant, not a negative beta; times
+    through zero fit alpha 0."""
+    alpha, beta, _ = costmodel.fit([1, 2, 4], [3.0, 2.9, 2.8])
+    assert beta == 0 and alpha == pytest.approx(2.9, rel=0.01)
+    alpha, beta, _ = costmodel.fit([10, 20, 40], [0.5, 2.0, 4.0])
+    assert alpha == 0 and beta > 0
+
+
+def test_steps_cross_hosts_unless_the_host_holds_both_partners():
+    """Block placement, K = 6: only the step of mask 1 stays on every host (6 = 2 x 3);
+    K = 4: masks 1 and 2 stay, mask 4 crosses."""
+    kinds = lambda k: [link for link, _ in costmodel.step_links(16, k, MACHINE)]  # noqa: E731
+    assert kinds(6) == [MACHINE.shm, MACHINE.net, MACHINE.net, MACHINE.net]
+    assert kinds(4) == [MACHINE.shm, MACHINE.shm, MACHINE.net, MACHINE.net]
+    assert costmodel.allreduce_time(7.45e6, 64, MACHINE, hosts=2, ranks_per_host=48) > \
+        costmodel.allreduce_time(7.45e6, 64, MACHINE, hosts=1, ranks_per_host=64) * 10

@@ -200,15 +200,48 @@ def test_with_another_launcher_the_ranks_refuse_to_oversubscribe(synth, tmp_path
                    "--launcher", f"{mpiexec()} -n {{n}}", prefix=("taskset", "-c", "0"))
     assert result.returncode == 2, text_of(result)
     assert "oversubscribed, and MPINN_OVERSUBSCRIBE=error" in result.stdout
-    assert "strong/p2-r0 refused its input (exit 2" in result.stdout
+    assert "1 point(s) refused to run (exit 2; see their logs): strong/p2-r0" in result.stdout
     point = json.loads((out / "sweep.json").read_text())["points"][0]
-    assert point["state"] == "failed" and point["exit_code"] == 2
-    # with the calibration, its first benchmark refuses already, and no point runs
-    result = sweep(synth, tmp_path / "calibrated", "--ranks", "2", "--mode", "strong",
-                   "--launcher", f"{mpiexec()} -n {{n}}", prefix=("taskset", "-c", "0"),
-                   calibrate=True)
-    assert result.returncode == 2 and "the calibration refused its input" in result.stdout
-    assert not (tmp_path / "calibrated" / "strong").exists()
+    assert point["state"] == "refused" and point["exit_code"] == 2
+
+
+def test_a_refused_point_leaves_the_others_running(synth, tmp_path):
+    """On one CPU, with a launcher the driver cannot check: the 2-rank benchmark and
+    points refuse, the 1-rank ones run, and the report has them."""
+    out = tmp_path / "sweep"
+    result = sweep(synth, out, "--ranks", "1,2", "--launcher", f"{mpiexec()} -n {{n}}",
+                   prefix=("taskset", "-c", "0"), calibrate=True)
+    assert result.returncode == 2, text_of(result)
+    assert "calibration/step-p2.json refused to run" in result.stdout
+    states = {p["name"]: p["state"] for p in
+              json.loads((out / "sweep.json").read_text())["points"]}
+    assert states == {"strong/p1-r0": "done", "strong/p2-r0": "refused",
+                      "weak/p1-r0": "done", "weak/p2-r0": "refused"}
+    ok(mpinn(None, "scaling", "report", out, "--out", tmp_path / "report"))
+    rows = read_points(tmp_path / "report")
+    assert [(r["mode"], r["ranks"]) for r in rows] == [("strong", "1"), ("weak", "1")]
+    assert all(r["predicted_step_s"] for r in rows)
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "strong/p2-r0 (refused)" in text
+
+
+def test_points_that_would_time_no_step_are_refused_first(synth, tmp_path):
+    result = sweep(synth, tmp_path / "sweep", "--ranks", "1,2", "--batch-size", "400")
+    expect_error(result, 2, "weak/p2-r0", "1 step(s)", "--epochs")
+    assert not (tmp_path / "sweep" / "sweep.json").exists()
+
+
+def test_sweeps_that_did_the_same_work_report_together(synth, tmp_path):
+    """Two sweeps that differ in how they report (--progress), not in their work: one
+    report, the rows of both; the same sweep named twice counts once."""
+    ok(sweep(synth, tmp_path / "a", "--ranks", "1", "--mode", "strong"))
+    ok(sweep(synth, tmp_path / "b", "--ranks", "1", "--mode", "strong", "--progress", "lines"))
+    ok(mpinn(None, "scaling", "report", tmp_path / "a", tmp_path / "b", f"{tmp_path / 'a'}/",
+             "--out", tmp_path / "report"))
+    assert read_points(tmp_path / "report")[0]["repeats"] == "2"
+    ok(sweep(synth, tmp_path / "c", "--ranks", "1", "--mode", "strong", "--hidden", "6"))
+    expect_error(mpinn(None, "scaling", "report", tmp_path / "a", tmp_path / "c", "--out",
+                       tmp_path / "r2"), 2, "differ in their training", "hidden")
 
 
 def test_a_signal_stops_the_running_point_and_the_sweep_continues_later(synth, tmp_path):
@@ -352,7 +385,8 @@ def test_the_sweep_calibrates_and_the_report_predicts_every_point(study):
             expected / float(row["step_s"]) - 1, rel=1e-9)
     text = (report_dir / "report.md").read_text()
     assert "## Predicted against measured" in text and "## Projection" in text
-    assert "| strong | 4096 | 2048 |" in text and "![projection](projection.png)" in text
+    assert "| weak | 4096 | 2048 |" in text and "![projection](projection.png)" in text
+    assert "| strong | 16 | 8 |" in text and "| strong | 32 |" not in text  # batch of 30
     for name in ("prediction", "projection"):
         assert (report_dir / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -29,5 +29,9 @@ MpiDefault=pmi2
 SchedulerParameters=batch_sched_delay=0
 MailProg=/bin/true
 ReturnToService=2
+# job ids, hence the names of MPICH's shared-memory segments under pmi2, differ from
+# one cluster start to the next: a segment left in /dev/shm by a rank killed in an
+# earlier start must not meet a new job of the same id ("Out of memory" at MPI_Init)
+FirstJobId=$((RANDOM * 1000 + 1))
 CONF
 }
