@@ -234,9 +234,10 @@ def build_parser() -> Parser:
 
 
 def add_scaling_commands(sub: argparse._SubParsersAction) -> None:
-    """`mpinn scaling run` and `mpinn scaling report`: serial drivers, no MPI."""
+    """`mpinn scaling run|report|project`: serial drivers, no MPI."""
     sc = sub.add_parser("scaling", help="strong and weak scaling studies: run a sweep of "
-                        "trainings, report on it (serial; launches mpiexec itself)")
+                        "trainings, report on it, project it to more ranks (serial; "
+                        "launches mpiexec itself)")
     ssub = sc.add_subparsers(dest="scaling_command", required=True, parser_class=Parser)
     sr = ssub.add_parser(
         "run", help="one training per mode, rank count and repeat, each in "
@@ -543,7 +544,7 @@ def run_serial(args: argparse.Namespace) -> int:
 
 
 def run_scaling(args: argparse.Namespace) -> int:
-    """`mpinn scaling run|report`: serial; the sweep launches its own MPI jobs."""
+    """`mpinn scaling run|report|project`: serial; a sweep launches its own MPI jobs."""
     if args.scaling_command == "project":
         from .prediction import run_project
         return run_project(args)
