@@ -561,7 +561,8 @@ def run_scaling(args: argparse.Namespace) -> int:
                            repeats=args.repeats, launcher=args.launcher,
                            oversubscribe=args.oversubscribe, out=args.out,
                            calibrated=args.calibrate)
-    return scaling.run(sweep, args.overwrite)
+    from .sweep import run
+    return run(sweep, args.overwrite)
 
 
 def rank_hint() -> int:

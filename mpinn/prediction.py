@@ -324,7 +324,8 @@ def bench_here(args) -> dict:
     """`mpinn bench step` on one rank of this machine, through the default launcher, for
     the model the flags describe; its JSON goes to OUT/bench-step.json."""
     from .config import parse_hidden
-    from .scaling import child_environment, default_launcher, launch, launcher_argv
+    from .scaling import child_environment, default_launcher, launcher_argv
+    from .sweep import launch
     hidden = parse_hidden(args.hidden)
     if args.features < 1 or args.classes < 2:
         raise UsageError("--features must be >= 1 and --classes >= 2")

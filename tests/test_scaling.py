@@ -356,7 +356,8 @@ def test_launcher_templates_and_environment():
 
 
 def test_the_driver_and_the_report_never_load_mpi():
-    code = ("import sys, mpinn.cli, mpinn.scaling, mpinn.report, mpinn.plot\n"
+    code = ("import sys, mpinn.cli, mpinn.scaling, mpinn.sweep, mpinn.report, mpinn.plot, "
+            "mpinn.prediction, mpinn.calibrate, mpinn.costmodel\n"
             "assert not [m for m in sys.modules if m.startswith('mpi4py')], 'mpi4py loaded'")
     ok(run([sys.executable, "-c", code]))
     from mpinn import timing
