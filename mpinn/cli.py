@@ -391,6 +391,11 @@ def add_train_options(t: Parser, sweep: bool = False) -> None:
                    help="a rank that waits this long in a collective asks every rank whether "
                    "it is alive, reports the ranks that do not answer, and ends the job "
                    "(exit 1); 0 waits forever (default 600)")
+    add_toolkit_options(t)
+
+
+def add_toolkit_options(t: Parser) -> None:
+    """The training toolkit's options (regularisation, learning rate, validation)."""
     g = t.add_argument_group("regularisation")
     g.add_argument("--dropout", metavar="P[,P...]",
                    help="inverted dropout after every hidden layer: one drop probability for "
