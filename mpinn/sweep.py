@@ -117,6 +117,7 @@ def run(sweep: Sweep, overwrite: bool) -> int:
                 refused.append(point.name)
             elif status != 0:
                 return stopped(sweep, point, status)
+        save()  # the points found finished are "done" in the manifest too
         return finish(sweep, refused)
     finally:
         lock.release()
