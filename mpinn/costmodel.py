@@ -269,15 +269,26 @@ class Compute:
     @classmethod
     def from_bench(cls, step: dict) -> Compute:
         """From `mpinn bench step` JSON: its compute_fit, or (older JSON) the measured
-        forward + backward scaled linearly from its own local batch."""
+        forward + backward scaled linearly from its own local batch.
+
+        The fit times the model's forward and backward calls alone, the median of its
+        steps; a training step also computes the loss and its gradient, checks its rows,
+        counts the confusion matrix, and its mean carries the machine's noise. So the
+        fit gives the shape in b, and the bench's own training steps (forward + backward
+        of the slowest rank, mean over steps, at its local batch b0) the level:
+        compute(b) = (c0 + c1 b) x measured(b0) / (c0 + c1 b0)."""
         phases = {k: v["max"] for k, v in step["step_time_s"].items()}
         work = phases["forward"] + phases["backward"]
+        rows = math.ceil(step["batch_size"] / step["ranks"])
         fit_ = step.get("compute_fit")
         if fit_:
             c0, c1 = fit_["c0_s"], fit_["c1_s_per_row"]
             share = fit_["backward_fraction"]
+            fitted = c0 + c1 * rows
+            if work > 0 and fitted > 0:
+                c0, c1 = c0 * work / fitted, c1 * work / fitted
         else:
-            c0, c1 = 0.0, work / math.ceil(step["batch_size"] / step["ranks"])
+            c0, c1 = 0.0, work / rows
             share = phases["backward"] / work if work else 0.5
         return cls(c0, c1, share, phases["update"], phases.get("data", 0.0))
 

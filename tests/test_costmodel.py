@@ -81,8 +81,9 @@ def test_mpich_selection(nbytes, ranks, algorithm):
 
 
 def bench_step_json(c0=1e-3, c1=1e-4, update=2e-3) -> dict:
-    phases = {"data": 0.0, "forward": 0.02, "backward": 0.03, "allreduce": 0.0,
-              "update": update}
+    # forward + backward at its 512 rows as the fit says: the fit's level is the bench's
+    phases = {"data": 0.0, "forward": 0.4 * (c0 + c1 * 512), "backward": 0.6 * (c0 + c1 * 512),
+              "allreduce": 0.0, "update": update}
     return {"ranks": 1, "batch_size": 512, "step_time_s": {k: {"mean": v, "max": v}
                                                            for k, v in phases.items()},
             "compute_fit": {"c0_s": c0, "c1_s_per_row": c1, "backward_fraction": 0.6}}
@@ -199,3 +200,14 @@ def test_steps_cross_hosts_unless_the_host_holds_both_partners():
     assert kinds(4) == [MACHINE.shm, MACHINE.shm, MACHINE.net, MACHINE.net]
     assert costmodel.allreduce_time(7.45e6, 64, MACHINE, hosts=2, ranks_per_host=48) > \
         costmodel.allreduce_time(7.45e6, 64, MACHINE, hosts=1, ranks_per_host=64) * 10
+
+
+def test_the_bench_steps_own_level_scales_the_compute_fit():
+    """The fit's shape, the level of the bench's training steps: measured 10% above the
+    fit at its 512 rows, so every b is predicted 10% above the fit."""
+    step = bench_step_json()
+    for phase in ("forward", "backward"):
+        step["step_time_s"][phase] = {k: 1.1 * v for k, v in step["step_time_s"][phase].items()}
+    work = costmodel.Compute.from_bench(step)
+    for rows in (1, 64, 512, 4096):
+        assert work.time(rows) == pytest.approx(1.1 * (1e-3 + 1e-4 * rows), rel=1e-12)
