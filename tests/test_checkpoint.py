@@ -25,10 +25,10 @@ from conftest import (
     wait_for,
     write_legacy_checkpoint,
 )
-from mpinn import checkpoint
-from mpinn.checkpoint import Checkpoint, CorruptCheckpoint
-from mpinn.errors import UsageError
-from mpinn.model import MLP, Architecture
+from mpinn.base.errors import UsageError
+from mpinn.nn.model import MLP, Architecture
+from mpinn.run import checkpoint
+from mpinn.run.checkpoint import Checkpoint, CorruptCheckpoint
 
 ARGS = ["--hidden", "16", "--dtype", "float64", "--batch-size", 50, "--optimizer", "adam",
         "--seed", 4]

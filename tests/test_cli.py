@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from conftest import expect_error, load_weights, mpinn, ok, run
-from mpinn.model import MLP, Architecture
-from mpinn.session import INIT_STREAM
+from mpinn.nn.model import MLP, Architecture
+from mpinn.train.session import INIT_STREAM
 
 
 def test_module_and_console_script_are_the_same_program():
@@ -159,7 +159,7 @@ def test_predict_agrees_with_evaluate(digits, tmp_path):
 def test_serial_commands_do_not_start_mpi(synth, tmp_path):
     """data inspect/digits/idx and predict run on a login node without a launcher."""
     ok(mpinn(1, "train", synth, "--out", tmp_path / "run", "--epochs", 0, "--hidden", "4"))
-    script = (f"import sys\nfrom mpinn import cli\n"
+    script = (f"import sys\nfrom mpinn.cli import main as cli\n"
               f"assert cli.main(['data', 'inspect', {str(synth)!r}, '--check']) == 0\n"
               f"assert cli.main(['data', 'digits', {str(tmp_path / 'd.h5')!r}]) == 0\n"
               f"assert cli.main(['predict', {str(tmp_path / 'run')!r}, {str(synth)!r}, "
@@ -238,7 +238,7 @@ def test_unknown_config_key_names_the_closest_key(synth, tmp_path):
 
 
 def test_closest_word():
-    from mpinn.config import closest
+    from mpinn.run.config import closest
     assert closest("hiden", ["hidden", "lr", "epochs"]) == "hidden"
     assert closest("learning_rate", ["hidden", "lr", "epochs"]) == "lr"  # by its initials
     assert closest("--learning-rate", ["--lr", "--hidden"]) == "--lr"

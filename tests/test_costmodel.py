@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import expect_error, mpinn, ok
-from mpinn import costmodel
-from mpinn.costmodel import Link, Machine
+from mpinn.perf import costmodel
+from mpinn.perf.costmodel import Link, Machine
 
 MACHINE = Machine(shm=Link(2e-6, 1e-10), net=Link(50e-6, 1e-8), gamma=3e-11)
 

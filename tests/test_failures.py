@@ -37,7 +37,7 @@ from conftest import (
     unprivileged,
     wait_for,
 )
-from mpinn import checkpoint
+from mpinn.run import checkpoint
 
 ARGS = ["--hidden", "16", "--dtype", "float64", "--batch-size", 50, "--optimizer", "adam",
         "--seed", 4]  # synth: 600 rows, so 12 steps per epoch

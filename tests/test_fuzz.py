@@ -91,7 +91,7 @@ def mutate(data: bytes, rng: random.Random) -> tuple[bytes, str]:
 
 def spawn(case: Case) -> None:
     """Fork a child that runs `mpinn ARGV` in-process, its output into case.log."""
-    from mpinn import cli
+    from mpinn.cli import main as cli
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -206,7 +206,7 @@ def build_cases(work: Path, data: Path, ckpt: Path, legacy: Path) -> list[Case]:
 def drive(work: Path) -> dict:
     os.environ.update(MPINN_PROBE_TIMEOUT="5", MPINN_CACHE_DIR=str(work / "cache"),
                       OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    import mpinn.cli  # noqa: F401 - imported before forking, so each child starts warm
+    import mpinn.cli.main  # noqa: F401 - imported before forking, so each child starts warm
     assert "mpi4py.MPI" not in sys.modules, "MPI must start in the children only"
     data, ckpt, legacy = make_base(work)
     originals = {"data": data.read_bytes(), "checkpoint": ckpt.read_bytes(),

@@ -14,14 +14,15 @@ import pytest
 from mpi4py import MPI
 
 from conftest import mounted, root_only
-from mpinn import checkpoint, dist
-from mpinn.checkpoint import Checkpoint
-from mpinn.data import nonfinite_row
-from mpinn.errors import CollectiveError, StorageError, UsageError
-from mpinn.fileio import strict_json, temp_path, write_atomically
-from mpinn.lock import RunLock, break_stale
-from mpinn.model import MLP, Architecture
-from mpinn.rundir import RunDir, tidy
+from mpinn.base.errors import CollectiveError, StorageError, UsageError
+from mpinn.base.files import strict_json, temp_path, write_atomically
+from mpinn.comm import dist
+from mpinn.data.layout import nonfinite_row
+from mpinn.nn.model import MLP, Architecture
+from mpinn.run import checkpoint
+from mpinn.run.checkpoint import Checkpoint
+from mpinn.run.lock import RunLock, break_stale
+from mpinn.run.rundir import RunDir, tidy
 
 
 def test_flock_refuses_a_second_holder_and_names_the_first(tmp_path):
@@ -197,7 +198,7 @@ def test_pruning_keeps_the_newest_checkpoints_up_to_the_step_written(tmp_path):
 
 def test_a_lock_file_of_a_live_process_is_respected_by_either_way(tmp_path, monkeypatch):
     """No flock held: only the lock file's holder check can refuse here."""
-    from mpinn.lock import process_start
+    from mpinn.run.lock import process_start
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
         start = process_start(sleeper.pid)

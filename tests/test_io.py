@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from conftest import RANKS, expect_error, load_weights, mpi_script, mpinn, ok
-from mpinn import probe
-from mpinn.errors import UsageError
+from mpinn.base.errors import UsageError
+from mpinn.data import probe
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +250,7 @@ def test_the_probe_runs_once_per_version_of_a_file(small, tmp_path, monkeypatch)
     path.write_bytes(small.read_bytes())
     probe.check(str(path))
     probe.check(str(path))
-    assert len(spawned) == 1 and spawned[0][1:3] == ["-m", "mpinn.probe"]
+    assert len(spawned) == 1 and spawned[0][1:3] == ["-m", "mpinn.data.probe"]
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1000))
     probe.check(str(path))  # touched: maybe another file now
     assert len(spawned) == 2

@@ -7,9 +7,9 @@ import itertools
 import numpy as np
 import pytest
 
-from mpinn import functional as F
-from mpinn.model import MLP, Architecture
-from mpinn.optim import SGD, Adam, Momentum
+from mpinn.nn import functional as F
+from mpinn.nn.model import MLP, Architecture
+from mpinn.nn.optim import SGD, Adam, Momentum
 
 CASES = list(itertools.product(F.ACTIVATIONS, F.LOSSES))
 

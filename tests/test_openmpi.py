@@ -40,7 +40,7 @@ from conftest import (
     unavailable,
     wait_for,
 )
-from mpinn import checkpoint
+from mpinn.run import checkpoint
 
 
 class OpenMPIEnv(ParallelEnv):

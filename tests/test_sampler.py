@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mpinn.sampler import BlockStream
+from mpinn.data.sampler import BlockStream
 
 
 @pytest.mark.parametrize("n,k", [(1, 1), (10, 3), (1000, 7), (1024, 1024), (5000, 64)])
@@ -23,7 +23,7 @@ def test_block_stream_rows_equal_the_materialised_stream(n, k):
 
 # --- the validation hold-out (sampler.holdout, epoch_plan(rows=...)) ---
 
-from mpinn.sampler import Sampling, epoch_plan, holdout, remaining  # noqa: E402
+from mpinn.data.sampler import Sampling, epoch_plan, holdout, remaining  # noqa: E402
 
 
 def documented_holdout(seed: int, n: int, fraction: float) -> np.ndarray:

@@ -28,9 +28,9 @@ from conftest import (
     text_of,
     unavailable,
 )
-from mpinn import costmodel, report, scaling
-from mpinn.config import TrainConfig
-from mpinn.errors import UsageError
+from mpinn.base.errors import UsageError
+from mpinn.perf import costmodel, report, scaling
+from mpinn.run.config import TrainConfig
 
 PHASES = ("data", "forward", "backward", "allreduce", "update")
 COLUMNS = ["mode", "ranks", "hosts", "ranks_per_host", "repeats", "oversubscribed",
@@ -370,11 +370,11 @@ def test_launcher_templates_and_environment():
 
 
 def test_the_driver_and_the_report_never_load_mpi():
-    code = ("import sys, mpinn.cli, mpinn.scaling, mpinn.sweep, mpinn.report, mpinn.plot, "
-            "mpinn.prediction, mpinn.calibrate, mpinn.costmodel\n"
+    code = ("import sys, mpinn.cli.main, mpinn.perf.scaling, mpinn.perf.sweep, mpinn.perf.report, "
+            "mpinn.perf.plot, mpinn.perf.projection, mpinn.perf.calibrate, mpinn.perf.costmodel\n"
             "assert not [m for m in sys.modules if m.startswith('mpi4py')], 'mpi4py loaded'")
     ok(run([sys.executable, "-c", code]))
-    from mpinn import timing
+    from mpinn.train import timing
     assert report.PHASES == timing.PHASES and report.COLUMNS == tuple(COLUMNS)
 
 

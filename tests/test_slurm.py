@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from conftest import HERE, child_env, load_weights, mpinn, ok, run, unavailable
-from mpinn import checkpoint, report
+from mpinn.perf import report
+from mpinn.run import checkpoint
 
 JOBS = HERE.parent / "jobs"
 SCRIPTS = sorted(JOBS.glob("*.sbatch"))

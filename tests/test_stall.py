@@ -31,7 +31,7 @@ from conftest import (
     text_of,
     wait_for,
 )
-from mpinn import preflight
+from mpinn.comm import preflight
 
 
 def rank_of(pid: int) -> int:

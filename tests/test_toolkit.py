@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from test_model import assert_gradient_matches
 
-from mpinn.dropout import Dropout, keep_mask
-from mpinn.model import MLP, Architecture
-from mpinn.optim import SGD
-from mpinn.schedule import Schedule, scaled_rate
-from mpinn.step import clip
+from mpinn.nn.dropout import Dropout, keep_mask
+from mpinn.nn.model import MLP, Architecture
+from mpinn.nn.optim import SGD
+from mpinn.nn.schedule import Schedule, scaled_rate
+from mpinn.train.step import clip
 
 
 def test_a_sample_gets_the_same_mask_wherever_it_is():

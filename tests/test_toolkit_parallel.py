@@ -13,7 +13,7 @@ from test_checkpoint import assert_same, metrics
 from test_parallel import train_args
 
 from conftest import RANKS, expect_error, load_weights, mpinn, ok
-from mpinn import checkpoint
+from mpinn.run import checkpoint
 
 
 def flat(run) -> np.ndarray:

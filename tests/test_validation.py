@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import RANKS, expect_error, load_weights, mpinn, ok, strict_json_lines
-from mpinn import checkpoint
+from mpinn.run import checkpoint
 
 PARALLEL = ["--hidden", "16,8", "--dtype", "float64", "--batch-size", 50, "--epochs", 2,
             "--optimizer", "momentum", "--lr", 0.05, "--seed", 7, "--val-fraction", 0.2]
@@ -171,8 +171,8 @@ def test_best_h5_is_kept_with_validation_alone(synth, tmp_path):
 def test_a_checkpoint_from_before_the_toolkit_resumes(synth, tmp_path):
     """A configuration without the toolkit's keys (mpinn before them) means their
     defaults: it fits a configuration that leaves them at their defaults."""
-    from mpinn.config import resolve, to_toml
-    from mpinn.session import check_compatible
+    from mpinn.run.config import resolve, to_toml
+    from mpinn.train.session import check_compatible
     cfg = resolve({}, {"data": str(synth), "out": str(tmp_path / "r"), "hidden": "8"})
     old = "\n".join(line for line in to_toml(cfg).splitlines()
                     if not line.startswith(("dropout", "val_fraction")))

@@ -10,8 +10,9 @@ import sys
 import numpy as np
 from mpi4py import MPI
 
-from mpinn import dist, sampler
-from mpinn.errors import CollectiveError, StorageError, UsageError
+from mpinn.base.errors import CollectiveError, StorageError, UsageError
+from mpinn.comm import dist
+from mpinn.data import sampler
 
 
 def check(comm) -> None:

@@ -10,9 +10,11 @@ import sys
 
 import numpy as np
 
-from mpinn import data, dist, sampler
-from mpinn.config import resolve
-from mpinn.train import train
+from mpinn.comm import dist
+from mpinn.data import layout as data
+from mpinn.data import sampler
+from mpinn.run.config import resolve
+from mpinn.train.loop import train
 
 
 class CountingComm:

@@ -10,7 +10,8 @@ import sys
 
 from mpi4py import MPI
 
-from mpinn import cli, readers
+from mpinn.cli import main as cli
+from mpinn.data import readers
 
 fail_rank, fail_step = int(sys.argv[1]), int(sys.argv[2])
 original = readers.SplitReader.read

@@ -14,7 +14,9 @@ import sys
 
 from mpi4py import MPI
 
-from mpinn import cli, feed, train
+from mpinn.cli import main as cli
+from mpinn.data import feed
+from mpinn.train import loop as train
 
 rank = MPI.COMM_WORLD.rank
 real_load, real_step = feed.Feed._load_window, train.train_step

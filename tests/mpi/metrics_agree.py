@@ -15,12 +15,12 @@ import sys
 import h5py
 import numpy as np
 
-from mpinn import dist
-from mpinn.data import check_data
-from mpinn.model import MLP, Architecture
-from mpinn.readers import DataFile
-from mpinn.sampler import share
-from mpinn.step import evaluate
+from mpinn.comm import dist
+from mpinn.data.layout import check_data
+from mpinn.data.readers import DataFile
+from mpinn.data.sampler import share
+from mpinn.nn.model import MLP, Architecture
+from mpinn.train.step import evaluate
 
 CLASSES = 5
 

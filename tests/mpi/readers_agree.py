@@ -12,10 +12,10 @@ import sys
 import h5py
 import numpy as np
 
-from mpinn import dist
-from mpinn.feed import Buffers, Feed
-from mpinn.readers import ACTUAL_IO_MODES, DataFile, parallel_hdf5
-from mpinn.sampler import SHUFFLES, Sampling, epoch_plan
+from mpinn.comm import dist
+from mpinn.data.feed import Buffers, Feed
+from mpinn.data.readers import ACTUAL_IO_MODES, DataFile, parallel_hdf5
+from mpinn.data.sampler import SHUFFLES, Sampling, epoch_plan
 
 COLLECTIVE = {ACTUAL_IO_MODES[m] for m in (2, 3, 4)}
 

@@ -9,7 +9,8 @@ Usage: slow_checkpoint.py SECONDS -- <mpinn train arguments>
 import sys
 import time
 
-from mpinn import cli, rundir
+from mpinn.cli import main as cli
+from mpinn.run import rundir
 
 delay = float(sys.argv[1])
 original = rundir.RunDir.save_checkpoint

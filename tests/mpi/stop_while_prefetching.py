@@ -15,7 +15,9 @@ import time
 
 from mpi4py import MPI
 
-from mpinn import cli, feed, train
+from mpinn.cli import main as cli
+from mpinn.data import feed
+from mpinn.train import loop as train
 
 stop_step = int(sys.argv[1])
 rank = MPI.COMM_WORLD.rank

@@ -1,0 +1,226 @@
+"""Files: atomic replacement, refused writes explained, HDF5 files opened or explained.
+
+Atomic replacement: write to a temporary file in the destination's directory
+(same file system, so the rename is atomic), fsync it, rename it over the
+destination, and fsync the directory so the rename itself survives a crash. A
+reader sees the old file or the new one, never half of one. On any error the
+temporary file is removed and the destination is untouched.
+
+Temporary files are named `.NAME.tmp-PID`; a job killed while writing leaves
+one behind, which `remove_orphans` deletes at the start of the next run.
+
+A write the file system refuses (ENOSPC, EDQUOT, EROFS, EACCES, ...) becomes a
+StorageError naming the file, the errno and what to do: a message, not a
+traceback (and never a crash inside HDF5: see write_atomically).
+
+Reading is the mirror image: an HDF5 file that cannot be opened, or an object in
+it that HDF5 fails to read (a corrupt file), is a UsageError naming the file,
+the object and HDF5's reason (open_hdf5, hdf5_errors), never HDF5's error dump.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import json
+import math
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import h5py
+
+from mpinn.base.errors import CollectiveError, StorageError, UsageError
+
+# What h5py raises when HDF5 fails to read a corrupt file: HDF5's errors map to
+# OSError mostly, some to KeyError, ValueError, TypeError or RuntimeError; a
+# corrupt size can ask for more memory than there is. (mpinn's own StorageError and
+# CollectiveError are RuntimeErrors too: NOT_HDF5 lets them pass.)
+HDF5_FAILURES = (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError, MemoryError)
+NOT_HDF5 = (StorageError, CollectiveError)
+
+TEMP_MARK = ".tmp-"
+ADVICE = {
+    errno.ENOSPC: "free space on that file system",
+    errno.EDQUOT: "free space within your quota (or raise it)",
+    errno.EROFS: "the file system is mounted read-only: write the run elsewhere",
+    errno.EACCES: "you may not write there: fix the permissions or write the run elsewhere",
+    errno.EPERM: "you may not write there: fix the permissions or write the run elsewhere",
+}
+
+
+def temp_path(path: str) -> str:
+    """The temporary name under which `path` is written before it is renamed into place."""
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{name}{TEMP_MARK}{os.getpid()}")
+
+
+def remove_orphans(directory: str, names: re.Pattern[str]) -> list[str]:
+    """Delete the temporary files (names matching `names`) of writers that were killed;
+    returns their names.
+
+    Only call it while holding the directory (rundir's lock), and only for files
+    that nothing but the lock's holder writes: a live writer's temporary file
+    looks the same.
+    """
+    removed = []
+    for name in os.listdir(directory):
+        if names.fullmatch(name):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(directory, name))
+                removed.append(name)
+    return removed
+
+
+def storage_error(exc: OSError, action: str, path: str) -> StorageError:
+    """A StorageError for a refused write: '<action> <path>: <reason> (ENAME); <advice>'."""
+    name = errno.errorcode.get(exc.errno or 0, "")
+    reason = exc.strerror or str(exc)
+    advice = ADVICE.get(exc.errno or 0)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        with contextlib.suppress(OSError):
+            stat = os.statvfs(os.path.dirname(os.path.abspath(path)))
+            advice += f" ({stat.f_bavail * stat.f_frsize / 1e6:.1f} MB free there now)"
+    return StorageError(f"cannot {action} {path}: {reason}" + (f" ({name})" if name else "")
+                        + (f"; {advice}" if advice else ""))
+
+
+def write_atomically(path: str, data: bytes | memoryview, what: str = "write") -> None:
+    """Replace path with data atomically; StorageError if the file system refuses.
+
+    The file's full size is reserved first (posix_fallocate), so a full disk or
+    quota is reported before a byte is written, and the write itself goes
+    through os.write: nothing (HDF5 included) can crash on a short write.
+    """
+    tmp = temp_path(path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            if len(data):
+                try:
+                    os.posix_fallocate(fd, 0, len(data))
+                except OSError as exc:  # some file systems cannot reserve: write anyway
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                        raise
+            view = memoryview(data)
+            while len(view):
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        fsync_directory(os.path.dirname(os.path.abspath(path)))
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise storage_error(exc, what, path) from None
+
+
+@contextlib.contextmanager
+def atomic_output(path: str) -> Iterator[str]:
+    """Yield a temporary path to write (e.g. with h5py); on success it replaces `path`.
+
+    For files written piece by piece (datasets). Small files and checkpoints go
+    through write_atomically, which reserves their space first.
+    """
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_directory(os.path.dirname(tmp))
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(exc, OSError):
+            raise storage_error(exc, "write", path) from None
+        raise
+
+
+def check_writable(path: str) -> None:
+    """UsageError unless a file can be created at path (its directory exists, is writable)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"{path} is a directory, not a file name")
+    if not os.path.isdir(directory):
+        raise UsageError(f"{path}: directory {directory} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise UsageError(f"{path}: directory {directory} is not writable")
+
+
+def fsync_directory(directory: str) -> None:
+    """Make renames and links in directory durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def open_hdf5(path: str, what: str = "file", **kwargs: Any) -> h5py.File:
+    """h5py.File(path, 'r') or a UsageError that says why not (never HDF5's error dump)."""
+    if os.path.isdir(path):
+        raise UsageError(f"{path} is a directory, not an HDF5 {what}")
+    try:
+        return h5py.File(path, "r", **kwargs)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such {what}") from None
+    except HDF5_FAILURES as exc:
+        raise UsageError(f"{path}: not a readable HDF5 {what} ({failure_reason(exc)})") from None
+
+
+def open_hdf5_image(data: bytes) -> h5py.File:
+    """An HDF5 file held in memory (the bytes of a file read once), opened read-only:
+    nothing reads the disk again. (h5py reads a file object 4x faster here than
+    HDF5's core driver opens a file image: 10 ms vs 43 ms for 15 MB.) OSError if HDF5
+    cannot open it."""
+    return h5py.File(io.BytesIO(data), "r")
+
+
+def failure_reason(exc: BaseException) -> str:
+    """HDF5's reason for a failed read, in a few words."""
+    if isinstance(exc, MemoryError):
+        return "it declares a size larger than this machine's memory"
+    return str(exc).strip() or type(exc).__name__
+
+
+@contextlib.contextmanager
+def hdf5_errors(path: str, what: str) -> Iterator[None]:
+    """Turn HDF5's failure to read `what` (an object, some rows) of the file at path into
+    one UsageError naming both and HDF5's reason: bad input, not a traceback."""
+    try:
+        yield
+    except NOT_HDF5:
+        raise
+    except HDF5_FAILURES as exc:
+        raise UsageError(f"{path}: HDF5 cannot read {what} ({failure_reason(exc)}); the file "
+                         f"is probably corrupt") from None
+
+
+def read_bytes(path: str, what: str = "file") -> bytes:
+    """The whole file at path; UsageError if it is missing, a directory or unreadable."""
+    if os.path.isdir(path):
+        raise UsageError(f"{path} is a directory, not {what}")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such {what}") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+
+
+def strict_json(obj: Any, indent: int | None = None) -> str:
+    """JSON that every parser accepts: NaN and infinities become null."""
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+    return json.dumps(clean(obj), indent=indent, allow_nan=False)

@@ -1,0 +1,203 @@
+"""The dataset file: its layout, checked without reading it all, and its values.
+
+Layout (docs/design.md): groups `train` and `test`, each with `x` (N x D,
+float32) and `y` (N integer class labels, or N x K float targets for
+regression). An optional file attribute `classes` fixes the number of classes;
+without it, it is max(label) + 1 over both splits.
+
+`check_data` is the collective validation every command runs before its first
+collective of real work: rank 0 has the file's structure probed first (probe.py:
+a corrupt file must not make HDF5 loop or crash inside the job), then every rank
+checks the layout and its share of the labels. HDF5's failures to read are
+UsageErrors naming the file and the object, never tracebacks. `nonfinite_row`
+is the cheap per-batch check of values that training applies to the rows it
+reads anyway.
+Which rows a rank reads is sampler.py's business; how it reads them, readers.py's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+
+from mpinn.base.errors import UsageError
+from mpinn.base.files import hdf5_errors, open_hdf5
+from mpinn.data.sampler import share
+
+SPLITS = ("train", "test")
+# |x| beyond this is no sensible network input (unscaled raw values, a sentinel like
+# 1e30): `inspect --check` flags it, and a diverged run names it as the likely cause.
+LARGE_INPUT = 1e6
+# A `classes` attribute beyond this is a corrupt number, not a classifier to build
+# (its output layer alone would take gigabytes).
+MAX_CLASSES = 1 << 20
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    path: str
+    n_train: int
+    n_test: int
+    features: int
+    task: str  # "classification" or "regression"
+    outputs: int  # classes, or regression targets; 0 while classes are still unknown
+
+    def rows(self, split: str) -> int:
+        return self.n_train if split == "train" else self.n_test
+
+
+def describe(path: str) -> DatasetInfo:
+    """Check the file's layout (not its values) and describe it; UsageError if wrong."""
+    with open_hdf5(path) as f, hdf5_errors(path, "its layout"):
+        shapes = {split: split_shapes(path, f, split) for split in SPLITS}
+        (xtr, ytr), (xte, yte) = shapes["train"], shapes["test"]
+        if xtr[1] != xte[1]:
+            raise UsageError(f"{path}: train has {xtr[1]} features but test has {xte[1]}")
+        if len(ytr) != len(yte) or ytr[1:] != yte[1:]:
+            raise UsageError(f"{path}: train and test targets differ in shape ({ytr} vs {yte})")
+        if xtr[0] == 0:
+            raise UsageError(f"{path}: the train split is empty")
+        task = "classification" if len(ytr) == 1 else "regression"
+        outputs = ytr[1] if task == "regression" else classes_attribute(path, f)
+        return DatasetInfo(path, xtr[0], xte[0], xtr[1], task, outputs)
+
+
+def split_shapes(path: str, f: h5py.File, split: str) -> tuple[tuple, tuple]:
+    """The shapes of a split's x and y; UsageError unless they make a split."""
+    if split not in f or not isinstance(f[split], h5py.Group):
+        raise UsageError(f"{path}: missing group '/{split}' (a dataset file has "
+                         f"groups train and test, each with x and y)")
+    for name in ("x", "y"):
+        if name not in f[split] or not isinstance(f[split][name], h5py.Dataset):
+            raise UsageError(f"{path}: missing dataset '/{split}/{name}'")
+    x, y = f[split]["x"], f[split]["y"]
+    if x.ndim != 2 or x.dtype.kind != "f" or x.shape[1] == 0:
+        raise UsageError(f"{path}: /{split}/x must be a 2-D float array with at least "
+                         f"one feature, got shape {x.shape} of {x.dtype}")
+    if y.shape[0] != x.shape[0]:
+        raise UsageError(f"{path}: /{split}/x has {x.shape[0]} rows but "
+                         f"/{split}/y has {y.shape[0]}")
+    labels = y.ndim == 1 and y.dtype.kind in "iu"
+    if not (labels or (y.ndim == 2 and y.dtype.kind == "f" and y.shape[1] > 0)):
+        raise UsageError(f"{path}: /{split}/y must hold integer labels (N,) or float "
+                         f"targets (N, K), got shape {y.shape} of {y.dtype}")
+    return x.shape, y.shape
+
+
+def classes_attribute(path: str, f: h5py.File) -> int:
+    """The file's `classes` attribute (0 if absent); UsageError if it is no plausible count."""
+    value = f.attrs.get("classes", 0)
+    count, plausible = 0, False
+    if np.ndim(value) == 0:
+        with contextlib.suppress(TypeError, ValueError, OverflowError):
+            count = int(value)
+            plausible = count == value and 0 <= count <= MAX_CLASSES
+    if not plausible:
+        raise UsageError(f"{path}: its `classes` attribute ({value!r}) is not a number of "
+                         f"classes up to {MAX_CLASSES}")
+    return count
+
+
+def label_range(path: str, split: str, start: int, stop: int) -> tuple[int, int]:
+    """(min, max) of the integer labels in rows [start, stop) of a split; (0, -1) if empty."""
+    if stop <= start:
+        return 0, -1
+    with open_hdf5(path) as f, hdf5_errors(path, f"rows {start} to {stop - 1} of /{split}/y"):
+        y = f[split]["y"][start:stop]
+    return int(y.min()), int(y.max())
+
+
+def all_finite(values: np.ndarray) -> bool:
+    """Whether every value of a float array is finite: one pass, no temporary array.
+
+    The sum of all values is finite whenever every value is; only if it is not
+    (a NaN, an infinity, or an overflowing sum of finite values) is each value
+    checked.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is an answer, not news
+        return values.size == 0 or bool(np.isfinite(values.sum())) \
+            or bool(np.isfinite(values).all())
+
+
+def nonfinite_row(values: np.ndarray) -> int | None:
+    """Position of the first row of a float array with a NaN or an infinity, or None.
+
+    Checking each batch this way costs one pass over it (all_finite).
+    """
+    if all_finite(values):
+        return None
+    bad = np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1))
+    return int(bad[0]) if len(bad) else None
+
+
+def nonfinite_message(path: str, split: str, name: str, row: int) -> str:
+    return (f"{path}: /{split}/{name} row {row} is not finite (NaN or infinity); fix or drop "
+            f"that row (`mpinn data inspect --check {path}` checks every value)")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What the data file says the model must look like (agreed by all ranks)."""
+
+    info: DatasetInfo
+    outputs: int  # classes, or regression targets
+
+    @property
+    def classification(self) -> bool:
+        return self.info.task == "classification"
+
+
+def check_data(comm, path: str, loss: str, features: int | None = None,
+               outputs: int | None = None) -> Problem:
+    """Collective validation of a dataset file (and, optionally, a model's shape).
+
+    Every rank checks the layout and the labels of its own share of rows, then
+    all ranks agree on the outcome: UsageError on every rank if any found a fault.
+    """
+    from mpinn.comm import dist  # here, not above: the serial commands read files without MPI
+    from mpinn.data import probe  # here, not above: the serial commands read files without MPI
+    dist.root_tries(comm, lambda: probe.check(path))  # before any rank opens the file
+    error, lo, hi, info = None, 0, -1, None
+    try:
+        info = describe(path)
+        if info.task == "regression" and loss == "cross-entropy":
+            raise UsageError(f"{path} holds regression targets: use --loss mse")
+        if info.task == "classification":
+            lo, hi = _share_label_range(comm, path, info)
+    except UsageError as exc:
+        error = str(exc)
+    reports = dist.gather_objects(comm, (error, lo, hi))
+    error = next((e for e, _, _ in reports if e is not None), None)
+    if error:
+        raise UsageError(error)
+    assert info is not None
+    n_out = info.outputs
+    if info.task == "classification":
+        lo = min(r[1] for r in reports if r[2] >= r[1])
+        hi = max(r[2] for r in reports if r[2] >= r[1])
+        n_out = n_out or hi + 1
+        if lo < 0 or hi >= n_out:
+            raise UsageError(f"{path}: labels must lie in [0, {n_out - 1}] "
+                             f"({n_out} classes), found labels from {lo} to {hi}")
+        if n_out < 2:
+            raise UsageError(f"{path}: classification needs at least 2 classes, found {n_out}")
+    if features is not None and features != info.features:
+        raise UsageError(f"{path} has {info.features} features but the model expects {features}")
+    if outputs is not None and outputs != n_out:
+        kind = "classes" if info.task == "classification" else "targets"
+        raise UsageError(f"{path} has {n_out} {kind} but the model has {outputs} outputs")
+    return Problem(info, n_out)
+
+
+def _share_label_range(comm, path: str, info: DatasetInfo) -> tuple[int, int]:
+    """(min, max) label over this rank's share of both splits; (0, -1) if it has none."""
+    lo, hi = 0, -1
+    for split in SPLITS:
+        start, stop = share(info.rows(split), comm.rank, comm.size)
+        s_lo, s_hi = label_range(path, split, start, stop)
+        if stop > start:
+            lo, hi = (s_lo, s_hi) if hi < lo else (min(lo, s_lo), max(hi, s_hi))
+    return lo, hi

@@ -1,0 +1,215 @@
+"""The multilayer perceptron: flat parameters, layer views, forward and backward.
+
+All weights and biases live in ONE contiguous vector `params`, all their
+gradients in ONE contiguous vector `grads`; `W[i]` (fan_in x fan_out) and `b[i]`
+are views into the first, `dW[i]` and `db[i]` into the second. Layer i occupies
+one contiguous range [W_i, b_i], layers in order, so the last layer (the first
+one whose gradient backward finishes) is the tail of the buffer. The gradient
+sync is then one in-place Allreduce of `grads`, with no packing: the caller may
+pass `grads` as a view into its own communication buffer (dist.GradientSync).
+No MPI and no files here, ever.
+
+Activations and deltas are preallocated for `max_rows` samples, so a step
+allocates no arrays of layer width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mpinn.nn import functional as F
+
+DTYPES = ("float32", "float64")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What defines a model: layer sizes (input, hidden..., output) and its functions."""
+
+    sizes: tuple[int, ...]
+    activation: str = "relu"
+    loss: str = "cross-entropy"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if len(self.sizes) < 2 or any(int(s) < 1 for s in self.sizes):
+            raise ValueError(f"layer sizes must be >= 1, got {self.sizes}")
+        if self.activation not in F.ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}")
+        if self.loss not in F.LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}")
+
+    @property
+    def n_params(self) -> int:
+        return sum(fi * fo + fo for fi, fo in zip(self.sizes[:-1], self.sizes[1:]))
+
+
+class MLP:
+    """A fully connected network, hidden layers with one activation, linear output."""
+
+    def __init__(self, arch: Architecture, max_rows: int, grads: np.ndarray | None = None,
+                 dropout: bool = False, accumulate: bool = False) -> None:
+        """Buffers for up to max_rows samples per forward(); grads: a flat vector to use.
+        dropout: keep room for masked activations; accumulate: for backward(add=True)."""
+        self.arch = arch
+        self.dtype = np.dtype(arch.dtype)
+        self.max_rows = max_rows
+        self.params = np.zeros(arch.n_params, self.dtype)
+        if grads is None:
+            grads = np.zeros(arch.n_params, self.dtype)
+        assert grads.shape == (arch.n_params,) and grads.dtype == self.dtype, grads
+        assert grads.flags.c_contiguous
+        self.grads = grads
+        self.W: list[np.ndarray] = []
+        self.b: list[np.ndarray] = []
+        self.dW: list[np.ndarray] = []
+        self.db: list[np.ndarray] = []
+        offset = 0
+        for fan_in, fan_out in zip(arch.sizes[:-1], arch.sizes[1:]):
+            for flat, w_views, b_views in ((self.params, self.W, self.b),
+                                           (self.grads, self.dW, self.db)):
+                w_views.append(flat[offset:offset + fan_in * fan_out].reshape(fan_in, fan_out))
+                b_views.append(flat[offset + fan_in * fan_out:offset + fan_in * fan_out + fan_out])
+            offset += fan_in * fan_out + fan_out
+        assert offset == arch.n_params
+        # acts[0] holds the input rows; acts[i] the output of layer i (acts[-1]: logits).
+        self._acts = [np.zeros((max_rows, s), self.dtype) for s in arch.sizes]
+        # deltas[i] = d loss / d z for layer i's pre-activation output, shape (rows, sizes[i+1]).
+        self._deltas = [np.zeros((max_rows, s), self.dtype) for s in arch.sizes[1:]]
+        self._scratch = np.zeros(max_rows * max(arch.sizes), self.dtype)
+        self._targets = np.zeros((max_rows, arch.sizes[-1]), self.dtype)
+        # with dropout: f(z) of each hidden layer before its mask (acts then hold m * f(z))
+        self._unmasked = [np.zeros((max_rows, s), self.dtype) if dropout else None
+                          for s in arch.sizes[1:-1]]
+        self._masks: list[np.ndarray | None] = []  # of the last forward()
+        # accumulate: one layer's dW, added to grads (a second, full gradient is not needed)
+        self._dw = np.zeros(max(w.size for w in self.dW) if accumulate else 0, self.dtype)
+        self._db = np.zeros(max(arch.sizes[1:]) if accumulate else 0, self.dtype)
+        self._n_rows = 0  # rows of the last forward(), which backward() differentiates
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.W)
+
+    def layer_ranges(self) -> list[tuple[int, int]]:
+        """[start, stop) of each layer's (W, b) in the flat vectors."""
+        ranges, offset = [], 0
+        for w, b in zip(self.W, self.b):
+            ranges.append((offset, offset + w.size + b.size))
+            offset += w.size + b.size
+        return ranges
+
+    def init(self, rng: np.random.Generator) -> None:
+        """He-normal weights for relu, Glorot-uniform for tanh/sigmoid; zero biases.
+
+        Drawn in float64 and then rounded, so the float32 model starts from the
+        float64 model's weights and both depend on the generator alone.
+        """
+        for w, b in zip(self.W, self.b):
+            fan_in, fan_out = w.shape
+            if self.arch.activation == "relu":
+                values = rng.standard_normal((fan_in, fan_out)) * np.sqrt(2.0 / fan_in)
+            else:
+                limit = np.sqrt(6.0 / (fan_in + fan_out))
+                values = rng.uniform(-limit, limit, (fan_in, fan_out))
+            w[...] = values
+            b.fill(0)
+
+    def forward(self, x: np.ndarray, masks: list[np.ndarray | None] | None = None
+                ) -> np.ndarray:
+        """Logits for the rows of x (n, D), n <= max_rows; returns a view (n, K).
+
+        masks (training with dropout): one (n, width) array per hidden layer, or
+        None for a layer without dropout; hidden output i becomes m_i * f(z_i).
+        """
+        n = x.shape[0]
+        self._n_rows = n
+        self._masks = masks or []
+        a = self._acts[0][:n]
+        a[...] = x  # cast the input (stored float32) to the model dtype
+        last = self.n_layers - 1
+        for i, (w, b) in enumerate(zip(self.W, self.b)):
+            z = self._acts[i + 1][:n]
+            np.matmul(a, w, out=z)  # (n, fan_in) @ (fan_in, fan_out)
+            z += b
+            if i < last:
+                F.activate(self.arch.activation, z)
+                if self._masks and self._masks[i] is not None:
+                    unmasked = self._unmasked[i]
+                    assert unmasked is not None, "MLP built without dropout=True"
+                    unmasked[:n] = z
+                    z *= self._masks[i]
+            a = z
+        return a
+
+    def backward(self, y: np.ndarray, add: bool = False) -> float:
+        """Gradients of the SUMMED loss over the rows of the last forward() into grads
+        (add: added to what grads holds, for micro-batches; needs accumulate=True).
+
+        Returns that summed loss. With z_i = a_{i-1} W_i + b_i, a_i = m_i * f(z_i)
+        (m_i the dropout mask, entries 0 or 1/(1-p); m_i = 1 without dropout), and
+        delta_i = d loss / d z_i (rows = samples):
+
+            delta_L     = d loss / d logits                 (functional.py)
+            dW_i        = a_{i-1}^T delta_i                 (fan_in, n) @ (n, fan_out)
+            db_i        = sum over rows of delta_i
+            delta_{i-1} = (delta_i W_i^T) * m_{i-1} * f'(z_{i-1})
+                                                            (n, fan_out) @ (fan_out, fan_in)
+
+        The mask is a constant of the step, so d a / d z = m * f'(z): dropped units
+        pass no gradient, kept ones pass it scaled by 1/(1-p). f' is taken from the
+        unmasked f(z). With zero rows every gradient is exactly zero, so an empty
+        slice still contributes a valid (zero) term to the Allreduce.
+        """
+        n = self._n_rows
+        loss = self.loss(y)
+        delta = self._deltas[-1][:n]
+        for i in range(self.n_layers - 1, -1, -1):
+            a_prev = self._acts[i][:n]
+            self._layer_grads(i, a_prev, delta, add)
+            if i > 0:
+                prev = self._deltas[i - 1][:n]
+                np.matmul(delta, self.W[i].T, out=prev)
+                scratch = self._scratch[: prev.size].reshape(prev.shape)
+                mask = self._masks[i - 1] if self._masks else None
+                if mask is not None:
+                    prev *= mask
+                    a_prev = self._unmasked[i - 1][:n]  # type: ignore[index]
+                F.activation_backward(self.arch.activation, a_prev, prev, scratch)
+                delta = prev
+        return loss
+
+    def _layer_grads(self, i: int, a_prev: np.ndarray, delta: np.ndarray, add: bool) -> None:
+        """dW_i = a_{i-1}^T delta_i, db_i = sum of delta_i's rows: into, or added to, grads."""
+        if not add:
+            np.matmul(a_prev.T, delta, out=self.dW[i])
+            np.sum(delta, axis=0, out=self.db[i])
+            return
+        assert self._dw.size, "MLP built without accumulate=True"
+        dw = self._dw[:self.dW[i].size].reshape(self.dW[i].shape)
+        db = self._db[:self.db[i].size]
+        np.matmul(a_prev.T, delta, out=dw)
+        np.sum(delta, axis=0, out=db)
+        self.dW[i] += dw
+        self.db[i] += db
+
+    def loss(self, y: np.ndarray) -> float:
+        """Summed loss of the last forward() against y (d loss / d logits kept for backward)."""
+        n = self._n_rows
+        return self.loss_and_delta(self._acts[-1][:n], y, self._deltas[-1][:n])
+
+    def loss_and_delta(self, logits: np.ndarray, y: np.ndarray, delta: np.ndarray) -> float:
+        """Summed loss of logits against y; d loss / d logits into delta.
+
+        y holds integer class labels (n,) or float targets (n, K). MSE against
+        class labels uses one-hot targets.
+        """
+        if self.arch.loss == "cross-entropy":
+            return F.softmax_cross_entropy(logits, y, delta)
+        if y.ndim == 1:
+            y = F.one_hot(y, logits.shape[1], self._targets)
+        return F.mean_squared_error(logits, y, delta)

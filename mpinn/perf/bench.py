@@ -1,0 +1,329 @@
+"""Benchmarks: `mpinn bench io DATA.h5` (run it under mpiexec).
+
+For each available reader (independent; mpio if h5py has parallel HDF5) and
+each shuffle mode, every rank reads its rows of the first `--steps` steps of an
+epoch, exactly as training would (prefetch off, so the reads are timed alone).
+The reference is a raw sequential read of the same number of bytes per rank
+with plain POSIX reads of the dataset's file region. Throughput is over all
+ranks (bytes / slowest rank's seconds), in two versions: `read`, the time
+inside file reads, and `delivered`, the wall time until every batch is in its
+buffer (block mode adds the in-memory shuffle of each window; prefetch hides
+it during training). `vs raw` is the ratio to the reference.
+
+Every pair is measured twice. `cold`: the file's pages are dropped from the
+page cache first (posix_fadvise DONTNEED), so reads come from storage, as on a
+cluster file system: this is where scattered row reads lose and large
+contiguous reads win. `warm`: the file is in the page cache, so what is
+measured is the software path (HDF5, MPI-IO, Python, memory copies).
+
+Then a short training run (same reader, global shuffle, prefetch on) reports
+the fraction of step time spent waiting for data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import h5py
+import numpy as np
+
+from mpinn.base.errors import UsageError
+from mpinn.base.files import write_atomically
+from mpinn.comm import dist
+from mpinn.data.feed import Buffers, Feed
+from mpinn.data.layout import DatasetInfo, Problem, check_data
+from mpinn.data.readers import DataFile, parallel_hdf5
+from mpinn.data.sampler import SHUFFLES, Sampling, ceil_div, epoch_plan
+from mpinn.nn.model import MLP, Architecture
+from mpinn.nn.optim import make_optimizer
+from mpinn.train.step import train_step
+from mpinn.train.timing import PhaseTimer
+
+RAW_PIECE = 8 << 20  # bytes per POSIX read in the raw reference
+
+
+def drop_cache(comm: dist.Comm, path: str) -> None:
+    """Collective: evict the file's pages from the page cache (clean pages need no root)."""
+    dist.barrier(comm)
+    if comm.rank == 0:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    dist.barrier(comm)
+
+
+def raw_read(comm: dist.Comm, path: str, nbytes: int) -> float:
+    """Seconds for this rank to read nbytes sequentially from its part of /train/x."""
+    with h5py.File(path, "r") as f:
+        x = f["train"]["x"]
+        offset, total = x.id.get_offset(), x.id.get_storage_size()
+    if offset is None:
+        return float("nan")  # chunked: no single file region to read raw
+    start = offset + (total * comm.rank) // comm.size
+    nbytes = min(nbytes, offset + total - start)
+    buf = bytearray(min(RAW_PIECE, max(nbytes, 1)))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        dist.barrier(comm)
+        began = time.perf_counter()
+        done = 0
+        while done < nbytes:
+            done += os.preadv(fd, [memoryview(buf)[:min(len(buf), nbytes - done)]], start + done)
+        return time.perf_counter() - began
+    finally:
+        os.close(fd)
+
+
+def timed_reads(comm, path: str, io: str, shuffle: str, batch: int, steps: int,
+                seed: int) -> tuple[float, float, int, int]:
+    """(wall seconds, seconds in file reads, bytes, read calls) of this rank for the
+    first `steps` steps of an epoch."""
+    with DataFile(path, io, comm) as datafile:
+        max_rows = ceil_div(batch, comm.size)
+        reader = datafile.reader("train", max_rows)
+        sampling = Sampling(shuffle)
+        window_steps = sampling.window_steps(batch)
+        plan = epoch_plan(sampling, seed, 0, reader.n, batch, comm.rank, comm.size)
+        plan.steps, plan.batch_rows = plan.steps[:steps], plan.batch_rows[:steps]
+        buffers = Buffers(reader, max_rows, window_steps * max_rows if shuffle == "block" else 0)
+        dist.barrier(comm)
+        began = time.perf_counter()
+        for _ in Feed(reader, plan, buffers, prefetch=False):
+            pass
+        return time.perf_counter() - began, reader.read_seconds, reader.bytes_read, reader.reads
+
+
+def data_wait(comm, path: str, io: str, batch: int, steps: int, hidden: tuple[int, ...],
+              seed: int) -> float:
+    """Fraction of step time spent waiting for data in a short prefetching training run."""
+    problem: Problem = check_data(comm, path, "cross-entropy")
+    with DataFile(path, io, comm) as datafile:
+        max_rows = ceil_div(batch, comm.size)
+        reader = datafile.reader("train", max_rows)
+        arch = Architecture((reader.features, *hidden, problem.outputs))
+        sync = dist.GradientSync(comm, arch.n_params, arch.dtype)
+        model = MLP(arch, max_rows, grads=sync.grads)
+        model.init(np.random.default_rng(seed))
+        optimizer = make_optimizer("momentum", model.params, 0.01, 0.0, 0.9)
+        plan = epoch_plan(Sampling("global"), seed, 0, reader.n, batch, comm.rank, comm.size)
+        plan.steps, plan.batch_rows = plan.steps[:steps], plan.batch_rows[:steps]
+        prefetch = io != "mpio" or dist.thread_multiple()
+        timer = PhaseTimer()
+        feed = Feed(reader, plan, Buffers(reader, max_rows), prefetch)
+        batches = iter(feed)
+        for _ in range(len(feed)):
+            timer.begin_step()
+            with timer.phase("data"):
+                b = next(batches)
+            train_step(sync, model, optimizer, timer, b.x, b.y, b.rows, problem)
+            timer.end_step(b.rows)
+        feed.close()
+    phases = timer.reduce(comm)
+    return phases["data"]["mean"] / sum(p["mean"] for p in phases.values())
+
+
+def bench_io(comm: dist.Comm, path: str, batch: int, steps: int, hidden: tuple[int, ...],
+             seed: int, json_out: str | None) -> dict:
+    check_data(comm, path, "cross-entropy")  # validates the file on every rank, collectively
+    readers = ["independent"] + (["mpio"] if parallel_hdf5() else [])
+    with h5py.File(path, "r") as f:
+        n = f["train"]["x"].shape[0]
+    steps = min(steps, ceil_div(n, batch))
+    rows = []
+    for io in readers:
+        for shuffle in SHUFFLES:
+            row = {"reader": io, "shuffle": shuffle}
+            for cache in ("cold", "warm"):
+                if cache == "cold":
+                    drop_cache(comm, path)
+                wall, reading, nbytes, calls = timed_reads(comm, path, io, shuffle, batch, steps,
+                                                           seed)
+                if cache == "cold":
+                    drop_cache(comm, path)
+                raw = raw_read(comm, path, nbytes)
+                agg = np.array([nbytes, wall, reading, raw, calls], np.float64)
+                total, peak = agg.copy(), agg.copy()
+                dist.allreduce_sum(comm, total)
+                dist.allreduce_max(comm, peak)
+                row.update({"bytes": int(total[0]), "reads_per_rank": total[4] / comm.size,
+                            f"{cache}_read_mb_per_s": total[0] / peak[2] / 1e6,
+                            f"{cache}_raw_mb_per_s": total[0] / peak[3] / 1e6,
+                            f"{cache}_read_vs_raw": peak[3] / peak[2],
+                            f"{cache}_delivered_vs_raw": peak[3] / peak[1]})
+            rows.append(row)
+    waits = {io: data_wait(comm, path, io, batch, steps, hidden, seed) for io in readers}
+    result = {"file": path, "ranks": comm.size, "batch_size": batch, "steps": steps,
+              "mpi": dist.library(), "modes": rows, "training_data_wait_fraction": waits}
+    return report(comm, result, format_io(result), json_out)
+
+
+def report(comm: dist.Comm, result: dict, text: str, json_out: str | None) -> dict:
+    """Rank 0 prints the table and, if asked, writes the results as JSON."""
+    dist.print0(comm, text)
+    if json_out:
+        dist.root_tries(comm, lambda: write_atomically(
+            json_out, (json.dumps(result, indent=2) + "\n").encode()))
+    return result
+
+
+def format_io(r: dict) -> str:
+    lines = [f"mpinn bench io: {r['file']}, {r['ranks']} ranks, global batch {r['batch_size']}, "
+             f"{r['steps']} steps ({r['mpi']}); MB/s over all ranks",
+             f"{'':<21} {'------------- cold cache -------------':>40} "
+             f"{'------------- warm cache -------------':>40}",
+             f"{'reader':<12} {'shuffle':<8}" + f" {'read MB/s':>9} {'raw MB/s':>9} "
+             f"{'read/raw':>9} {'deliv/raw':>9}" * 2 + f" {'reads/rank':>10}"]
+    for m in r["modes"]:
+        lines.append(f"{m['reader']:<12} {m['shuffle']:<8}"
+                     + "".join(f" {m[f'{c}_read_mb_per_s']:9.1f} {m[f'{c}_raw_mb_per_s']:9.1f}"
+                               f" {m[f'{c}_read_vs_raw']:9.2f} {m[f'{c}_delivered_vs_raw']:9.2f}"
+                               for c in ("cold", "warm"))
+                     + f" {m['reads_per_rank']:10.0f}")
+    for io, wait in r["training_data_wait_fraction"].items():
+        lines.append(f"training with {io} reader, global shuffle, prefetch: "
+                     f"data wait {100 * wait:.2f}% of step time")
+    return "\n".join(lines)
+
+
+def gemm_peak(rows: int, dtype: str, repeats: int = 20) -> float:
+    """GFLOP/s of one (rows x 1024) @ (1024 x 1024) GEMM on this rank: the ceiling of a step."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((rows, 1024)).astype(dtype)
+    b = rng.standard_normal((1024, 1024)).astype(dtype)
+    out = np.empty((rows, 1024), dtype)
+    np.matmul(a, b, out=out)
+    best = float("inf")
+    for _ in range(repeats):
+        began = time.perf_counter()
+        np.matmul(a, b, out=out)
+        best = min(best, time.perf_counter() - began)
+    return 2 * rows * 1024 * 1024 / best / 1e9
+
+
+def local_batches(text: str) -> list[int]:
+    """--local-batches '64,128,256': at least two distinct positive row counts."""
+    try:
+        rows = sorted({int(s) for s in text.split(",")})
+    except ValueError:
+        rows = []
+    if len(rows) < 2 or rows[0] < 1 or rows[-1] > 1 << 16:
+        raise UsageError(f"--local-batches: at least two row counts from 1 to 65536, comma "
+                         f"separated (e.g. 64,128,256,512), not {text!r}")
+    return rows
+
+
+def compute_fit(comm: dist.Comm, arch: Architecture, local_batches: list[int], steps: int
+                ) -> dict:
+    """Collective: forward + backward seconds on b rows for each local batch b, every rank
+    at once (as in training: ranks that share a host slow each other down), the slowest
+    rank's median over `steps` (after a warm-up); fitted as c0 + c1 b (costmodel.fit)."""
+    from mpinn.perf import costmodel
+    model = MLP(arch, max(local_batches))
+    model.init(np.random.default_rng(3))
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((max(local_batches), arch.sizes[0])).astype(np.float32)
+    y = rng.integers(0, arch.sizes[-1], len(x))
+    times = np.zeros((len(local_batches), 2))  # forward, backward
+    for i, b in enumerate(local_batches):
+        dist.barrier(comm)
+        samples = np.zeros((steps + 1, 2))
+        for k in range(steps + 1):  # the first is the warm-up
+            began = time.perf_counter()
+            model.forward(x[:b])
+            middle = time.perf_counter()
+            model.backward(y[:b])
+            samples[k] = (middle - began, time.perf_counter() - middle)
+        # the median step: a burst of another process on a shared core is not the model's
+        times[i] = np.median(samples[1:], axis=0)
+    dist.allreduce_max(comm, times, "the compute times")
+    total = times.sum(axis=1)
+    c0, c1, residuals = costmodel.fit(local_batches, total)
+    return {"concurrent_ranks": comm.size, "local_batches": local_batches,
+            "forward_s": times[:, 0].tolist(), "backward_s": times[:, 1].tolist(),
+            "c0_s": c0, "c1_s_per_row": c1, "residuals": residuals.tolist(),
+            "backward_fraction": float(times[:, 1].sum() / total.sum())}
+
+
+def bench_step(comm: dist.Comm, features: int, hidden: tuple[int, ...], classes: int,
+               batch: int, steps: int, dtype: str, json_out: str | None,
+               local_batches: list[int] | None = None, optimizer_name: str = "sgd") -> dict:
+    """Training steps on in-memory data: compute vs GEMM peak, allreduce vs raw MPI; with
+    local_batches also the compute fit of the cost model (compute_fit)."""
+    rows = ceil_div(batch, comm.size)
+    lo, hi = (comm.rank * batch) // comm.size, ((comm.rank + 1) * batch) // comm.size
+    arch = Architecture((features, *hidden, classes), dtype=dtype)
+    sync = dist.GradientSync(comm, arch.n_params, arch.dtype)
+    model = MLP(arch, rows, grads=sync.grads)
+    model.init(np.random.default_rng(1))
+    optimizer = make_optimizer(optimizer_name, model.params, 1e-3, 0.0, 0.9)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((hi - lo, features)).astype(np.float32)
+    y = rng.integers(0, classes, hi - lo)
+    problem = Problem(DatasetInfo("(random, in memory)", batch, 0, features, "classification",
+                                  classes), classes)
+    timer = PhaseTimer()
+    # as in training: the Allreduce is non-blocking, completed by the stall watchdog's loop
+    with dist.watching(comm, 600, lambda: False, lambda: "mpinn bench step"):
+        for _ in range(steps + 1):  # the first is the warm-up step, left out of the figures
+            timer.begin_step()
+            train_step(sync, model, optimizer, timer, x, y, batch, problem)
+            timer.end_step(batch)
+    phases = timer.reduce(comm)
+    # raw MPI: the same bytes, the blocking call, in a tight loop (no computation around it)
+    buf = np.zeros_like(sync.buffer)
+    dist.barrier(comm)
+    began = time.perf_counter()
+    for _ in range(steps):
+        dist.bare_allreduce(comm, buf)
+    raw = np.array([(time.perf_counter() - began) / steps])
+    dist.allreduce_max(comm, raw)
+    layer_flops = sum(fi * fo for fi, fo in zip(arch.sizes[:-1], arch.sizes[1:]))
+    # forward 2 n sum(fi fo); backward 4 n sum(fi fo) less the input layer's delta
+    flops = (hi - lo) * (6 * layer_flops - 2 * arch.sizes[0] * arch.sizes[1])
+    compute = phases["forward"]["max"] + phases["backward"]["max"]
+    peak = np.array([gemm_peak(rows, dtype)])
+    dist.allreduce_sum(comm, peak)
+    per_rank_gflops = flops / compute / 1e9 if compute else float("nan")
+    result = {"ranks": comm.size, "mpi": dist.library(), "model": list(arch.sizes),
+              "batch_size": batch, "dtype": dtype, "steps": steps, "optimizer": optimizer_name,
+              "step_time_s": phases, "samples_per_s": batch / sum(
+                  p["max"] for p in phases.values()),
+              "compute_gflops_per_rank": per_rank_gflops,
+              "gemm_peak_gflops_per_rank": peak[0] / comm.size,
+              "compute_vs_gemm_peak": per_rank_gflops / (peak[0] / comm.size),
+              "allreduce_bytes": sync.buffer.nbytes,
+              "allreduce_s": phases["allreduce"]["max"], "raw_allreduce_s": raw[0],
+              "allreduce_vs_raw": raw[0] / phases["allreduce"]["max"]}
+    if local_batches:
+        result["compute_fit"] = compute_fit(comm, arch, local_batches, steps)
+    return report(comm, result, format_step(result), json_out)
+
+
+def format_step(r: dict) -> str:
+    p = r["step_time_s"]
+    return "\n".join([
+        f"mpinn bench step: model {'-'.join(map(str, r['model']))} {r['dtype']}, global batch "
+        f"{r['batch_size']}, {r['ranks']} ranks, {r['steps']} steps ({r['mpi']})",
+        "ms per step (max over ranks): " + ", ".join(f"{k} {1e3 * v['max']:.3f}"
+                                                       for k, v in p.items()),
+        f"compute: {r['compute_gflops_per_rank']:.1f} GFLOP/s per rank = "
+        f"{r['compute_vs_gemm_peak']:.2f} x a {r['gemm_peak_gflops_per_rank']:.1f} GFLOP/s GEMM",
+        f"allreduce: {1e3 * r['allreduce_s']:.3f} ms for {r['allreduce_bytes'] / 1e6:.2f} MB = "
+        f"{r['allreduce_vs_raw']:.2f} x the speed of a bare MPI Allreduce (blocking) "
+        f"({1e3 * r['raw_allreduce_s']:.3f} ms)",
+        f"throughput: {r['samples_per_s']:,.0f} samples/s"] + format_fit(r.get("compute_fit")))
+
+
+def format_fit(f: dict | None) -> list[str]:
+    if not f:
+        return []
+    return [f"compute fit (forward + backward, {f['concurrent_ranks']} ranks at once): "
+            f"{1e3 * f['c0_s']:.3f} ms + {1e6 * f['c1_s_per_row']:.2f} us x rows; "
+            f"backward {100 * f['backward_fraction']:.0f}%; residuals "
+            + ", ".join(f"{b}: {100 * r:+.1f}%" for b, r in zip(f["local_batches"],
+                                                               f["residuals"]))]

@@ -1,0 +1,399 @@
+"""A training run set up: everything the loop needs, validated and agreed before the
+first step, and the checkpointing that goes with it.
+
+open_session() validates the data on every rank, takes the run directory (rank 0:
+lock, tidy, writability), builds the model around the gradient sync's buffer,
+resumes from the run's checkpoint or initialises from the seed, and opens the
+readers. Every step that can fail for one rank only ends in an agreement
+(dist.first_error, dist.root_tries), so all ranks raise the same error alike.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import numpy as np
+
+from mpinn.base.errors import Interrupted, UsageError
+from mpinn.comm import dist
+from mpinn.data.feed import Buffers, Feed
+from mpinn.data.holdout import EarlyStopping, held_out_rows
+from mpinn.data.layout import Problem, check_data
+from mpinn.data.readers import DataFile, SplitReader, resolve_io
+from mpinn.data.sampler import (
+    Sampling,
+    ceil_div,
+    epoch_plan,
+    micro_rows,
+    remaining,
+    steps_per_epoch,
+)
+from mpinn.nn.dropout import Dropout
+from mpinn.nn.model import MLP, Architecture
+from mpinn.nn.optim import Optimizer, make_optimizer
+from mpinn.nn.schedule import Schedule, scaled_rate
+from mpinn.run import checkpoint
+from mpinn.run.checkpoint import Checkpoint
+from mpinn.run.config import TrainConfig, to_toml
+from mpinn.run.rundir import RunDir
+from mpinn.train.step import Regime
+from mpinn.train.timing import PhaseTimer
+
+T = TypeVar("T")
+INIT_STREAM = 0x1A17  # generator stream of the initial weights: seed -> weights
+# Settings that fix the trajectory: a resumed run must keep them.
+TRAJECTORY_KEYS = ("batch_size", "seed", "shuffle", "block_rows", "window_rows", "optimizer",
+                   "hidden", "activation", "loss", "dtype", "dropout", "val_fraction")
+# a key missing from an older checkpoint's config had its default then (through TOML,
+# as the current configuration is compared: a tuple default reads back as a list)
+DEFAULTS = tomllib.loads(to_toml(TrainConfig()))
+
+
+@dataclass
+class Progress:
+    """Where a run stands, and this rank's running sums of the current epoch."""
+
+    epoch: int = 0  # completed epochs
+    step: int = 0  # global steps done
+    step_in_epoch: int = 0  # steps done of epoch `epoch`
+    # loss, correct, rows, then (classification) the flattened C x C confusion counts:
+    # one vector, so one Allreduce at the epoch's end reduces them all
+    sums: np.ndarray = field(default_factory=lambda: np.zeros(3))
+
+    @property
+    def confusion(self) -> np.ndarray | None:
+        """The epoch's confusion counts (a view of sums), None for regression."""
+        return self.sums[3:] if len(self.sums) > 3 else None
+
+    def advance(self, loss: float, correct: int, rows: int) -> None:
+        self.step += 1
+        self.step_in_epoch += 1
+        self.sums[:3] += (loss, correct, rows)
+
+    def end_epoch(self) -> None:
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.sums[:] = 0
+
+
+@dataclass(kw_only=True)
+class Reading:
+    """The training data as every rank reads it."""
+
+    io: str  # independent | mpio
+    prefetch: bool
+    sampling: Sampling
+    file: DataFile
+    train: SplitReader
+    test: SplitReader
+    buffers: Buffers
+    val: SplitReader  # the train split again: evaluating never counts as training reads
+    val_rows: np.ndarray  # held-out file rows of the train split (sorted; maybe none)
+    train_rows: np.ndarray | None  # the others; None: every row trains
+
+    @property
+    def train_count(self) -> int:
+        return self.train.n if self.train_rows is None else len(self.train_rows)
+
+
+@dataclass(kw_only=True)
+class Session:
+    cfg: TrainConfig
+    comm: dist.Comm
+    problem: Problem
+    model: MLP
+    optimizer: Optimizer
+    sync: dist.GradientSync
+    run: RunDir | None  # the run directory, on rank 0 (None on the others)
+    resumed: Checkpoint | None  # metadata of the checkpoint this run continues
+    progress: Progress
+    data: Reading
+    watch: EarlyStopping  # validation loss: best so far, stale epochs (validation.py)
+    timer: PhaseTimer = field(default_factory=PhaseTimer)
+    saved_step: int = -1  # the step of the newest checkpoint on disk (-1: none)
+    config_pending: bool = False  # a resumed run's config.toml, written with its checkpoint
+    active_feed: Feed | None = None  # the epoch's feed, whose threads may still read
+    hosts: tuple[list[str], list[int]] = ([], [])  # dist.placement: hosts, ranks on each
+    regime: Regime = field(default_factory=Regime)  # dropout, clipping
+    schedule: Schedule = field(default_factory=lambda: Schedule(0.0))  # the rate per step
+
+    @property
+    def steps(self) -> int:
+        return steps_per_epoch(self.data.train_count, self.cfg.batch_size)
+
+    @property
+    def complete(self) -> bool:
+        """Resumed at the end: --epochs done (or stopped early), nothing left to train."""
+        return self.resumed is not None and (self.progress.epoch >= self.cfg.epochs
+                                             or self.watch.exhausted)
+
+    def feed(self, epoch: int) -> Feed:
+        """This rank's batches of an epoch (from the resumed step in the first one)."""
+        cfg, data, comm = self.cfg, self.data, self.comm
+        plan = epoch_plan(data.sampling, cfg.seed, epoch, data.train.n, cfg.batch_size,
+                          comm.rank, comm.size, cfg.accumulate, rows=data.train_rows)
+        self.active_feed = Feed(data.train, plan, data.buffers, data.prefetch,
+                                first_step=self.progress.step_in_epoch)
+        return self.active_feed
+
+    def on_root(self, write: Callable[[RunDir], object]) -> None:
+        """Collective: rank 0 applies write to the run directory; all learn if it failed."""
+        dist.root_tries(self.comm, lambda: write(self.run))
+
+    def save(self, record: dict | None = None, best: bool = False) -> None:
+        """Collective: a checkpoint of the run as it stands (rank 0 writes it), after
+        the epoch's metrics line if one is given; best: also as best.h5, first (a
+        crash between the two resumes before this epoch, which writes it again).
+
+        The epoch's running sums are reduced first, so the file holds the global
+        sums. The file's image is built (and refused if not finite) before anything
+        is written; then the metrics line: a crash between it and the checkpoint
+        leaves a line past the checkpoint, which a resume drops. A resumed run
+        rewrites config.toml only now, with its first new checkpoint: a resume that
+        fails before that leaves the run as it was.
+        """
+        p, cfg = self.progress, self.cfg
+        sums = p.sums.copy()
+        dist.allreduce_sum(self.comm, sums)
+        ckpt = Checkpoint(arch=self.model.arch, task=self.problem.info.task, epoch=p.epoch,
+                          step=p.step, step_in_epoch=p.step_in_epoch, config=to_toml(cfg),
+                          optimizer=cfg.optimizer, optimizer_state=self.optimizer.state(),
+                          epoch_sums=sums[:3], epoch_confusion=sums[3:],
+                          data_shape=data_shape(self.problem),
+                          ranks=self.comm.size, lr_anchor=self.schedule.anchor,
+                          best_val_loss=self.watch.best_loss,
+                          best_epoch=self.watch.best_epoch, stale_epochs=self.watch.stale)
+
+        def write(run: RunDir) -> None:
+            image = checkpoint.image(ckpt, self.model)
+            if record is not None:
+                run.append_metrics(record)
+            if best:
+                run.save_best(image)
+            run.save_checkpoint(ckpt.step, image)
+            if self.config_pending:
+                run.write_config(ckpt.config)
+        self.on_root(write)
+        self.saved_step, self.config_pending = p.step, False
+
+    def close(self) -> None:
+        """Stop the feed's threads, close the data file (collective with mpio) and
+        release the run directory. Only when all ranks close alike."""
+        if self.active_feed is not None:
+            self.active_feed.close()
+        self.data.file.close()
+        if self.run is not None:
+            self.run.close()
+
+
+def data_shape(problem: Problem) -> tuple[int, int, int]:
+    return problem.info.n_train, problem.info.features, problem.outputs
+
+
+def open_session(cfg: TrainConfig, comm: dist.Comm) -> Session:
+    """Collective: validate, agree, take the run directory, build and resume the model."""
+    io = resolve_io(cfg.io)
+    problem = check_data(comm, cfg.data, cfg.loss)
+    held = held_out_rows(cfg.seed, problem.info.n_train, cfg.val_fraction)  # alike on all
+    # the largest share of a global batch (no batch is larger than the data), and of
+    # a micro-batch: the model's buffers hold one micro-batch (sampler.py)
+    model_rows, max_rows = (max(1, r) for r in micro_rows(
+        min(cfg.batch_size, problem.info.n_train), cfg.accumulate, comm.size))
+    arch = Architecture((problem.info.features, *cfg.hidden, problem.outputs),
+                        cfg.activation, cfg.loss, cfg.dtype)
+    sync, model, optimizer = build_model(comm, cfg, arch, model_rows)
+    run = dist.root_tries(comm, lambda: RunDir.open(cfg))
+    try:
+        resumed = resume(comm, cfg, run, model, optimizer, data_shape(problem)) \
+            if cfg.resume else None
+        if resumed is None:
+            model.init(np.random.default_rng([cfg.seed, INIT_STREAM]))
+        dist.check_identical(comm, model.params, "initial weights")
+        classes = problem.outputs if problem.classification else 0
+        sums = np.zeros(3 + classes * classes)
+        if resumed is not None and comm.rank == 0:  # the others' sums start from zero
+            sums[:3] = resumed.epoch_sums
+            if len(resumed.epoch_confusion) == classes * classes:  # older checkpoints: none
+                sums[3:] = resumed.epoch_confusion
+        progress = Progress(resumed.epoch, resumed.step, resumed.step_in_epoch, sums) \
+            if resumed is not None else Progress(sums=sums)
+        watch = EarlyStopping(patience=cfg.early_stopping)
+        if resumed is not None:
+            watch = EarlyStopping(patience=cfg.early_stopping, best_loss=resumed.best_val_loss,
+                                  best_epoch=resumed.best_epoch, stale=resumed.stale_epochs)
+        return Session(cfg=cfg, comm=comm, hosts=dist.placement(comm), problem=problem,
+                       model=model, optimizer=optimizer,
+                       sync=sync, run=run, resumed=resumed, progress=progress,
+                       data=open_reading(cfg, comm, io, max_rows, problem, held), watch=watch,
+                       saved_step=resumed.step if resumed else -1,
+                       config_pending=resumed is not None,
+                       regime=Regime(Dropout(cfg.dropout, cfg.hidden, model_rows, cfg.seed,
+                                             cfg.dtype) if any(cfg.dropout) else None,
+                                     cfg.clip_norm),
+                       schedule=make_schedule(cfg, steps_per_epoch(
+                           problem.info.n_train - len(held), cfg.batch_size), resumed))
+    except BaseException:
+        if run is not None:
+            run.close()
+        raise
+
+
+def build_model(comm: dist.Comm, cfg: TrainConfig, arch: Architecture, max_rows: int
+                ) -> tuple[dist.GradientSync, MLP, Optimizer]:
+    """Collective: the sync buffer, the model around it and the optimizer, or a
+    UsageError on every rank if they do not fit in some rank's memory."""
+    def build() -> tuple[dist.GradientSync, MLP, Optimizer]:
+        sync = dist.GradientSync(comm, arch.n_params, arch.dtype)
+        model = MLP(arch, max_rows, grads=sync.grads, dropout=any(cfg.dropout),
+                    accumulate=cfg.accumulate > 1)
+        return sync, model, make_optimizer(cfg.optimizer, model.params, cfg.lr,
+                                           cfg.weight_decay, cfg.momentum, cfg.l1)
+    gib = arch.n_params * np.dtype(arch.dtype).itemsize / 2**30
+    return affordable(comm, build, (
+        f"the model {'-'.join(map(str, arch.sizes))} has {arch.n_params:,} parameters "
+        f"({gib:.3g} GiB each for the weights, the gradients and every {cfg.optimizer} state "
+        f"array)", "choose smaller --hidden layers"
+        + (" or --dtype float32" if arch.dtype == "float64" else "")))
+
+
+def make_schedule(cfg: TrainConfig, steps: int, resumed: Checkpoint | None) -> Schedule:
+    """The rate of every step (`steps` per epoch). A resume keeps the checkpoint's
+    stretch (anchor) and, if --epochs changed, stretches cosine from the resumed step
+    (schedule.py)."""
+
+    def planned(epochs: int, anchor: tuple[int, float] | None) -> Schedule:
+        return Schedule(scaled_rate(cfg.lr, cfg.lr_scaling, cfg.batch_size, cfg.base_batch),
+                        cfg.lr_schedule, max(1, epochs * steps), cfg.warmup_steps,
+                        cfg.lr_step_every, cfg.lr_gamma, cfg.lr_min, anchor)
+    if resumed is None:
+        return planned(cfg.epochs, None)
+    saved_epochs = int(tomllib.loads(resumed.config).get("epochs", cfg.epochs))
+    schedule = planned(saved_epochs, resumed.lr_anchor).stretched(resumed.step,
+                                                                  max(1, cfg.epochs * steps))
+    if cfg.epochs * steps > resumed.step and not schedule(resumed.step) > 0:
+        raise UsageError(f"--resume: this run's {cfg.lr_schedule} schedule reached a rate of "
+                         f"{schedule(resumed.step):g} at step {resumed.step}: more epochs would "
+                         f"not change the model; resume with --lr-min R > 0 (cosine) or "
+                         f"--lr-schedule constant --lr R")
+    return schedule
+
+
+def affordable(comm: dist.Comm, build: Callable[[], T], what: tuple[str, str]) -> T:
+    """Collective: build(), or a UsageError on every rank if some rank ran out of memory
+    (what: the thing built, and the advice)."""
+    built, problem = None, None
+    try:
+        built = build()
+    except MemoryError:
+        problem = f"{what[0]}: it does not fit in rank {comm.rank}'s memory; {what[1]}"
+    problem = dist.first_error(comm, problem)
+    if problem is not None:
+        raise UsageError(problem)
+    return built  # type: ignore[return-value]
+
+
+def open_reading(cfg: TrainConfig, comm: dist.Comm, io: str, max_rows: int,
+                 problem: Problem, held: np.ndarray) -> Reading:
+    # mpio reads are MPI collectives: from the prefetch thread only if MPI allows threads
+    prefetch = cfg.prefetch and (io != "mpio" or dist.thread_multiple())
+    sampling = Sampling(cfg.shuffle, cfg.block_rows, cfg.window_rows)
+    datafile = DataFile(cfg.data, io, comm)
+    train = datafile.reader("train", max_rows)
+    # a window holds at most an epoch's steps: this rank's share of the rows, or less
+    window_steps = min(sampling.window_steps(cfg.batch_size),
+                       steps_per_epoch(problem.info.n_train, cfg.batch_size))
+    window_rows = min(window_steps * max_rows,
+                      ceil_div(problem.info.n_train, comm.size) + window_steps)
+    buffers = affordable(comm, lambda: Buffers(
+        train, max_rows, window_rows if cfg.shuffle == "block" else 0), (
+        f"--shuffle block's window of {window_rows:,} rows per rank",
+        "choose a smaller --window-rows"))
+    return Reading(io=io, prefetch=prefetch, file=datafile, train=train,
+                   test=datafile.reader("test", max_rows), buffers=buffers, sampling=sampling,
+                   val=datafile.reader("train", max_rows), val_rows=held,
+                   train_rows=remaining(problem.info.n_train, held))
+
+
+def resume(comm: dist.Comm, cfg: TrainConfig, run: RunDir | None, model: MLP,
+           optimizer: Optimizer, shape: tuple[int, int, int]) -> Checkpoint:
+    """Collective: load the run's checkpoint into model and optimizer on every rank.
+
+    Rank 0 reads it (checkpoint.h5, or the newest intact one of checkpoints/ if
+    that is corrupt: RunDir.load_checkpoint) and broadcasts it. UsageError on every
+    rank if none can be read, or if it does not fit the configuration: a resumed
+    run must continue the same trajectory (architecture, data, batch size, seed,
+    sampling, optimizer), whatever the number of ranks. Returns the metadata.
+    """
+    def load() -> Checkpoint:
+        assert run is not None
+        ckpt = run.load_checkpoint()
+        check_compatible(ckpt, cfg, model.arch, shape, comm.size)
+        ckpt.restore(model)
+        state = optimizer.state()
+        if set(ckpt.optimizer_state) != set(state) or any(
+                np.shape(ckpt.optimizer_state[k]) != np.shape(v) for k, v in state.items()):
+            raise UsageError(f"--resume: the optimizer state in the checkpoint of {cfg.out} "
+                             f"does not fit the {cfg.optimizer} optimizer of this model")
+        optimizer.load_state(ckpt.optimizer_state)
+        run.keep_metrics(ckpt.epoch)
+        return ckpt
+    ckpt = dist.root_tries(comm, load)
+    meta = dist.broadcast_object(comm, ckpt.metadata() if ckpt else None)
+    # arrays travel as buffers, in the same order on every rank
+    for buf in (model.params, *optimizer.state().values()):
+        dist.broadcast(comm, buf)
+    return meta
+
+
+def check_compatible(ckpt: Checkpoint, cfg: TrainConfig, arch: Architecture,
+                     shape: tuple[int, int, int], comm_size: int) -> None:
+    saved = tomllib.loads(ckpt.config)
+    current = tomllib.loads(to_toml(cfg))
+    changed = [f"{k} {saved.get(k, DEFAULTS[k])!r} -> {current[k]!r}" for k in TRAJECTORY_KEYS
+               if saved.get(k, DEFAULTS[k]) != current[k]]
+    if ckpt.arch != arch and not changed:
+        changed.append(f"model {ckpt.arch} -> {arch}")
+    window_steps = Sampling(cfg.shuffle, cfg.block_rows, cfg.window_rows).window_steps(
+        cfg.batch_size)
+    if cfg.shuffle == "block" and ckpt.ranks != comm_size and ckpt.step_in_epoch % window_steps:
+        changed.append(f"ranks {ckpt.ranks} -> {comm_size} inside a block-shuffle window "
+                       f"(resume on {ckpt.ranks} ranks, or from a checkpoint at a window "
+                       f"boundary: a multiple of {window_steps} steps into the epoch)")
+    if ckpt.data_shape != shape:
+        changed.append(f"training data (rows, features, outputs) {ckpt.data_shape} -> {shape}")
+    if changed:
+        raise UsageError(f"--resume: the checkpoint in {cfg.out} does not fit this "
+                         f"configuration ({'; '.join(changed)}); resume with the run's own "
+                         f"settings (its config.toml) or start a new run")
+    if ckpt.epoch > cfg.epochs or (ckpt.epoch == cfg.epochs and ckpt.step_in_epoch):
+        raise UsageError(f"--resume: the checkpoint is past --epochs {cfg.epochs} (epoch "
+                         f"{ckpt.epoch}, step {ckpt.step_in_epoch}); ask for more epochs")
+
+
+@dataclass
+class Checkpointer:
+    """When a run checkpoints, and how a stop request ends it.
+
+    At every `every`-th global step inside an epoch (0: never mid-epoch), at the
+    end of every epoch (the loop calls save), and at the step where the ranks
+    agreed on a stop request: then the feed is closed (every rank's read-ahead
+    done), the checkpoint written, and the run ends with Interrupted (exit 3).
+    """
+
+    session: Session
+    every: int
+
+    def after_step(self, feed: Feed) -> None:
+        s, p = self.session, self.session.progress
+        if s.sync.stop_requested:
+            feed.close()
+            s.save()
+            raise Interrupted(f"stopped by a signal at epoch {p.epoch + 1}, step "
+                              f"{p.step_in_epoch} of {s.steps}; checkpoint written; continue "
+                              f"with: mpinn train --out {s.cfg.out} --resume")
+        if self.every and p.step % self.every == 0 and p.step_in_epoch < s.steps:
+            s.save()
+
