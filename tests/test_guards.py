@@ -16,7 +16,7 @@ from mpi4py import MPI
 from conftest import mounted, root_only
 from mpinn.base.errors import CollectiveError, StorageError, UsageError
 from mpinn.base.files import strict_json, temp_path, write_atomically
-from mpinn.comm import dist
+from mpinn.comm import gradsync, world
 from mpinn.data.layout import nonfinite_row
 from mpinn.nn.model import MLP, Architecture
 from mpinn.run import checkpoint
@@ -101,6 +101,7 @@ def test_nonfinite_row_finds_the_first_bad_row_only():
 
 @pytest.fixture(params=["self", "dup"])
 def comm(request):
+    world.start()  # importing mpinn.comm never starts MPI
     comm = MPI.COMM_SELF if request.param == "self" else MPI.COMM_SELF.Dup()
     yield comm
     if request.param == "dup":
@@ -109,7 +110,7 @@ def comm(request):
 
 def test_the_sync_carries_gradients_losses_and_flags_in_one_buffer(comm):
     arch = Architecture((3, 4, 2), dtype="float32")
-    sync = dist.GradientSync(comm, arch.n_params, arch.dtype)
+    sync = gradsync.GradientSync(comm, arch.n_params, arch.dtype)
     model = MLP(arch, 5, grads=sync.grads)
     assert np.shares_memory(model.grads, sync.buffer) and sync.buffer.size == arch.n_params + 3
     model.init(np.random.default_rng(0))
@@ -184,14 +185,14 @@ def test_a_checkpoint_with_a_nan_is_never_built():
 
 def test_pruning_keeps_the_newest_checkpoints_up_to_the_step_written(tmp_path):
     run = RunDir(str(tmp_path), keep_checkpoints=2)
-    os.makedirs(run.history)
+    os.makedirs(run.history.folder)
     model = MLP(Architecture((3, 2)), 1)
     for step in (5, 10, 900):  # 900: left by a run killed before it pointed checkpoint.h5 at it
         image = checkpoint.image(Checkpoint(arch=model.arch, task="classification",
                                             step=step), model)
         (tmp_path / "checkpoints" / f"step-{step:09d}.h5").write_bytes(image)
-    run.save_checkpoint(12, image)
-    assert sorted(os.listdir(run.history)) == ["step-000000010.h5", "step-000000012.h5"]
+    run.history.save(12, image)
+    assert sorted(os.listdir(run.history.folder)) == ["step-000000010.h5", "step-000000012.h5"]
     assert os.path.samefile(tmp_path / "checkpoint.h5", tmp_path / "checkpoints" /
                             "step-000000012.h5")
 

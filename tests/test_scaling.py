@@ -369,13 +369,13 @@ def test_launcher_templates_and_environment():
     assert scaling.parse_ranks("4,1,2,2") == (1, 2, 4) and scaling.default_ranks(6) == (1, 2, 4, 6)
 
 
-def test_the_driver_and_the_report_never_load_mpi():
+def test_the_driver_and_the_report_never_start_mpi():
     code = ("import sys, mpinn.cli.main, mpinn.perf.scaling, mpinn.perf.sweep, mpinn.perf.report, "
             "mpinn.perf.plot, mpinn.perf.projection, mpinn.perf.calibrate, mpinn.perf.costmodel\n"
-            "assert not [m for m in sys.modules if m.startswith('mpi4py')], 'mpi4py loaded'")
+            "MPI = sys.modules.get('mpi4py.MPI')\n"
+            "assert MPI is None or not MPI.Is_initialized(), 'MPI was started'")
     ok(run([sys.executable, "-c", code]))
-    from mpinn.train import timing
-    assert report.PHASES == timing.PHASES and report.COLUMNS == tuple(COLUMNS)
+    assert report.COLUMNS == tuple(COLUMNS)  # points.csv's columns are a contract
 
 
 # the cost model in the report, and the projection

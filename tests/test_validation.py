@@ -171,7 +171,7 @@ def test_best_h5_is_kept_with_validation_alone(synth, tmp_path):
 def test_a_checkpoint_from_before_the_toolkit_resumes(synth, tmp_path):
     """A configuration without the toolkit's keys (mpinn before them) means their
     defaults: it fits a configuration that leaves them at their defaults."""
-    from mpinn.run.config import resolve, to_toml
+    from mpinn.run.resolve import resolve, to_toml
     from mpinn.train.session import check_compatible
     cfg = resolve({}, {"data": str(synth), "out": str(tmp_path / "r"), "hidden": "8"})
     old = "\n".join(line for line in to_toml(cfg).splitlines()

@@ -1,4 +1,4 @@
-"""Files: atomic replacement, refused writes explained, HDF5 files opened or explained.
+"""Files: atomic replacement, refused writes explained, small files read (JSON too).
 
 Atomic replacement: write to a temporary file in the destination's directory
 (same file system, so the rename is atomic), fsync it, rename it over the
@@ -12,17 +12,12 @@ one behind, which `remove_orphans` deletes at the start of the next run.
 A write the file system refuses (ENOSPC, EDQUOT, EROFS, EACCES, ...) becomes a
 StorageError naming the file, the errno and what to do: a message, not a
 traceback (and never a crash inside HDF5: see write_atomically).
-
-Reading is the mirror image: an HDF5 file that cannot be opened, or an object in
-it that HDF5 fails to read (a corrupt file), is a UsageError naming the file,
-the object and HDF5's reason (open_hdf5, hdf5_errors), never HDF5's error dump.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import json
 import math
 import os
@@ -30,16 +25,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-import h5py
-
-from mpinn.base.errors import CollectiveError, StorageError, UsageError
-
-# What h5py raises when HDF5 fails to read a corrupt file: HDF5's errors map to
-# OSError mostly, some to KeyError, ValueError, TypeError or RuntimeError; a
-# corrupt size can ask for more memory than there is. (mpinn's own StorageError and
-# CollectiveError are RuntimeErrors too: NOT_HDF5 lets them pass.)
-HDF5_FAILURES = (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError, MemoryError)
-NOT_HDF5 = (StorageError, CollectiveError)
+from mpinn.base.errors import StorageError, UsageError
 
 TEMP_MARK = ".tmp-"
 ADVICE = {
@@ -160,46 +146,6 @@ def fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
-def open_hdf5(path: str, what: str = "file", **kwargs: Any) -> h5py.File:
-    """h5py.File(path, 'r') or a UsageError that says why not (never HDF5's error dump)."""
-    if os.path.isdir(path):
-        raise UsageError(f"{path} is a directory, not an HDF5 {what}")
-    try:
-        return h5py.File(path, "r", **kwargs)
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such {what}") from None
-    except HDF5_FAILURES as exc:
-        raise UsageError(f"{path}: not a readable HDF5 {what} ({failure_reason(exc)})") from None
-
-
-def open_hdf5_image(data: bytes) -> h5py.File:
-    """An HDF5 file held in memory (the bytes of a file read once), opened read-only:
-    nothing reads the disk again. (h5py reads a file object 4x faster here than
-    HDF5's core driver opens a file image: 10 ms vs 43 ms for 15 MB.) OSError if HDF5
-    cannot open it."""
-    return h5py.File(io.BytesIO(data), "r")
-
-
-def failure_reason(exc: BaseException) -> str:
-    """HDF5's reason for a failed read, in a few words."""
-    if isinstance(exc, MemoryError):
-        return "it declares a size larger than this machine's memory"
-    return str(exc).strip() or type(exc).__name__
-
-
-@contextlib.contextmanager
-def hdf5_errors(path: str, what: str) -> Iterator[None]:
-    """Turn HDF5's failure to read `what` (an object, some rows) of the file at path into
-    one UsageError naming both and HDF5's reason: bad input, not a traceback."""
-    try:
-        yield
-    except NOT_HDF5:
-        raise
-    except HDF5_FAILURES as exc:
-        raise UsageError(f"{path}: HDF5 cannot read {what} ({failure_reason(exc)}); the file "
-                         f"is probably corrupt") from None
-
-
 def read_bytes(path: str, what: str = "file") -> bytes:
     """The whole file at path; UsageError if it is missing, a directory or unreadable."""
     if os.path.isdir(path):
@@ -224,3 +170,11 @@ def strict_json(obj: Any, indent: int | None = None) -> str:
             return [clean(v) for v in value]
         return value
     return json.dumps(clean(obj), indent=indent, allow_nan=False)
+
+
+def read_json(path: str, what: str = "file") -> Any:
+    """The JSON document at path; UsageError if it is missing, unreadable or not JSON."""
+    try:
+        return json.loads(read_bytes(path, what))
+    except ValueError:
+        raise UsageError(f"{path} is not JSON") from None

@@ -1,4 +1,5 @@
-"""Launch checks before the first step: is this the job the user launched?
+"""Where the ranks run, and launch checks before the first step: is this the job the
+user launched?
 
 Two classic mistakes make a data-parallel job silently wrong or slow:
 
@@ -25,7 +26,8 @@ from collections.abc import Mapping
 
 from mpinn.base.cpus import blas_threads
 from mpinn.base.errors import UsageError
-from mpinn.comm import dist
+from mpinn.comm import collectives, console
+from mpinn.comm.world import Comm, processor_name
 
 # Per launcher, the variable holding the number of tasks of this job step.
 TASK_COUNTS = {"SLURM_STEP_NUM_TASKS": "srun", "PMI_SIZE": "a PMI launcher (MPICH, Intel MPI)",
@@ -33,7 +35,17 @@ TASK_COUNTS = {"SLURM_STEP_NUM_TASKS": "srun", "PMI_SIZE": "a PMI launcher (MPIC
 OVERSUBSCRIBE_POLICIES = ("warn", "error")
 
 
-def check(comm: dist.Comm, environ: Mapping[str, str] = os.environ) -> None:
+def placement(comm: Comm) -> tuple[list[str], list[int]]:
+    """Collective: the distinct hosts (MPI processor names, in order of their first
+    rank) and how many ranks each runs."""
+    hosts: dict[str, int] = {}
+    names = collectives.gather_objects(comm, processor_name(), "an exchange of host names")
+    for name in names:
+        hosts[name] = hosts.get(name, 0) + 1
+    return list(hosts), list(hosts.values())
+
+
+def check(comm: Comm, environ: Mapping[str, str] = os.environ) -> None:
     """Collective: UsageError for a lone copy of a larger job; for oversubscribed
     cores a warning (rank 0), or with MPINN_OVERSUBSCRIBE=error (what `mpinn scaling
     run` sets unless asked to oversubscribe) a UsageError."""
@@ -43,18 +55,18 @@ def check(comm: dist.Comm, environ: Mapping[str, str] = os.environ) -> None:
                          f"{', '.join(OVERSUBSCRIBE_POLICIES)}, not {policy!r}")
     if comm.size == 1:
         lone_copy(environ)
-    warning = oversubscription(dist.gather_objects(comm, machine_share(environ)))
+    warning = oversubscription(collectives.gather_objects(comm, machine_share(environ)))
     if warning and policy == "error":
         raise UsageError(f"oversubscribed, and MPINN_OVERSUBSCRIBE=error: {warning} (`mpinn "
                          f"scaling run` sets MPINN_OVERSUBSCRIBE=error unless given "
                          f"--oversubscribe)")
     if warning:
-        dist.print0(comm, f"mpinn: warning: {warning}", file=sys.stderr)
+        console.print0(comm, f"mpinn: warning: {warning}", file=sys.stderr)
 
 
-def oversubscribed(comm: dist.Comm, environ: Mapping[str, str] = os.environ) -> bool:
+def oversubscribed(comm: Comm, environ: Mapping[str, str] = os.environ) -> bool:
     """Collective: whether some machine runs more ranks x BLAS threads than it has CPUs."""
-    return oversubscription(dist.gather_objects(comm, machine_share(environ))) is not None
+    return oversubscription(collectives.gather_objects(comm, machine_share(environ))) is not None
 
 
 def lone_copy(environ: Mapping[str, str]) -> None:

@@ -8,6 +8,7 @@ the file atomically: an interrupted write leaves no half-written dataset.
 
 from __future__ import annotations
 
+import gzip
 import os
 
 import h5py
@@ -17,7 +18,8 @@ from mpinn import __version__
 from mpinn.data import probe
 from mpinn.data.layout import LARGE_INPUT, SPLITS, DatasetInfo, describe, nonfinite_message, nonfinite_row
 from mpinn.base.errors import UsageError
-from mpinn.base.files import atomic_output, check_writable, hdf5_errors, open_hdf5
+from mpinn.base.files import atomic_output, check_writable
+from mpinn.base.hdf5 import hdf5_errors, open_hdf5
 from mpinn.data.pwrite import SplitSpec, create_datasets, write_parallel
 
 BLOCK = 8192  # rows per generator stream in synthetic data
@@ -124,7 +126,6 @@ def read_idx(path: str) -> np.ndarray:
     Header: two zero bytes, a type code, the number of dimensions, then each
     dimension as a big-endian uint32; the values follow, big-endian.
     """
-    import gzip
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rb") as f:

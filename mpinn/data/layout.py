@@ -23,8 +23,11 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
+from mpinn.comm import collectives
+from mpinn.comm.world import Comm
+from mpinn.data import probe
 from mpinn.base.errors import UsageError
-from mpinn.base.files import hdf5_errors, open_hdf5
+from mpinn.base.hdf5 import hdf5_errors, open_hdf5
 from mpinn.data.sampler import share
 
 SPLITS = ("train", "test")
@@ -150,16 +153,14 @@ class Problem:
         return self.info.task == "classification"
 
 
-def check_data(comm, path: str, loss: str, features: int | None = None,
+def check_data(comm: Comm, path: str, loss: str, features: int | None = None,
                outputs: int | None = None) -> Problem:
     """Collective validation of a dataset file (and, optionally, a model's shape).
 
     Every rank checks the layout and the labels of its own share of rows, then
     all ranks agree on the outcome: UsageError on every rank if any found a fault.
     """
-    from mpinn.comm import dist  # here, not above: the serial commands read files without MPI
-    from mpinn.data import probe  # here, not above: the serial commands read files without MPI
-    dist.root_tries(comm, lambda: probe.check(path))  # before any rank opens the file
+    collectives.root_tries(comm, lambda: probe.check(path))  # before any rank opens the file
     error, lo, hi, info = None, 0, -1, None
     try:
         info = describe(path)
@@ -169,7 +170,7 @@ def check_data(comm, path: str, loss: str, features: int | None = None,
             lo, hi = _share_label_range(comm, path, info)
     except UsageError as exc:
         error = str(exc)
-    reports = dist.gather_objects(comm, (error, lo, hi))
+    reports = collectives.gather_objects(comm, (error, lo, hi))
     error = next((e for e, _, _ in reports if e is not None), None)
     if error:
         raise UsageError(error)
@@ -192,7 +193,7 @@ def check_data(comm, path: str, loss: str, features: int | None = None,
     return Problem(info, n_out)
 
 
-def _share_label_range(comm, path: str, info: DatasetInfo) -> tuple[int, int]:
+def _share_label_range(comm: Comm, path: str, info: DatasetInfo) -> tuple[int, int]:
     """(min, max) label over this rank's share of both splits; (0, -1) if it has none."""
     lo, hi = 0, -1
     for split in SPLITS:

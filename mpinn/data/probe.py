@@ -35,8 +35,8 @@ import sys
 
 import h5py
 
-from mpinn.base.errors import UsageError
-from mpinn.base.files import HDF5_FAILURES, failure_reason
+from mpinn.base.errors import EXIT_OK, EXIT_USAGE, UsageError
+from mpinn.base.hdf5 import HDF5_FAILURES, failure_reason
 
 VERSION = 1  # part of the cache key: a better probe checks every file again
 DEFAULT_TIMEOUT = 60.0  # seconds; a 1 GB dataset's structure takes well under one
@@ -115,9 +115,9 @@ def run_child(path: str) -> None:
                          f"{limit:g} s: the file is probably corrupt (if it is merely huge, "
                          f"allow more: MPINN_PROBE_TIMEOUT=SECONDS)") from None
     said = (done.stdout.strip().splitlines() or [""])[-1]
-    if done.returncode == 0:
+    if done.returncode == EXIT_OK:
         return
-    if done.returncode == 2 and said:
+    if done.returncode == EXIT_USAGE and said:
         raise UsageError(said)
     if done.returncode < 0:
         try:
@@ -202,17 +202,17 @@ def check_chunks(d: h5py.Dataset, size: int) -> None:
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m mpinn.data.probe FILE", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     try:
         walk(argv[0])
     except Problem as exc:
         print(exc, flush=True)
-        return 2
+        return EXIT_USAGE
     except Exception as exc:  # noqa: BLE001 - whatever the file does to h5py is a verdict
         print(f"{argv[0]}: HDF5 cannot read its structure ({type(exc).__name__}: "
               f"{failure_reason(exc)}); the file is probably corrupt", flush=True)
-        return 2
-    return 0
+        return EXIT_USAGE
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -22,17 +22,16 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
 
+from mpinn.comm import collectives, mpiio
+from mpinn.comm.world import Comm
 from mpinn.base.files import check_writable, temp_path
 from mpinn.data.readers import row_selection
 from mpinn.data.sampler import ceil_div, share
 
-if TYPE_CHECKING:  # MPI starts only when a parallel write does (serial writers import this)
-    from mpinn.comm import dist
 
 
 @dataclass(frozen=True)
@@ -66,28 +65,27 @@ def my_blocks(rows: int, block_rows: int, rank: int, size: int) -> tuple[range, 
     return range(lo, hi), ceil_div(n_blocks, size)
 
 
-def write_parallel(comm: dist.Comm, path: str, io: str, specs: dict[str, SplitSpec],
+def write_parallel(comm: Comm, path: str, io: str, specs: dict[str, SplitSpec],
                    attrs: dict, produce: Producer, block_rows: int) -> None:
     """Collective: write the dataset file at path (see the module docstring)."""
-    from mpinn.comm import dist
 
     def prepare() -> str:
         check_writable(path)
         return temp_path(path)
-    tmp = dist.broadcast_object(comm, dist.root_tries(comm, prepare))
+    tmp = collectives.broadcast_object(comm, collectives.root_tries(comm, prepare))
     if io == "mpio":
         _write_mpio(comm, tmp, specs, attrs, produce, block_rows)
     else:
         _write_mpiio(comm, tmp, specs, attrs, produce, block_rows)
-    dist.barrier(comm)  # every rank's bytes are in the file
+    collectives.barrier(comm)  # every rank's bytes are in the file
     if comm.rank == 0:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    dist.barrier(comm)
+    collectives.barrier(comm)
 
 
-def _rounds(comm: dist.Comm, specs: dict[str, SplitSpec], produce: Producer, block_rows: int):
+def _rounds(comm: Comm, specs: dict[str, SplitSpec], produce: Producer, block_rows: int):
     """(split, first row, x, y) per write round; ranks with no block left yield rows = 0."""
     for split, spec in specs.items():
         blocks, rounds = my_blocks(spec.rows, block_rows, comm.rank, comm.size)
@@ -103,24 +101,23 @@ def _rounds(comm: dist.Comm, specs: dict[str, SplitSpec], produce: Producer, blo
 
 
 def _write_mpiio(comm, tmp, specs, attrs, produce, block_rows) -> None:
-    from mpinn.comm import dist
     offsets = None
     if comm.rank == 0:
         with h5py.File(tmp, "w") as f:
             create_datasets(f, specs, attrs)
             # (an empty dataset has no storage, hence no offset, and gets no writes)
             offsets = {s: (f[s]["x"].id.get_offset(), f[s]["y"].id.get_offset()) for s in specs}
-    offsets = dist.broadcast_object(comm, offsets)
-    fh = dist.open_for_writing(comm, tmp)
+    offsets = collectives.broadcast_object(comm, offsets)
+    fh = mpiio.open_for_writing(comm, tmp)
     try:
         for split, start, x, y in _rounds(comm, specs, produce, block_rows):
             x_at, y_at = offsets[split]
             row_x = specs[split].features * 4
             row_y = y.itemsize * int(np.prod(specs[split].y_shape))
-            dist.write_at_all(fh, x_at + start * row_x, x)
-            dist.write_at_all(fh, y_at + start * row_y, y)
+            mpiio.write_at_all(fh, x_at + start * row_x, x)
+            mpiio.write_at_all(fh, y_at + start * row_y, y)
     finally:
-        dist.close_file(fh)
+        mpiio.close_file(fh)
 
 
 def _write_mpio(comm, tmp, specs, attrs, produce, block_rows) -> None:

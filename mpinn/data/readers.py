@@ -37,9 +37,10 @@ from collections.abc import Iterator
 import h5py
 import numpy as np
 
+from mpinn.comm import mpiio
 from mpinn.data.layout import nonfinite_row
 from mpinn.base.errors import StorageError, UsageError
-from mpinn.base.files import HDF5_FAILURES, NOT_HDF5, failure_reason, hdf5_errors
+from mpinn.base.hdf5 import HDF5_FAILURES, NOT_HDF5, failure_reason, hdf5_errors
 from mpinn.data.sampler import runs
 
 IO_MODES = ("auto", "mpio", "independent")
@@ -73,7 +74,7 @@ ACTUAL_IO_MODES = {0: "none", 1: "chunk-independent", 2: "chunk-collective", 3: 
 class ReadFailure(StorageError):
     """Rows of a dataset could not be read on this rank (a corrupt file, a file that
     shrank). A StorageError, so that where ranks cannot agree on it, it ends the job
-    with one line (dist.run_or_abort); the feed agrees on it as bad input instead."""
+    with one line (exits.run_or_abort); the feed agrees on it as bad input instead."""
 
 
 def parallel_hdf5() -> bool:
@@ -105,9 +106,8 @@ class DataFile:
 
     def _open(self, path: str, io: str, comm) -> None:
         if io == "mpio":
-            from mpinn.comm import dist  # only mpio needs MPI here
             self._file = h5py.File(path, "r", driver="mpio", comm=comm,
-                                   info=dist.io_hints(mpio_read_hints()))
+                                   info=mpiio.io_hints(mpio_read_hints()))
             self.dxpl = h5py.h5p.create(h5py.h5p.DATASET_XFER)
             self.dxpl.set_dxpl_mpio(h5py.h5fd.MPIO_COLLECTIVE)
         else:

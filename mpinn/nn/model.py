@@ -6,7 +6,7 @@ are views into the first, `dW[i]` and `db[i]` into the second. Layer i occupies
 one contiguous range [W_i, b_i], layers in order, so the last layer (the first
 one whose gradient backward finishes) is the tail of the buffer. The gradient
 sync is then one in-place Allreduce of `grads`, with no packing: the caller may
-pass `grads` as a view into its own communication buffer (dist.GradientSync).
+pass `grads` as a view into its own communication buffer (gradsync.GradientSync).
 No MPI and no files here, ever.
 
 Activations and deltas are preallocated for `max_rows` samples, so a step

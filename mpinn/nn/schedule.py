@@ -23,6 +23,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+LR_SCHEDULES = ("constant", "step", "cosine")
+LR_SCALINGS = ("none", "linear")
+
 
 @dataclass(frozen=True)
 class Schedule:

@@ -31,22 +31,24 @@ import numpy as np
 
 from mpinn.base.errors import UsageError
 from mpinn.base.files import write_atomically
-from mpinn.comm import dist
+from mpinn.comm import collectives, console, gradsync, measure, watchdog, world
+from mpinn.comm.world import Comm
 from mpinn.data.feed import Buffers, Feed
 from mpinn.data.layout import DatasetInfo, Problem, check_data
 from mpinn.data.readers import DataFile, parallel_hdf5
 from mpinn.data.sampler import SHUFFLES, Sampling, ceil_div, epoch_plan
 from mpinn.nn.model import MLP, Architecture
 from mpinn.nn.optim import make_optimizer
+from mpinn.perf import costmodel
 from mpinn.train.step import train_step
 from mpinn.train.timing import PhaseTimer
 
 RAW_PIECE = 8 << 20  # bytes per POSIX read in the raw reference
 
 
-def drop_cache(comm: dist.Comm, path: str) -> None:
+def drop_cache(comm: Comm, path: str) -> None:
     """Collective: evict the file's pages from the page cache (clean pages need no root)."""
-    dist.barrier(comm)
+    collectives.barrier(comm)
     if comm.rank == 0:
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -54,10 +56,10 @@ def drop_cache(comm: dist.Comm, path: str) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-    dist.barrier(comm)
+    collectives.barrier(comm)
 
 
-def raw_read(comm: dist.Comm, path: str, nbytes: int) -> float:
+def raw_read(comm: Comm, path: str, nbytes: int) -> float:
     """Seconds for this rank to read nbytes sequentially from its part of /train/x."""
     with h5py.File(path, "r") as f:
         x = f["train"]["x"]
@@ -69,7 +71,7 @@ def raw_read(comm: dist.Comm, path: str, nbytes: int) -> float:
     buf = bytearray(min(RAW_PIECE, max(nbytes, 1)))
     fd = os.open(path, os.O_RDONLY)
     try:
-        dist.barrier(comm)
+        collectives.barrier(comm)
         began = time.perf_counter()
         done = 0
         while done < nbytes:
@@ -91,7 +93,7 @@ def timed_reads(comm, path: str, io: str, shuffle: str, batch: int, steps: int,
         plan = epoch_plan(sampling, seed, 0, reader.n, batch, comm.rank, comm.size)
         plan.steps, plan.batch_rows = plan.steps[:steps], plan.batch_rows[:steps]
         buffers = Buffers(reader, max_rows, window_steps * max_rows if shuffle == "block" else 0)
-        dist.barrier(comm)
+        collectives.barrier(comm)
         began = time.perf_counter()
         for _ in Feed(reader, plan, buffers, prefetch=False):
             pass
@@ -106,13 +108,13 @@ def data_wait(comm, path: str, io: str, batch: int, steps: int, hidden: tuple[in
         max_rows = ceil_div(batch, comm.size)
         reader = datafile.reader("train", max_rows)
         arch = Architecture((reader.features, *hidden, problem.outputs))
-        sync = dist.GradientSync(comm, arch.n_params, arch.dtype)
+        sync = gradsync.GradientSync(comm, arch.n_params, arch.dtype)
         model = MLP(arch, max_rows, grads=sync.grads)
         model.init(np.random.default_rng(seed))
         optimizer = make_optimizer("momentum", model.params, 0.01, 0.0, 0.9)
         plan = epoch_plan(Sampling("global"), seed, 0, reader.n, batch, comm.rank, comm.size)
         plan.steps, plan.batch_rows = plan.steps[:steps], plan.batch_rows[:steps]
-        prefetch = io != "mpio" or dist.thread_multiple()
+        prefetch = io != "mpio" or world.thread_multiple()
         timer = PhaseTimer()
         feed = Feed(reader, plan, Buffers(reader, max_rows), prefetch)
         batches = iter(feed)
@@ -127,7 +129,7 @@ def data_wait(comm, path: str, io: str, batch: int, steps: int, hidden: tuple[in
     return phases["data"]["mean"] / sum(p["mean"] for p in phases.values())
 
 
-def bench_io(comm: dist.Comm, path: str, batch: int, steps: int, hidden: tuple[int, ...],
+def bench_io(comm: Comm, path: str, batch: int, steps: int, hidden: tuple[int, ...],
              seed: int, json_out: str | None) -> dict:
     check_data(comm, path, "cross-entropy")  # validates the file on every rank, collectively
     readers = ["independent"] + (["mpio"] if parallel_hdf5() else [])
@@ -148,8 +150,8 @@ def bench_io(comm: dist.Comm, path: str, batch: int, steps: int, hidden: tuple[i
                 raw = raw_read(comm, path, nbytes)
                 agg = np.array([nbytes, wall, reading, raw, calls], np.float64)
                 total, peak = agg.copy(), agg.copy()
-                dist.allreduce_sum(comm, total)
-                dist.allreduce_max(comm, peak)
+                collectives.allreduce_sum(comm, total)
+                collectives.allreduce_max(comm, peak)
                 row.update({"bytes": int(total[0]), "reads_per_rank": total[4] / comm.size,
                             f"{cache}_read_mb_per_s": total[0] / peak[2] / 1e6,
                             f"{cache}_raw_mb_per_s": total[0] / peak[3] / 1e6,
@@ -158,15 +160,15 @@ def bench_io(comm: dist.Comm, path: str, batch: int, steps: int, hidden: tuple[i
             rows.append(row)
     waits = {io: data_wait(comm, path, io, batch, steps, hidden, seed) for io in readers}
     result = {"file": path, "ranks": comm.size, "batch_size": batch, "steps": steps,
-              "mpi": dist.library(), "modes": rows, "training_data_wait_fraction": waits}
+              "mpi": world.library(), "modes": rows, "training_data_wait_fraction": waits}
     return report(comm, result, format_io(result), json_out)
 
 
-def report(comm: dist.Comm, result: dict, text: str, json_out: str | None) -> dict:
+def report(comm: Comm, result: dict, text: str, json_out: str | None) -> dict:
     """Rank 0 prints the table and, if asked, writes the results as JSON."""
-    dist.print0(comm, text)
+    console.print0(comm, text)
     if json_out:
-        dist.root_tries(comm, lambda: write_atomically(
+        collectives.root_tries(comm, lambda: write_atomically(
             json_out, (json.dumps(result, indent=2) + "\n").encode()))
     return result
 
@@ -217,12 +219,11 @@ def local_batches(text: str) -> list[int]:
     return rows
 
 
-def compute_fit(comm: dist.Comm, arch: Architecture, local_batches: list[int], steps: int
+def compute_fit(comm: Comm, arch: Architecture, local_batches: list[int], steps: int
                 ) -> dict:
     """Collective: forward + backward seconds on b rows for each local batch b, every rank
     at once (as in training: ranks that share a host slow each other down), the slowest
     rank's median over `steps` (after a warm-up); fitted as c0 + c1 b (costmodel.fit)."""
-    from mpinn.perf import costmodel
     model = MLP(arch, max(local_batches))
     model.init(np.random.default_rng(3))
     rng = np.random.default_rng(4)
@@ -230,7 +231,7 @@ def compute_fit(comm: dist.Comm, arch: Architecture, local_batches: list[int], s
     y = rng.integers(0, arch.sizes[-1], len(x))
     times = np.zeros((len(local_batches), 2))  # forward, backward
     for i, b in enumerate(local_batches):
-        dist.barrier(comm)
+        collectives.barrier(comm)
         samples = np.zeros((steps + 1, 2))
         for k in range(steps + 1):  # the first is the warm-up
             began = time.perf_counter()
@@ -240,7 +241,7 @@ def compute_fit(comm: dist.Comm, arch: Architecture, local_batches: list[int], s
             samples[k] = (middle - began, time.perf_counter() - middle)
         # the median step: a burst of another process on a shared core is not the model's
         times[i] = np.median(samples[1:], axis=0)
-    dist.allreduce_max(comm, times, "the compute times")
+    collectives.allreduce_max(comm, times, "the compute times")
     total = times.sum(axis=1)
     c0, c1, residuals = costmodel.fit(local_batches, total)
     return {"concurrent_ranks": comm.size, "local_batches": local_batches,
@@ -249,7 +250,7 @@ def compute_fit(comm: dist.Comm, arch: Architecture, local_batches: list[int], s
             "backward_fraction": float(times[:, 1].sum() / total.sum())}
 
 
-def bench_step(comm: dist.Comm, features: int, hidden: tuple[int, ...], classes: int,
+def bench_step(comm: Comm, features: int, hidden: tuple[int, ...], classes: int,
                batch: int, steps: int, dtype: str, json_out: str | None,
                local_batches: list[int] | None = None, optimizer_name: str = "sgd") -> dict:
     """Training steps on in-memory data: compute vs GEMM peak, allreduce vs raw MPI; with
@@ -257,7 +258,7 @@ def bench_step(comm: dist.Comm, features: int, hidden: tuple[int, ...], classes:
     rows = ceil_div(batch, comm.size)
     lo, hi = (comm.rank * batch) // comm.size, ((comm.rank + 1) * batch) // comm.size
     arch = Architecture((features, *hidden, classes), dtype=dtype)
-    sync = dist.GradientSync(comm, arch.n_params, arch.dtype)
+    sync = gradsync.GradientSync(comm, arch.n_params, arch.dtype)
     model = MLP(arch, rows, grads=sync.grads)
     model.init(np.random.default_rng(1))
     optimizer = make_optimizer(optimizer_name, model.params, 1e-3, 0.0, 0.9)
@@ -268,7 +269,7 @@ def bench_step(comm: dist.Comm, features: int, hidden: tuple[int, ...], classes:
                                   classes), classes)
     timer = PhaseTimer()
     # as in training: the Allreduce is non-blocking, completed by the stall watchdog's loop
-    with dist.watching(comm, 600, lambda: False, lambda: "mpinn bench step"):
+    with watchdog.watching(comm, 600, lambda: False, lambda: "mpinn bench step"):
         for _ in range(steps + 1):  # the first is the warm-up step, left out of the figures
             timer.begin_step()
             train_step(sync, model, optimizer, timer, x, y, batch, problem)
@@ -276,20 +277,20 @@ def bench_step(comm: dist.Comm, features: int, hidden: tuple[int, ...], classes:
     phases = timer.reduce(comm)
     # raw MPI: the same bytes, the blocking call, in a tight loop (no computation around it)
     buf = np.zeros_like(sync.buffer)
-    dist.barrier(comm)
+    collectives.barrier(comm)
     began = time.perf_counter()
     for _ in range(steps):
-        dist.bare_allreduce(comm, buf)
+        measure.bare_allreduce(comm, buf)
     raw = np.array([(time.perf_counter() - began) / steps])
-    dist.allreduce_max(comm, raw)
+    collectives.allreduce_max(comm, raw)
     layer_flops = sum(fi * fo for fi, fo in zip(arch.sizes[:-1], arch.sizes[1:]))
     # forward 2 n sum(fi fo); backward 4 n sum(fi fo) less the input layer's delta
     flops = (hi - lo) * (6 * layer_flops - 2 * arch.sizes[0] * arch.sizes[1])
     compute = phases["forward"]["max"] + phases["backward"]["max"]
     peak = np.array([gemm_peak(rows, dtype)])
-    dist.allreduce_sum(comm, peak)
+    collectives.allreduce_sum(comm, peak)
     per_rank_gflops = flops / compute / 1e9 if compute else float("nan")
-    result = {"ranks": comm.size, "mpi": dist.library(), "model": list(arch.sizes),
+    result = {"ranks": comm.size, "mpi": world.library(), "model": list(arch.sizes),
               "batch_size": batch, "dtype": dtype, "steps": steps, "optimizer": optimizer_name,
               "step_time_s": phases, "samples_per_s": batch / sum(
                   p["max"] for p in phases.values()),

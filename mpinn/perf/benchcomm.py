@@ -28,7 +28,8 @@ import time
 import numpy as np
 
 from mpinn.base.errors import UsageError
-from mpinn.comm import dist
+from mpinn.comm import collectives, measure, preflight, world
+from mpinn.comm.world import Comm
 from mpinn.perf import costmodel
 from mpinn.perf.bench import report
 
@@ -64,16 +65,16 @@ def message_sizes(text: str | None, max_bytes: int, repeats: int, budget: float)
     return sizes
 
 
-def check_ranks(comm: dist.Comm) -> None:
+def check_ranks(comm: Comm) -> None:
     if comm.size < 2:
         raise UsageError("bench comm measures the links between ranks: run it under "
                          "mpiexec -n 2 (or more), or srun with 2 tasks or more")
 
 
-def agreed_repeats(comm: dist.Comm, seconds: float, budget: float, most: int) -> int:
+def agreed_repeats(comm: Comm, seconds: float, budget: float, most: int) -> int:
     """Collective: how many repeats fill the budget, from the slowest rank's warm-up."""
     slowest = np.array([seconds])
-    dist.allreduce_max(comm, slowest, "an agreement on repeats")
+    collectives.allreduce_max(comm, slowest, "an agreement on repeats")
     return int(min(most, max(MIN_REPEATS, budget / max(slowest[0], 1e-9))))
 
 
@@ -87,7 +88,7 @@ def pairs(names: list[str]) -> dict[str, tuple[int, int]]:
     return found
 
 
-def pair_time(comm: dist.Comm, kind: str, pair: tuple[int, int], buf: np.ndarray,
+def pair_time(comm: Comm, kind: str, pair: tuple[int, int], buf: np.ndarray,
               into: np.ndarray, repeats: int) -> float:
     """Seconds of one ping-pong's one way (round trip / 2) or of one exchange; 0 on a
     rank outside the pair."""
@@ -96,11 +97,11 @@ def pair_time(comm: dist.Comm, kind: str, pair: tuple[int, int], buf: np.ndarray
     lead = comm.rank == pair[0]
     peer = pair[1] if lead else pair[0]
     if kind == "pingpong":
-        return dist.ping_pong(comm, peer, buf, repeats, lead) / 2
-    return dist.exchange(comm, peer, buf, into, repeats)
+        return measure.ping_pong(comm, peer, buf, repeats, lead) / 2
+    return measure.exchange(comm, peer, buf, into, repeats)
 
 
-def measure_pair(comm: dist.Comm, pair: tuple[int, int], sizes: list[int], budget: float,
+def measure_pair(comm: Comm, pair: tuple[int, int], sizes: list[int], budget: float,
                  most: int) -> dict[str, list[dict]]:
     """Collective (only the pair sends): {"pingpong": points, "exchange": points}, a
     point being {"bytes", "time_s", "repeats"} (the pair's slower rank)."""
@@ -111,37 +112,37 @@ def measure_pair(comm: dist.Comm, pair: tuple[int, int], sizes: list[int], budge
             warm = pair_time(comm, kind, pair, buf, into, 1)
             repeats = agreed_repeats(comm, warm, budget, most)
             took = np.array([pair_time(comm, kind, pair, buf, into, repeats)])
-            dist.allreduce_max(comm, took, "the pair's time")
+            collectives.allreduce_max(comm, took, "the pair's time")
             points.append({"bytes": n, "time_s": float(took[0]), "repeats": repeats})
     return found
 
 
-def measure_allreduce(comm: dist.Comm, sizes: list[int], budget: float, most: int
+def measure_allreduce(comm: Comm, sizes: list[int], budget: float, most: int
                       ) -> list[dict]:
     """Collective: seconds per float32 Allreduce of each size, nonblocking (time_s) and
     blocking (blocking_s), the slowest rank's."""
-    dist.timed_allreduce(comm, np.zeros(1, np.float32), WARM_CALLS, True)
+    measure.timed_allreduce(comm, np.zeros(1, np.float32), WARM_CALLS, True)
     points = []
     for n in sizes:
         buf = np.zeros(max(1, n // 4), np.float32)
         point: dict = {"bytes": buf.nbytes}
         for key, blocking in (("time_s", False), ("blocking_s", True)):
-            warm = dist.timed_allreduce(comm, buf, 1, blocking)
+            warm = measure.timed_allreduce(comm, buf, 1, blocking)
             repeats = agreed_repeats(comm, warm, budget, most)
-            took = np.array([dist.timed_allreduce(comm, buf, repeats, blocking)])
-            dist.allreduce_max(comm, took, "the Allreduce's time")
+            took = np.array([measure.timed_allreduce(comm, buf, repeats, blocking)])
+            collectives.allreduce_max(comm, took, "the Allreduce's time")
             point[key], point["repeats"] = float(took[0]), repeats
         points.append(point)
     return points
 
 
-def measure_gamma(comm: dist.Comm, budget: float) -> float:
+def measure_gamma(comm: Comm, budget: float) -> float:
     """Collective: s per byte of a float32 a += b on every rank at once (the slowest):
     the slope of a fit over 32 KB .. 8 MB (the intercept is the call's overhead)."""
     sizes, times = [], []
     for n in (1 << 15, 1 << 18, 1 << 21, 1 << 23):
         a, b = np.ones(n // 4, np.float32), np.ones(n // 4, np.float32)
-        dist.barrier(comm)
+        collectives.barrier(comm)
         repeats, began = 0, time.perf_counter()
         while repeats < MIN_REPEATS or time.perf_counter() - began < budget / 4:
             np.add(a, b, out=a)
@@ -149,7 +150,7 @@ def measure_gamma(comm: dist.Comm, budget: float) -> float:
         sizes.append(n)
         times.append((time.perf_counter() - began) / repeats)
     gamma = np.array([costmodel.fit(sizes, times)[1]])
-    dist.allreduce_max(comm, gamma, "the reduction's speed")
+    collectives.allreduce_max(comm, gamma, "the reduction's speed")
     return float(gamma[0])
 
 
@@ -192,16 +193,16 @@ def compare(points: list[dict], machine: costmodel.Machine, ranks: int, hosts: i
             "effective_alpha_s": alpha, "effective_beta_s_per_byte": beta, "points": points}
 
 
-def bench_comm(comm: dist.Comm, sizes: list[int], budget: float, most: int,
+def bench_comm(comm: Comm, sizes: list[int], budget: float, most: int,
                json_out: str | None) -> dict:
     """Collective: measure, fit, compare; rank 0 prints the table (and writes the JSON)."""
     check_ranks(comm)
-    names = dist.gather_objects(comm, dist.processor_name(), "an exchange of host names")
-    hosts, per_host = dist.placement(comm)
+    names = collectives.gather_objects(comm, world.processor_name(), "an exchange of host names")
+    hosts, per_host = preflight.placement(comm)
     transports = {kind: transport(pair, measure_pair(comm, pair, sizes, budget, most))
                   for kind, pair in sorted(pairs(names).items())}
     gamma = measure_gamma(comm, budget)
-    result = {"ranks": comm.size, "mpi": dist.library(), "hosts": hosts,
+    result = {"ranks": comm.size, "mpi": world.library(), "hosts": hosts,
               "ranks_per_host": per_host, "sizes": sizes, "budget_s": budget,
               "transports": transports, "gamma_s_per_byte": gamma}
     machine = costmodel.machine_from(result)

@@ -24,10 +24,11 @@ import os
 import sys
 from collections.abc import Callable
 
+from mpinn.base.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from mpinn.comm.gradsync import CONTROL_SLOTS
 from mpinn.nn.model import Architecture
 
 DIRECTORY = "calibration"
-CONTROL_SLOTS = 3  # the gradient sync's buffer ends in loss, stop and bad-input slots
 SMALLEST_SIZE, LARGEST_SIZE = 1 << 16, 1 << 26  # bench comm's largest message: its bounds
 COMM_BUDGET = "0.1"  # seconds per measurement of bench comm
 STEP_STEPS = "50"
@@ -100,12 +101,12 @@ def calibrate(sweep_dir: str, planned: list[tuple[str, int, list[str]]],
             f"{'s' if ranks > 1 else ''}")
         log = path[:-len(".json")] + ".log"
         status = launch([sys.executable, "-m", "mpinn", *args, "--json", path], ranks, log)
-        if status == 2:  # refused (oversubscribed, say): its points will say so too
+        if status == EXIT_USAGE:  # refused (oversubscribed, say): its points will say so too
             say(f"[calibration] {name} refused to run (exit 2; its log: {log}): no "
                 f"prediction at {ranks} rank{'s' if ranks > 1 else ''}")
-        elif status != 0:
+        elif status != EXIT_OK:
             return status
         elif not os.path.exists(path):
             say(f"[calibration] {name}: the launcher ended with exit 0 but wrote no results")
-            return 1
-    return 0
+            return EXIT_FAILED
+    return EXIT_OK

@@ -17,6 +17,7 @@ import os
 
 from mpinn.base.errors import UsageError
 from mpinn.base.files import check_writable, read_bytes, write_atomically
+from mpinn.run.rundir import METRICS
 
 SPLITS = ("train", "val", "test")
 PANELS = (("loss", "loss"), ("accuracy", "accuracy"), ("f1", "macro F1"))
@@ -24,7 +25,7 @@ PANELS = (("loss", "loss"), ("accuracy", "accuracy"), ("f1", "macro F1"))
 
 def read_metrics(run_dir: str) -> list[dict]:
     """The epoch records of a run directory's metrics.jsonl (UsageError naming a bad line)."""
-    path = os.path.join(run_dir, "metrics.jsonl")
+    path = os.path.join(run_dir, METRICS)
     if not os.path.isdir(run_dir):
         raise UsageError(f"{run_dir} is not a run directory")
     records = []

@@ -14,14 +14,20 @@ decided by the launcher, not a measurement of speed) and its gradient buffer:
 
 from __future__ import annotations
 
-import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 
-from mpinn.base.errors import UsageError
-from mpinn.base.files import read_bytes
+import numpy as np
+
+from mpinn.base.errors import EXIT_OK, UsageError
+from mpinn.base.files import read_json, write_atomically
 from mpinn.perf import calibrate, costmodel
+from mpinn.perf.plot import plot_projection
+from mpinn.perf.scaling import child_environment, default_launcher, launcher_argv
+from mpinn.perf.sweep import launch
+from mpinn.run.resolve import parse_hidden
 
 PROJECTION_COLUMNS = ("mode", "ranks", "hosts", "global_batch", "step_s", "allreduce_s",
                       "samples_per_s", "efficiency", "step_overlap_s", "samples_per_s_overlap",
@@ -37,13 +43,6 @@ class Calibration:
 
     def covers(self, ranks: int) -> bool:
         return ranks in self.steps and (ranks == 1 or self.comm is not None)
-
-
-def read_json(path: str, what: str) -> dict:
-    try:
-        return json.loads(read_bytes(path, what))
-    except ValueError:
-        raise UsageError(f"{path} is not JSON") from None
 
 
 def load_calibration(sweep_dir: str) -> Calibration | None:
@@ -208,9 +207,6 @@ def projection_section(projection: list[dict], basis: dict, image: str | None,
 def serial_gamma() -> float:
     """Seconds per byte of a float32 a += b here (the reduction's cost), from the slope
     between 1 MiB and 8 MiB arrays, best of five."""
-    import time
-
-    import numpy as np
     times = []
     for n in (1 << 18, 1 << 21):  # float32 elements: 1 MiB and 8 MiB
         a, b = np.ones(n, np.float32), np.ones(n, np.float32)
@@ -234,7 +230,6 @@ def write_projection(out: str, bench_step: dict, comm: dict, batches: dict[str, 
                      ranks_per_node: int, max_ranks: int) -> tuple[list[str], list[str]]:
     """`mpinn scaling project`: projection.csv, projection.md and (with matplotlib)
     projection.png in out; returns (paths written, the Markdown's lines)."""
-    from mpinn.base.files import write_atomically
     sizes = bench_step["model"]
     n_bytes = calibrate.gradient_bytes(tuple(sizes), bench_step["dtype"])
     rows = project(bench_step, comm, n_bytes, batches, ranks_per_node, max_ranks)
@@ -245,7 +240,6 @@ def write_projection(out: str, bench_step: dict, comm: dict, batches: dict[str, 
     write_atomically(written[0], csv_text(rows).encode())
     image = None
     try:
-        from mpinn.perf.plot import plot_projection
         image = plot_projection(rows, out)
         written.append(image)
     except UsageError as exc:  # no matplotlib: the tables say it all
@@ -317,15 +311,12 @@ def run_project(args) -> int:
     print("\n".join(lines))
     for path in written:
         print(f"wrote {path}" if os.path.exists(path) else f"mpinn scaling: {path}")
-    return 0
+    return EXIT_OK
 
 
 def bench_here(args) -> dict:
     """`mpinn bench step` on one rank of this machine, through the default launcher, for
     the model the flags describe; its JSON goes to OUT/bench-step.json."""
-    from mpinn.perf.scaling import child_environment, default_launcher, launcher_argv
-    from mpinn.perf.sweep import launch
-    from mpinn.run.config import parse_hidden
     hidden = parse_hidden(args.hidden)
     if args.features < 1 or args.classes < 2:
         raise UsageError("--features must be >= 1 and --classes >= 2")
@@ -341,7 +332,7 @@ def bench_here(args) -> dict:
             args.optimizer, "--batch-size", str(batch), "--steps", "20",
             "--local-batches", ",".join(map(str, rows)), "--json", path]
     status, _ = launch(argv, child_environment(os.environ, True), path[:-5] + ".log")
-    if status != 0:
+    if status != EXIT_OK:
         raise UsageError(f"the bench step on this machine failed (exit {status}; its log: "
                          f"{path[:-5]}.log); give --bench-step FILE instead")
     return read_json(path, "bench step results")

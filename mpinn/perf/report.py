@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 from mpinn import __version__
 from mpinn.base.errors import UsageError
-from mpinn.base.files import read_bytes, write_atomically
+from mpinn.base.files import read_json, write_atomically
+from mpinn.perf.plot import load_pyplot, plot_scaling
 from mpinn.perf.projection import (
     add_predictions,
     load_calibration,
@@ -40,22 +41,19 @@ from mpinn.perf.projection import (
     sweep_projection,
 )
 from mpinn.perf.scaling import MANIFEST, MODES, read_manifest
+from mpinn.run.config import COMPARED_KEYS
+from mpinn.run.rundir import SUMMARY
+from mpinn.train.timing import PHASES
 
-# the step's phases as summary.json names them (timing.PHASES; written out here, as
-# points.csv's columns are a contract, and the report must not load MPI with timing.py)
-PHASES = ("data", "forward", "backward", "allreduce", "update")
 COLUMNS = ("mode", "ranks", "hosts", "ranks_per_host", "repeats", "oversubscribed",
            "global_batch", "samples_per_s", "samples_per_s_min", "samples_per_s_max",
            "step_s", *(f"{p}_s" for p in PHASES), "imbalance_s", "speedup", "efficiency",
            "karp_flatt", "predicted_step_s", "prediction_error")
 
 
-# what makes sweeps comparable
+# what makes sweeps comparable: the shape of the dataset, and the settings that change
+# the work (run.config.COMPARED_KEYS)
 DATA_KEYS = ("train_rows", "features", "outputs", "task")
-WORK_KEYS = ("hidden", "activation", "loss", "dtype", "optimizer", "lr", "momentum",
-             "weight_decay", "batch_size", "accumulate", "dropout", "l1", "clip_norm",
-             "shuffle", "block_rows", "window_rows", "io", "prefetch", "epochs",
-             "lr_scaling", "base_batch", "lr_schedule", "warmup_steps", "val_fraction")
 
 
 @dataclass
@@ -85,14 +83,13 @@ def load_sweeps(sweep_dirs: list[str]) -> tuple[list[dict], list[Run], list[str]
         manifests.append(manifest)
         for p in manifest["points"]:
             path = os.path.join(sweep, p["name"])
-            summary_path = os.path.join(path, "summary.json")
+            summary_path = os.path.join(path, SUMMARY)
             if not os.path.exists(summary_path):
                 missing.append(f"{sweep}/{p['name']} ({p.get('state', 'pending')})")
                 continue
-            try:
-                summary = json.loads(read_bytes(summary_path, "run summary"))
-            except ValueError:
-                raise UsageError(f"{summary_path} is not JSON") from None
+            summary = read_json(summary_path, "run summary")
+            if not isinstance(summary, dict):
+                raise UsageError(f"{summary_path} is not a run summary (a JSON object)")
             if not summary.get("samples_per_s"):
                 missing.append(f"{sweep}/{p['name']} (no step timed: one step only)")
             elif summary.get("resumed_from_step") is not None:
@@ -112,7 +109,7 @@ def check_comparable(manifests: list[dict]) -> None:
     for mode in MODES:
         sweeps = [m for m in manifests if mode in m["modes"]]
         for what, keys, source in (("dataset", DATA_KEYS, "dataset"),
-                                   ("training", WORK_KEYS, "train_config")):
+                                   ("training", COMPARED_KEYS, "train_config")):
             if len({json.dumps([m[source].get(k) for k in keys]) for m in sweeps}) > 1:
                 names = ", ".join(m["directory"] for m in sweeps)
                 raise UsageError(f"the {mode} scaling runs of {names} differ in their "
@@ -211,7 +208,6 @@ def build(sweep_dirs: list[str], out: str) -> list[str]:
         os.makedirs(out, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"--out {out}: cannot create it ({exc.strerror})") from None
-    from mpinn.perf.plot import load_pyplot, plot_scaling
     try:
         load_pyplot("the scaling plots")
         images = plot_scaling(rows, projected[0] if projected else None, out, PHASES)

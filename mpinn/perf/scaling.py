@@ -35,7 +35,6 @@ stops, exit 3) and end the sweep with exit 3.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import shlex
 import shutil
@@ -48,13 +47,14 @@ from dataclasses import asdict, dataclass, replace
 from mpinn import __version__
 from mpinn.base.cpus import blas_threads, usable_cpus
 from mpinn.base.errors import UsageError
-from mpinn.base.files import read_bytes
+from mpinn.base.files import read_json
 from mpinn.data import probe
 from mpinn.data.layout import describe, label_range
 from mpinn.data.sampler import steps_per_epoch
 from mpinn.nn.schedule import scaled_rate
 from mpinn.perf import calibrate
-from mpinn.run.config import TrainConfig, resolve, to_toml
+from mpinn.run.config import TrainConfig, settings
+from mpinn.run.resolve import resolve, to_toml
 
 MODES = ("strong", "weak")
 MANIFEST = "sweep.json"
@@ -205,10 +205,7 @@ def read_manifest(out: str) -> dict | None:
     path = os.path.join(out, MANIFEST)
     if not os.path.exists(path):
         return None
-    try:
-        manifest = json.loads(read_bytes(path, "sweep manifest"))
-    except ValueError:
-        raise UsageError(f"{path} is not JSON: not a sweep manifest") from None
+    manifest = read_json(path, "sweep manifest")
     if not isinstance(manifest, dict) or manifest.get("kind") != "mpinn scaling sweep":
         raise UsageError(f"{path} is not an mpinn sweep manifest")
     return manifest
@@ -268,8 +265,10 @@ def define(toml: dict, flags: dict, *, ranks: str | None, mode: str, repeats: in
     """The sweep the command line asks for, validated before anything runs."""
     if repeats < 1:
         raise UsageError(f"--repeats must be >= 1, got {repeats}")
-    if flags.get("epochs") is None and "epochs" not in toml:
-        flags = dict(flags, epochs=1)
+    flags = dict(flags)
+    for f, s in settings():  # a sweep's own defaults (epochs: 1 per point)
+        if s.sweep_default is not None and flags.get(f.name) is None and f.name not in toml:
+            flags[f.name] = s.sweep_default
     cfg = resolve(toml, dict(flags, out=out))  # each point has a directory under out
     scaling_given = flags.get("lr_scaling") is not None or "lr_scaling" in toml
     cpus, threads = usable_cpus(), threads_per_rank(os.environ)

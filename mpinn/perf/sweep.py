@@ -11,7 +11,6 @@ ends). A point with a summary.json is finished, whatever the manifest says.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import shlex
 import shutil
@@ -20,8 +19,8 @@ import subprocess
 import sys
 from dataclasses import replace
 
-from mpinn.base.errors import UsageError
-from mpinn.base.files import read_bytes, strict_json, write_atomically
+from mpinn.base.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError
+from mpinn.base.files import read_json, strict_json, write_atomically
 from mpinn.perf import calibrate
 from mpinn.perf.scaling import (
     MANIFEST,
@@ -38,8 +37,9 @@ from mpinn.perf.scaling import (
     read_manifest,
     say,
 )
-from mpinn.run.config import to_toml
-from mpinn.run.lock import RunLock
+from mpinn.run.lock import FLOCK_NAME, PID_NAME, RunLock
+from mpinn.run.resolve import to_toml
+from mpinn.run.rundir import SUMMARY
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
 
@@ -50,7 +50,7 @@ def point_dir(out: str, point: Point) -> str:
 
 def finished(out: str, point: Point) -> bool:
     """Whether the point's run wrote its summary (a run writes it last)."""
-    return os.path.exists(os.path.join(point_dir(out, point), "summary.json"))
+    return os.path.exists(os.path.join(point_dir(out, point), SUMMARY))
 
 
 def previous_states(sweep: Sweep, dataset: dict, overwrite: bool) -> dict[str, dict]:
@@ -71,7 +71,7 @@ def previous_states(sweep: Sweep, dataset: dict, overwrite: bool) -> dict[str, d
         sweep.points.sort(key=lambda p: (MODES.index(p.mode), p.ranks, p.repeat))
         return {p["name"]: {k: v for k, v in p.items() if k not in fields and k != "name"}
                 for p in old["points"]}
-    leftovers = sorted(set(os.listdir(sweep.out)) - {".lock", ".lock.pid"})
+    leftovers = sorted(set(os.listdir(sweep.out)) - {FLOCK_NAME, PID_NAME})
     if old is None and leftovers and not overwrite:
         raise UsageError(f"{sweep.out} is not empty and holds no sweep ({', '.join(leftovers[:3])}"
                          f"{', ...' if len(leftovers) > 3 else ''}): use a new or empty --out")
@@ -102,8 +102,8 @@ def run(sweep: Sweep, overwrite: bool) -> int:
             write_atomically(os.path.join(sweep.out, MANIFEST),
                              strict_json(sweep.manifest(dataset, states), indent=1).encode())
         save()
-        status = run_calibration(sweep, dataset, env) if sweep.calibrate else 0
-        if status != 0:
+        status = run_calibration(sweep, dataset, env) if sweep.calibrate else EXIT_OK
+        if status != EXIT_OK:
             return status
         refused = []
         for index, point in enumerate(sweep.points, 1):
@@ -113,9 +113,9 @@ def run(sweep: Sweep, overwrite: bool) -> int:
                 continue
             status, states[point.name] = run_point(sweep, point, toml, env, index)
             save()
-            if status == 2:  # refused (oversubscribed, say): the other points may run
+            if status == EXIT_USAGE:  # refused (oversubscribed, say): the other points may run
                 refused.append(point.name)
-            elif status != 0:
+            elif status != EXIT_OK:
                 return stopped(sweep, point, status)
         save()  # the points found finished are "done" in the manifest too
         return finish(sweep, refused)
@@ -127,15 +127,15 @@ def run_calibration(sweep: Sweep, dataset: dict, env: dict[str, str]) -> int:
     """The cost model's benchmarks; 0, or the status that ends the sweep."""
     def bench(args: list[str], ranks: int, log: str) -> int:
         status, signalled = launch([*launcher_argv(sweep.launcher, ranks), *args], env, log)
-        return 3 if signalled else status
+        return EXIT_INTERRUPTED if signalled else status
     status = calibrate.calibrate(sweep.out, calibration_plan(sweep, dataset), bench, say)
-    if status != 0:
-        what = "was stopped" if status == 3 else "failed"
+    if status != EXIT_OK:
+        what = "was stopped" if status == EXIT_INTERRUPTED else "failed"
         say(f"the calibration {what} (exit {status}; its logs are in "
             f"{os.path.join(sweep.out, calibrate.DIRECTORY)}); no point ran"
-            + ("" if status == 3 else ". --no-calibrate runs the points without it (no "
-               "predictions then)"))
-    return status if status in (0, 1, 3) else 1
+            + ("" if status == EXIT_INTERRUPTED else ". --no-calibrate runs the points "
+               "without it (no predictions then)"))
+    return status if status in (EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED) else EXIT_FAILED
 
 
 def finish(sweep: Sweep, refused: list[str]) -> int:
@@ -143,10 +143,10 @@ def finish(sweep: Sweep, refused: list[str]) -> int:
     if refused:
         say(f"{len(refused)} point(s) refused to run (exit 2; see their logs): "
             f"{', '.join(refused)}; the others are in {sweep.out}")
-        return 2
+        return EXIT_USAGE
     say(f"{len(sweep.points)} points in {sweep.out}; the report: mpinn scaling report "
         f"{sweep.out} --out {os.path.join(sweep.out, 'report')}")
-    return 0
+    return EXIT_OK
 
 
 def run_point(sweep: Sweep, point: Point, toml: str, env: dict[str, str], index: int
@@ -164,16 +164,18 @@ def run_point(sweep: Sweep, point: Point, toml: str, env: dict[str, str], index:
     started = datetime.datetime.now()
     status, signalled = launch(argv, env, log)
     seconds = (datetime.datetime.now() - started).total_seconds()
-    if status == 0 and not signalled and not finished(sweep.out, point):
+    if status == EXIT_OK and not signalled and not finished(sweep.out, point):
         say(f"{point.name}: the launcher ended with exit 0 but the run wrote no summary.json")
-        status = 1
-    status = 3 if signalled else status  # srun may report its own status for a signal
-    state = {0: "done", 2: "refused", 3: "stopped"}.get(status, "failed")
+        status = EXIT_FAILED
+    status = EXIT_INTERRUPTED if signalled else status  # srun may report its own status
+    state = {EXIT_OK: "done", EXIT_USAGE: "refused", EXIT_INTERRUPTED: "stopped"}.get(
+        status, "failed")
     entry = {"state": state, "exit_code": status, "seconds": round(seconds, 3),
              "log": os.path.relpath(log, sweep.out), "command": shlex.join(argv)}
     if state == "done":  # as the ranks counted it
-        summary = json.loads(read_bytes(os.path.join(out, "summary.json"), "run summary"))
-        entry["oversubscribed"] = bool(summary.get("oversubscribed"))
+        summary = read_json(os.path.join(out, SUMMARY), "run summary")
+        entry["oversubscribed"] = isinstance(summary, dict) and bool(
+            summary.get("oversubscribed"))
     return status, entry
 
 
@@ -212,10 +214,10 @@ def launch(argv: list[str], env: dict[str, str], log_path: str) -> tuple[int, bo
 def stopped(sweep: Sweep, point: Point, status: int) -> int:
     """Say why the sweep ends at `point`; returns the sweep's exit status."""
     log = os.path.relpath(point_dir(sweep.out, point) + ".log")
-    if status == 3:
+    if status == EXIT_INTERRUPTED:
         say(f"stopped at {point.name} (its ranks checkpointed); finished points are kept: "
             f"run the same command again to continue")
     else:
         say(f"{point.name} failed (exit {status}; its log: {log}); the sweep stops here, "
             f"finished points are kept")
-    return status if status in (1, 2, 3) else 1
+    return status if status in (EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED) else EXIT_FAILED

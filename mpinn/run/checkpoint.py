@@ -53,7 +53,8 @@ import numpy as np
 
 from mpinn import __version__
 from mpinn.base.errors import CollectiveError, UsageError
-from mpinn.base.files import hdf5_errors, open_hdf5_image, read_bytes
+from mpinn.base.files import read_bytes
+from mpinn.base.hdf5 import hdf5_errors, open_hdf5_image
 from mpinn.data import probe
 from mpinn.data.layout import all_finite
 from mpinn.nn.model import MLP, Architecture

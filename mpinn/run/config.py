@@ -1,27 +1,19 @@
-"""The training configuration: a typed dataclass filled from TOML, then flags.
+"""The training configuration: every setting defined once, as a field of TrainConfig.
 
-Precedence: defaults < the `--config` TOML file < command-line flags. Keys are
-the field names below (a TOML file may also spell them with dashes). An unknown
-key or a bad value is a UsageError that names the key. The resolved
-configuration (with the data path made absolute) is written to
-RUN_DIR/config.toml and can be fed back with `--config`.
+A field's `setting(...)` holds all that mpinn says of it: its default and type (the
+field's), its flag, help text and metavar on the command line, the values it allows and
+its bounds, whether `mpinn scaling run` passes it on, whether a resumed run must keep it,
+and whether scaling reports compare it. The command line of `mpinn train` and `mpinn
+scaling run`, the TOML keys (the field names; a file may spell them with dashes), the
+`--help` defaults, the trajectory a resume keeps and the validation all derive from
+these fields (run/resolve.py reads TOML and flags into one).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import json
-import math
-import os
-from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import Any
-
-try:
-    import tomllib
-except ImportError:  # Python < 3.11
-    import tomli as tomllib
 
 from mpinn.base.errors import UsageError
 from mpinn.data.readers import IO_MODES
@@ -29,92 +21,163 @@ from mpinn.data.sampler import SHUFFLES
 from mpinn.nn.functional import ACTIVATIONS, LOSSES
 from mpinn.nn.model import DTYPES
 from mpinn.nn.optim import OPTIMIZERS
+from mpinn.nn.schedule import LR_SCALINGS, LR_SCHEDULES
 
-RUN_ACTIONS = ("overwrite", "resume")  # what to do with RUN_DIR: not saved in config.toml
 MAX_INT = 2**53  # integer settings: exact as floats, far from every C integer's limit
-MAX_WIDTH = 2**31 - 1  # a layer width (a wider layer does not fit in memory anyway)
-LR_SCHEDULES = ("constant", "step", "cosine")
-LR_SCALINGS = ("none", "linear")
 PROGRESS_MODES = ("auto", "bar", "lines", "off")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What mpinn says of one field of TrainConfig (see the module docstring)."""
+
+    help: str  # {default} and {choices} are filled in (see describe)
+    metavar: str | None = None
+    choices: tuple[str, ...] = ()  # the values it may take (validate names the key)
+    listed: bool = False  # argparse itself refuses other values (naming the closest)
+    minimum: float | None = None  # validate: value >= minimum ...
+    positive: bool = False  # ... or value > 0
+    group: str | None = None  # its argument group in `mpinn train --help`
+    sweep: bool = True  # an option of `mpinn scaling run` too (not the run's own directory)
+    sweep_help: str | None = None  # its help there, if another ({sweep_default} filled in)
+    sweep_default: Any = None  # a sweep's default, if not the training's
+    trajectory: bool = False  # a resumed run must keep it (a change is refused)
+    compared: bool = False  # sweeps that differ in it are not reported together
+    saved: bool = True  # written to config.toml (not: what to do with the run directory)
+    positional: bool = False  # an argument, not an option
+    const: Any = None  # a flag without a value that sets this (--no-prefetch: False)
+    flag: str | None = None  # the flag, if not --the-name-with-dashes
+    alias: tuple[str, Any, str] | None = None  # another flag setting a value: flag, value, help
+
+
+def setting(default: Any, help: str, **meta: Any) -> Any:
+    """A field of TrainConfig with its Setting."""
+    return dataclasses.field(default=default, metadata={"setting": Setting(help, **meta)})
 
 
 @dataclass
 class TrainConfig:
-    data: str = ""
-    out: str = ""
-    hidden: tuple[int, ...] = (256, 128)
-    activation: str = "relu"
-    loss: str = "cross-entropy"
-    optimizer: str = "momentum"
-    lr: float = 0.01
-    momentum: float = 0.9
-    batch_size: int = 128
-    epochs: int = 10
-    seed: int = 0
-    dtype: str = "float32"
-    weight_decay: float = 0.0
-    shuffle: str = "global"
-    block_rows: int = 1024
-    window_rows: int = 65536
-    io: str = "auto"
-    prefetch: bool = True
-    checkpoint_every: int = 0
-    keep_checkpoints: int = 2
-    stall_timeout: float = 600.0
-    # regularisation (#9)
-    dropout: tuple[float, ...] = ()  # per hidden layer; one value for all; () none
-    l1: float = 0.0
-    clip_norm: float = 0.0  # 0: no clipping
-    # learning rate (#9)
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    lr_step_every: int = 0
-    lr_gamma: float = 0.1
-    lr_min: float = 0.0
-    lr_scaling: str = "none"
-    base_batch: int = 0
-    accumulate: int = 1
-    # validation (#9)
-    val_fraction: float = 0.0
-    early_stopping: int = 0  # patience in epochs; 0: off
-    # reporting (#9)
-    progress: str = "auto"
-    log_every: float = 30.0
-    overwrite: bool = False
-    resume: bool = False
+    data: str = setting("", "dataset HDF5 file (or `data` in --config)", positional=True)
+    out: str = setting("", "run directory (config.toml, metrics.jsonl, summary.json, "
+                       "checkpoint.h5); one run at a time may use it (a second is refused)",
+                       sweep=False)
+    hidden: tuple[int, ...] = setting((256, 128), "hidden layer widths, comma separated "
+                                      "(default {default})", trajectory=True, compared=True)
+    activation: str = setting("relu", "{choices} (default {default})", choices=ACTIVATIONS,
+                              trajectory=True, compared=True)
+    loss: str = setting("cross-entropy", "{choices} (default {default})", choices=LOSSES,
+                        trajectory=True, compared=True)
+    optimizer: str = setting("momentum", "{choices} (default {default})", choices=OPTIMIZERS,
+                             trajectory=True, compared=True)
+    lr: float = setting(0.01, "learning rate (default {default})", positive=True,
+                        compared=True)
+    momentum: float = setting(0.9, "momentum coefficient (default {default})", minimum=0,
+                              compared=True)
+    batch_size: int = setting(
+        128, "GLOBAL batch size, split over the ranks (default {default})", positive=True,
+        sweep_help="strong scaling: the GLOBAL batch of every point; weak: the batch PER RANK "
+        "(the global batch is ranks x this) (default {default})", trajectory=True,
+        compared=True)
+    epochs: int = setting(10, "epochs; 0 writes the initial checkpoint (default {default})",
+                          minimum=0, sweep_help="epochs per point (default {sweep_default})",
+                          sweep_default=1, compared=True)
+    seed: int = setting(0, "seed of weights and sample order (default {default})", minimum=0,
+                        trajectory=True)
+    dtype: str = setting("float32", "{choices} (default {default})", choices=DTYPES,
+                         trajectory=True, compared=True)
+    weight_decay: float = setting(0.0, "L2 weight decay (default {default})", minimum=0,
+                                  compared=True)
+    shuffle: str = setting(
+        "global", "{default}: a new permutation of all rows every epoch (default); block: "
+        "permuted blocks of consecutive rows, shuffled within a window in memory (large "
+        "sequential reads, for files larger than memory; results depend on the rank count); "
+        "none: file order", choices=SHUFFLES, listed=True, trajectory=True, compared=True,
+        alias=("--no-shuffle", "none", "the same as --shuffle none: batch k is rows k*B .. "
+               "k*B+B-1"))
+    block_rows: int = setting(1024, "rows per block with --shuffle block (default {default})",
+                              positive=True, trajectory=True, compared=True)
+    window_rows: int = setting(65536, "rows (over all ranks) shuffled together in memory with "
+                               "--shuffle block (default {default})", positive=True,
+                               trajectory=True, compared=True)
+    io: str = setting("auto", "mpio: collective MPI-IO reads (needs parallel h5py); "
+                      "independent: every rank reads with the serial driver; {default} "
+                      "(default): mpio if available", choices=IO_MODES, listed=True,
+                      compared=True)
+    prefetch: bool = setting(True, "read each batch when needed instead of during the "
+                             "previous step", flag="--no-prefetch", const=False, compared=True)
+    overwrite: bool = setting(False, "replace a run already in --out", const=True, sweep=False,
+                              saved=False)
+    resume: bool = setting(False, "continue the run in --out from its checkpoint.h5, with its "
+                           "config.toml (flags may extend --epochs; changing the model, data, "
+                           "batch size, seed or sampling is refused). Any number of ranks.",
+                           const=True, sweep=False, saved=False)
+    checkpoint_every: int = setting(0, "also checkpoint every N steps (default {default}: at "
+                                    "the end of each epoch only)", metavar="N", minimum=0)
+    keep_checkpoints: int = setting(2, "keep the last K checkpoints in RUN_DIR/checkpoints "
+                                    "(default {default})", metavar="K", minimum=1)
+    stall_timeout: float = setting(
+        600.0, "a rank that waits this long in a collective asks every rank whether it is "
+        "alive, reports the ranks that do not answer, and ends the job (exit 1); 0 waits "
+        "forever (default {default})", metavar="SECONDS", minimum=0)
+    dropout: tuple[float, ...] = setting(
+        (), "inverted dropout after every hidden layer: one drop probability for all, or one "
+        "per hidden layer (default {default}; off in evaluation)", metavar="P[,P...]",
+        group="regularisation", trajectory=True, compared=True)
+    l1: float = setting(0.0, "L1 penalty (default {default})", metavar="F", minimum=0,
+                        group="regularisation", compared=True)
+    clip_norm: float = setting(0.0, "clip the summed gradient to this global L2 norm (default "
+                               "{default}: off)", metavar="F", minimum=0,
+                               group="regularisation", compared=True)
+    lr_schedule: str = setting("constant", "{choices} (default {default})",
+                               choices=LR_SCHEDULES, group="learning rate", compared=True)
+    warmup_steps: int = setting(0, "rise linearly from 0 to the rate over the first N steps "
+                                "(default {default})", metavar="N", minimum=0,
+                                group="learning rate", compared=True)
+    lr_step_every: int = setting(0, "with --lr-schedule step: multiply the rate by --lr-gamma "
+                                 "every N steps", metavar="N", minimum=0,
+                                 group="learning rate")
+    lr_gamma: float = setting(0.1, "step decay factor (default {default})", metavar="F",
+                              positive=True, group="learning rate")
+    lr_min: float = setting(0.0, "with --lr-schedule cosine: the rate at the last step "
+                            "(default {default})", metavar="F", minimum=0,
+                            group="learning rate")
+    lr_scaling: str = setting("none", "{choices}: lr x batch-size / --base-batch (default "
+                              "{default})", choices=LR_SCALINGS, group="learning rate",
+                              compared=True)
+    base_batch: int = setting(0, "the batch size --lr was tuned for, with --lr-scaling linear",
+                              metavar="N", minimum=0, group="learning rate", compared=True)
+    accumulate: int = setting(1, "sum K micro-batches of batch-size/K per update, for batches "
+                              "that do not fit in memory (default {default})", metavar="K",
+                              group="learning rate", compared=True)
+    val_fraction: float = setting(
+        0.0, "hold out this fraction of the training split (chosen by the seed), report it "
+        "every epoch and keep the best model as RUN_DIR/best.h5 (default {default})",
+        metavar="F", minimum=0, group="validation and reporting", trajectory=True,
+        compared=True)
+    early_stopping: int = setting(0, "stop after PATIENCE epochs without a lower validation "
+                                  "loss (needs --val-fraction; default {default}: off)",
+                                  metavar="PATIENCE", minimum=0,
+                                  group="validation and reporting")
+    progress: str = setting("auto", "{choices}: progress within an epoch (auto: a live bar at "
+                            "a terminal, else lines; default {default})",
+                            choices=PROGRESS_MODES, group="validation and reporting")
+    log_every: float = setting(30.0, "seconds between progress lines (default {default})",
+                               metavar="SECONDS", positive=True,
+                               group="validation and reporting")
 
     def validate(self) -> None:
         """UsageError naming the first bad field."""
-        choices = {"activation": ACTIVATIONS, "loss": LOSSES, "optimizer": OPTIMIZERS,
-                   "dtype": DTYPES, "shuffle": SHUFFLES, "io": IO_MODES,
-                   "lr_schedule": LR_SCHEDULES, "lr_scaling": LR_SCALINGS,
-                   "progress": PROGRESS_MODES}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise UsageError(f"{key}: {getattr(self, key)!r} is not one of "
-                                 f"{', '.join(allowed)}")
-        positive = {"lr": self.lr, "batch_size": self.batch_size,
-                    "block_rows": self.block_rows, "window_rows": self.window_rows}
-        for key, value in positive.items():
-            if not value > 0:
-                raise UsageError(f"{key} must be positive, got {value}")
-        if self.keep_checkpoints < 1:
-            raise UsageError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
-        for key in ("epochs", "weight_decay", "momentum", "seed", "checkpoint_every",
-                    "stall_timeout", "l1", "clip_norm", "warmup_steps", "lr_step_every",
-                    "lr_min", "base_batch", "val_fraction", "early_stopping"):
-            if not getattr(self, key) >= 0:
-                raise UsageError(f"{key} must be >= 0, got {getattr(self, key)}")
-        self.validate_toolkit()
-        if self.momentum >= 1:
-            raise UsageError(f"momentum must be < 1, got {self.momentum}")
-        for f in fields(self):  # before any of them reaches a C integer or an allocation
+        for f, s in settings():
             value = getattr(self, f.name)
-            if type(value) is int and value > MAX_INT:
+            if s.choices and value not in s.choices:
+                raise UsageError(f"{f.name}: {value!r} is not one of {', '.join(s.choices)}")
+            if s.positive and not value > 0:
+                raise UsageError(f"{f.name} must be positive, got {value}")
+            if s.minimum is not None and not value >= s.minimum:
+                raise UsageError(f"{f.name} must be >= {s.minimum:g}, got {value}")
+            if type(value) is int and value > MAX_INT:  # before it reaches a C integer
                 raise UsageError(f"{f.name} is too large: {value} (at most {MAX_INT})")
-        if 0 < self.stall_timeout < 1:
-            raise UsageError(f"stall_timeout must be 0 (no limit) or at least 1 second, got "
-                             f"{self.stall_timeout:g}")
+        self.validate_combinations()
         if not self.data:
             raise UsageError("data: no dataset file given")
         if not self.out:
@@ -123,18 +186,19 @@ class TrainConfig:
             raise UsageError("--resume continues the run in --out, --overwrite replaces it: "
                              "give one of them")
 
-
-    def validate_toolkit(self) -> None:
-        """The regularisation, schedule, accumulation and validation settings."""
+    def validate_combinations(self) -> None:
+        """The settings that bound each other."""
+        if self.momentum >= 1:
+            raise UsageError(f"momentum must be < 1, got {self.momentum}")
+        if 0 < self.stall_timeout < 1:
+            raise UsageError(f"stall_timeout must be 0 (no limit) or at least 1 second, got "
+                             f"{self.stall_timeout:g}")
         if len(self.dropout) not in (0, 1, len(self.hidden)):
             raise UsageError(f"dropout: give one drop probability for every hidden layer, or "
                              f"{len(self.hidden)} (one per hidden layer), got "
                              f"{len(self.dropout)}")
         if self.dropout and not self.hidden:
             raise UsageError("dropout: a linear model (no hidden layers) has nothing to drop")
-        if not self.lr_gamma > 0 or not self.log_every > 0:
-            raise UsageError(f"lr_gamma and log_every must be positive, got {self.lr_gamma} "
-                             f"and {self.log_every}")
         if self.lr_schedule == "cosine" and self.lr_min > self.lr:
             raise UsageError(f"lr_min ({self.lr_min:g}) must not exceed lr ({self.lr:g}): "
                              f"cosine decays from lr to lr_min")
@@ -156,122 +220,33 @@ class TrainConfig:
                              "none, or hold out a test split in the file instead")
 
 
-def parse_hidden(value: Any) -> tuple[int, ...]:
-    """'256,128' or [256, 128] -> (256, 128); '' or [] -> () (a linear model)."""
-    items = value.split(",") if isinstance(value, str) else value
-    if isinstance(value, str) and not value.strip():
-        return ()
-    try:
-        sizes = tuple(int(str(s).strip()) for s in items)
-    except (TypeError, ValueError):
-        raise UsageError(f"hidden: expected comma-separated layer widths like 256,128, "
-                         f"got {value!r}") from None
-    if any(s < 1 for s in sizes):
-        raise UsageError(f"hidden: layer widths must be >= 1, got {value!r}")
-    if any(s > MAX_WIDTH for s in sizes):
-        raise UsageError(f"hidden: layer widths must be at most {MAX_WIDTH}, got {value!r}")
-    return sizes
+def settings() -> list[tuple[dataclasses.Field, Setting]]:
+    """Every field of TrainConfig with its Setting, in declaration order."""
+    return [(f, f.metadata["setting"]) for f in fields(TrainConfig)]
 
 
-def parse_dropout(value: Any) -> tuple[float, ...]:
-    """'0.2' or '0.5,0.2' or 0.2 or [0.5, 0.2] -> a tuple of drop probabilities in [0, 1)."""
-    if isinstance(value, str):
-        items = [] if not value.strip() else value.split(",")
-    elif isinstance(value, (list, tuple)):
-        items = list(value)
-    else:
-        items = [value]
-    try:
-        rates = tuple(float(str(v).strip()) for v in items
-                      if not isinstance(v, bool))
-    except (TypeError, ValueError):
-        raise UsageError(f"dropout: expected drop probabilities like 0.2 or 0.5,0.2, got "
-                         f"{value!r}") from None
-    if len(rates) != len(items) or any(not 0 <= r < 1 for r in rates):
-        raise UsageError(f"dropout: drop probabilities must lie in [0, 1), got {value!r}")
-    return rates
+def keys(**wanted: bool) -> tuple[str, ...]:
+    """The field names whose Setting has the given values, e.g. keys(trajectory=True)."""
+    return tuple(f.name for f, s in settings()
+                 if all(getattr(s, k) == v for k, v in wanted.items()))
 
 
-def _coerce(key: str, value: Any, kind: type) -> Any:
-    if key == "hidden":
-        return parse_hidden(value)
-    if key == "dropout":
-        return parse_dropout(value)
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        raise UsageError(f"{key}: expected true or false, got {value!r}")
-    if kind in (int, float) and isinstance(value, bool):  # TOML true is no number
-        raise UsageError(f"{key}: expected a number, got {value!r}")
-    if kind is int and isinstance(value, float):
-        raise UsageError(f"{key}: expected an integer, got {value!r}")
-    try:
-        converted = kind(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"{key}: expected {kind.__name__}, got {value!r}") from None
-    if kind is float and not math.isfinite(converted):  # TOML inf and nan, or --lr inf
-        raise UsageError(f"{key}: expected a finite number, got {value!r}")
-    return converted
+def shown(value: Any) -> str:
+    """A default as --help shows it: 256,128; 0.01; 600; none (an empty list)."""
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def closest(word: str, known: Iterable[str]) -> str | None:
-    """The known name a mistyped word most likely meant, or None.
-
-    Spelling first (difflib: hiden -> hidden, trian -> train), then initials, as
-    other programs name options (learning_rate or --learning-rate -> lr). Dashes
-    and underscores count alike, so flags and configuration keys share this.
-    """
-    def bare(name: str) -> str:
-        return name.lstrip("-").replace("-", "_")
-    by_bare = {bare(k): k for k in known}
-    spelt = difflib.get_close_matches(bare(word), by_bare, n=1)
-    if spelt:
-        return by_bare[spelt[0]]
-    words = bare(word).split("_")
-    return by_bare.get("".join(w[:1] for w in words)) if len(words) > 1 else None
+def describe(f: dataclasses.Field, sweep: bool = False) -> str:
+    """The help text of a field, its default (and choices) filled in."""
+    s: Setting = f.metadata["setting"]
+    text = s.sweep_help if sweep and s.sweep_help else s.help
+    return text.format(default=shown(f.default), sweep_default=shown(s.sweep_default),
+                       choices=" | ".join(s.choices))
 
 
-def load_toml(path: str) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise UsageError(f"--config {path}: no such file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"--config {path}: not valid TOML ({exc})") from None
-    except OSError as exc:
-        raise UsageError(f"--config {path}: cannot read it ({exc.strerror})") from None
-
-
-def resolve(toml: dict[str, Any], flags: dict[str, Any]) -> TrainConfig:
-    """TrainConfig from a TOML mapping and flags (None means 'not given'), validated."""
-    types = {f.name: (int if f.name == "hidden" else float if f.name == "dropout"
-                      else type(f.default)) for f in fields(TrainConfig)}
-    values: dict[str, Any] = {}
-    for source in (toml, flags):
-        for raw_key, value in source.items():
-            key = raw_key.replace("-", "_")
-            if key not in types:
-                close = closest(key, types)
-                hint = f" (did you mean {close}?)" if close else ""
-                raise UsageError(f"unknown configuration key {raw_key!r}{hint}; known keys: "
-                                 f"{', '.join(types)}")
-            if value is not None:
-                values[key] = _coerce(key, value, types[key])
-    cfg = TrainConfig(**values)
-    cfg.validate()
-    # stored absolute, so that --resume (which reads config.toml) works from anywhere
-    cfg.data = os.path.abspath(cfg.data)
-    return cfg
-
-
-def to_toml(cfg: TrainConfig) -> str:
-    """The configuration as TOML (every value is a string, number, bool or int list)."""
-    lines = ["# mpinn resolved training configuration"]
-    for key, value in dataclasses.asdict(cfg).items():
-        if key in RUN_ACTIONS:
-            continue
-        if isinstance(value, (tuple, list)):
-            value = list(value)
-        lines.append(f"{key} = {json.dumps(value)}")
-    return "\n".join(lines) + "\n"
+TRAJECTORY_KEYS = keys(trajectory=True)  # what a resumed run must keep
+COMPARED_KEYS = keys(compared=True)  # what sweeps reported together must share
+SWEEP_KEYS = keys(sweep=True)  # the options `mpinn scaling run` passes to every point
+SAVED_KEYS = keys(saved=True)  # config.toml's keys

@@ -25,13 +25,15 @@ from mpinn import __version__
 from mpinn.base.cpus import blas_threads, usable_cpus
 from mpinn.base.errors import CollectiveError, Interrupted, UsageError
 from mpinn.base.signals import StopRequest
-from mpinn.comm import dist, preflight
+from mpinn.comm import collectives, console, preflight, watchdog, world
+from mpinn.comm.world import Comm
 from mpinn.data.feed import Batch, Feed
 from mpinn.data.layout import LARGE_INPUT
 from mpinn.nn import metrics
 from mpinn.nn.schedule import scaled_rate
-from mpinn.run.config import TrainConfig, to_toml
-from mpinn.run.rundir import checkpoint_path
+from mpinn.run.config import TrainConfig
+from mpinn.run.resolve import to_toml
+from mpinn.run.rundir import BEST, HISTORY, SUMMARY, checkpoint_path
 from mpinn.train.progress import EpochProgress
 from mpinn.train.session import Checkpointer, Session, open_session
 from mpinn.train.step import Rows, evaluate, train_step
@@ -41,7 +43,7 @@ from mpinn.train.step import Rows, evaluate, train_step
 TRANSPORT_VARIABLES = ("MPIR_CVAR_", "UCX_", "FI_", "OMPI_MCA_", "I_MPI_", "PSM2_")
 
 
-def train(cfg: TrainConfig, comm: dist.Comm) -> dict:
+def train(cfg: TrainConfig, comm: Comm) -> dict:
     """Train as configured; rank 0 writes the run directory. Returns the summary."""
     session = open_session(cfg, comm)  # validated, agreed, run directory locked, resumed
     with closing_together(session), StopRequest() as stop, watched(session, stop):
@@ -64,7 +66,7 @@ def train(cfg: TrainConfig, comm: dist.Comm) -> dict:
 
 
 def watched(s: Session, stop: StopRequest) -> contextlib.AbstractContextManager:
-    """Collective: the session's collectives wait through dist's stall watchdog.
+    """Collective: the session's collectives wait through comm's stall watchdog (watchdog.py).
 
     A stop signal shortens a wait only until the ranks have agreed on it (then
     they are on their way to a checkpoint, which may take a while to write).
@@ -74,7 +76,7 @@ def watched(s: Session, stop: StopRequest) -> contextlib.AbstractContextManager:
         return (f"global step {p.step + 1} (epoch {p.epoch + 1}, step {p.step_in_epoch + 1} "
                 f"of {s.steps}); newest checkpoint: "
                 + (f"step {s.saved_step}" if s.saved_step >= 0 else "none"))
-    return dist.watching(s.comm, s.cfg.stall_timeout,
+    return watchdog.watching(s.comm, s.cfg.stall_timeout,
                          lambda: stop.requested and not s.sync.stop_requested, position)
 
 
@@ -106,7 +108,7 @@ def run_epoch(s: Session, epoch: int, stop: StopRequest, checkpointer: Checkpoin
     feed.close()
     report.end()
     # evaluate, log, checkpoint
-    dist.allreduce_sum(s.comm, p.sums)  # loss, correct, rows and the confusion counts
+    collectives.allreduce_sum(s.comm, p.sums)  # loss, correct, rows and the confusion counts
     loss, correct, seen = p.sums[:3]
     seconds = time.perf_counter() - began
     record = {"epoch": epoch + 1, "step": p.step, "train_loss": loss / seen,
@@ -120,7 +122,7 @@ def run_epoch(s: Session, epoch: int, stop: StopRequest, checkpointer: Checkpoin
     # a strictly lower validation loss: saved as best.h5 too
     best = s.watch.observe(record["val_loss"], epoch + 1)
     s.save(record, best=best)
-    dist.print0(s.comm, format_epoch(record, s.cfg.epochs, s.problem.classification))
+    console.print0(s.comm, format_epoch(record, s.cfg.epochs, s.problem.classification))
     return record
 
 
@@ -160,7 +162,7 @@ def split_record(split: str, scores: dict) -> dict:
 def bad_input(s: Session, batch: Batch, feed: Feed) -> UsageError:
     """Collective: the error for a NaN or infinity some rank read (that rank names the
     row). The step was not applied; the steps before it are saved, not lost."""
-    message = dist.first_error(s.comm, batch.bad)
+    message = collectives.first_error(s.comm, batch.bad)
     feed.close()  # every rank's read-ahead done before the checkpoint's collectives
     if s.progress.step > max(s.saved_step, 0):
         s.save()
@@ -173,7 +175,7 @@ def divergence(s: Session, batch: Batch) -> CollectiveError:
     """Collective: the error for a step whose reduced loss or gradient is not finite."""
     p, cfg = s.progress, s.cfg
     peak = np.array([float(np.abs(batch.x).max()) if len(batch.x) else 0.0])
-    dist.allreduce_max(s.comm, peak)
+    collectives.allreduce_max(s.comm, peak)
     grads = s.sync.grads
     what = f"the batch's mean loss is {s.sync.loss / batch.rows:.4g}" + (
         " and its gradient is not finite" if not np.isfinite(grads).all() else
@@ -186,7 +188,7 @@ def divergence(s: Session, batch: Batch) -> CollectiveError:
         cause = (f"the learning rate: --lr {cfg.lr:g} is too large for this model and the "
                  f"{cfg.optimizer} optimizer; lower it")
     kept = (f"the newest checkpoint, {checkpoint_path(cfg.out)}, holds step {s.saved_step} "
-            f"(older ones: {os.path.join(cfg.out, 'checkpoints')})" if s.saved_step >= 0
+            f"(older ones: {os.path.join(cfg.out, HISTORY)})" if s.saved_step >= 0
             else "no checkpoint was written")
     return CollectiveError(f"training diverged at epoch {p.epoch + 1}, step "
                            f"{p.step_in_epoch + 1} of {s.steps} (global step {p.step + 1}): "
@@ -198,7 +200,7 @@ def divergence(s: Session, batch: Batch) -> CollectiveError:
 def closing_together(session: Session) -> Iterator[None]:
     """Close the session when every rank ends alike: on success, or on an error all
     ranks raise (mpio's close is collective). After any other error one rank may be
-    alone: no collective cleanup then, MPI_Abort ends the job (dist.run_or_abort)."""
+    alone: no collective cleanup then, MPI_Abort ends the job (exits.run_or_abort)."""
     try:
         yield
     except (UsageError, CollectiveError, Interrupted):
@@ -209,7 +211,7 @@ def closing_together(session: Session) -> Iterator[None]:
 
 def finish(s: Session, record: dict) -> dict:
     """Check the ranks still agree, write summary.json; returns the summary."""
-    dist.check_identical(s.comm, s.model.params, "final weights")
+    collectives.check_identical(s.comm, s.model.params, "final weights")
     test = {"loss": record.get("test_loss"), "accuracy": record.get("test_accuracy")}
     if not record:  # --epochs 0: describe the initial model, and save it
         test = evaluate(s.comm, s.model, s.data.test, s.problem)
@@ -217,9 +219,9 @@ def finish(s: Session, record: dict) -> dict:
     summary = summarize(s, record, test)
     s.on_root(lambda run: run.write_summary(summary))
     loss, acc = summary["test_loss"], summary["test_accuracy"]
-    dist.print0(s.comm, "done: " + ("no test rows" if loss is None else f"test loss {loss:.4f}")
+    console.print0(s.comm, "done: " + ("no test rows" if loss is None else f"test loss {loss:.4f}")
                 + (f", test accuracy {acc:.4f}" if acc is not None else "")
-                + f"; summary in {os.path.join(s.cfg.out, 'summary.json')}")
+                + f"; summary in {os.path.join(s.cfg.out, SUMMARY)}")
     return summary
 
 
@@ -227,16 +229,16 @@ def summarize(s: Session, record: dict, test: dict) -> dict:
     """Collective: summary.json's content (reductions over ranks; docs/design.md)."""
     comm, timer, data = s.comm, s.timer, s.data
     peak = np.array([timer.steady_seconds])
-    dist.allreduce_max(comm, peak)
+    collectives.allreduce_max(comm, peak)
     io_totals = np.array([data.train.bytes_read, data.train.read_seconds])
-    dist.allreduce_sum(comm, io_totals)
-    io_modes = dist.gather_objects(comm, data.file.io_modes)
+    collectives.allreduce_sum(comm, io_totals)
+    io_modes = collectives.gather_objects(comm, data.file.io_modes)
     phases, step = timer.reduce_with_step(comm)
     step_mean = sum(p["mean"] for p in phases.values())
     return {
         "mpinn_version": __version__, "ranks": comm.size, "hosts": s.hosts[0],
         "ranks_per_host": s.hosts[1], "oversubscribed": preflight.oversubscribed(comm),
-        "mpi": dist.library(), "environment": environment(), "epochs": s.cfg.epochs,
+        "mpi": world.library(), "environment": environment(), "epochs": s.cfg.epochs,
         "steps": s.progress.step, "steps_this_run": timer.steps + timer.warm,
         "resumed_from_step": s.resumed.step if s.resumed else None,
         "batch_size": s.cfg.batch_size, "params": s.model.arch.n_params,
@@ -263,7 +265,7 @@ def environment() -> dict:
     """What a scaling report names of the software (rank 0's view): the MPI library's
     version text, the BLAS and its threads, the variables that choose MPI's transports."""
     blas = np.show_config(mode="dicts").get("Build Dependencies", {}).get("blas", {})
-    return {"mpi_version": dist.library_version(),
+    return {"mpi_version": world.library_version(),
             "blas": " ".join(str(blas.get(k, "")) for k in ("name", "version")).strip(),
             "blas_threads": blas_threads(os.environ, usable_cpus()),
             "python": sys.version.split()[0], "numpy": np.__version__,
@@ -278,11 +280,11 @@ def report_complete(s: Session) -> dict:
     p, out = s.progress, s.cfg.out
     state = None
     if s.run is not None:  # rank 0
-        state = (os.path.exists(os.path.join(out, "summary.json")),
+        state = (os.path.exists(os.path.join(out, SUMMARY)),
                  json.loads(s.run.metrics[-1]) if s.run.metrics else {})
-    summarized, record = dist.broadcast_object(s.comm, state)
+    summarized, record = collectives.broadcast_object(s.comm, state)
     if not summarized:
-        dist.print0(s.comm, f"the run in {out} has done its {p.epoch} epochs but has no "
+        console.print0(s.comm, f"the run in {out} has done its {p.epoch} epochs but has no "
                             f"summary.json: evaluating the test split and writing it")
         if record:
             test = evaluate(s.comm, s.model, s.data.test, s.problem)
@@ -290,7 +292,7 @@ def report_complete(s: Session) -> dict:
         return finish(s, record)
     longer = (f"--early-stopping N (more than its {s.watch.stale} epochs without a lower "
               f"validation loss)" if s.watch.exhausted else "--epochs N")
-    dist.print0(s.comm, f"the run in {out} is complete: {p.epoch} of {s.cfg.epochs} epochs, "
+    console.print0(s.comm, f"the run in {out} is complete: {p.epoch} of {s.cfg.epochs} epochs, "
                         f"{p.step} steps; nothing to do (nothing was written). To train "
                         f"longer: mpinn train --out {out} --resume {longer}")
     return {"ranks": s.comm.size, "epochs": s.cfg.epochs, "steps": p.step, "complete": True}
@@ -299,39 +301,39 @@ def report_complete(s: Session) -> dict:
 def log_start(s: Session) -> None:
     cfg, comm, info, arch = s.cfg, s.comm, s.problem.info, s.model.arch
     hosts = len(s.hosts[0])
-    dist.print0(comm, f"mpinn {__version__}: {comm.size} ranks on {hosts} host"
-                      f"{'s' if hosts > 1 else ''} ({dist.library()})")
-    dist.print0(comm, f"data {cfg.data}: {info.n_train} train / {info.n_test} test rows, "
+    console.print0(comm, f"mpinn {__version__}: {comm.size} ranks on {hosts} host"
+                      f"{'s' if hosts > 1 else ''} ({world.library()})")
+    console.print0(comm, f"data {cfg.data}: {info.n_train} train / {info.n_test} test rows, "
                       f"{info.features} features, {s.problem.outputs} "
                       f"{'classes' if s.problem.classification else 'targets'}")
-    dist.print0(comm, f"model {'-'.join(map(str, arch.sizes))} {arch.activation}, "
+    console.print0(comm, f"model {'-'.join(map(str, arch.sizes))} {arch.activation}, "
                       f"{arch.loss}, {arch.n_params:,} params ({arch.dtype}); {cfg.optimizer} "
                       f"lr {cfg.lr}; global batch {cfg.batch_size} (<= "
                       f"{s.data.buffers.max_rows} per rank"
                       + (f", in micro-batches of <= {s.model.max_rows}" if cfg.accumulate > 1
                          else "") + f"), {s.steps} steps/epoch")
-    dist.print0(comm, f"lr {s.schedule.rate:g}"
+    console.print0(comm, f"lr {s.schedule.rate:g}"
                       + (f" (--lr {cfg.lr:g} x batch {cfg.batch_size} / base batch "
                          f"{cfg.base_batch})" if cfg.lr_scaling == "linear" else "")
                       + f": {s.schedule.describe()}"
                       + (f"; {cfg.accumulate} micro-batches per update" if cfg.accumulate > 1
                          else ""))
     io, prefetch = s.data.io, s.data.prefetch
-    dist.print0(comm, f"io {io}{' (collective MPI-IO)' if io == 'mpio' else ''}, "
+    console.print0(comm, f"io {io}{' (collective MPI-IO)' if io == 'mpio' else ''}, "
                       f"shuffle {cfg.shuffle}, prefetch {'on' if prefetch else 'off'}"
                       + (" (MPI lacks MPI_THREAD_MULTIPLE)" if cfg.prefetch and not prefetch
                          else ""))
     if s.resumed is not None:
         r = s.resumed
-        dist.print0(comm, f"resumed from {r.path}: epoch {r.epoch + 1}, "
+        console.print0(comm, f"resumed from {r.path}: epoch {r.epoch + 1}, "
                           f"step {r.step_in_epoch} of {s.steps} (global step {r.step})")
 
 
 def log_early_stop(s: Session) -> None:
     w = s.watch
-    dist.print0(s.comm, f"early stopping after epoch {s.progress.epoch}: no lower validation "
+    console.print0(s.comm, f"early stopping after epoch {s.progress.epoch}: no lower validation "
                         f"loss in {w.stale} epochs; the best, epoch {w.best_epoch} (val loss "
-                        f"{w.best_loss:.4f}), is {os.path.join(s.cfg.out, 'best.h5')}; the "
+                        f"{w.best_loss:.4f}), is {os.path.join(s.cfg.out, BEST)}; the "
                         f"test scores below are the final model's")
 
 

@@ -12,24 +12,24 @@ all open the same file.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
 
 from mpinn.base import files
 from mpinn.base.errors import UsageError
-from mpinn.base.files import atomic_output, check_writable, hdf5_errors, open_hdf5
+from mpinn.base.files import atomic_output, check_writable
+from mpinn.base.hdf5 import hdf5_errors, open_hdf5
+from mpinn.comm import collectives, console
+from mpinn.comm.world import Comm
 from mpinn.data import probe
 from mpinn.data.layout import Problem, check_data
 from mpinn.data.readers import DataFile, resolve_io
 from mpinn.nn import metrics
 from mpinn.nn.model import MLP
 from mpinn.run import checkpoint
-from mpinn.run.rundir import checkpoint_path
-
-if TYPE_CHECKING:  # `predict` is serial: MPI starts only for `evaluate`
-    from mpinn.comm import dist
+from mpinn.run.rundir import HISTORY, checkpoint_path
+from mpinn.train.step import evaluate
 
 EVAL_ROWS = 4096  # rows per forward pass when evaluating or predicting
 
@@ -43,7 +43,7 @@ def load_checkpoint(path: str) -> checkpoint.Checkpoint:
         if not os.path.isdir(path):
             raise
         raise checkpoint.CorruptCheckpoint(f"{exc}; the run's older checkpoints are in "
-                                           f"{os.path.join(path, 'checkpoints')}") from None
+                                           f"{os.path.join(path, HISTORY)}") from None
 
 
 def checkpoint_file(path: str) -> str:
@@ -56,28 +56,25 @@ def checkpoint_file(path: str) -> str:
     return checkpoint_path(path)
 
 
-def load_model(comm: dist.Comm, path: str) -> tuple[MLP, str]:
+def load_model(comm: Comm, path: str) -> tuple[MLP, str]:
     """Collective: the checkpoint's model on every rank, and its task."""
-    from mpinn.comm import dist
-    ckpt = dist.root_tries(comm, lambda: load_checkpoint(path))
-    arch, task = dist.broadcast_object(comm, (ckpt.arch, ckpt.task) if ckpt else None)
+    ckpt = collectives.root_tries(comm, lambda: load_checkpoint(path))
+    arch, task = collectives.broadcast_object(comm, (ckpt.arch, ckpt.task) if ckpt else None)
     model = MLP(arch, EVAL_ROWS)
     if ckpt is not None:
         ckpt.restore(model)
-    dist.broadcast(comm, model.params)
+    collectives.broadcast(comm, model.params)
     return model, task
 
 
-def run_evaluate(comm: dist.Comm, ckpt_path: str, data_path: str, split: str,
+def run_evaluate(comm: Comm, ckpt_path: str, data_path: str, split: str,
                  io: str = "auto", json_path: str | None = None) -> dict:
     """Collective: loss and accuracy (classification: also macro precision, recall, F1
     and the confusion matrix) of a checkpoint on a split, printed by rank 0 and, with
     json_path, written there by rank 0 (atomically, strict JSON)."""
-    from mpinn.comm import dist
-    from mpinn.train.step import evaluate
     io = resolve_io(io)
     if json_path is not None:
-        dist.root_tries(comm, lambda: check_writable(json_path))
+        collectives.root_tries(comm, lambda: check_writable(json_path))
     model, task = load_model(comm, ckpt_path)
     problem: Problem = check_data(comm, data_path, model.arch.loss,
                                   features=model.arch.sizes[0], outputs=model.arch.sizes[-1])
@@ -88,9 +85,9 @@ def run_evaluate(comm: dist.Comm, ckpt_path: str, data_path: str, split: str,
         result = evaluate(comm, model, datafile.reader(split, model.max_rows), problem)
     result = {"split": split, "ranks": comm.size, **result}
     if json_path is not None:
-        dist.root_tries(comm, lambda: files.write_atomically(
+        collectives.root_tries(comm, lambda: files.write_atomically(
             json_path, (files.strict_json(result) + "\n").encode(), "write"))
-    dist.print0(comm, evaluation_text(result, data_path, json_path))
+    console.print0(comm, evaluation_text(result, data_path, json_path))
     return result
 
 

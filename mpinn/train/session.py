@@ -5,7 +5,7 @@ open_session() validates the data on every rank, takes the run directory (rank 0
 lock, tidy, writability), builds the model around the gradient sync's buffer,
 resumes from the run's checkpoint or initialises from the seed, and opens the
 readers. Every step that can fail for one rank only ends in an agreement
-(dist.first_error, dist.root_tries), so all ranks raise the same error alike.
+(collectives.first_error, collectives.root_tries), so all ranks raise the same error alike.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import TypeVar
 import numpy as np
 
 from mpinn.base.errors import Interrupted, UsageError
-from mpinn.comm import dist
+from mpinn.comm import collectives, gradsync, preflight, world
+from mpinn.comm.world import Comm
 from mpinn.data.feed import Buffers, Feed
 from mpinn.data.holdout import EarlyStopping, held_out_rows
 from mpinn.data.layout import Problem, check_data
@@ -37,16 +38,14 @@ from mpinn.nn.optim import Optimizer, make_optimizer
 from mpinn.nn.schedule import Schedule, scaled_rate
 from mpinn.run import checkpoint
 from mpinn.run.checkpoint import Checkpoint
-from mpinn.run.config import TrainConfig, to_toml
+from mpinn.run.config import TRAJECTORY_KEYS, TrainConfig
+from mpinn.run.resolve import to_toml
 from mpinn.run.rundir import RunDir
 from mpinn.train.step import Regime
 from mpinn.train.timing import PhaseTimer
 
 T = TypeVar("T")
 INIT_STREAM = 0x1A17  # generator stream of the initial weights: seed -> weights
-# Settings that fix the trajectory: a resumed run must keep them.
-TRAJECTORY_KEYS = ("batch_size", "seed", "shuffle", "block_rows", "window_rows", "optimizer",
-                   "hidden", "activation", "loss", "dtype", "dropout", "val_fraction")
 # a key missing from an older checkpoint's config had its default then (through TOML,
 # as the current configuration is compared: a tuple default reads back as a list)
 DEFAULTS = tomllib.loads(to_toml(TrainConfig()))
@@ -102,11 +101,11 @@ class Reading:
 @dataclass(kw_only=True)
 class Session:
     cfg: TrainConfig
-    comm: dist.Comm
+    comm: Comm
     problem: Problem
     model: MLP
     optimizer: Optimizer
-    sync: dist.GradientSync
+    sync: gradsync.GradientSync
     run: RunDir | None  # the run directory, on rank 0 (None on the others)
     resumed: Checkpoint | None  # metadata of the checkpoint this run continues
     progress: Progress
@@ -116,7 +115,7 @@ class Session:
     saved_step: int = -1  # the step of the newest checkpoint on disk (-1: none)
     config_pending: bool = False  # a resumed run's config.toml, written with its checkpoint
     active_feed: Feed | None = None  # the epoch's feed, whose threads may still read
-    hosts: tuple[list[str], list[int]] = ([], [])  # dist.placement: hosts, ranks on each
+    hosts: tuple[list[str], list[int]] = ([], [])  # preflight.placement: hosts, ranks on each
     regime: Regime = field(default_factory=Regime)  # dropout, clipping
     schedule: Schedule = field(default_factory=lambda: Schedule(0.0))  # the rate per step
 
@@ -141,7 +140,7 @@ class Session:
 
     def on_root(self, write: Callable[[RunDir], object]) -> None:
         """Collective: rank 0 applies write to the run directory; all learn if it failed."""
-        dist.root_tries(self.comm, lambda: write(self.run))
+        collectives.root_tries(self.comm, lambda: write(self.run))
 
     def save(self, record: dict | None = None, best: bool = False) -> None:
         """Collective: a checkpoint of the run as it stands (rank 0 writes it), after
@@ -157,7 +156,7 @@ class Session:
         """
         p, cfg = self.progress, self.cfg
         sums = p.sums.copy()
-        dist.allreduce_sum(self.comm, sums)
+        collectives.allreduce_sum(self.comm, sums)
         ckpt = Checkpoint(arch=self.model.arch, task=self.problem.info.task, epoch=p.epoch,
                           step=p.step, step_in_epoch=p.step_in_epoch, config=to_toml(cfg),
                           optimizer=cfg.optimizer, optimizer_state=self.optimizer.state(),
@@ -173,7 +172,7 @@ class Session:
                 run.append_metrics(record)
             if best:
                 run.save_best(image)
-            run.save_checkpoint(ckpt.step, image)
+            run.history.save(ckpt.step, image)
             if self.config_pending:
                 run.write_config(ckpt.config)
         self.on_root(write)
@@ -193,7 +192,7 @@ def data_shape(problem: Problem) -> tuple[int, int, int]:
     return problem.info.n_train, problem.info.features, problem.outputs
 
 
-def open_session(cfg: TrainConfig, comm: dist.Comm) -> Session:
+def open_session(cfg: TrainConfig, comm: Comm) -> Session:
     """Collective: validate, agree, take the run directory, build and resume the model."""
     io = resolve_io(cfg.io)
     problem = check_data(comm, cfg.data, cfg.loss)
@@ -205,13 +204,13 @@ def open_session(cfg: TrainConfig, comm: dist.Comm) -> Session:
     arch = Architecture((problem.info.features, *cfg.hidden, problem.outputs),
                         cfg.activation, cfg.loss, cfg.dtype)
     sync, model, optimizer = build_model(comm, cfg, arch, model_rows)
-    run = dist.root_tries(comm, lambda: RunDir.open(cfg))
+    run = collectives.root_tries(comm, lambda: RunDir.open(cfg))
     try:
         resumed = resume(comm, cfg, run, model, optimizer, data_shape(problem)) \
             if cfg.resume else None
         if resumed is None:
             model.init(np.random.default_rng([cfg.seed, INIT_STREAM]))
-        dist.check_identical(comm, model.params, "initial weights")
+        collectives.check_identical(comm, model.params, "initial weights")
         classes = problem.outputs if problem.classification else 0
         sums = np.zeros(3 + classes * classes)
         if resumed is not None and comm.rank == 0:  # the others' sums start from zero
@@ -224,7 +223,7 @@ def open_session(cfg: TrainConfig, comm: dist.Comm) -> Session:
         if resumed is not None:
             watch = EarlyStopping(patience=cfg.early_stopping, best_loss=resumed.best_val_loss,
                                   best_epoch=resumed.best_epoch, stale=resumed.stale_epochs)
-        return Session(cfg=cfg, comm=comm, hosts=dist.placement(comm), problem=problem,
+        return Session(cfg=cfg, comm=comm, hosts=preflight.placement(comm), problem=problem,
                        model=model, optimizer=optimizer,
                        sync=sync, run=run, resumed=resumed, progress=progress,
                        data=open_reading(cfg, comm, io, max_rows, problem, held), watch=watch,
@@ -241,12 +240,12 @@ def open_session(cfg: TrainConfig, comm: dist.Comm) -> Session:
         raise
 
 
-def build_model(comm: dist.Comm, cfg: TrainConfig, arch: Architecture, max_rows: int
-                ) -> tuple[dist.GradientSync, MLP, Optimizer]:
+def build_model(comm: Comm, cfg: TrainConfig, arch: Architecture, max_rows: int
+                ) -> tuple[gradsync.GradientSync, MLP, Optimizer]:
     """Collective: the sync buffer, the model around it and the optimizer, or a
     UsageError on every rank if they do not fit in some rank's memory."""
-    def build() -> tuple[dist.GradientSync, MLP, Optimizer]:
-        sync = dist.GradientSync(comm, arch.n_params, arch.dtype)
+    def build() -> tuple[gradsync.GradientSync, MLP, Optimizer]:
+        sync = gradsync.GradientSync(comm, arch.n_params, arch.dtype)
         model = MLP(arch, max_rows, grads=sync.grads, dropout=any(cfg.dropout),
                     accumulate=cfg.accumulate > 1)
         return sync, model, make_optimizer(cfg.optimizer, model.params, cfg.lr,
@@ -281,7 +280,7 @@ def make_schedule(cfg: TrainConfig, steps: int, resumed: Checkpoint | None) -> S
     return schedule
 
 
-def affordable(comm: dist.Comm, build: Callable[[], T], what: tuple[str, str]) -> T:
+def affordable(comm: Comm, build: Callable[[], T], what: tuple[str, str]) -> T:
     """Collective: build(), or a UsageError on every rank if some rank ran out of memory
     (what: the thing built, and the advice)."""
     built, problem = None, None
@@ -289,16 +288,16 @@ def affordable(comm: dist.Comm, build: Callable[[], T], what: tuple[str, str]) -
         built = build()
     except MemoryError:
         problem = f"{what[0]}: it does not fit in rank {comm.rank}'s memory; {what[1]}"
-    problem = dist.first_error(comm, problem)
+    problem = collectives.first_error(comm, problem)
     if problem is not None:
         raise UsageError(problem)
     return built  # type: ignore[return-value]
 
 
-def open_reading(cfg: TrainConfig, comm: dist.Comm, io: str, max_rows: int,
+def open_reading(cfg: TrainConfig, comm: Comm, io: str, max_rows: int,
                  problem: Problem, held: np.ndarray) -> Reading:
     # mpio reads are MPI collectives: from the prefetch thread only if MPI allows threads
-    prefetch = cfg.prefetch and (io != "mpio" or dist.thread_multiple())
+    prefetch = cfg.prefetch and (io != "mpio" or world.thread_multiple())
     sampling = Sampling(cfg.shuffle, cfg.block_rows, cfg.window_rows)
     datafile = DataFile(cfg.data, io, comm)
     train = datafile.reader("train", max_rows)
@@ -317,19 +316,19 @@ def open_reading(cfg: TrainConfig, comm: dist.Comm, io: str, max_rows: int,
                    train_rows=remaining(problem.info.n_train, held))
 
 
-def resume(comm: dist.Comm, cfg: TrainConfig, run: RunDir | None, model: MLP,
+def resume(comm: Comm, cfg: TrainConfig, run: RunDir | None, model: MLP,
            optimizer: Optimizer, shape: tuple[int, int, int]) -> Checkpoint:
     """Collective: load the run's checkpoint into model and optimizer on every rank.
 
     Rank 0 reads it (checkpoint.h5, or the newest intact one of checkpoints/ if
-    that is corrupt: RunDir.load_checkpoint) and broadcasts it. UsageError on every
+    that is corrupt: History.load) and broadcasts it. UsageError on every
     rank if none can be read, or if it does not fit the configuration: a resumed
     run must continue the same trajectory (architecture, data, batch size, seed,
     sampling, optimizer), whatever the number of ranks. Returns the metadata.
     """
     def load() -> Checkpoint:
         assert run is not None
-        ckpt = run.load_checkpoint()
+        ckpt = run.history.load()
         check_compatible(ckpt, cfg, model.arch, shape, comm.size)
         ckpt.restore(model)
         state = optimizer.state()
@@ -340,11 +339,11 @@ def resume(comm: dist.Comm, cfg: TrainConfig, run: RunDir | None, model: MLP,
         optimizer.load_state(ckpt.optimizer_state)
         run.keep_metrics(ckpt.epoch)
         return ckpt
-    ckpt = dist.root_tries(comm, load)
-    meta = dist.broadcast_object(comm, ckpt.metadata() if ckpt else None)
+    ckpt = collectives.root_tries(comm, load)
+    meta = collectives.broadcast_object(comm, ckpt.metadata() if ckpt else None)
     # arrays travel as buffers, in the same order on every rank
     for buf in (model.params, *optimizer.state().values()):
-        dist.broadcast(comm, buf)
+        collectives.broadcast(comm, buf)
     return meta
 
 

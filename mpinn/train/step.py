@@ -16,7 +16,8 @@ from typing import NamedTuple
 import numpy as np
 
 from mpinn.base.errors import UsageError
-from mpinn.comm import dist
+from mpinn.comm import collectives, gradsync
+from mpinn.comm.world import Comm
 from mpinn.data.layout import Problem, nonfinite_message
 from mpinn.data.readers import ReadFailure, SplitReader
 from mpinn.data.sampler import ceil_div, share
@@ -53,7 +54,7 @@ class Rows(NamedTuple):
     step: int = 0  # the global step (dropout's key)
 
 
-def train_step(sync: dist.GradientSync, model: MLP, optimizer: Optimizer, timer: PhaseTimer,
+def train_step(sync: gradsync.GradientSync, model: MLP, optimizer: Optimizer, timer: PhaseTimer,
                x: np.ndarray, y: np.ndarray, batch_rows: int, problem: Problem,
                stop: bool = False, bad_input: bool = False, rows: Rows | None = None,
                regime: Regime = Regime(), confusion: np.ndarray | None = None) -> StepResult:
@@ -115,7 +116,7 @@ def count_correct(logits: np.ndarray, y: np.ndarray, problem: Problem,
     return int(np.count_nonzero(predicted == y))
 
 
-def evaluate(comm: dist.Comm, model: MLP, reader: SplitReader, problem: Problem,
+def evaluate(comm: Comm, model: MLP, reader: SplitReader, problem: Problem,
              rows: np.ndarray | None = None) -> dict:
     """Collective: mean loss (and, for classification, accuracy, precision, recall, F1
     and the confusion matrix: metrics.py) of the model on all rows of a split, or on
@@ -157,9 +158,9 @@ def evaluate(comm: dist.Comm, model: MLP, reader: SplitReader, problem: Problem,
             continue
         score(model, x, y, problem, sums, classes)
     sums[2] = bad is not None
-    dist.allreduce_sum(comm, sums)  # integer counts: exact, so the metrics are too
+    collectives.allreduce_sum(comm, sums)  # integer counts: exact, so the metrics are too
     if sums[2]:
-        raise UsageError(dist.first_error(comm, bad))
+        raise UsageError(collectives.first_error(comm, bad))
     return evaluation(sums[0], int(sums[1]), sums[3:], classes)
 
 

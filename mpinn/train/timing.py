@@ -2,7 +2,7 @@
 
 Each rank accumulates seconds per phase; after training, the per-rank means
 per step are reduced (mean and max over ranks: the max is what the job waits
-for). The reduction itself goes through dist.py like every MPI call. The first
+for). The reduction itself goes through comm/ like every MPI call. The first
 step of a run warms caches and BLAS: end_step() leaves it out of every figure.
 """
 
@@ -14,7 +14,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from mpinn.comm import dist
+from mpinn.comm import collectives
+from mpinn.comm.world import Comm
 
 PHASES = ("data", "forward", "backward", "allreduce", "update")
 
@@ -57,20 +58,20 @@ class PhaseTimer:
         self.seconds[:] = 0
         self.steps = 0
 
-    def reduce(self, comm: dist.Comm) -> dict[str, dict[str, float]]:
+    def reduce(self, comm: Comm) -> dict[str, dict[str, float]]:
         """Collective: {phase: {"mean": s, "max": s}} of seconds per step over ranks."""
         return self.reduce_with_step(comm)[0]
 
-    def reduce_with_step(self, comm: dist.Comm
+    def reduce_with_step(self, comm: Comm
                          ) -> tuple[dict[str, dict[str, float]], dict[str, float] | None]:
         """Collective: the phases as reduce() gives them, and {"mean": s, "max": s} of the
         wall seconds per counted step (the phases and what lies between them; None if no
         step was counted), in the same two reductions."""
         per_step = np.append(self.seconds, self.steady_seconds) / max(self.steps, 1)
         total = per_step.copy()
-        dist.allreduce_sum(comm, total)
+        collectives.allreduce_sum(comm, total)
         peak = per_step.copy()
-        dist.allreduce_max(comm, peak)
+        collectives.allreduce_max(comm, peak)
         phases = {p: {"mean": float(total[i] / comm.size), "max": float(peak[i])}
                   for i, p in enumerate(self.phases)}
         step = {"mean": float(total[-1] / comm.size), "max": float(peak[-1])}

@@ -1,5 +1,5 @@
-"""Run under mpiexec -n P: dist.py and the sampler on COMM_WORLD, COMM_SELF, a Dup(), and
-a Dup() whose collectives wait through the stall watchdog.
+"""Run under mpiexec -n P: the collectives, the gradient sync and the sampler on
+COMM_WORLD, COMM_SELF, a Dup(), and a Dup() whose collectives wait through the stall watchdog.
 
 Expected values are derived from rank and size, so the same script passes at any P.
 A failed assert raises on that rank; run_or_abort then aborts the job (exit 1).
@@ -11,39 +11,40 @@ import numpy as np
 from mpi4py import MPI
 
 from mpinn.base.errors import CollectiveError, StorageError, UsageError
-from mpinn.comm import dist
+from mpinn.comm import collectives, console, exits, gradsync, watchdog, world
 from mpinn.data import sampler
 
 
 def check(comm) -> None:
     rank, size = comm.rank, comm.size
     buf = np.array([rank + 1.0, 2.0 ** rank, -rank])
-    dist.allreduce_sum(comm, buf)
+    collectives.allreduce_sum(comm, buf)
     assert np.array_equal(buf, [size * (size + 1) / 2, 2.0 ** size - 1, -size * (size - 1) / 2])
     peak = np.array([float(rank)])
-    dist.allreduce_max(comm, peak)
+    collectives.allreduce_max(comm, peak)
     assert peak[0] == size - 1
-    assert dist.first_error(comm, None) is None
-    assert dist.first_error(comm, f"bad {rank}" if rank == size - 1 else None) == f"bad {size - 1}"
+    assert collectives.first_error(comm, None) is None
+    last = f"bad {rank}" if rank == size - 1 else None
+    assert collectives.first_error(comm, last) == f"bad {size - 1}"
     same = np.arange(10.0)
-    dist.check_identical(comm, same, "same")
+    collectives.check_identical(comm, same, "same")
     if size > 1:
         try:
-            dist.check_identical(comm, same + (rank == 1), "weights")
+            collectives.check_identical(comm, same + (rank == 1), "weights")
             raise AssertionError("check_identical missed a difference")
         except CollectiveError as exc:
             assert "ranks [1]" in str(exc)
     # control data travels pickled through non-blocking buffer calls: any size, even empty
-    assert dist.gather_objects(comm, "x" * rank) == ["x" * r for r in range(size)]
+    assert collectives.gather_objects(comm, "x" * rank) == ["x" * r for r in range(size)]
     sent = {"rows": list(range(10000))} if rank == 0 else None
-    assert dist.broadcast_object(comm, sent) == {"rows": list(range(10000))}
-    dist.barrier(comm)
+    assert collectives.broadcast_object(comm, sent) == {"rows": list(range(10000))}
+    collectives.barrier(comm)
     root_data = np.full(4, 7.0) if rank == 0 else np.zeros(4)
-    dist.broadcast(comm, root_data)
+    collectives.broadcast(comm, root_data)
     assert np.all(root_data == 7.0)
 
     # the gradient sync: gradients and control slots SUMMED, the same verdicts everywhere
-    sync = dist.GradientSync(comm, 3, "float64")
+    sync = gradsync.GradientSync(comm, 3, "float64")
     sync.grads[:] = (rank, 1.0, -2.0 * rank)
     sync.allreduce(loss=rank + 1.0, stop=rank == size - 1, bad_input=False)
     assert np.array_equal(sync.grads, [size * (size - 1) / 2, size, -size * (size - 1)])
@@ -52,14 +53,14 @@ def check(comm) -> None:
     sync.grads[:] = np.inf if rank == size - 1 else 0.0  # on one rank only: all see it
     sync.allreduce(loss=1.0, bad_input=rank == 0)
     assert sync.bad_input and not sync.stop_requested and not sync.finite()
-    assert dist.root_tries(comm, lambda: "made by rank 0") == ("made by rank 0" if rank == 0
-                                                              else None)
+    made = collectives.root_tries(comm, lambda: "made by rank 0")
+    assert made == ("made by rank 0" if rank == 0 else None)
     for failure, expected in ((UsageError("bad"), UsageError),
                               (StorageError("full"), CollectiveError)):
         def fail(exc=failure):
             raise exc
         try:
-            dist.root_tries(comm, fail)
+            collectives.root_tries(comm, fail)
             raise AssertionError("root_tries did not raise on every rank")
         except expected as exc:
             assert str(exc) == str(failure)
@@ -92,16 +93,16 @@ def check(comm) -> None:
 
 
 def main() -> int:
-    world = dist.world()
-    for comm in (world, MPI.COMM_SELF, world.Dup()):
+    for comm in (WORLD, MPI.COMM_SELF, WORLD.Dup()):
         check(comm)
-    watched = world.Dup()  # the same, waiting through the stall watchdog's loop
-    with dist.watching(watched, 30, lambda: False, lambda: "collectives.py") as watchdog:
-        assert [host for host, _ in watchdog.hosts] == dist.gather_objects(
-            world, MPI.Get_processor_name())
+    watched = WORLD.Dup()  # the same, waiting through the stall watchdog's loop
+    with watchdog.watching(watched, 30, lambda: False, lambda: "collectives.py") as waiting:
+        assert [host for host, _ in waiting.hosts] == collectives.gather_objects(
+            WORLD, MPI.Get_processor_name())
         check(watched)
-    dist.print0(world, f"collectives ok on {world.size} ranks")
+    console.print0(WORLD, f"collectives ok on {WORLD.size} ranks")
     return 0
 
 
-sys.exit(dist.run_or_abort(dist.world(), main))  # a failed assert on one rank ends all
+WORLD = world.start()
+sys.exit(exits.run_or_abort(WORLD, main))  # a failed assert on one rank ends all

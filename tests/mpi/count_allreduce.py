@@ -10,10 +10,10 @@ import sys
 
 import numpy as np
 
-from mpinn.comm import dist
+from mpinn.comm import console, exits, world
 from mpinn.data import layout as data
 from mpinn.data import sampler
-from mpinn.run.config import resolve
+from mpinn.run.resolve import resolve
 from mpinn.train.loop import train
 
 
@@ -40,7 +40,7 @@ class CountingComm:
 
 def main() -> int:
     path, out, batch, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    comm = CountingComm(dist.world())
+    comm = CountingComm(world.start())
     cfg = resolve({}, {"data": path, "out": out, "hidden": "16,8", "batch_size": batch,
                        "epochs": epochs, "overwrite": True})
     summary = train(cfg, comm)
@@ -57,8 +57,8 @@ def main() -> int:
     small = 8 * (4 + info.outputs ** 2)
     assert all(nbytes <= small for _, nbytes in others), others
     assert len(others) <= 4 * epochs + 4, len(others)  # per epoch, not per step
-    dist.print0(comm, f"allreduce ok: {steps} steps, {len(grad_calls)} gradient Allreduces")
+    console.print0(comm, f"allreduce ok: {steps} steps, {len(grad_calls)} gradient Allreduces")
     return 0
 
 
-sys.exit(dist.run_or_abort(dist.world(), main))
+sys.exit(exits.run_or_abort(world.start(), main))

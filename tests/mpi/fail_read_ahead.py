@@ -12,13 +12,13 @@ import os
 import signal
 import sys
 
-from mpi4py import MPI
-
 from mpinn.cli import main as cli
+from mpinn.comm import world
 from mpinn.data import feed
 from mpinn.train import loop as train
 
-rank = MPI.COMM_WORLD.rank
+WORLD = world.start()  # as cli.main will (a no-op there)
+rank = WORLD.rank
 real_load, real_step = feed.Feed._load_window, train.train_step
 steps = {"n": 0}
 

@@ -15,7 +15,7 @@ import sys
 import h5py
 import numpy as np
 
-from mpinn.comm import dist
+from mpinn.comm import collectives, world
 from mpinn.data.layout import check_data
 from mpinn.data.readers import DataFile
 from mpinn.data.sampler import share
@@ -46,7 +46,7 @@ def oracle(y: np.ndarray, predicted: np.ndarray) -> dict:
 
 
 def main() -> int:
-    comm = dist.world()
+    comm = world.start()
     path = sys.argv[1]
     problem = dataclasses.replace(check_data(comm, path, "cross-entropy"), outputs=CLASSES)
     arch = Architecture((problem.info.features, CLASSES), "relu", "cross-entropy", "float64")
@@ -62,7 +62,7 @@ def main() -> int:
     mine = MLP(arch, max(1, len(x)))
     mine.params[:] = model.params
     predicted = mine.forward(x).argmax(axis=1) if len(x) else np.zeros(0, int)
-    parts = dist.gather_objects(comm, (y, predicted))
+    parts = collectives.gather_objects(comm, (y, predicted))
     if comm.rank == 0:
         y_all = np.concatenate([p[0] for p in parts])
         predicted_all = np.concatenate([p[1] for p in parts])

@@ -12,7 +12,7 @@ import sys
 import h5py
 import numpy as np
 
-from mpinn.comm import dist
+from mpinn.comm import collectives, console, exits, world
 from mpinn.data.feed import Buffers, Feed
 from mpinn.data.readers import ACTUAL_IO_MODES, DataFile, parallel_hdf5
 from mpinn.data.sampler import SHUFFLES, Sampling, epoch_plan
@@ -21,7 +21,7 @@ COLLECTIVE = {ACTUAL_IO_MODES[m] for m in (2, 3, 4)}
 
 
 def main() -> int:
-    comm = dist.world()
+    comm = world.start()
     path, batches = sys.argv[1], [int(b) for b in sys.argv[2:]]
     with h5py.File(path, "r") as f:
         x_all, y_all = f["train/x"][...], f["train/y"][...]  # the oracle (a small file)
@@ -36,7 +36,7 @@ def main() -> int:
                     reader = datafile.reader("train", max_rows)
                     buffers = Buffers(reader, max_rows, 3 * max_rows if shuffle == "block" else 0)
                     plan = epoch_plan(sampling, 5, 1, reader.n, batch, comm.rank, comm.size)
-                    prefetch = io != "mpio" or dist.thread_multiple()
+                    prefetch = io != "mpio" or world.thread_multiple()
                     for step, got in enumerate(Feed(reader, plan, buffers, prefetch)):
                         idx = plan.steps[step]
                         assert np.array_equal(got.x, x_all[idx]), (io, batch, shuffle, step)
@@ -46,10 +46,10 @@ def main() -> int:
             if io == "mpio":
                 modes = set(datafile.io_modes)
                 assert modes and modes <= COLLECTIVE, f"not all reads were collective: {modes}"
-    total = dist.gather_objects(comm, checked)
-    dist.print0(comm, f"readers agree: {' '.join(readers)} on {comm.size} ranks, "
+    total = collectives.gather_objects(comm, checked)
+    console.print0(comm, f"readers agree: {' '.join(readers)} on {comm.size} ranks, "
                       f"{sum(total)} batches")
     return 0
 
 
-sys.exit(dist.run_or_abort(dist.world(), main))
+sys.exit(exits.run_or_abort(world.start(), main))

@@ -10,10 +10,10 @@ import sys
 import time
 
 from mpinn.cli import main as cli
-from mpinn.run import rundir
+from mpinn.run import history
 
 delay = float(sys.argv[1])
-original = rundir.RunDir.save_checkpoint
+original = history.History.save
 calls = {"n": 0}
 
 
@@ -24,5 +24,5 @@ def slow_save(self, step, image):
     return original(self, step, image)
 
 
-rundir.RunDir.save_checkpoint = slow_save
+history.History.save = slow_save
 sys.exit(cli.main(sys.argv[3:]))

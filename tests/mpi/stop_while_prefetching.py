@@ -13,14 +13,14 @@ import signal
 import sys
 import time
 
-from mpi4py import MPI
-
 from mpinn.cli import main as cli
+from mpinn.comm import world
 from mpinn.data import feed
 from mpinn.train import loop as train
 
 stop_step = int(sys.argv[1])
-rank = MPI.COMM_WORLD.rank
+WORLD = world.start()  # as cli.main will (a no-op there)
+rank = WORLD.rank
 real_init, real_fill = feed.Feed.__init__, feed.Feed._fill
 steps, fills = {"n": 0}, {"n": 0}
 
@@ -48,7 +48,7 @@ real_step = train.train_step
 feed.Feed.__init__, feed.Feed._fill = lagging_init, counting_fill
 train.train_step = signalling_step
 code = cli.main(sys.argv[3:])
-counts = MPI.COMM_WORLD.allgather(fills["n"])
+counts = WORLD.allgather(fills["n"])
 if rank == 0:
     print(f"reads per rank: {counts}")
 sys.exit(code)
