@@ -1,0 +1,86 @@
+"""Every training setting is defined once (run/config.py): its flag, help and default on
+the command line of `mpinn train` and `mpinn scaling run`, its TOML key and its roles
+derive from the field. In-process, no MPI."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import re
+
+import pytest
+
+from mpinn.cli.commands import build_parser
+from mpinn.run.config import SWEEP_KEYS, TRAJECTORY_KEYS, TrainConfig, describe, settings, shown
+from mpinn.run.resolve import resolve, to_toml, tomllib
+
+
+def subparser(path: tuple[str, ...]) -> argparse.ArgumentParser:
+    parser = build_parser()
+    for name in path:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[name]
+    return parser
+
+
+def flat(text: str) -> str:
+    """Text without white space (argparse wraps help lines, also at hyphens)."""
+    return "".join(text.split())
+
+
+@pytest.mark.parametrize("path, sweep", [(("train",), False), (("scaling", "run"), True)])
+def test_every_setting_has_a_flag_and_help_showing_its_real_default(path, sweep):
+    parser = subparser(path)
+    by_dest: dict[str, list[argparse.Action]] = {}
+    for action in parser._actions:
+        by_dest.setdefault(action.dest, []).append(action)
+    text = flat(parser.format_help())
+    for f, s in settings():
+        if sweep and not s.sweep:  # the sweep decides it per point (its --out is its own)
+            assert all(a.help != describe(f) for a in by_dest.get(f.name, [])), f.name
+            continue
+        action = by_dest[f.name][0]
+        assert action.help and action.default is None, f.name  # None: not given
+        assert action.help == describe(f, sweep) and flat(action.help) in text, f.name
+        assert "{" not in action.help, f.name
+        template = s.sweep_help if sweep and s.sweep_help else s.help
+        if "{default}" in template or "{sweep_default}" in template:
+            real = shown(s.sweep_default if "{sweep_default}" in template else f.default)
+            assert re.search(rf"{re.escape(real)}\b", action.help), (f.name, action.help)
+        if not s.positional:
+            assert action.option_strings[0] == (s.flag or "--" + f.name.replace("_", "-"))
+    # and the parser holds no option of its own that is no setting (but --config, -h)
+    own = {a.dest for a in parser._actions} - {f.name for f, _ in settings()}
+    assert own == {"help", "config"} | ({"ranks", "mode", "repeats", "launcher",
+                                         "oversubscribe", "calibrate"} if sweep else set())
+
+
+def test_a_default_shown_in_help_follows_the_field():
+    field = next(f for f, _ in settings() if f.name == "lr")
+    moved = copy.copy(field)  # the same setting with another default
+    moved.default = 0.25
+    assert "(default 0.25)" in describe(moved) and "(default 0.01)" in describe(field)
+    assert shown((256, 128)) == "256,128" and shown(()) == "none" and shown(600.0) == "600"
+
+
+def test_the_derived_key_sets():
+    names = [f.name for f, _ in settings()]
+    assert names == [f.name for f in dataclasses.fields(TrainConfig)]
+    assert set(TRAJECTORY_KEYS) == {"batch_size", "seed", "shuffle", "block_rows",
+                                    "window_rows", "optimizer", "hidden", "activation",
+                                    "loss", "dtype", "dropout", "val_fraction"}
+    assert set(names) - set(SWEEP_KEYS) == {"out", "overwrite", "resume"}
+
+
+def test_config_toml_holds_every_saved_setting_and_reads_back(tmp_path):
+    cfg = resolve({}, {"data": str(tmp_path / "d.h5"), "out": "run", "hidden": "8,4",
+                       "dropout": "0.1", "lr": 0.5})
+    text = to_toml(cfg)
+    saved = tomllib.loads(text)
+    assert set(saved) == {f.name for f, s in settings() if s.saved}
+    assert resolve(saved, {}) == cfg
+    # a flag overrides the file; dashes spell a key too
+    saved.pop("batch_size")
+    again = resolve({"batch-size": 64, **saved}, {"lr": 0.125})
+    assert (again.batch_size, again.lr) == (64, 0.125)
