@@ -99,7 +99,7 @@ def test_parameter_views_share_the_flat_buffers():
         assert np.shares_memory(view, model.params)
     for view in model.dW + model.db:
         assert np.shares_memory(view, model.grads)
-    assert model.layer_ranges() == [(0, 16), (16, 26)]
+    assert model.arch.layer_ranges() == [(0, 16), (16, 26)]
 
 
 def test_init_is_a_function_of_the_generator_only():

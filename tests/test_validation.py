@@ -172,7 +172,7 @@ def test_a_checkpoint_from_before_the_toolkit_resumes(synth, tmp_path):
     """A configuration without the toolkit's keys (mpinn before them) means their
     defaults: it fits a configuration that leaves them at their defaults."""
     from mpinn.run.resolve import resolve, to_toml
-    from mpinn.train.session import check_compatible
+    from mpinn.train.resume import check_compatible
     cfg = resolve({}, {"data": str(synth), "out": str(tmp_path / "r"), "hidden": "8"})
     old = "\n".join(line for line in to_toml(cfg).splitlines()
                     if not line.startswith(("dropout", "val_fraction")))

@@ -1,9 +1,10 @@
 """The batches of one epoch for this rank, read ahead while the current step computes.
 
 A Feed walks an EpochPlan (sampler.py) and yields a Batch per step: this rank's
-rows x and y, the size of the global batch, and, if a row holds a NaN or an
-infinity, a message naming it (checked where the rows are read, so with
-prefetch the check costs the step nothing). With prefetch, a background thread
+rows x and y, the size of the global batch, their sample indices and micro-batches,
+the global step, and, if a row holds a NaN or an infinity, a message naming it
+(checked where the rows are read, so with prefetch the check costs the step
+nothing). The Batch goes into the training step as it is (train/step.py). With prefetch, a background thread
 fills one of two batch slots while the training loop computes on the other: the
 thread takes a free slot, reads the next step's rows into it, and hands it
 over; the loop gives a slot back when it asks for the next batch, so a slot is
@@ -11,11 +12,8 @@ never overwritten while in use.
 The seconds the loop spends waiting for a batch are the step's `data` phase.
 
 In block mode each step's rows are gathered from a window in memory (this
-rank's contiguous file ranges for a window of steps). With prefetch, a second
-thread loads window w+1 into the other of two window buffers while window w is
-served, so the large window reads overlap training instead of stalling the
-first step of every window. All file reads of a block-shuffle epoch are made by
-that one loader thread, in window order (collectives, with mpio).
+rank's contiguous file ranges for a window of steps: windows.py, whose loader
+thread reads them ahead with prefetch).
 
 Thread safety: h5py serialises all HDF5 calls with one lock, and with the mpio
 reader every read is an MPI collective. So while a Feed's threads run, the
@@ -45,6 +43,7 @@ import numpy as np
 from mpinn.data.layout import nonfinite_message
 from mpinn.data.readers import ReadFailure, SplitReader
 from mpinn.data.sampler import EpochPlan
+from mpinn.data.windows import Windows
 
 
 class Batch(NamedTuple):
@@ -54,6 +53,12 @@ class Batch(NamedTuple):
     bad: str | None  # a non-finite row of this rank's share, named; None if all are finite
     index: np.ndarray  # the rows' sample indices in the split (dropout masks use them)
     micro: np.ndarray  # this rank's rows in each micro-batch, in order (accumulation)
+    step: int = 0  # the global step it is for (dropout's key)
+
+    @classmethod
+    def in_memory(cls, x: np.ndarray, y: np.ndarray, rows: int, step: int = 0) -> Batch:
+        """A batch of rows held in memory (benchmarks): rows of a global batch of `rows`."""
+        return cls(x, y, rows, None, np.arange(len(x)), np.array([len(x)]), step)
 
 
 class Buffers:
@@ -70,23 +75,17 @@ class Buffers:
 
 class Feed:
     def __init__(self, reader: SplitReader, plan: EpochPlan, buffers: Buffers,
-                 prefetch: bool, first_step: int = 0) -> None:
-        """first_step > 0 continues an epoch (after a resume) from that step."""
+                 prefetch: bool, first_step: int = 0, steps_before: int = 0) -> None:
+        """first_step > 0 continues an epoch (after a resume) from that step;
+        steps_before: the global steps of the epochs before (a batch's step counts on)."""
         self.reader, self.plan, self.buffers = reader, plan, buffers
         self.prefetch = prefetch
-        self.first_step = first_step
-        # block mode: the window holding the first step, and where each later one starts
-        starts = [first for first, _ in plan.windows]
-        self._first_window = max((w for w, f in enumerate(starts) if f <= first_step), default=0)
-        self._window_starts = set(starts[self._first_window:]) | ({first_step} if starts else set())
-        self._window: tuple[int, np.ndarray, np.ndarray] | None = None  # buffer, starts, offsets
+        self.first_step, self.steps_before = first_step, steps_before
+        self.windows = Windows(reader, plan, buffers.windows, first_step)  # block shuffle
         self._ready: queue.Queue = queue.Queue()
         self._free: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
-        self._ready_windows: queue.Queue = queue.Queue()
-        self._free_windows: queue.Queue = queue.Queue()
-        self._loader: threading.Thread | None = None
-        self._error: BaseException | None = None  # the first exception of either thread
+        self._error: BaseException | None = None  # the prefetch thread's
         self._failed: str | None = None  # a read that failed: every later batch says so
 
     def __len__(self) -> int:
@@ -94,12 +93,8 @@ class Feed:
         return len(self.plan) - self.first_step
 
     def __iter__(self):
-        if self.prefetch and self.plan.windows:
-            for buffer in range(2):
-                self._free_windows.put(buffer)
-            self._loader = threading.Thread(target=self._load_windows, name="mpinn-windows",
-                                            daemon=True)
-            self._loader.start()
+        if self.prefetch and self.windows:
+            self.windows.start_loader()
         if self.prefetch:
             for slot in range(2):
                 self._free.put(slot)
@@ -119,7 +114,8 @@ class Feed:
                 x, y, bad = self._fill(step, 0)
             index = self.plan.steps[step]
             micro = self.plan.micro[step] if self.plan.micro else np.array([len(index)])
-            yield Batch(x, y, int(self.plan.batch_rows[step]), bad, index, micro)
+            yield Batch(x, y, int(self.plan.batch_rows[step]), bad, index, micro,
+                        self.steps_before + step)
         self.close()
 
     def close(self) -> None:
@@ -134,14 +130,12 @@ class Feed:
             self._free.put(None)
             self._thread.join()
             self._thread = None
-        if self._loader is not None:  # after the batch thread: its releases come first
-            self._free_windows.put(None)
-            self._loader.join()
-            self._loader = None
-        if self._error is not None:  # a read ahead failed that no step asked for yet:
-            error, self._error = self._error, None  # raise it here, or (with mpio) the
-            if self._collective or not isinstance(error, ReadFailure):  # other ranks would
-                raise error  # wait forever in that read's collective
+        self.windows.close()  # after the batch thread: its releases come first
+        error = self._error or self.windows.error
+        if error is not None:  # a read ahead failed that no step asked for yet: raise it
+            self._error = self.windows.error = None  # here, or (with mpio) the other ranks
+            if self._collective or not isinstance(error, ReadFailure):  # would wait forever
+                raise error  # in that read's collective
 
     @property
     def _collective(self) -> bool:
@@ -181,54 +175,8 @@ class Feed:
         """This rank's rows of a step into a batch slot: read, or taken from the window."""
         x_buf, y_buf = self.buffers.slots[slot]
         indices = self.plan.steps[step]
-        if step in self._window_starts:
-            self._next_window()
-        if self._window is None:
-            x, y = self.reader.read(indices, x_buf, y_buf)
-        else:
-            buffer, starts, offsets, _ = self._window
-            span = np.searchsorted(starts, indices, side="right") - 1
-            positions = offsets[span] + (indices - starts[span])
-            wx, wy = self.buffers.windows[buffer]
-            x, y = x_buf[:len(indices)], y_buf[:len(indices)]
-            # mode="clip": positions are in range by construction, and the default
-            # mode="raise" gathers into a temporary and copies it (a batch per step)
-            np.take(wx, positions, axis=0, out=x, mode="clip")
-            np.take(wy, positions, axis=0, out=y, mode="clip")
+        if not self.windows:
+            return self.reader.read(indices, x_buf, y_buf)
+        x, y = x_buf[:len(indices)], y_buf[:len(indices)]
+        self.windows.gather(step, indices, x, y)
         return x, y
-
-    def _next_window(self) -> None:
-        """Switch to the next window: loaded by the loader thread, or here and now."""
-        if self._loader is None:
-            number = self._first_window if self._window is None else self._window[-1] + 1
-            self._window = (*self._load_window(number, 0), number)
-            return
-        item = self._ready_windows.get()
-        if isinstance(item, BaseException):
-            if item is self._error:
-                self._error = None  # delivered to the step that needs the window
-            raise item
-        if self._window is not None:
-            self._free_windows.put(self._window[0])  # its last gather is done
-        self._window = item
-
-    def _load_windows(self) -> None:
-        try:
-            for number in range(self._first_window, len(self.plan.windows)):
-                buffer = self._free_windows.get()
-                if buffer is None:
-                    return
-                self._ready_windows.put((*self._load_window(number, buffer), number))
-        except BaseException as exc:  # handed on to whoever waits for the window
-            self._error = self._error or exc
-            self._ready_windows.put(exc)
-
-    def _load_window(self, number: int, buffer: int) -> tuple[int, np.ndarray, np.ndarray]:
-        """This rank's file ranges of window `number` into a window buffer, in order."""
-        ranges = self.plan.windows[number][1]
-        lengths = ranges[:, 1] - ranges[:, 0] if len(ranges) else np.zeros(0, np.int64)
-        rows = int(lengths.sum())
-        wx, wy = self.buffers.windows[buffer]
-        self.reader.read_ranges(ranges, wx[:rows], wy[:rows])
-        starts = ranges[:, 0] if len(ranges) else np.zeros(0, np.int64)
-        return buffer, starts, np.r_[0, np.cumsum(lengths)[:-1]].astype(np.int64)

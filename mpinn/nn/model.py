@@ -1,4 +1,5 @@
-"""The multilayer perceptron: flat parameters, layer views, forward and backward.
+"""The multilayer perceptron: its architecture with the flat layout of its parameters
+(Architecture), and forward and backward on preallocated buffers (MLP).
 
 All weights and biases live in ONE contiguous vector `params`, all their
 gradients in ONE contiguous vector `grads`; `W[i]` (fan_in x fan_out) and `b[i]`
@@ -45,7 +46,27 @@ class Architecture:
 
     @property
     def n_params(self) -> int:
-        return sum(fi * fo + fo for fi, fo in zip(self.sizes[:-1], self.sizes[1:]))
+        return self.layer_ranges()[-1][1]
+
+    def layer_ranges(self) -> list[tuple[int, int]]:
+        """[start, stop) of each layer's parameters in the flat vectors: layer i's W_i
+        (fan_in x fan_out, row-major), then its b_i; layers in order."""
+        ranges, offset = [], 0
+        for fan_in, fan_out in zip(self.sizes[:-1], self.sizes[1:]):
+            ranges.append((offset, offset + fan_in * fan_out + fan_out))
+            offset = ranges[-1][1]
+        return ranges
+
+    def views(self, flat: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Every layer's W (fan_in x fan_out) and b (fan_out,) as views into a flat vector
+        of n_params values (no copy: writing a view writes the vector)."""
+        assert flat.shape == (self.n_params,) and flat.flags.c_contiguous, flat.shape
+        weights, biases = [], []
+        for (start, stop), fan_in, fan_out in zip(self.layer_ranges(), self.sizes[:-1],
+                                                  self.sizes[1:]):
+            weights.append(flat[start:stop - fan_out].reshape(fan_in, fan_out))
+            biases.append(flat[stop - fan_out:stop])
+        return weights, biases
 
 
 class MLP:
@@ -61,21 +82,10 @@ class MLP:
         self.params = np.zeros(arch.n_params, self.dtype)
         if grads is None:
             grads = np.zeros(arch.n_params, self.dtype)
-        assert grads.shape == (arch.n_params,) and grads.dtype == self.dtype, grads
-        assert grads.flags.c_contiguous
+        assert grads.dtype == self.dtype, grads.dtype
         self.grads = grads
-        self.W: list[np.ndarray] = []
-        self.b: list[np.ndarray] = []
-        self.dW: list[np.ndarray] = []
-        self.db: list[np.ndarray] = []
-        offset = 0
-        for fan_in, fan_out in zip(arch.sizes[:-1], arch.sizes[1:]):
-            for flat, w_views, b_views in ((self.params, self.W, self.b),
-                                           (self.grads, self.dW, self.db)):
-                w_views.append(flat[offset:offset + fan_in * fan_out].reshape(fan_in, fan_out))
-                b_views.append(flat[offset + fan_in * fan_out:offset + fan_in * fan_out + fan_out])
-            offset += fan_in * fan_out + fan_out
-        assert offset == arch.n_params
+        self.W, self.b = arch.views(self.params)  # the flat layout is the architecture's
+        self.dW, self.db = arch.views(self.grads)
         # acts[0] holds the input rows; acts[i] the output of layer i (acts[-1]: logits).
         self._acts = [np.zeros((max_rows, s), self.dtype) for s in arch.sizes]
         # deltas[i] = d loss / d z for layer i's pre-activation output, shape (rows, sizes[i+1]).
@@ -94,14 +104,6 @@ class MLP:
     @property
     def n_layers(self) -> int:
         return len(self.W)
-
-    def layer_ranges(self) -> list[tuple[int, int]]:
-        """[start, stop) of each layer's (W, b) in the flat vectors."""
-        ranges, offset = [], 0
-        for w, b in zip(self.W, self.b):
-            ranges.append((offset, offset + w.size + b.size))
-            offset += w.size + b.size
-        return ranges
 
     def init(self, rng: np.random.Generator) -> None:
         """He-normal weights for relu, Glorot-uniform for tanh/sigmoid; zero biases.

@@ -31,16 +31,17 @@ import numpy as np
 
 from mpinn.base.errors import UsageError
 from mpinn.base.files import write_atomically
-from mpinn.comm import collectives, console, gradsync, measure, watchdog, world
+from mpinn.comm import collectives, console, measure, watchdog, world
+from mpinn.comm.gradsync import GradientSync
 from mpinn.comm.world import Comm
-from mpinn.data.feed import Buffers, Feed
+from mpinn.data.feed import Batch, Buffers, Feed
 from mpinn.data.layout import DatasetInfo, Problem, check_data
 from mpinn.data.readers import DataFile, parallel_hdf5
-from mpinn.data.sampler import SHUFFLES, Sampling, ceil_div, epoch_plan
+from mpinn.data.sampler import SHUFFLES, Sampling, ceil_div, epoch_plan, share
 from mpinn.nn.model import MLP, Architecture
 from mpinn.nn.optim import make_optimizer
 from mpinn.perf import costmodel
-from mpinn.train.step import train_step
+from mpinn.train.step import Learner, train_step
 from mpinn.train.timing import PhaseTimer
 
 RAW_PIECE = 8 << 20  # bytes per POSIX read in the raw reference
@@ -66,7 +67,7 @@ def raw_read(comm: Comm, path: str, nbytes: int) -> float:
         offset, total = x.id.get_offset(), x.id.get_storage_size()
     if offset is None:
         return float("nan")  # chunked: no single file region to read raw
-    start = offset + (total * comm.rank) // comm.size
+    start = offset + share(total, comm.rank, comm.size)[0]
     nbytes = min(nbytes, offset + total - start)
     buf = bytearray(min(RAW_PIECE, max(nbytes, 1)))
     fd = os.open(path, os.O_RDONLY)
@@ -108,10 +109,7 @@ def data_wait(comm, path: str, io: str, batch: int, steps: int, hidden: tuple[in
         max_rows = ceil_div(batch, comm.size)
         reader = datafile.reader("train", max_rows)
         arch = Architecture((reader.features, *hidden, problem.outputs))
-        sync = gradsync.GradientSync(comm, arch.n_params, arch.dtype)
-        model = MLP(arch, max_rows, grads=sync.grads)
-        model.init(np.random.default_rng(seed))
-        optimizer = make_optimizer("momentum", model.params, 0.01, 0.0, 0.9)
+        learner = new_learner(comm, arch, max_rows, problem, "momentum", 0.01, seed)
         plan = epoch_plan(Sampling("global"), seed, 0, reader.n, batch, comm.rank, comm.size)
         plan.steps, plan.batch_rows = plan.steps[:steps], plan.batch_rows[:steps]
         prefetch = io != "mpio" or world.thread_multiple()
@@ -122,7 +120,7 @@ def data_wait(comm, path: str, io: str, batch: int, steps: int, hidden: tuple[in
             timer.begin_step()
             with timer.phase("data"):
                 b = next(batches)
-            train_step(sync, model, optimizer, timer, b.x, b.y, b.rows, problem)
+            train_step(learner, b, timer)
             timer.end_step(b.rows)
         feed.close()
     phases = timer.reduce(comm)
@@ -250,29 +248,37 @@ def compute_fit(comm: Comm, arch: Architecture, local_batches: list[int], steps:
             "backward_fraction": float(times[:, 1].sum() / total.sum())}
 
 
+def new_learner(comm: Comm, arch: Architecture, rows: int, problem: Problem, optimizer: str,
+                lr: float, seed: int) -> Learner:
+    """A learner for up to `rows` rows per rank: the model around a gradient sync,
+    initialised from the seed, and the optimizer."""
+    sync = GradientSync(comm, arch.n_params, arch.dtype)
+    model = MLP(arch, rows, grads=sync.grads)
+    model.init(np.random.default_rng(seed))
+    return Learner(model, make_optimizer(optimizer, model.params, lr, 0.0, 0.9), sync, problem)
+
+
 def bench_step(comm: Comm, features: int, hidden: tuple[int, ...], classes: int,
                batch: int, steps: int, dtype: str, json_out: str | None,
                local_batches: list[int] | None = None, optimizer_name: str = "sgd") -> dict:
     """Training steps on in-memory data: compute vs GEMM peak, allreduce vs raw MPI; with
     local_batches also the compute fit of the cost model (compute_fit)."""
     rows = ceil_div(batch, comm.size)
-    lo, hi = (comm.rank * batch) // comm.size, ((comm.rank + 1) * batch) // comm.size
+    lo, hi = share(batch, comm.rank, comm.size)  # this rank's rows, as in training
     arch = Architecture((features, *hidden, classes), dtype=dtype)
-    sync = gradsync.GradientSync(comm, arch.n_params, arch.dtype)
-    model = MLP(arch, rows, grads=sync.grads)
-    model.init(np.random.default_rng(1))
-    optimizer = make_optimizer(optimizer_name, model.params, 1e-3, 0.0, 0.9)
-    rng = np.random.default_rng(2)
-    x = rng.standard_normal((hi - lo, features)).astype(np.float32)
-    y = rng.integers(0, classes, hi - lo)
     problem = Problem(DatasetInfo("(random, in memory)", batch, 0, features, "classification",
                                   classes), classes)
+    learner = new_learner(comm, arch, rows, problem, optimizer_name, 1e-3, 1)
+    sync = learner.sync
+    rng = np.random.default_rng(2)
+    rows_here = Batch.in_memory(rng.standard_normal((hi - lo, features)).astype(np.float32),
+                                rng.integers(0, classes, hi - lo), batch)
     timer = PhaseTimer()
     # as in training: the Allreduce is non-blocking, completed by the stall watchdog's loop
     with watchdog.watching(comm, 600, lambda: False, lambda: "mpinn bench step"):
         for _ in range(steps + 1):  # the first is the warm-up step, left out of the figures
             timer.begin_step()
-            train_step(sync, model, optimizer, timer, x, y, batch, problem)
+            train_step(learner, rows_here, timer)
             timer.end_step(batch)
     phases = timer.reduce(comm)
     # raw MPI: the same bytes, the blocking call, in a tight loop (no computation around it)

@@ -1,24 +1,25 @@
 """A training run set up: everything the loop needs, validated and agreed before the
-first step, and the checkpointing that goes with it.
+first step, and the checkpoint of the run as it stands.
 
 open_session() validates the data on every rank, takes the run directory (rank 0:
-lock, tidy, writability), builds the model around the gradient sync's buffer,
-resumes from the run's checkpoint or initialises from the seed, and opens the
-readers. Every step that can fail for one rank only ends in an agreement
-(collectives.first_error, collectives.root_tries), so all ranks raise the same error alike.
+lock, tidy, writability), builds the learner (the model around the gradient sync's
+buffer, its optimizer, dropout and clipping), resumes from the run's checkpoint
+(resume.py) or initialises from the seed, and opens the readers. Every step that can
+fail for one rank only ends in an agreement (collectives.first_error,
+collectives.root_tries), so all ranks raise the same error alike.
 """
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
 
-from mpinn.base.errors import Interrupted, UsageError
-from mpinn.comm import collectives, gradsync, preflight, world
+from mpinn.base.errors import UsageError
+from mpinn.comm import collectives, preflight, world
+from mpinn.comm.gradsync import GradientSync
 from mpinn.comm.world import Comm
 from mpinn.data.feed import Buffers, Feed
 from mpinn.data.holdout import EarlyStopping, held_out_rows
@@ -34,21 +35,20 @@ from mpinn.data.sampler import (
 )
 from mpinn.nn.dropout import Dropout
 from mpinn.nn.model import MLP, Architecture
-from mpinn.nn.optim import Optimizer, make_optimizer
-from mpinn.nn.schedule import Schedule, scaled_rate
+from mpinn.nn.optim import make_optimizer
+from mpinn.nn.schedule import Schedule
 from mpinn.run import checkpoint
 from mpinn.run.checkpoint import Checkpoint
-from mpinn.run.config import TRAJECTORY_KEYS, TrainConfig
+from mpinn.run.config import TrainConfig
 from mpinn.run.resolve import to_toml
 from mpinn.run.rundir import RunDir
-from mpinn.train.step import Regime
+from mpinn.train.resume import make_schedule, resume
+from mpinn.train.step import Learner
 from mpinn.train.timing import PhaseTimer
 
 T = TypeVar("T")
 INIT_STREAM = 0x1A17  # generator stream of the initial weights: seed -> weights
-# a key missing from an older checkpoint's config had its default then (through TOML,
-# as the current configuration is compared: a tuple default reads back as a list)
-DEFAULTS = tomllib.loads(to_toml(TrainConfig()))
+
 
 
 @dataclass
@@ -102,10 +102,7 @@ class Reading:
 class Session:
     cfg: TrainConfig
     comm: Comm
-    problem: Problem
-    model: MLP
-    optimizer: Optimizer
-    sync: gradsync.GradientSync
+    learner: Learner  # the model, its optimizer, the sync; dropout, clipping
     run: RunDir | None  # the run directory, on rank 0 (None on the others)
     resumed: Checkpoint | None  # metadata of the checkpoint this run continues
     progress: Progress
@@ -116,8 +113,19 @@ class Session:
     config_pending: bool = False  # a resumed run's config.toml, written with its checkpoint
     active_feed: Feed | None = None  # the epoch's feed, whose threads may still read
     hosts: tuple[list[str], list[int]] = ([], [])  # preflight.placement: hosts, ranks on each
-    regime: Regime = field(default_factory=Regime)  # dropout, clipping
     schedule: Schedule = field(default_factory=lambda: Schedule(0.0))  # the rate per step
+
+    @property
+    def model(self) -> MLP:
+        return self.learner.model
+
+    @property
+    def sync(self) -> GradientSync:
+        return self.learner.sync
+
+    @property
+    def problem(self) -> Problem:
+        return self.learner.problem
 
     @property
     def steps(self) -> int:
@@ -134,8 +142,9 @@ class Session:
         cfg, data, comm = self.cfg, self.data, self.comm
         plan = epoch_plan(data.sampling, cfg.seed, epoch, data.train.n, cfg.batch_size,
                           comm.rank, comm.size, cfg.accumulate, rows=data.train_rows)
+        p = self.progress
         self.active_feed = Feed(data.train, plan, data.buffers, data.prefetch,
-                                first_step=self.progress.step_in_epoch)
+                                p.step_in_epoch, p.step - p.step_in_epoch)
         return self.active_feed
 
     def on_root(self, write: Callable[[RunDir], object]) -> None:
@@ -159,7 +168,7 @@ class Session:
         collectives.allreduce_sum(self.comm, sums)
         ckpt = Checkpoint(arch=self.model.arch, task=self.problem.info.task, epoch=p.epoch,
                           step=p.step, step_in_epoch=p.step_in_epoch, config=to_toml(cfg),
-                          optimizer=cfg.optimizer, optimizer_state=self.optimizer.state(),
+                          optimizer=cfg.optimizer, optimizer_state=self.learner.optimizer.state(),
                           epoch_sums=sums[:3], epoch_confusion=sums[3:],
                           data_shape=data_shape(self.problem),
                           ranks=self.comm.size, lr_anchor=self.schedule.anchor,
@@ -203,10 +212,11 @@ def open_session(cfg: TrainConfig, comm: Comm) -> Session:
         min(cfg.batch_size, problem.info.n_train), cfg.accumulate, comm.size))
     arch = Architecture((problem.info.features, *cfg.hidden, problem.outputs),
                         cfg.activation, cfg.loss, cfg.dtype)
-    sync, model, optimizer = build_model(comm, cfg, arch, model_rows)
+    learner = build_learner(comm, cfg, problem, arch, model_rows)
+    model = learner.model
     run = collectives.root_tries(comm, lambda: RunDir.open(cfg))
     try:
-        resumed = resume(comm, cfg, run, model, optimizer, data_shape(problem)) \
+        resumed = resume(comm, cfg, run, model, learner.optimizer, data_shape(problem)) \
             if cfg.resume else None
         if resumed is None:
             model.init(np.random.default_rng([cfg.seed, INIT_STREAM]))
@@ -223,15 +233,11 @@ def open_session(cfg: TrainConfig, comm: Comm) -> Session:
         if resumed is not None:
             watch = EarlyStopping(patience=cfg.early_stopping, best_loss=resumed.best_val_loss,
                                   best_epoch=resumed.best_epoch, stale=resumed.stale_epochs)
-        return Session(cfg=cfg, comm=comm, hosts=preflight.placement(comm), problem=problem,
-                       model=model, optimizer=optimizer,
-                       sync=sync, run=run, resumed=resumed, progress=progress,
+        return Session(cfg=cfg, comm=comm, hosts=preflight.placement(comm), learner=learner,
+                       run=run, resumed=resumed, progress=progress,
                        data=open_reading(cfg, comm, io, max_rows, problem, held), watch=watch,
                        saved_step=resumed.step if resumed else -1,
                        config_pending=resumed is not None,
-                       regime=Regime(Dropout(cfg.dropout, cfg.hidden, model_rows, cfg.seed,
-                                             cfg.dtype) if any(cfg.dropout) else None,
-                                     cfg.clip_norm),
                        schedule=make_schedule(cfg, steps_per_epoch(
                            problem.info.n_train - len(held), cfg.batch_size), resumed))
     except BaseException:
@@ -240,44 +246,26 @@ def open_session(cfg: TrainConfig, comm: Comm) -> Session:
         raise
 
 
-def build_model(comm: Comm, cfg: TrainConfig, arch: Architecture, max_rows: int
-                ) -> tuple[gradsync.GradientSync, MLP, Optimizer]:
-    """Collective: the sync buffer, the model around it and the optimizer, or a
-    UsageError on every rank if they do not fit in some rank's memory."""
-    def build() -> tuple[gradsync.GradientSync, MLP, Optimizer]:
-        sync = gradsync.GradientSync(comm, arch.n_params, arch.dtype)
+def build_learner(comm: Comm, cfg: TrainConfig, problem: Problem, arch: Architecture,
+                  max_rows: int) -> Learner:
+    """Collective: the sync buffer, the model around it, the optimizer and the dropout
+    masks (for max_rows rows), or a UsageError on every rank if they do not fit in some
+    rank's memory."""
+    def build() -> Learner:
+        sync = GradientSync(comm, arch.n_params, arch.dtype)
         model = MLP(arch, max_rows, grads=sync.grads, dropout=any(cfg.dropout),
                     accumulate=cfg.accumulate > 1)
-        return sync, model, make_optimizer(cfg.optimizer, model.params, cfg.lr,
-                                           cfg.weight_decay, cfg.momentum, cfg.l1)
+        optimizer = make_optimizer(cfg.optimizer, model.params, cfg.lr, cfg.weight_decay,
+                                   cfg.momentum, cfg.l1)
+        dropout = Dropout(cfg.dropout, cfg.hidden, max_rows, cfg.seed, cfg.dtype) \
+            if any(cfg.dropout) else None
+        return Learner(model, optimizer, sync, problem, dropout, cfg.clip_norm)
     gib = arch.n_params * np.dtype(arch.dtype).itemsize / 2**30
     return affordable(comm, build, (
         f"the model {'-'.join(map(str, arch.sizes))} has {arch.n_params:,} parameters "
         f"({gib:.3g} GiB each for the weights, the gradients and every {cfg.optimizer} state "
         f"array)", "choose smaller --hidden layers"
         + (" or --dtype float32" if arch.dtype == "float64" else "")))
-
-
-def make_schedule(cfg: TrainConfig, steps: int, resumed: Checkpoint | None) -> Schedule:
-    """The rate of every step (`steps` per epoch). A resume keeps the checkpoint's
-    stretch (anchor) and, if --epochs changed, stretches cosine from the resumed step
-    (schedule.py)."""
-
-    def planned(epochs: int, anchor: tuple[int, float] | None) -> Schedule:
-        return Schedule(scaled_rate(cfg.lr, cfg.lr_scaling, cfg.batch_size, cfg.base_batch),
-                        cfg.lr_schedule, max(1, epochs * steps), cfg.warmup_steps,
-                        cfg.lr_step_every, cfg.lr_gamma, cfg.lr_min, anchor)
-    if resumed is None:
-        return planned(cfg.epochs, None)
-    saved_epochs = int(tomllib.loads(resumed.config).get("epochs", cfg.epochs))
-    schedule = planned(saved_epochs, resumed.lr_anchor).stretched(resumed.step,
-                                                                  max(1, cfg.epochs * steps))
-    if cfg.epochs * steps > resumed.step and not schedule(resumed.step) > 0:
-        raise UsageError(f"--resume: this run's {cfg.lr_schedule} schedule reached a rate of "
-                         f"{schedule(resumed.step):g} at step {resumed.step}: more epochs would "
-                         f"not change the model; resume with --lr-min R > 0 (cosine) or "
-                         f"--lr-schedule constant --lr R")
-    return schedule
 
 
 def affordable(comm: Comm, build: Callable[[], T], what: tuple[str, str]) -> T:
@@ -314,85 +302,3 @@ def open_reading(cfg: TrainConfig, comm: Comm, io: str, max_rows: int,
                    test=datafile.reader("test", max_rows), buffers=buffers, sampling=sampling,
                    val=datafile.reader("train", max_rows), val_rows=held,
                    train_rows=remaining(problem.info.n_train, held))
-
-
-def resume(comm: Comm, cfg: TrainConfig, run: RunDir | None, model: MLP,
-           optimizer: Optimizer, shape: tuple[int, int, int]) -> Checkpoint:
-    """Collective: load the run's checkpoint into model and optimizer on every rank.
-
-    Rank 0 reads it (checkpoint.h5, or the newest intact one of checkpoints/ if
-    that is corrupt: History.load) and broadcasts it. UsageError on every
-    rank if none can be read, or if it does not fit the configuration: a resumed
-    run must continue the same trajectory (architecture, data, batch size, seed,
-    sampling, optimizer), whatever the number of ranks. Returns the metadata.
-    """
-    def load() -> Checkpoint:
-        assert run is not None
-        ckpt = run.history.load()
-        check_compatible(ckpt, cfg, model.arch, shape, comm.size)
-        ckpt.restore(model)
-        state = optimizer.state()
-        if set(ckpt.optimizer_state) != set(state) or any(
-                np.shape(ckpt.optimizer_state[k]) != np.shape(v) for k, v in state.items()):
-            raise UsageError(f"--resume: the optimizer state in the checkpoint of {cfg.out} "
-                             f"does not fit the {cfg.optimizer} optimizer of this model")
-        optimizer.load_state(ckpt.optimizer_state)
-        run.keep_metrics(ckpt.epoch)
-        return ckpt
-    ckpt = collectives.root_tries(comm, load)
-    meta = collectives.broadcast_object(comm, ckpt.metadata() if ckpt else None)
-    # arrays travel as buffers, in the same order on every rank
-    for buf in (model.params, *optimizer.state().values()):
-        collectives.broadcast(comm, buf)
-    return meta
-
-
-def check_compatible(ckpt: Checkpoint, cfg: TrainConfig, arch: Architecture,
-                     shape: tuple[int, int, int], comm_size: int) -> None:
-    saved = tomllib.loads(ckpt.config)
-    current = tomllib.loads(to_toml(cfg))
-    changed = [f"{k} {saved.get(k, DEFAULTS[k])!r} -> {current[k]!r}" for k in TRAJECTORY_KEYS
-               if saved.get(k, DEFAULTS[k]) != current[k]]
-    if ckpt.arch != arch and not changed:
-        changed.append(f"model {ckpt.arch} -> {arch}")
-    window_steps = Sampling(cfg.shuffle, cfg.block_rows, cfg.window_rows).window_steps(
-        cfg.batch_size)
-    if cfg.shuffle == "block" and ckpt.ranks != comm_size and ckpt.step_in_epoch % window_steps:
-        changed.append(f"ranks {ckpt.ranks} -> {comm_size} inside a block-shuffle window "
-                       f"(resume on {ckpt.ranks} ranks, or from a checkpoint at a window "
-                       f"boundary: a multiple of {window_steps} steps into the epoch)")
-    if ckpt.data_shape != shape:
-        changed.append(f"training data (rows, features, outputs) {ckpt.data_shape} -> {shape}")
-    if changed:
-        raise UsageError(f"--resume: the checkpoint in {cfg.out} does not fit this "
-                         f"configuration ({'; '.join(changed)}); resume with the run's own "
-                         f"settings (its config.toml) or start a new run")
-    if ckpt.epoch > cfg.epochs or (ckpt.epoch == cfg.epochs and ckpt.step_in_epoch):
-        raise UsageError(f"--resume: the checkpoint is past --epochs {cfg.epochs} (epoch "
-                         f"{ckpt.epoch}, step {ckpt.step_in_epoch}); ask for more epochs")
-
-
-@dataclass
-class Checkpointer:
-    """When a run checkpoints, and how a stop request ends it.
-
-    At every `every`-th global step inside an epoch (0: never mid-epoch), at the
-    end of every epoch (the loop calls save), and at the step where the ranks
-    agreed on a stop request: then the feed is closed (every rank's read-ahead
-    done), the checkpoint written, and the run ends with Interrupted (exit 3).
-    """
-
-    session: Session
-    every: int
-
-    def after_step(self, feed: Feed) -> None:
-        s, p = self.session, self.session.progress
-        if s.sync.stop_requested:
-            feed.close()
-            s.save()
-            raise Interrupted(f"stopped by a signal at epoch {p.epoch + 1}, step "
-                              f"{p.step_in_epoch} of {s.steps}; checkpoint written; continue "
-                              f"with: mpinn train --out {s.cfg.out} --resume")
-        if self.every and p.step % self.every == 0 and p.step_in_epoch < s.steps:
-            s.save()
-

@@ -16,8 +16,10 @@ from typing import NamedTuple
 import numpy as np
 
 from mpinn.base.errors import UsageError
-from mpinn.comm import collectives, gradsync
+from mpinn.comm import collectives
+from mpinn.comm.gradsync import GradientSync
 from mpinn.comm.world import Comm
+from mpinn.data.feed import Batch
 from mpinn.data.layout import Problem, nonfinite_message
 from mpinn.data.readers import ReadFailure, SplitReader
 from mpinn.data.sampler import ceil_div, share
@@ -38,28 +40,26 @@ class StepResult(NamedTuple):
 
 
 @dataclass(frozen=True)
-class Regime:
-    """What a step does beyond forward, backward, sync and update: dropout masks
-    (keyed by the global step and sample indices), gradient clipping."""
+class Learner:
+    """What a training step changes, and how: the model (its gradient vector a view of
+    the sync's buffer), its optimizer, the task, and what a step does beyond forward,
+    backward, sync and update: dropout masks (keyed by the global step and the sample
+    indices), gradient clipping."""
 
+    model: MLP
+    optimizer: Optimizer
+    sync: GradientSync
+    problem: Problem
     dropout: Dropout | None = None
     clip_norm: float = 0.0  # 0: off
 
 
-class Rows(NamedTuple):
-    """This rank's rows of a step, where they came from, and their micro-batches."""
+def train_step(learner: Learner, batch: Batch, timer: PhaseTimer, stop: bool = False,
+               confusion: np.ndarray | None = None) -> StepResult:
+    """One step on this rank's rows of a global batch (the feed's Batch, as it came).
 
-    index: np.ndarray | None  # sample indices (needed with dropout)
-    micro: np.ndarray | None  # rows per micro-batch (None: one)
-    step: int = 0  # the global step (dropout's key)
-
-
-def train_step(sync: gradsync.GradientSync, model: MLP, optimizer: Optimizer, timer: PhaseTimer,
-               x: np.ndarray, y: np.ndarray, batch_rows: int, problem: Problem,
-               stop: bool = False, bad_input: bool = False, rows: Rows | None = None,
-               regime: Regime = Regime(), confusion: np.ndarray | None = None) -> StepResult:
-    """One step on this rank's rows of a global batch of batch_rows samples.
-
+    stop: this rank was asked to stop (a signal); the ranks agree on it through the
+    sync's control slots, as on bad input (a row of the batch named in batch.bad).
     confusion (the flattened C x C counts of the epoch, classification only) gets
     this rank's predictions of the step added, from the logits before the update.
 
@@ -69,32 +69,32 @@ def train_step(sync: gradsync.GradientSync, model: MLP, optimizer: Optimizer, ti
     finite, so a bad step leaves the weights as they were; all ranks see the same
     reduced buffer, so all skip alike.
     """
-    rows = rows or Rows(None, None)
-    micro = rows.micro if rows.micro is not None and rows.micro.sum() == len(x) else [len(x)]
+    model, sync, x, y = learner.model, learner.sync, batch.x, batch.y
+    micro = batch.micro if batch.micro.sum() == len(x) else [len(x)]
     loss, correct, first = 0.0, 0, 0
     for k, count in enumerate(micro):
         part = slice(first, first + int(count))
         first += int(count)
         masks = None
-        if regime.dropout is not None and rows.index is not None:
-            masks = regime.dropout.masks(rows.step, rows.index[part])
+        if learner.dropout is not None:
+            masks = learner.dropout.masks(batch.step, batch.index[part])
         with timer.phase("forward"):
             logits = model.forward(x[part], masks)
-            correct += count_correct(logits, y[part], problem, confusion)
+            correct += count_correct(logits, y[part], learner.problem, confusion)
         with timer.phase("backward"):
             loss += model.backward(y[part], add=k > 0)  # grads <- (+=) sum over the rows
     with timer.phase("allreduce"):
         # SUM of per-rank gradient sums: the gradient summed over the global batch,
         # with the losses and the stop / bad-input flags in the control slots.
-        sync.allreduce(loss, stop, bad_input)
+        sync.allreduce(loss, stop, batch.bad is not None)
     with timer.phase("update"):
         applied = not sync.bad_input and sync.finite()
         if applied:
             # Divide by the true global count (not by P, not by the local count):
             # g = (1/B) sum_{i in batch} grad loss_i, whatever the shares were.
-            model.grads *= 1.0 / batch_rows
-            clip(model.grads, sync.sq_norm / batch_rows**2, regime.clip_norm)
-            optimizer.step(model.grads)
+            model.grads *= 1.0 / batch.rows
+            clip(model.grads, sync.sq_norm / batch.rows**2, learner.clip_norm)
+            learner.optimizer.step(model.grads)
     return StepResult(loss, correct, applied)
 
 

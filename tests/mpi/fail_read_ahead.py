@@ -14,12 +14,12 @@ import sys
 
 from mpinn.cli import main as cli
 from mpinn.comm import world
-from mpinn.data import feed
+from mpinn.data import windows
 from mpinn.train import loop as train
 
 WORLD = world.start()  # as cli.main will (a no-op there)
 rank = WORLD.rank
-real_load, real_step = feed.Feed._load_window, train.train_step
+real_load, real_step = windows.Windows._load, train.train_step
 steps = {"n": 0}
 
 
@@ -36,5 +36,5 @@ def signalling_step(*args, **kwargs):
     return real_step(*args, **kwargs)
 
 
-feed.Feed._load_window, train.train_step = failing_load, signalling_step
+windows.Windows._load, train.train_step = failing_load, signalling_step
 sys.exit(cli.main(sys.argv[2:]))
