@@ -17,7 +17,7 @@ from conftest import mounted, root_only
 from mpinn.base.errors import CollectiveError, StorageError, UsageError
 from mpinn.base.files import strict_json, temp_path, write_atomically
 from mpinn.comm import gradsync, world
-from mpinn.data.layout import nonfinite_row
+from mpinn.nn.finite import nonfinite_row
 from mpinn.nn.model import MLP, Architecture
 from mpinn.run import checkpoint
 from mpinn.run.checkpoint import Checkpoint

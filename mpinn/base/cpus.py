@@ -4,10 +4,19 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 
 # in the order OpenBLAS (then MKL) reads them
 BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def one_thread_unless_set(environ: MutableMapping[str, str]) -> None:
+    """One BLAS thread per rank unless the user set any of the variables (then all of
+    them are the user's): P ranks on P cores that each start P threads fight for them.
+    Only before NumPy loads its BLAS does this count (mpinn/__init__.py)."""
+    if not any(v in environ for v in BLAS_THREAD_VARS):
+        for var in BLAS_THREAD_VARS:
+            environ[var] = "1"
 
 
 def usable_cpus() -> int:

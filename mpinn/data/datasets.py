@@ -1,4 +1,4 @@
-"""Writers of dataset files (layout in data.py): synthetic teacher data and digits.
+"""Writers of dataset files (the layout: layout.py): synthetic teacher data and digits.
 
 Synthetic data is generated in fixed blocks of BLOCK rows, each block from its
 own generator seeded by (seed, split, block), so the file's content is a pure
@@ -16,7 +16,8 @@ import numpy as np
 
 from mpinn import __version__
 from mpinn.data import probe
-from mpinn.data.layout import LARGE_INPUT, SPLITS, DatasetInfo, describe, nonfinite_message, nonfinite_row
+from mpinn.data.layout import LARGE_INPUT, SPLITS, DatasetInfo, describe, nonfinite_message
+from mpinn.nn.finite import nonfinite_row
 from mpinn.base.errors import UsageError
 from mpinn.base.files import atomic_output, check_writable
 from mpinn.base.hdf5 import hdf5_errors, open_hdf5

@@ -9,10 +9,9 @@ without it, it is max(label) + 1 over both splits.
 collective of real work: rank 0 has the file's structure probed first (probe.py:
 a corrupt file must not make HDF5 loop or crash inside the job), then every rank
 checks the layout and its share of the labels. HDF5's failures to read are
-UsageErrors naming the file and the object, never tracebacks. `nonfinite_row`
-is the cheap per-batch check of values that training applies to the rows it
-reads anyway.
-Which rows a rank reads is sampler.py's business; how it reads them, readers.py's.
+UsageErrors naming the file and the object, never tracebacks. A non-finite row
+that training meets (nn/finite.py checks every batch read) is named by
+`nonfinite_message`. Which rows a rank reads is sampler.py's business; how it reads them, readers.py's.
 """
 
 from __future__ import annotations
@@ -111,29 +110,6 @@ def label_range(path: str, split: str, start: int, stop: int) -> tuple[int, int]
     with open_hdf5(path) as f, hdf5_errors(path, f"rows {start} to {stop - 1} of /{split}/y"):
         y = f[split]["y"][start:stop]
     return int(y.min()), int(y.max())
-
-
-def all_finite(values: np.ndarray) -> bool:
-    """Whether every value of a float array is finite: one pass, no temporary array.
-
-    The sum of all values is finite whenever every value is; only if it is not
-    (a NaN, an infinity, or an overflowing sum of finite values) is each value
-    checked.
-    """
-    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is an answer, not news
-        return values.size == 0 or bool(np.isfinite(values.sum())) \
-            or bool(np.isfinite(values).all())
-
-
-def nonfinite_row(values: np.ndarray) -> int | None:
-    """Position of the first row of a float array with a NaN or an infinity, or None.
-
-    Checking each batch this way costs one pass over it (all_finite).
-    """
-    if all_finite(values):
-        return None
-    bad = np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1))
-    return int(bad[0]) if len(bad) else None
 
 
 def nonfinite_message(path: str, split: str, name: str, row: int) -> str:

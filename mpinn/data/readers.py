@@ -38,7 +38,7 @@ import h5py
 import numpy as np
 
 from mpinn.comm import mpiio
-from mpinn.data.layout import nonfinite_row
+from mpinn.nn.finite import nonfinite_row
 from mpinn.base.errors import StorageError, UsageError
 from mpinn.base.hdf5 import HDF5_FAILURES, NOT_HDF5, failure_reason, hdf5_errors
 from mpinn.data.sampler import runs

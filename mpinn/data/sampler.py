@@ -32,7 +32,7 @@ on the epoch), so it is the same set for every P and every resume. The epochs
 then run over the remaining rows only (`rows=` of epoch_plan): the global and
 none orders above, applied to positions in that list, so still P-invariant.
 Block shuffle reads contiguous blocks of the file and would read held-out rows
-with them: the combination is refused (config.py).
+with them: the combination is refused (run/config.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Optimizers on the flat parameter and gradient vectors, updated in place.
 
 Each optimizer sees the already averaged gradient g = (1/B) sum_i grad loss_i
-(the Allreduce and the division happen in step.py). L2 weight decay lambda is
+(the Allreduce and the division happen in train/step.py). L2 weight decay lambda is
 added to the gradient: g <- g + lambda w, i.e. the loss gets (lambda/2)|w|^2;
 L1 strength mu adds mu sign(w), the subgradient of mu |w|_1 (sign(0) = 0). Both
 act on every parameter, biases included. The rate `lr` is an attribute the

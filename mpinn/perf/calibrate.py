@@ -88,25 +88,25 @@ def commands(sweep_dir: str, sizes: tuple[int, ...], dtype: str, optimizer: str,
 
 
 def calibrate(sweep_dir: str, planned: list[tuple[str, int, list[str]]],
-              launch: Callable[[list[str], int, str], int], say: Callable[[str], None]) -> int:
+              launch: Callable[[list[str], int, str], int], note: Callable[[str], None]) -> int:
     """Run the benchmarks whose files are missing, each through launch(argv, ranks, log);
     returns the first non-zero status."""
     os.makedirs(os.path.join(sweep_dir, DIRECTORY), exist_ok=True)
     for path, ranks, args in planned:
         name = os.path.relpath(path, sweep_dir)
         if os.path.exists(path):
-            say(f"[calibration] {name}: measured before, kept")
+            note(f"[calibration] {name}: measured before, kept")
             continue
-        say(f"[calibration] {name}: mpinn {' '.join(args[:2])} at {ranks} rank"
+        note(f"[calibration] {name}: mpinn {' '.join(args[:2])} at {ranks} rank"
             f"{'s' if ranks > 1 else ''}")
         log = path[:-len(".json")] + ".log"
         status = launch([sys.executable, "-m", "mpinn", *args, "--json", path], ranks, log)
         if status == EXIT_USAGE:  # refused (oversubscribed, say): its points will say so too
-            say(f"[calibration] {name} refused to run (exit 2; its log: {log}): no "
+            note(f"[calibration] {name} refused to run (exit 2; its log: {log}): no "
                 f"prediction at {ranks} rank{'s' if ranks > 1 else ''}")
         elif status != EXIT_OK:
             return status
         elif not os.path.exists(path):
-            say(f"[calibration] {name}: the launcher ended with exit 0 but wrote no results")
+            note(f"[calibration] {name}: the launcher ended with exit 0 but wrote no results")
             return EXIT_FAILED
     return EXIT_OK

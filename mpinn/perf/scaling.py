@@ -45,6 +45,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 
 from mpinn import __version__
+from mpinn.base.console import say
 from mpinn.base.cpus import blas_threads, usable_cpus
 from mpinn.base.errors import UsageError
 from mpinn.base.files import read_json
@@ -237,7 +238,7 @@ def check_steps(sweep: Sweep, dataset: dict) -> None:
                          f"--batch-size")
     few = min(steps.values())
     if few < FEW_STEPS:
-        say(f"some points train {few} steps only: their figures will be noisy (more "
+        note(f"some points train {few} steps only: their figures will be noisy (more "
             f"--epochs help)")
 
 
@@ -250,8 +251,9 @@ def calibration_plan(sweep: Sweep, dataset: dict) -> list[tuple[str, int, list[s
     return calibrate.commands(sweep.out, sizes, sweep.cfg.dtype, sweep.cfg.optimizer, batches)
 
 
-def say(text: str) -> None:
-    print(f"mpinn scaling: {text}", flush=True)
+def note(text: str) -> None:
+    """A line of the sweep driver's, to its terminal (the points' output passes through)."""
+    say(f"mpinn scaling: {text}")
 
 
 def threads_per_rank(environ: Mapping[str, str]) -> int:

@@ -34,8 +34,8 @@ from mpinn.perf.scaling import (
     child_environment,
     dataset_entry,
     launcher_argv,
+    note,
     read_manifest,
-    say,
 )
 from mpinn.run.lock import FLOCK_NAME, PID_NAME, RunLock
 from mpinn.run.resolve import to_toml
@@ -108,7 +108,7 @@ def run(sweep: Sweep, overwrite: bool) -> int:
         refused = []
         for index, point in enumerate(sweep.points, 1):
             if finished(sweep.out, point):
-                say(f"[{index}/{len(sweep.points)}] {point.name}: finished before, kept")
+                note(f"[{index}/{len(sweep.points)}] {point.name}: finished before, kept")
                 states[point.name] = dict(states.get(point.name, {}), state="done")
                 continue
             status, states[point.name] = run_point(sweep, point, toml, env, index)
@@ -128,10 +128,10 @@ def run_calibration(sweep: Sweep, dataset: dict, env: dict[str, str]) -> int:
     def bench(args: list[str], ranks: int, log: str) -> int:
         status, signalled = launch([*launcher_argv(sweep.launcher, ranks), *args], env, log)
         return EXIT_INTERRUPTED if signalled else status
-    status = calibrate.calibrate(sweep.out, calibration_plan(sweep, dataset), bench, say)
+    status = calibrate.calibrate(sweep.out, calibration_plan(sweep, dataset), bench, note)
     if status != EXIT_OK:
         what = "was stopped" if status == EXIT_INTERRUPTED else "failed"
-        say(f"the calibration {what} (exit {status}; its logs are in "
+        note(f"the calibration {what} (exit {status}; its logs are in "
             f"{os.path.join(sweep.out, calibrate.DIRECTORY)}); no point ran"
             + ("" if status == EXIT_INTERRUPTED else ". --no-calibrate runs the points "
                "without it (no predictions then)"))
@@ -141,10 +141,10 @@ def run_calibration(sweep: Sweep, dataset: dict, env: dict[str, str]) -> int:
 def finish(sweep: Sweep, refused: list[str]) -> int:
     """The last word of a sweep that ran through its points; its exit status."""
     if refused:
-        say(f"{len(refused)} point(s) refused to run (exit 2; see their logs): "
+        note(f"{len(refused)} point(s) refused to run (exit 2; see their logs): "
             f"{', '.join(refused)}; the others are in {sweep.out}")
         return EXIT_USAGE
-    say(f"{len(sweep.points)} points in {sweep.out}; the report: mpinn scaling report "
+    note(f"{len(sweep.points)} points in {sweep.out}; the report: mpinn scaling report "
         f"{sweep.out} --out {os.path.join(sweep.out, 'report')}")
     return EXIT_OK
 
@@ -158,14 +158,14 @@ def run_point(sweep: Sweep, point: Point, toml: str, env: dict[str, str], index:
             "train", "--config", toml, "--out", out, "--batch-size", str(point.batch_size),
             "--lr-scaling", point.lr_scaling, "--base-batch", str(point.base_batch),
             "--overwrite"]
-    say(f"[{index}/{len(sweep.points)}] {point.name}: {point.ranks} rank"
+    note(f"[{index}/{len(sweep.points)}] {point.name}: {point.ranks} rank"
         f"{'s' if point.ranks > 1 else ''}, global batch {point.batch_size}, lr {point.lr:g}")
     log = out + ".log"
     started = datetime.datetime.now()
     status, signalled = launch(argv, env, log)
     seconds = (datetime.datetime.now() - started).total_seconds()
     if status == EXIT_OK and not signalled and not finished(sweep.out, point):
-        say(f"{point.name}: the launcher ended with exit 0 but the run wrote no summary.json")
+        note(f"{point.name}: the launcher ended with exit 0 but the run wrote no summary.json")
         status = EXIT_FAILED
     status = EXIT_INTERRUPTED if signalled else status  # srun may report its own status
     state = {EXIT_OK: "done", EXIT_USAGE: "refused", EXIT_INTERRUPTED: "stopped"}.get(
@@ -215,9 +215,9 @@ def stopped(sweep: Sweep, point: Point, status: int) -> int:
     """Say why the sweep ends at `point`; returns the sweep's exit status."""
     log = os.path.relpath(point_dir(sweep.out, point) + ".log")
     if status == EXIT_INTERRUPTED:
-        say(f"stopped at {point.name} (its ranks checkpointed); finished points are kept: "
+        note(f"stopped at {point.name} (its ranks checkpointed); finished points are kept: "
             f"run the same command again to continue")
     else:
-        say(f"{point.name} failed (exit {status}; its log: {log}); the sweep stops here, "
+        note(f"{point.name} failed (exit {status}; its log: {log}); the sweep stops here, "
             f"finished points are kept")
     return status if status in (EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED) else EXIT_FAILED

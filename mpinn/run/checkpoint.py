@@ -13,7 +13,7 @@ Layout:
              data_rows, data_features, data_outputs (the training data's shape),
              ranks (the number of ranks that wrote it),
              lr_anchor_step, lr_anchor_rate (a cosine schedule stretched by a resume;
-             step -1: not stretched; schedule.py),
+             step -1: not stretched; nn/schedule.py),
              best_val_loss, best_epoch, stale_epochs (validation: the lowest loss so
              far, its epoch, epochs since; inf, 0, 0 in files written before them)
 
@@ -22,9 +22,9 @@ That is everything needed to continue exactly: the sampler's position is
 seed and the epoch; the initial weights' generator is never used again.
 
 The file is built in memory (HDF5's core driver, `image`) and its bytes are
-written by rundir.py with fileio.write_atomically: space reserved first, then a
-temporary file, fsync, rename. A crash leaves the previous checkpoint or the new one, never a
-partial file; a full disk is a clear error, not a crash inside HDF5's close;
+written by history.py with base/files.write_atomically: space reserved first, then
+a temporary file, fsync, rename. A crash leaves the previous checkpoint or the new
+one, never a partial file; a full disk is a clear error, not a crash inside HDF5's close;
 and a model with a NaN or an infinity is refused, never written.
 
 Every checkpoint proves itself: its first 512 bytes are an HDF5 userblock (which
@@ -39,7 +39,7 @@ only then lets HDF5 parse the bytes, from memory. A flipped bit, a truncated or
 a mangled file is refused (CorruptCheckpoint, exit 2) before HDF5 sees it: HDF5
 trusts metadata, and corrupt metadata can make it loop forever or crash. A file
 without the header (written before digests, starting with HDF5's signature)
-still loads, with a warning, after the structure probe (probe.py).
+still loads, with a warning, after the structure probe (data/probe.py).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from mpinn.base.errors import CollectiveError, UsageError
 from mpinn.base.files import read_bytes
 from mpinn.base.hdf5 import hdf5_errors, open_hdf5_image
 from mpinn.data import probe
-from mpinn.data.layout import all_finite
+from mpinn.nn.finite import all_finite
 from mpinn.nn.model import MLP, Architecture
 
 FORMAT = "mpinn-checkpoint-1"
@@ -90,7 +90,7 @@ class Checkpoint:
     data_shape: tuple[int, int, int] = (0, 0, 0)  # rows, features, outputs
     version: str = __version__
     ranks: int = 1  # that wrote it (block shuffle's windows depend on it)
-    lr_anchor: tuple[int, float] | None = None  # a stretched cosine schedule (schedule.py)
+    lr_anchor: tuple[int, float] | None = None  # a stretched cosine schedule (nn/schedule.py)
     # validation (early stopping's state): the lowest val loss so far, its epoch
     # (0: none yet), and the epochs since without a lower one
     best_val_loss: float = float("inf")

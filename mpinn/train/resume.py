@@ -82,7 +82,7 @@ def check_compatible(ckpt: Checkpoint, cfg: TrainConfig, arch: Architecture,
 def make_schedule(cfg: TrainConfig, steps: int, resumed: Checkpoint | None) -> Schedule:
     """The rate of every step (`steps` per epoch). A resume keeps the checkpoint's
     stretch (anchor) and, if --epochs changed, stretches cosine from the resumed step
-    (schedule.py)."""
+    (nn/schedule.py)."""
 
     def planned(epochs: int, anchor: tuple[int, float] | None) -> Schedule:
         return Schedule(scaled_rate(cfg.lr, cfg.lr_scaling, cfg.batch_size, cfg.base_batch),

@@ -107,7 +107,7 @@ class Session:
     resumed: Checkpoint | None  # metadata of the checkpoint this run continues
     progress: Progress
     data: Reading
-    watch: EarlyStopping  # validation loss: best so far, stale epochs (validation.py)
+    watch: EarlyStopping  # validation loss: best so far, stale epochs (data/holdout.py)
     timer: PhaseTimer = field(default_factory=PhaseTimer)
     saved_step: int = -1  # the step of the newest checkpoint on disk (-1: none)
     config_pending: bool = False  # a resumed run's config.toml, written with its checkpoint
@@ -207,7 +207,7 @@ def open_session(cfg: TrainConfig, comm: Comm) -> Session:
     problem = check_data(comm, cfg.data, cfg.loss)
     held = held_out_rows(cfg.seed, problem.info.n_train, cfg.val_fraction)  # alike on all
     # the largest share of a global batch (no batch is larger than the data), and of
-    # a micro-batch: the model's buffers hold one micro-batch (sampler.py)
+    # a micro-batch: the model's buffers hold one micro-batch (data/sampler.py)
     model_rows, max_rows = (max(1, r) for r in micro_rows(
         min(cfg.batch_size, problem.info.n_train), cfg.accumulate, comm.size))
     arch = Architecture((problem.info.features, *cfg.hidden, problem.outputs),
