@@ -19,6 +19,8 @@ import signal
 import socket
 import threading
 
+from mpinn.base.errors import EXIT_SIGINT
+
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -58,4 +60,4 @@ def watch_interrupts(reader: socket.socket, writer: socket.socket) -> None:
         interrupts += data.count(signal.SIGINT)
         if interrupts >= 2:
             os.write(2, b"mpinn: a second Ctrl-C: ending now, without a checkpoint\n")
-            os._exit(128 + signal.SIGINT)
+            os._exit(EXIT_SIGINT)
