@@ -20,11 +20,13 @@ def add_train_options(parser: argparse.ArgumentParser, sweep: bool = False) -> N
     for a sweep without the run directory's (--out, --overwrite, --resume), which the
     sweep decides per point."""
     groups: dict[str, Any] = {}
+    config = False  # --config comes before the first setting it may hold
     for f, s in settings():
         if sweep and not s.sweep:
             continue
-        if s.sweep and not s.positional and "--config" not in parser._option_string_actions:
-            parser.add_argument("--config", help=CONFIG_HELP)  # before what it may hold
+        if s.sweep and not s.positional and not config:
+            parser.add_argument("--config", help=CONFIG_HELP)
+            config = True
         where = parser if s.group is None else groups.setdefault(
             s.group, parser.add_argument_group(s.group))
         where.add_argument(*flags(f, s), **argument(f, s, sweep))
