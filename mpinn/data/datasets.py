@@ -15,13 +15,13 @@ import h5py
 import numpy as np
 
 from mpinn import __version__
-from mpinn.data import probe
-from mpinn.data.layout import LARGE_INPUT, SPLITS, DatasetInfo, describe, nonfinite_message
-from mpinn.nn.finite import nonfinite_row
 from mpinn.base.errors import UsageError
 from mpinn.base.files import atomic_output, check_writable
 from mpinn.base.hdf5 import hdf5_errors, open_hdf5
+from mpinn.data import probe
+from mpinn.data.layout import LARGE_INPUT, SPLITS, DatasetInfo, describe, nonfinite_message
 from mpinn.data.pwrite import SplitSpec, create_datasets, write_parallel
+from mpinn.nn.finite import nonfinite_row
 
 BLOCK = 8192  # rows per generator stream in synthetic data
 MAX_SHOWN_CLASSES = 1000  # `inspect` counts labels up to this without a `classes` attribute

@@ -9,7 +9,8 @@ nothing). The Batch goes into the training step as it is (train/step.py).
 With prefetch, a background thread fills one of two batch slots while the training
 loop computes on the other: the thread takes a free slot, reads the next step's rows
 into it, and hands it over; the loop gives a slot back when it asks for the next
-batch, so a slot is never overwritten while in use. The seconds the loop spends waiting for a batch are the step's `data` phase.
+batch, so a slot is never overwritten while in use. The seconds the loop spends
+waiting for a batch are the step's `data` phase.
 
 In block mode each step's rows are gathered from a window in memory (this
 rank's contiguous file ranges for a window of steps: windows.py, whose loader

@@ -11,7 +11,8 @@ a corrupt file must not make HDF5 loop or crash inside the job), then every rank
 checks the layout and its share of the labels. HDF5's failures to read are
 UsageErrors naming the file and the object, never tracebacks. A non-finite row
 that training meets (nn/finite.py checks every batch read) is named by
-`nonfinite_message`. Which rows a rank reads is sampler.py's business; how it reads them, readers.py's.
+`nonfinite_message`. Which rows a rank reads is sampler.py's business; how it reads
+them, readers.py's.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
+from mpinn.base.errors import UsageError
+from mpinn.base.hdf5 import hdf5_errors, open_hdf5
 from mpinn.comm import collectives
 from mpinn.comm.world import Comm
 from mpinn.data import probe
-from mpinn.base.errors import UsageError
-from mpinn.base.hdf5 import hdf5_errors, open_hdf5
 from mpinn.data.sampler import share
 
 SPLITS = ("train", "test")

@@ -26,12 +26,11 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
+from mpinn.base.files import check_writable, temp_path
 from mpinn.comm import collectives, mpiio
 from mpinn.comm.world import Comm
-from mpinn.base.files import check_writable, temp_path
 from mpinn.data.readers import row_selection
 from mpinn.data.sampler import ceil_div, share
-
 
 
 @dataclass(frozen=True)

@@ -37,11 +37,11 @@ from collections.abc import Iterator
 import h5py
 import numpy as np
 
-from mpinn.comm import mpiio
-from mpinn.nn.finite import nonfinite_row
 from mpinn.base.errors import StorageError, UsageError
 from mpinn.base.hdf5 import HDF5_FAILURES, NOT_HDF5, failure_reason, hdf5_errors
+from mpinn.comm import mpiio
 from mpinn.data.sampler import runs
+from mpinn.nn.finite import nonfinite_row
 
 IO_MODES = ("auto", "mpio", "independent")
 # MPI-IO hints for reading. ROMIO's data sieving reads the whole extent between
