@@ -24,6 +24,9 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 RANKS = (1, 2, 3, 4)  # rank counts the MPI tests run at; 4 ranks oversubscribe 2 cores
+# the last lines of a script run with python -c: it may have loaded MPI, never started it
+MPI_NOT_STARTED = ("import sys\nMPI = sys.modules.get('mpi4py.MPI')\n"
+                   "assert MPI is None or not MPI.Is_initialized(), 'MPI was started'\n")
 
 
 def mpiexec() -> str:

@@ -207,7 +207,7 @@ def drive(work: Path) -> dict:
     os.environ.update(MPINN_PROBE_TIMEOUT="5", MPINN_CACHE_DIR=str(work / "cache"),
                       OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     import mpinn.cli.main  # noqa: F401 - imported before forking, so each child starts warm
-    MPI = sys.modules.get("mpi4py.MPI")  # loaded by the import, not started
+    MPI = sys.modules.get("mpi4py.MPI")  # loaded by the import, not started (a script: no conftest)
     assert MPI is None or not MPI.Is_initialized(), "MPI must start in the children only"
     data, ckpt, legacy = make_base(work)
     originals = {"data": data.read_bytes(), "checkpoint": ckpt.read_bytes(),

@@ -16,11 +16,6 @@ def start() -> Comm:
     return MPI.COMM_WORLD
 
 
-def started() -> bool:
-    """Whether this process has started MPI (and not finalised it yet)."""
-    return MPI.Is_initialized() and not MPI.Is_finalized()
-
-
 def library() -> str:
     """First line of the MPI library's version string, e.g. 'MPICH Version: 5.0.2'."""
     return " ".join(MPI.Get_library_version().splitlines()[0].split())
