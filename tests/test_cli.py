@@ -6,7 +6,6 @@ import json
 import shutil
 import socket
 import sys
-import tomllib
 from pathlib import Path
 
 import h5py
@@ -15,6 +14,7 @@ import pytest
 
 from conftest import MPI_NOT_STARTED, expect_error, load_weights, mpinn, ok, run
 from mpinn.nn.model import MLP, Architecture
+from mpinn.run.resolve import tomllib
 from mpinn.train.session import INIT_STREAM
 
 

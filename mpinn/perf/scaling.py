@@ -40,7 +40,6 @@ import shlex
 import shutil
 import socket
 import sys
-import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 
@@ -55,7 +54,7 @@ from mpinn.data.sampler import steps_per_epoch
 from mpinn.nn.schedule import scaled_rate
 from mpinn.perf import calibrate
 from mpinn.run.config import TrainConfig, settings
-from mpinn.run.resolve import resolve, to_toml
+from mpinn.run.resolve import resolve, to_toml, tomllib
 
 MODES = ("strong", "weak")
 MANIFEST = "sweep.json"
@@ -196,7 +195,7 @@ class Sweep:
             "calibrated": self.calibrate,
             "dataset": dataset, "train_config": tomllib.loads(to_toml(replace(self.cfg, out=""))),
             "batch_size": self.cfg.batch_size, "driver_host": socket.gethostname(),
-            "updated": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "points": [dict(asdict(p), name=p.name, **states.get(p.name, {"state": "pending"}))
                        for p in self.points],
         }
