@@ -22,6 +22,9 @@ import h5py
 import numpy as np
 import pytest
 
+from mpinn.comm import shm
+from mpinn.data import datasets
+
 HERE = Path(__file__).resolve().parent
 RANKS = (1, 2, 3, 4)  # rank counts the MPI tests run at; 4 ranks oversubscribe 2 cores
 # the last lines of a script run with python -c: it may have loaded MPI, never started it
@@ -126,19 +129,66 @@ def load_weights(checkpoint: Path) -> list[np.ndarray]:
         return [f["model"][f"{k}{i}"][...] for i in range(n) for k in "Wb"]
 
 
+# -- the fast tier: in-process tests (`pytest -m fast`, `make test-fast`) -----------------
+
+LAUNCHERS = ("mpiexec", "mpirun", "srun", "sbatch", "salloc", "python")
+
+
+@pytest.fixture(autouse=True)
+def fast_tests_start_no_processes(request, monkeypatch) -> None:
+    """A test marked fast runs mpinn in this process only: starting a launcher, a Python
+    or anything of mpinn fails it (a library's own helper, such as fc-list, may run)."""
+    if request.node.get_closest_marker("fast") is None:
+        return
+    execute = subprocess.Popen._execute_child
+
+    def guarded(self, args, *rest, **kwargs):
+        argv = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)
+        if Path(str(argv[0])).name.startswith(LAUNCHERS) or "mpinn" in " ".join(map(str, argv)):
+            raise AssertionError(f"{request.node.name} is marked fast, and a fast test starts "
+                                 f"no processes: {' '.join(map(str, argv))[:200]}")
+        return execute(self, args, *rest, **kwargs)
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", guarded)
+
+
+@pytest.fixture
+def cli(capfd):
+    """`mpinn ARGS` in this process, as a CompletedProcess: exit code and what it wrote
+    to the file descriptors 1 and 2 (as the terminal would see it)."""
+    from mpinn.cli.main import main
+
+    def run_main(*args) -> subprocess.CompletedProcess:
+        capfd.readouterr()
+        argv = [str(a) for a in args]
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # --help and argparse's own exits
+            code = exc.code if isinstance(exc.code, int) else 1
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess(["mpinn", *argv], code, out, err)
+    return run_main
+
+
+# Data files are written in this process: `mpinn data synth` writes the same bytes (the
+# content is a function of the arguments; tests/test_cli.py shows it).
+
+def write_synth(path: Path, samples: int, test_samples: int, features: int, classes: int,
+                seed: int) -> Path:
+    datasets.write_synth(str(path), samples, features, classes, test_samples, seed)
+    return path
+
+
 @pytest.fixture(scope="session")
 def synth(tmp_path_factory) -> Path:
     """A small synthetic classification file: 600 train / 150 test rows, 12 features."""
-    path = tmp_path_factory.mktemp("data") / "synth.h5"
-    ok(mpinn(None, "data", "synth", path, "--samples", 600, "--test-samples", 150,
-             "--features", 12, "--classes", 4, "--seed", 3))
-    return path
+    return write_synth(tmp_path_factory.mktemp("data") / "synth.h5", samples=600,
+                       test_samples=150, features=12, classes=4, seed=3)
 
 
 @pytest.fixture(scope="session")
 def digits(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "digits.h5"
-    ok(mpinn(None, "data", "digits", path))
+    datasets.write_digits(str(path))
     return path
 
 
@@ -267,3 +317,52 @@ def probe_cache(tmp_path_factory) -> Path:
     cache = tmp_path_factory.mktemp("probe-cache")
     os.environ["MPINN_CACHE_DIR"] = str(cache)
     return cache
+
+
+# Shared memory that MPI jobs leave in /dev/shm when a rank is killed or aborts: MPICH's
+# segment per node and job, and UCX's. A test removes those that appeared while it ran
+# and that no live process maps; the session fails if more are left than it found.
+LEFTOVER_PREFIXES = ("mpich_shm_", "ucx_shm_posix_")
+
+
+def shm_segments() -> set[Path]:
+    try:
+        return {p for p in shm.SHM_DIR.iterdir() if p.name.startswith(LEFTOVER_PREFIXES)}
+    except OSError:
+        return set()
+
+
+def segments_in_use() -> set[Path]:
+    """The segments some live process maps (any process: a job may still be running)."""
+    used = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            used |= shm.mapped_segments(entry / "maps", LEFTOVER_PREFIXES)
+    return used
+
+
+def leftover_segments(before: set[Path]) -> set[Path]:
+    """Segments that appeared since `before` and that no live process maps."""
+    new = shm_segments() - before
+    return new - segments_in_use() if new else set()
+
+
+@pytest.fixture(autouse=True)
+def no_shared_memory_left() -> Iterator[None]:
+    before = shm_segments()
+    yield
+    for path in leftover_segments(before):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def pytest_sessionstart(session) -> None:
+    session.config.shm_before = shm_segments()
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    left = sorted(p.name for p in leftover_segments(session.config.shm_before))
+    if left:
+        print(f"\n{len(left)} shared-memory segments left in {shm.SHM_DIR} by the suite: "
+              f"{', '.join(left)}", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -12,7 +12,18 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import expect_error, finish, mpi_script, mpinn, ok, rank_pids, start_mpinn, wait_for
+from conftest import (
+    expect_error,
+    finish,
+    leftover_segments,
+    mpi_script,
+    mpinn,
+    ok,
+    rank_pids,
+    shm_segments,
+    start_mpinn,
+    wait_for,
+)
 
 
 def write_splits(path: Path, x: np.ndarray, y: np.ndarray, **attrs) -> None:
@@ -200,17 +211,19 @@ def test_predict_reports_bad_output_and_dataset(synth, run_dir, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_serial_commands_report_bad_input(tmp_path, synth):
-    expect_error(mpinn(None, "data", "synth", tmp_path / "x.h5", "--samples", "0"), 2,
+@pytest.mark.fast
+def test_serial_commands_report_bad_input(cli, tmp_path):
+    expect_error(cli("data", "synth", tmp_path / "x.h5", "--samples", "0"), 2,
                  "--samples must be >= 1")
-    expect_error(mpinn(None, "data", "synth", tmp_path / "no" / "x.h5", "--samples", "5"), 2,
+    expect_error(cli("data", "synth", tmp_path / "no" / "x.h5", "--samples", "5"), 2,
                  "does not exist")
-    expect_error(mpinn(None, "data", "inspect", tmp_path / "none.h5"), 2, "no such file")
+    expect_error(cli("data", "inspect", tmp_path / "none.h5"), 2, "no such file")
     assert not list(tmp_path.iterdir())  # no file, no temporary file
 
 
 @pytest.mark.parametrize("n,step", [(2, 3), (4, 1)])
 def test_a_failing_rank_ends_the_job(n, step, synth, tmp_path):
+    before = shm_segments()
     start = time.monotonic()
     result = mpi_script(n, "fail_rank.py", 1, step, "--", "train", synth, "--out", tmp_path / "r",
                         "--hidden", "8", "--epochs", 50, "--batch-size", 16, timeout=30)
@@ -219,6 +232,7 @@ def test_a_failing_rank_ends_the_job(n, step, synth, tmp_path):
     assert result.returncode == 1, text
     assert text.count("injected read failure on rank 1") >= 1
     assert "mpinn: rank 1 of" in text
+    assert not leftover_segments(before), "MPI_Abort left this node's segment in /dev/shm"
 
 
 def test_a_killed_rank_ends_the_job(synth, tmp_path):

@@ -19,6 +19,7 @@ from mpinn.base.errors import (
     StorageError,
     UsageError,
 )
+from mpinn.comm import shm
 from mpinn.comm.console import print0
 from mpinn.comm.world import Comm
 
@@ -65,7 +66,9 @@ def abort(comm: Comm) -> None:
 
     The launcher forwards each rank's stderr through a pipe and handles the abort
     on another channel; without the pause it may tear the job down before it has
-    drained the pipe, and the one message that says what happened is lost.
+    drained the pipe, and the one message that says what happened is lost. MPI_Abort
+    leaves this node's shared-memory segment behind: its name is removed first.
     """
     time.sleep(0.2)
+    shm.release_segments()  # MPI_Abort skips MPICH's cleanup of this node's segment
     comm.Abort(EXIT_FAILED)
