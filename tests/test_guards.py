@@ -25,6 +25,7 @@ from mpinn.run.lock import RunLock, break_stale
 from mpinn.run.rundir import RunDir, tidy
 
 
+@pytest.mark.fast
 def test_flock_refuses_a_second_holder_and_names_the_first(tmp_path):
     first = RunLock(str(tmp_path)).acquire()
     assert first.method == "flock"
@@ -74,6 +75,7 @@ def test_write_atomically_on_a_full_file_system_leaves_the_old_file(tmp_path):
         assert (disk / "f").read_bytes() == b"new" and os.listdir(disk) == ["f"]
 
 
+@pytest.mark.fast
 def test_tidy_removes_orphans_of_the_run_only_and_proves_writability(tmp_path):
     names = ("config.toml", "step-000000012.h5", ".lock", "a.tmp-x", ".step-000000012.h5.tmp-12",
              "checkpoint.h5.tmp-7", ".metrics.jsonl.tmp-3", ".predictions.h5.tmp-9")
@@ -85,11 +87,13 @@ def test_tidy_removes_orphans_of_the_run_only_and_proves_writability(tmp_path):
                                             "config.toml", "step-000000012.h5"]
 
 
+@pytest.mark.fast
 def test_strict_json_has_no_nan():
     text = strict_json({"a": float("nan"), "b": [np.float64(np.inf), 1.5], "c": None})
     assert text == '{"a": null, "b": [null, 1.5], "c": null}'
 
 
+@pytest.mark.fast
 def test_nonfinite_row_finds_the_first_bad_row_only():
     x = np.ones((6, 3), np.float32)
     assert nonfinite_row(x) is None and nonfinite_row(x[:0]) is None
@@ -108,6 +112,7 @@ def comm(request):
         comm.Free()
 
 
+@pytest.mark.fast
 def test_the_sync_carries_gradients_losses_and_flags_in_one_buffer(comm):
     arch = Architecture((3, 4, 2), dtype="float32")
     sync = gradsync.GradientSync(comm, arch.n_params, arch.dtype)
@@ -134,6 +139,7 @@ def test_the_sync_carries_gradients_losses_and_flags_in_one_buffer(comm):
         assert not sync.finite()
 
 
+@pytest.mark.fast
 def test_a_successor_lock_file_is_not_removed_and_stale_ones_break_once(tmp_path,
                                                                          monkeypatch):
     monkeypatch.setenv("MPINN_LOCK", "file")
@@ -150,6 +156,7 @@ def test_a_successor_lock_file_is_not_removed_and_stale_ones_break_once(tmp_path
     assert not lock_file.exists() and not (tmp_path / ".lock.pid.break").exists()
 
 
+@pytest.mark.fast
 def test_a_lock_file_run_and_a_flock_run_exclude_each_other(tmp_path, monkeypatch):
     monkeypatch.setenv("MPINN_LOCK", "file")
     holder = RunLock(str(tmp_path)).acquire()
@@ -159,6 +166,7 @@ def test_a_lock_file_run_and_a_flock_run_exclude_each_other(tmp_path, monkeypatc
     holder.release()
 
 
+@pytest.mark.fast
 def test_a_requeued_job_replaces_the_lock_file_of_its_earlier_incarnation(tmp_path,
                                                                           monkeypatch):
     monkeypatch.setenv("MPINN_LOCK", "file")
@@ -174,6 +182,7 @@ def test_a_requeued_job_replaces_the_lock_file_of_its_earlier_incarnation(tmp_pa
             RunLock(str(tmp_path)).acquire()
 
 
+@pytest.mark.fast
 def test_a_checkpoint_with_a_nan_is_never_built():
     model = MLP(Architecture((3, 2)), 1)
     ckpt = Checkpoint(arch=model.arch, task="classification", step=7)
@@ -183,6 +192,7 @@ def test_a_checkpoint_with_a_nan_is_never_built():
         checkpoint.image(ckpt, model)
 
 
+@pytest.mark.fast
 def test_pruning_keeps_the_newest_checkpoints_up_to_the_step_written(tmp_path):
     run = RunDir(str(tmp_path), keep_checkpoints=2)
     os.makedirs(run.history.folder)
@@ -215,6 +225,7 @@ def test_a_lock_file_of_a_live_process_is_respected_by_either_way(tmp_path, monk
     RunLock(str(tmp_path)).acquire().release()  # gone now: stale, replaced
 
 
+@pytest.mark.fast
 def test_an_unnamed_lock_file_is_stale_only_after_a_minute(tmp_path, monkeypatch):
     monkeypatch.setenv("MPINN_LOCK", "file")
     lock_file = tmp_path / ".lock.pid"

@@ -13,17 +13,15 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import RANKS, expect_error, load_weights, mpi_script, mpinn, ok
+from conftest import RANKS, expect_error, load_weights, mpi_script, mpinn, ok, write_synth
 from mpinn.base.errors import UsageError
 from mpinn.data import probe
 
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    path = tmp_path_factory.mktemp("io") / "small.h5"
-    ok(mpinn(None, "data", "synth", path, "--samples", 301, "--test-samples", 40,
-             "--features", 6, "--classes", 3, "--seed", 2))
-    return path
+    return write_synth(tmp_path_factory.mktemp("io") / "small.h5", samples=301,
+                       test_samples=40, features=6, classes=3, seed=2)
 
 
 @pytest.mark.parametrize("n", RANKS)
@@ -138,7 +136,7 @@ def write_idx(path, array, code=0x08):
         f.write(data)
 
 
-def test_idx_conversion(tmp_path):
+def test_idx_conversion(cli, tmp_path):
     rng = np.random.default_rng(0)
     images = {s: rng.integers(0, 256, (n, 4, 3), dtype=np.uint8) for s, n in
               (("train", 30), ("t10k", 7))}
@@ -150,7 +148,7 @@ def test_idx_conversion(tmp_path):
         write_idx(src / f"{s}-images-idx3-ubyte{suffix}", images[s])
         write_idx(src / f"{s}-labels-idx1-ubyte{suffix}", labels[s])
     out = tmp_path / "out.h5"
-    ok(mpinn(None, "data", "idx", out, "--from", src))
+    ok(cli("data", "idx", out, "--from", src))
     with h5py.File(out) as f:
         np.testing.assert_array_equal(f["train/x"][...],
                                       (images["train"].reshape(30, 12) / 255.0).astype(np.float32))
@@ -158,19 +156,17 @@ def test_idx_conversion(tmp_path):
         assert f["train/x"].dtype == np.float32 and f.attrs["classes"] == 5
         assert f["test/x"][...].max() <= 1.0
     (src / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x09abc")
-    bad = mpinn(None, "data", "idx", tmp_path / "bad.h5", "--from", src)
-    assert bad.returncode == 2 and "truncated" in bad.stderr and "Traceback" not in bad.stderr
+    expect_error(cli("data", "idx", tmp_path / "bad.h5", "--from", src), 2, "truncated")
     assert not (tmp_path / "bad.h5").exists()
 
 
-def test_inspect_check_finds_bad_values(small, tmp_path):
-    assert "all valid" in ok(mpinn(None, "data", "inspect", "--check", small)).stdout
+def test_inspect_check_finds_bad_values(cli, small, tmp_path):
+    assert "all valid" in ok(cli("data", "inspect", "--check", small)).stdout
     broken = tmp_path / "nan.h5"
     broken.write_bytes(small.read_bytes())
     with h5py.File(broken, "r+") as f:
         f["train/x"][17, 2] = np.nan
-    result = mpinn(None, "data", "inspect", "--check", broken)
-    assert result.returncode == 2 and "/train/x row 17 is not finite" in result.stderr
+    expect_error(cli("data", "inspect", "--check", broken), 2, "/train/x row 17 is not finite")
 
 
 def test_bench_io_reports_every_mode(small, tmp_path):

@@ -11,6 +11,8 @@ from mpinn.nn import functional as F
 from mpinn.nn.model import MLP, Architecture
 from mpinn.nn.optim import SGD, Adam, Momentum
 
+pytestmark = pytest.mark.fast  # in-process: the tier of `make test-fast`
+
 CASES = list(itertools.product(F.ACTIVATIONS, F.LOSSES))
 
 

@@ -15,6 +15,8 @@ from mpinn.cli.commands import build_parser
 from mpinn.run.config import SWEEP_KEYS, TRAJECTORY_KEYS, TrainConfig, describe, settings, shown
 from mpinn.run.resolve import resolve, to_toml, tomllib
 
+pytestmark = pytest.mark.fast  # in-process: the tier of `make test-fast`
+
 
 def subparser(path: tuple[str, ...]) -> argparse.ArgumentParser:
     parser = build_parser()

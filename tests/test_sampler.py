@@ -25,6 +25,8 @@ def test_block_stream_rows_equal_the_materialised_stream(n, k):
 
 from mpinn.data.sampler import Sampling, epoch_plan, holdout, remaining  # noqa: E402
 
+pytestmark = pytest.mark.fast  # in-process: the tier of `make test-fast`
+
 
 def documented_holdout(seed: int, n: int, fraction: float) -> np.ndarray:
     """The hold-out as its docstring defines it, written out independently."""

@@ -290,14 +290,18 @@ def test_a_signal_stops_the_running_point_and_the_sweep_continues_later(synth, t
     (("--accumulate", "40"), ["accumulate"]),
     (("--lr-scaling", "linear"), ["base_batch"]),
 ])
-def test_bad_sweeps_are_refused_with_one_message(synth, tmp_path, options, words):
-    expect_error(sweep(synth, tmp_path / "sweep", "--ranks", "1", *options), 2, *words)
+@pytest.mark.fast
+def test_bad_sweeps_are_refused_with_one_message(cli, synth, tmp_path, options, words):
+    expect_error(cli("scaling", "run", synth, "--out", tmp_path / "sweep", *TRAIN,
+                     "--ranks", "1", *options), 2, *words)
     assert not (tmp_path / "sweep" / "sweep.json").exists()
 
 
-def test_a_missing_dataset_or_sweep_is_one_message(tmp_path):
-    expect_error(sweep(tmp_path / "none.h5", tmp_path / "sweep", "--ranks", "1"), 2, "none.h5")
-    expect_error(mpinn(None, "scaling", "report", tmp_path, "--out", tmp_path / "r"), 2,
+@pytest.mark.fast
+def test_a_missing_dataset_or_sweep_is_one_message(cli, tmp_path):
+    expect_error(cli("scaling", "run", tmp_path / "none.h5", "--out", tmp_path / "sweep",
+                     "--ranks", "1"), 2, "none.h5")
+    expect_error(cli("scaling", "report", tmp_path, "--out", tmp_path / "r"), 2,
                  "holds no sweep.json")
 
 
@@ -327,6 +331,7 @@ def fake_run(mode: str, ranks: int, rate: float, repeat: int = 0) -> report.Run:
     return report.Run(mode, ranks, repeat, f"{mode}/p{ranks}", summary, "s")
 
 
+@pytest.mark.fast
 def test_speedup_efficiency_and_karp_flatt_follow_their_definitions():
     rows = report.points([fake_run("strong", 1, 100.0), fake_run("strong", 2, 150.0),
                           fake_run("strong", 4, 200.0), fake_run("strong", 4, 240.0, 1),
@@ -343,6 +348,7 @@ def test_speedup_efficiency_and_karp_flatt_follow_their_definitions():
     assert weak[4]["karp_flatt"] is None and weak[4]["efficiency"] == pytest.approx(300 / 360)
 
 
+@pytest.mark.fast
 def test_weak_points_scale_the_learning_rate_unless_told_otherwise():
     cfg = TrainConfig(data="d.h5", out="o", lr=0.1, batch_size=32)
     points = scaling.plan(cfg, ("strong", "weak"), (1, 4), 1, scaling_given=False)
@@ -353,6 +359,7 @@ def test_weak_points_scale_the_learning_rate_unless_told_otherwise():
     assert [(p.lr_scaling, p.lr, p.repeat) for p in kept] == [("none", 0.1, 0), ("none", 0.1, 1)]
 
 
+@pytest.mark.fast
 def test_launcher_templates_and_environment():
     os.environ["MPINN_TEST_LAB"] = "/lab dir"
     try:
@@ -414,14 +421,15 @@ BENCH_STEP = {"model": [100, 50, 10], "dtype": "float32", "ranks": 1, "batch_siz
               "compute_fit": {"c0_s": 0.002, "c1_s_per_row": 0.0005, "backward_fraction": 0.6}}
 
 
-def test_project_follows_the_closed_forms(tmp_path):
+@pytest.mark.fast
+def test_project_follows_the_closed_forms(cli, tmp_path):
     """One rank per node, P = 2: Rabenseifner's 2 (alpha + n/2 beta) + n/2 gamma."""
     bench = tmp_path / "step.json"
     bench.write_text(json.dumps(BENCH_STEP))
     alpha, beta, gamma = 1e-5, 1e-9, 1e-10
-    ok(mpinn(None, "scaling", "project", "--alpha", alpha, "--beta", beta, "--gamma", gamma,
-             "--bench-step", bench, "--global-batch", 64, "--max-ranks", 8, "--out",
-             tmp_path / "out"))
+    ok(cli("scaling", "project", "--alpha", alpha, "--beta", beta, "--gamma", gamma,
+           "--bench-step", bench, "--global-batch", 64, "--max-ranks", 8, "--out",
+           tmp_path / "out"))
     with open(tmp_path / "out" / "projection.csv", newline="") as f:
         rows = {(r["mode"], int(r["ranks"])): r for r in csv.DictReader(f)}
     n = (100 * 50 + 50 + 50 * 10 + 10 + 3) * 4
@@ -440,10 +448,10 @@ def test_project_follows_the_closed_forms(tmp_path):
     assert "| strong | 8 | 8 |" in (tmp_path / "out" / "projection.md").read_text()
 
 
-def test_project_measures_the_compute_here_without_a_bench_step(tmp_path):
-    result = ok(mpinn(None, "scaling", "project", "--alpha", 2e-5, "--beta", 1e-9,
-                      "--features", 8, "--hidden", 8, "--classes", 2, "--global-batch", 16,
-                      "--ranks-per-node", 2, "--max-ranks", 16, "--out", tmp_path / "out"))
+def test_project_measures_the_compute_here_without_a_bench_step(cli, tmp_path):
+    result = ok(cli("scaling", "project", "--alpha", 2e-5, "--beta", 1e-9,
+                    "--features", 8, "--hidden", 8, "--classes", 2, "--global-batch", 16,
+                    "--ranks-per-node", 2, "--max-ranks", 16, "--out", tmp_path / "out"))
     bench = json.loads((tmp_path / "out" / "bench-step.json").read_text())
     assert bench["model"] == [8, 8, 2] and bench["compute_fit"]["local_batches"] == [1, 4, 16]
     assert "| weak | 16 | 8 |" in result.stdout
@@ -456,5 +464,6 @@ def test_project_measures_the_compute_here_without_a_bench_step(tmp_path):
     (("--alpha", "1e-6", "--beta", "1e-9", "--bench-step", "/nonexistent.json"),
      ["/nonexistent.json"]),
 ])
-def test_bad_projections_are_refused_with_one_message(tmp_path, options, words):
-    expect_error(mpinn(None, "scaling", "project", *options, "--out", tmp_path / "o"), 2, *words)
+@pytest.mark.fast
+def test_bad_projections_are_refused_with_one_message(cli, tmp_path, options, words):
+    expect_error(cli("scaling", "project", *options, "--out", tmp_path / "o"), 2, *words)

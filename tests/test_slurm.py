@@ -60,6 +60,7 @@ def wait_done(env: dict, job: str, timeout: float = 240) -> str:
     pytest.fail(f"job {job} did not finish within {timeout} s (state {state})")
 
 
+@pytest.mark.fast
 def test_every_sbatch_line_is_commented_and_scripts_are_strict():
     assert {p.name for p in SCRIPTS} == {"train.sbatch", "scaling.sbatch"}
     for script in SCRIPTS:

@@ -131,6 +131,7 @@ def test_more_ranks_than_cores_warn_once(synth, tmp_path):
     assert fitting.returncode == 0 and "warning" not in fitting.stderr, text_of(fitting)
 
 
+@pytest.mark.fast
 def test_oversubscription_is_counted_per_machine():
     """Ranks group by boot id; cores are the union of their affinity masks."""
     a, b = "boot-a", "boot-b"

@@ -63,12 +63,14 @@ def layer(module: str) -> str | None:
 GRAPH = {name_of(p): {m for m in imports(p) if m in NAMES} - {name_of(p)} for p in MODULES}
 
 
+@pytest.mark.fast
 def test_every_module_lives_in_a_layer():
     assert {layer(n) for n in NAMES} - {None} == set(layers())
     at_top = sorted(p.name for p in PACKAGE.glob("*.py"))
     assert at_top == ["__init__.py", "__main__.py"], at_top  # the version, `python -m mpinn`
 
 
+@pytest.mark.fast
 def test_no_module_imports_a_layer_above_its_own():
     order = {name: rank for rank, name in enumerate(layers())}
     upward = [(module, target) for module, targets in GRAPH.items() for target in targets
@@ -76,12 +78,14 @@ def test_no_module_imports_a_layer_above_its_own():
     assert not upward, upward
 
 
+@pytest.mark.fast
 def test_only_comm_imports_mpi4py():
     users = sorted(name_of(p) for p in MODULES
                    if any(m == "mpi4py" or m.startswith("mpi4py.") for m in imports(p)))
     assert users and all(layer(u) == "comm" for u in users), users
 
 
+@pytest.mark.fast
 def test_nn_imports_nothing_of_mpinn_but_the_errors():
     for path in MODULES:
         if layer(name_of(path)) == "nn":
@@ -113,6 +117,7 @@ def cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+@pytest.mark.fast
 def test_no_import_cycles_between_modules_or_packages():
     assert cycle(GRAPH) is None, cycle(GRAPH)
     packages: dict[str, set[str]] = {}
@@ -126,6 +131,7 @@ def test_no_import_cycles_between_modules_or_packages():
     assert "mpinn.comm.world" in GRAPH["mpinn.comm.collectives"]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_functions_and_modules_are_short(path):
     lines = path.read_text().splitlines()

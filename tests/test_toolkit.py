@@ -16,6 +16,8 @@ from mpinn.nn.optim import SGD
 from mpinn.nn.schedule import Schedule, scaled_rate
 from mpinn.train.step import clip
 
+pytestmark = pytest.mark.fast  # in-process: the tier of `make test-fast`
+
 
 def test_a_sample_gets_the_same_mask_wherever_it_is():
     rows = np.array([5, 17, 3, 40_000_000_123])
