@@ -1,4 +1,4 @@
-"""What mpinn guarantees on failure (README): each way a run used to lose work, injected
+"""What mpinn guarantees on failure (docs/failures.md): each way a run used to lose work, injected
 for real (a too large learning rate, non-finite input, two runs on one directory, a full
 tmpfs, a read-only mount, a mode-555 directory without root's override, Ctrl-C), with the
 exit code, the one message, and afterwards the newest good checkpoint resumed to the very

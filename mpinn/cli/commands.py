@@ -182,7 +182,7 @@ SCALING_PROJECT = Command(
     "between nodes). The compute comes from --bench-step (the JSON of `mpinn bench step "
     "--local-batches ...`, best measured with the ranks per node you will run) or, without "
     "it, from a bench step run here on one rank.",
-    epilog="Example networks (see README): 10 GbE with TCP --alpha 25e-6 --beta 8e-10; "
+    epilog="Example networks (see docs/costmodel.md): 10 GbE with TCP --alpha 25e-6 --beta 8e-10; "
     "InfiniBand HDR --alpha 1e-6 --beta 4e-11.", options=(
         arg("--alpha", type=float, metavar="SECONDS",
             help="network latency per message (required unless --comm has a network)"),
