@@ -8,6 +8,7 @@ else the first on PATH.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import shutil
@@ -183,6 +184,16 @@ def synth(tmp_path_factory) -> Path:
     """A small synthetic classification file: 600 train / 150 test rows, 12 features."""
     return write_synth(tmp_path_factory.mktemp("data") / "synth.h5", samples=600,
                        test_samples=150, features=12, classes=4, seed=3)
+
+
+def write_idx(path: Path, array: np.ndarray, code: int = 0x08) -> None:
+    """An MNIST-format idx file (gzipped if path ends in .gz)."""
+    header = bytes([0, 0, code, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(data)
 
 
 @pytest.fixture(scope="session")

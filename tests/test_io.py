@@ -4,7 +4,6 @@ corrupt data that HDF5 cannot read."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import subprocess
@@ -13,7 +12,16 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import RANKS, expect_error, load_weights, mpi_script, mpinn, ok, write_synth
+from conftest import (
+    RANKS,
+    expect_error,
+    load_weights,
+    mpi_script,
+    mpinn,
+    ok,
+    write_idx,
+    write_synth,
+)
 from mpinn.base.errors import UsageError
 from mpinn.data import probe
 
@@ -125,15 +133,6 @@ def test_mpio_writes_equal_a_serial_write(parallel_env, tmp_path):
                                        "--io", "mpio", timeout=300))
         assert f"written by {n} ranks (mpio)" in result.stdout
         compare_files(tmp_path / "serial.h5", tmp_path / f"mpio{n}.h5")
-
-
-def write_idx(path, array, code=0x08):
-    header = bytes([0, 0, code, array.ndim]) + b"".join(
-        int(d).to_bytes(4, "big") for d in array.shape)
-    data = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "wb") as f:
-        f.write(data)
 
 
 def test_idx_conversion(cli, tmp_path):

@@ -21,9 +21,11 @@ from conftest import (
     child_env,
     expect_error,
     finish,
+    mounted,
     mpiexec,
     mpinn,
     ok,
+    root_only,
     run,
     start,
     text_of,
@@ -303,6 +305,15 @@ def test_a_missing_dataset_or_sweep_is_one_message(cli, tmp_path):
                      "--ranks", "1"), 2, "none.h5")
     expect_error(cli("scaling", "report", tmp_path, "--out", tmp_path / "r"), 2,
                  "holds no sweep.json")
+
+
+def test_a_report_on_a_full_disk_is_one_message(study, tmp_path):
+    root_only("a small tmpfs (ENOSPC)")
+    sweep_dir, _ = study
+    with mounted(tmp_path / "disk", "-t", "tmpfs", "-o", "size=8k", "tmpfs") as disk:
+        result = mpinn(None, "scaling", "report", sweep_dir, "--out", disk / "report")
+        expect_error(result, 1, "No space left on device (ENOSPC)", str(disk / "report"))
+        assert not [p for p in disk.rglob("*") if ".tmp-" in p.name]  # whole files only
 
 
 def test_report_without_matplotlib_writes_the_tables(study, tmp_path):

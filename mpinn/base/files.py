@@ -22,7 +22,6 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator
 from typing import Any
 
 from mpinn.base.errors import StorageError, UsageError
@@ -60,15 +59,17 @@ def remove_orphans(directory: str, names: re.Pattern[str]) -> list[str]:
     return removed
 
 
-def storage_error(exc: OSError, action: str, path: str) -> StorageError:
-    """A StorageError for a refused write: '<action> <path>: <reason> (ENAME); <advice>'."""
+def storage_error(exc: OSError, action: str, path: str, needed: int = 0) -> StorageError:
+    """A StorageError for a refused write: '<action> <path>: <reason> (ENAME); <advice>'
+    (with the bytes `needed`, if known, and those free, when space ran out)."""
     name = errno.errorcode.get(exc.errno or 0, "")
     reason = exc.strerror or str(exc)
     advice = ADVICE.get(exc.errno or 0)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         with contextlib.suppress(OSError):
             stat = os.statvfs(os.path.dirname(os.path.abspath(path)))
-            advice += f" ({stat.f_bavail * stat.f_frsize / 1e6:.1f} MB free there now)"
+            need = f"it needs {needed / 1e6:.1f} MB, " if needed else ""
+            advice += f" ({need}{stat.f_bavail * stat.f_frsize / 1e6:.1f} MB free there now)"
     return StorageError(f"cannot {action} {path}: {reason}" + (f" ({name})" if name else "")
                         + (f"; {advice}" if advice else ""))
 
@@ -84,12 +85,7 @@ def write_atomically(path: str, data: bytes | memoryview, what: str = "write") -
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            if len(data):
-                try:
-                    os.posix_fallocate(fd, 0, len(data))
-                except OSError as exc:  # some file systems cannot reserve: write anyway
-                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                        raise
+            reserve_fd(fd, len(data))
             view = memoryview(data)
             while len(view):
                 view = view[os.write(fd, view):]
@@ -104,37 +100,64 @@ def write_atomically(path: str, data: bytes | memoryview, what: str = "write") -
         raise storage_error(exc, what, path) from None
 
 
-@contextlib.contextmanager
-def atomic_output(path: str) -> Iterator[str]:
-    """Yield a temporary path to write (e.g. with h5py); on success it replaces `path`.
+def reserve_fd(fd: int, size: int) -> None:
+    """Allocate the first `size` bytes of the open file fd on disk now (posix_fallocate),
+    so that a full disk or quota is an error here, not in a later write; where the file
+    system cannot reserve space (EOPNOTSUPP), writes find out instead."""
+    if size > 0:
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
 
-    For files written piece by piece (datasets). Small files and checkpoints go
-    through write_atomically, which reserves their space first.
-    """
-    tmp = temp_path(path)
+
+def reserve(tmp: str, path: str) -> None:
+    """Reserve the whole current size of the file tmp (a sparse file, such as an HDF5
+    file whose datasets are allocated but not yet written), which will become path."""
+    size = 0
     try:
-        yield tmp
+        fd = os.open(tmp, os.O_WRONLY)
+        try:
+            size = os.fstat(fd).st_size
+            reserve_fd(fd, size)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        remove_quietly(tmp)  # first: the free space reported is then the real one
+        raise storage_error(exc, "write", path, size) from None
+
+
+def commit(tmp: str, path: str) -> None:
+    """Make the finished file tmp the file at path: fsync, rename, fsync the directory."""
+    try:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        fsync_directory(os.path.dirname(tmp))
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if isinstance(exc, OSError):
-            raise storage_error(exc, "write", path) from None
-        raise
+        fsync_directory(os.path.dirname(os.path.abspath(path)))
+    except OSError as exc:
+        raise storage_error(exc, "write", path) from None
+
+
+def remove_quietly(path: str) -> None:
+    """Remove a temporary file if it is there (on an error path: never raises)."""
+    with contextlib.suppress(OSError):
+        os.remove(path)
 
 
 def check_writable(path: str) -> None:
-    """UsageError unless a file can be created at path (its directory exists, is writable)."""
+    """Refuse early a file that cannot be created at path: UsageError if its directory is
+    missing or path is a directory; StorageError if the directory is on a read-only file
+    system or not writable by us (what the write itself would meet: EROFS, EACCES)."""
     directory = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise UsageError(f"{path} is a directory, not a file name")
     if not os.path.isdir(directory):
         raise UsageError(f"{path}: directory {directory} does not exist")
     if not os.access(directory, os.W_OK):
-        raise UsageError(f"{path}: directory {directory} is not writable")
+        read_only = os.statvfs(directory).f_flag & os.ST_RDONLY
+        code = errno.EROFS if read_only else errno.EACCES
+        raise storage_error(OSError(code, os.strerror(code)), "write", path)
 
 
 def fsync_directory(directory: str) -> None:

@@ -95,6 +95,27 @@ def first_error(comm: Comm, message: str | None) -> str | None:
                  if m is not None), None)
 
 
+def all_try(comm: Comm, action: Callable[..., T], *args: Any) -> T | None:
+    """Collective: every rank runs action(*args); then all agree on how it went, and a
+    StorageError or CollectiveError on any rank becomes a CollectiveError (exit 1) with the
+    lowest such rank's message on every rank.
+
+    How a sequence of collectives (the rounds of a parallel write) meets an error that
+    one rank alone sees: each collective step is followed by this agreement, so no rank
+    goes on to the next collective, or to a collective cleanup, while another has
+    stopped. Anything else raised is a bug on that rank and aborts the job.
+    """
+    result, message = None, None
+    try:
+        result = action(*args)
+    except (StorageError, CollectiveError) as exc:
+        message = str(exc)
+    message = first_error(comm, message) if comm.size > 1 else message
+    if message is not None:
+        raise CollectiveError(message)
+    return result
+
+
 def root_tries(comm: Comm, action: Callable[[], T]) -> T | None:
     """Collective: rank 0 runs action(); all ranks learn if it failed and raise alike.
 

@@ -16,11 +16,11 @@ import numpy as np
 
 from mpinn import __version__
 from mpinn.base.errors import UsageError
-from mpinn.base.files import atomic_output, check_writable
+from mpinn.base.files import check_writable
 from mpinn.base.hdf5 import hdf5_errors, open_hdf5
 from mpinn.data import probe
 from mpinn.data.layout import LARGE_INPUT, SPLITS, DatasetInfo, describe, nonfinite_message
-from mpinn.data.pwrite import SplitSpec, create_datasets, write_parallel
+from mpinn.data.pwrite import SplitSpec, write_parallel, write_serial
 from mpinn.nn.finite import nonfinite_row
 
 BLOCK = 8192  # rows per generator stream in synthetic data
@@ -74,17 +74,10 @@ def write_synth(path: str, samples: int, features: int = 32, classes: int = 10,
     def produce(split: str, block: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
         return synth_block(teacher, seed, split, block, rows, features, regression)
 
-    if comm is not None and comm.size > 1:
+    if comm is not None:  # the command: its ranks agree on every failure (exit 1)
         write_parallel(comm, path, io, specs, attrs, produce, BLOCK)
-        return
-    check_writable(path)
-    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
-        create_datasets(f, specs, attrs)
-        for split, spec in specs.items():
-            for block, start in enumerate(range(0, spec.rows, BLOCK)):
-                x, y = produce(split, block, min(BLOCK, spec.rows - start))
-                f[split]["x"][start:start + len(x)] = x
-                f[split]["y"][start:start + len(x)] = y
+    else:
+        write_serial(path, specs, attrs, produce, BLOCK)
 
 
 def write_digits(path: str, test_fraction: float = 0.2, seed: int = 0) -> None:
@@ -176,11 +169,8 @@ def _write_arrays(path: str, splits: dict[str, tuple[np.ndarray, np.ndarray]],
     """A dataset file from in-memory (x, y) per split, atomically."""
     specs = {s: SplitSpec(len(x), x.shape[1], y.shape[1:], str(y.dtype))
              for s, (x, y) in splits.items()}
-    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
-        create_datasets(f, specs, attrs)
-        for split, (x, y) in splits.items():
-            f[split]["x"][...] = x
-            f[split]["y"][...] = y
+    rows = max(len(x) for x, _ in splits.values())
+    write_serial(path, specs, attrs, lambda split, _, n: splits[split], max(rows, 1))
 
 
 def inspect(path: str) -> str:

@@ -18,8 +18,8 @@ import numpy as np
 
 from mpinn.base import files
 from mpinn.base.errors import UsageError
-from mpinn.base.files import atomic_output, check_writable
-from mpinn.base.hdf5 import hdf5_errors, open_hdf5
+from mpinn.base.files import check_writable
+from mpinn.base.hdf5 import allocated, hdf5_errors, new_hdf5, open_hdf5
 from mpinn.comm import collectives, console
 from mpinn.comm.world import Comm
 from mpinn.data import probe
@@ -123,19 +123,22 @@ def predict(ckpt_path: str, input_path: str, out_path: str, dataset: str | None)
             raise UsageError(f"{input_path}:/{name} has shape {x.shape} but the model expects "
                              f"rows of {ckpt.arch.sizes[0]} features")
         n, k = x.shape[0], ckpt.arch.sizes[-1]
+        classes = ckpt.task == "classification"
+
+        def layout(out: h5py.File) -> None:
+            allocated(out, "outputs", (n, k), ckpt.arch.dtype)
+            if classes:
+                allocated(out, "predictions", (n,), "int64")
+            out.attrs.update(checkpoint=ckpt_path, input=f"{input_path}:/{name}",
+                             outputs="class probabilities" if classes else "targets")
         check_writable(out_path)
-        with atomic_output(out_path) as tmp, h5py.File(tmp, "w") as out:
-            outputs = out.create_dataset("outputs", (n, k), ckpt.arch.dtype)
-            labels = out.create_dataset("predictions", (n,), "int64") \
-                if ckpt.task == "classification" else None
+        with new_hdf5(out_path, layout) as out:
             for first in range(0, n, EVAL_ROWS):
                 logits = model.forward(x[first:first + EVAL_ROWS])
-                if labels is not None:
-                    labels[first:first + len(logits)] = logits.argmax(axis=1)
+                if classes:
+                    out["predictions"][first:first + len(logits)] = logits.argmax(axis=1)
                     logits = softmax(logits)
-                outputs[first:first + len(logits)] = logits
-            out.attrs.update(checkpoint=ckpt_path, input=f"{input_path}:/{name}",
-                             outputs="class probabilities" if labels is not None else "targets")
+                out["outputs"][first:first + len(logits)] = logits
     return n
 
 
