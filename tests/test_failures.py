@@ -328,12 +328,19 @@ def test_ctrl_c_checkpoints_and_resume_is_bit_identical(synth, reference, tmp_pa
     proc = start_mpinn(2, "train", synth, "--out", run_dir, *args)
     wait_for(lambda: (run_dir / "metrics.jsonl").exists(), proc)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal does on Ctrl-C: mpiexec forwards it
-    result = expect_error(finish(proc, timeout=60), 3, "stopped by a signal", "--resume")
+    result = expect_error(finish(proc, timeout=60), 3, "stopped by a signal")
     for line in result.stderr.splitlines():  # messages of several ranks never share a line
         assert line.count("mpinn:") <= 1 and line.count("[mpiexec") <= 1, line
+    assert "UCX" not in text_of(result) and "WARN" not in text_of(result)  # nothing left open
+    hint = f"continue with: mpiexec -n 2 mpinn train --out {run_dir} --resume"
+    assert result.stderr.rstrip().endswith(hint), result.stderr
     stopped = good_checkpoint(run_dir)
     assert 0 < stopped.step < 40 * 120
-    ok(mpinn(2, "train", "--out", run_dir, "--resume"))
+    command = hint.split(": ", 1)[1].split()  # run as printed, with this launcher and Python
+    command[command.index("mpiexec")] = mpiexec()
+    command[command.index("mpinn"):command.index("mpinn") + 1] = [sys.executable, "-m", "mpinn"]
+    ok(run(command))
+    assert json.loads((run_dir / "summary.json").read_text())["ranks"] == 2
     ok(mpinn(2, "train", synth, "--out", tmp_path / "reference", *args))
     assert_same_weights(tmp_path / "reference", run_dir)
 

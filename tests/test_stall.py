@@ -132,6 +132,34 @@ def test_more_ranks_than_cores_warn_once(synth, tmp_path):
 
 
 @pytest.mark.fast
+@pytest.mark.parametrize("environ,expected", [
+    ({"HYDI_CONTROL_FD": "7", "PMI_SIZE": "3"}, "mpiexec -n 3"),  # MPICH's or Intel MPI's
+    ({"HYDI_CONTROL_FD": "7", "SLURM_STEP_NUM_TASKS": "1"}, "mpiexec -n 3"),  # in a job
+    ({"OMPI_COMM_WORLD_SIZE": "3"}, "mpirun -n 3"),
+    ({"OMPI_COMM_WORLD_SIZE": "3", "SLURM_STEP_NUM_TASKS": "2"}, "mpirun -n 3"),  # daemons
+    ({"SLURM_STEP_NUM_TASKS": "3", "PMI_SIZE": "3"}, "srun -n 3"),
+    ({"SLURM_STEP_NUM_TASKS": "3", "OMPI_COMM_WORLD_SIZE": "3"}, "srun -n 3"),
+    ({"PMI_SIZE": "3"}, None),  # a PMI launcher mpinn cannot name
+    ({}, None),
+])
+def test_the_stop_hint_names_the_launcher(environ, expected):
+    assert preflight.relaunch(3, environ) == expected
+    assert preflight.relaunch(1, {}) == ""  # one process, no launcher: plain `mpinn train`
+
+
+@pytest.mark.fast
+def test_the_resume_hint_says_what_it_cannot_tell(monkeypatch):
+    from mpinn.train.summary import resume_hint
+    monkeypatch.setenv("PMI_SIZE", "4")
+    monkeypatch.delenv("HYDI_CONTROL_FD", raising=False)
+    for name in ("OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(name, raising=False)
+    assert resume_hint("runs/a", 4, " --epochs 9") == ("continue with the same launcher and "
+                                                       "rank count: mpinn train --out runs/a "
+                                                       "--resume --epochs 9")
+
+
+@pytest.mark.fast
 def test_oversubscription_is_counted_per_machine():
     """Ranks group by boot id; cores are the union of their affinity masks."""
     a, b = "boot-a", "boot-b"

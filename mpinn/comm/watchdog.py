@@ -21,6 +21,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpinn.base.console import say
+from mpinn.base.errors import CollectiveError, Interrupted, UsageError
 from mpinn.comm.collectives import gather_objects, waiting_key
 from mpinn.comm.exits import abort
 from mpinn.comm.world import Comm, processor_name
@@ -158,12 +159,18 @@ class Watchdog:
         """What this rank tells a census: the call it waits in, and where in the run."""
         return f"waiting in {self.what} at {self.position()}"
 
-    def close(self) -> None:
-        """Withdraw the posted receives and free the census communicator (collective)."""
+    def withdraw(self) -> None:
+        """Cancel the posted receives (local): a request left pending is reported by the
+        transport at exit (UCX: 'object ... was not returned to mpool ucp_requests')."""
         for request in (self.inbox, *self.stale):
             if request != MPI.REQUEST_NULL:  # not completed yet
                 request.Cancel()
                 request.Wait()
+
+    def close(self) -> None:
+        """Withdraw the posted receives, complete the sends and free the census
+        communicator (collective: only where every rank closes)."""
+        self.withdraw()
         MPI.Request.Waitall(self.sent)  # a few small messages: sent eagerly
         self.census.Free()
 
@@ -173,15 +180,22 @@ def watching(comm: Comm, timeout: float, stop_requested: Callable[[], bool],
              position: Callable[[], str]) -> Iterator[Watchdog]:
     """Collective: comm's collectives wait through a Watchdog for the duration.
 
-    On an error the census communicator is left to the end of the process: the
-    other ranks may not be here to free it together.
+    Every way out closes it. An error every rank raised alike (bad input, an agreed
+    failure, a stop by a signal) closes it collectively, as success does; after any
+    other error the other ranks may not be here to free the census communicator
+    together, so only this rank's receives are withdrawn, and the abort follows.
     """
     watchdog = Watchdog(comm, timeout, stop_requested, position)
     comm.Set_attr(waiting_key(), watchdog)
     try:
         yield watchdog
+    except (UsageError, CollectiveError, Interrupted):
+        comm.Delete_attr(waiting_key())
+        watchdog.close()
+        raise
     except BaseException:
         comm.Delete_attr(waiting_key())
+        watchdog.withdraw()
         raise
     comm.Delete_attr(waiting_key())
     watchdog.close()

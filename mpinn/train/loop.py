@@ -39,6 +39,7 @@ from mpinn.train.summary import (
     log_early_stop,
     log_start,
     report_complete,
+    resume_hint,
     split_record,
     train_scores,
 )
@@ -135,8 +136,8 @@ def evaluate_epoch(s: Session, record: dict) -> dict:
     except UsageError as exc:
         s.save(record)
         raise UsageError(f"{exc}; epoch {record['epoch']} is saved without its test scores "
-                         f"and validation scores: fix the row, then continue with: mpinn "
-                         f"train --out {s.cfg.out} --resume") from None
+                         f"and validation scores: fix the row, then "
+                         f"{resume_hint(s.cfg.out, s.comm.size)}") from None
     return {**split_record("test", test), **split_record("val", val)}
 
 
@@ -148,7 +149,7 @@ def bad_input(s: Session, batch: Batch, feed: Feed) -> UsageError:
     if s.progress.step > max(s.saved_step, 0):
         s.save()
         message += (f"; the {s.progress.step} steps before it are saved: fix the row, then "
-                    f"continue with: mpinn train --out {s.cfg.out} --resume")
+                    f"{resume_hint(s.cfg.out, s.comm.size)}")
     return UsageError(message)
 
 
@@ -196,8 +197,8 @@ class Checkpointer:
             feed.close()
             s.save()
             raise Interrupted(f"stopped by a signal at epoch {p.epoch + 1}, step "
-                              f"{p.step_in_epoch} of {s.steps}; checkpoint written; continue "
-                              f"with: mpinn train --out {s.cfg.out} --resume")
+                              f"{p.step_in_epoch} of {s.steps}; checkpoint written; "
+                              f"{resume_hint(s.cfg.out, s.comm.size)}")
         if self.every and p.step % self.every == 0 and p.step_in_epoch < s.steps:
             s.save()
 

@@ -127,7 +127,7 @@ def report_complete(s: Session) -> dict:
               f"validation loss)" if s.watch.exhausted else "--epochs N")
     console.print0(s.comm, f"the run in {out} is complete: {p.epoch} of {s.cfg.epochs} epochs, "
                         f"{p.step} steps; nothing to do (nothing was written). To train "
-                        f"longer: mpinn train --out {out} --resume {longer}")
+                        f"longer, {resume_hint(out, s.comm.size, ' ' + longer)}")
     return {"ranks": s.comm.size, "epochs": s.cfg.epochs, "steps": p.step, "complete": True}
 
 
@@ -189,3 +189,13 @@ def format_epoch(r: dict, epochs: int, classification: bool) -> str:
     val = f"  {scores('val')}" if r.get("val_loss") is not None else ""
     return (f"epoch {r['epoch']}/{epochs}  {scores('train')}  {scores('test')}{val}"
             f"  lr {r['lr']:.3g}  {r['samples_per_s']:,.0f} samples/s  {r['seconds']:.2f} s")
+
+
+def resume_hint(out: str, ranks: int, options: str = "") -> str:
+    """'continue with: mpiexec -n 2 mpinn train --out RUN --resume': the command, with the
+    launcher and rank count this job was started with (where they can be told)."""
+    prefix = preflight.relaunch(ranks)
+    command = f"mpinn train --out {out} --resume{options}"
+    if prefix is None:
+        return f"continue with the same launcher and rank count: {command}"
+    return f"continue with: {prefix + ' ' if prefix else ''}{command}"
