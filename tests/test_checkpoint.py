@@ -146,7 +146,8 @@ def test_incompatible_resume_is_refused(synth, digits, tmp_path):
         assert text.count("mpinn: error:") == 1 and "does not fit" in text and words in text
     assert (run / "checkpoint.h5").read_bytes() == before
     empty = mpinn(2, "train", synth, "--out", tmp_path / "none", "--resume")
-    assert empty.returncode == 2 and "no checkpoint.h5 to resume" in empty.stderr
+    assert empty.returncode == 2 and "holds no run to resume" in empty.stderr
+    assert not (tmp_path / "none").exists()
 
 
 @pytest.mark.parametrize("shuffle", ["global", "block"])

@@ -130,6 +130,10 @@ CASES = {
     "bad dtype": (["train", "{synth}", "--dtype", "float16"], ["dtype"]),
     "resume and overwrite": (["train", "{synth}", "--resume", "--overwrite"],
                              ["--resume continues", "give one of them"]),
+    "resume nothing": (["train", "--resume"], ["holds no run to resume"]),
+    "resume nothing, with data": (["train", "{synth}", "--resume"], ["holds no run to resume"]),
+    "resume another model": (["train", "--out", "{run}", "--resume", "--hidden", "16"],
+                             ["does not fit"]),
     "bench without steps": (["bench", "step", "--steps", "0"], ["--steps must be positive"]),
     # configuration files
     "unknown config key": (["train", "{synth}", "--config", "{d}/unknown.toml"],
@@ -167,11 +171,15 @@ CASES = {
 
 
 def snapshot(*roots: Path) -> dict[str, tuple[int, int, str]]:
-    """(size, mtime_ns, sha256) of every file under roots, by path."""
+    """(size, mtime_ns, sha256) of every file under roots, and every directory, by path."""
     files = {}
     for root in roots:
         for path in sorted(root.rglob("*")):
-            if path.is_file():
+            if path.is_dir():
+                files[str(path)] = "directory"
+            elif path.name == ".lock":  # the lock names its last holder, whoever that was
+                files[str(path)] = "lock file"
+            elif path.is_file():
                 stat = path.stat()
                 digest = hashlib.sha256(path.read_bytes()).hexdigest()
                 files[str(path)] = (stat.st_size, stat.st_mtime_ns, digest)
@@ -183,13 +191,21 @@ def test_bad_input_exits_2_with_one_message(case, bad_files, synth, digits, run_
     args, words = CASES[case]
     places = {"d": bad_files, "synth": synth, "digits": digits, "run": run_dir, "tmp": tmp_path}
     args = [a.format(**places) for a in args]
-    if args[:1] == ["train"] and case != "no run directory":
+    if args[:1] == ["train"] and case != "no run directory" and "--out" not in args:
         args += ["--out", str(tmp_path / "run")]
     roots = (bad_files, synth.parent, digits.parent, run_dir, tmp_path)
     before = snapshot(*roots)
     expect_error(mpinn(2, *args, timeout=60), 2, *words)
     assert snapshot(*roots) == before  # nothing modified, nothing left behind
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_of_an_empty_directory_changes_nothing(synth, tmp_path):
+    (tmp_path / "run").mkdir()
+    for data in ((), (synth,)):
+        expect_error(mpinn(2, "train", *data, "--out", tmp_path / "run", "--resume"), 2,
+                     f"--resume: {tmp_path / 'run'} holds no run to resume")
+        assert not list((tmp_path / "run").iterdir())  # no lock, no checkpoints/
 
 
 def test_existing_run_is_not_overwritten(synth, tmp_path):

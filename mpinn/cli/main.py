@@ -44,7 +44,7 @@ from mpinn.perf.projection import run_project
 from mpinn.perf.report import build
 from mpinn.run.config import SWEEP_KEYS, keys
 from mpinn.run.resolve import load_toml, parse_hidden, resolve
-from mpinn.run.rundir import CONFIG
+from mpinn.run.rundir import CONFIG, holds_run
 from mpinn.train.loop import train
 from mpinn.train.predict import predict, run_evaluate
 
@@ -103,13 +103,16 @@ def synth(args: argparse.Namespace, comm: Comm) -> None:
                          args.test_samples, args.seed, args.regression, comm, io)
     if comm.rank == 0:
         print(datasets.inspect(args.out))
-    console.print0(comm, f"written by {comm.size} ranks"
+    console.print0(comm, f"written by {comm.size} rank{'s' if comm.size > 1 else ''}"
                    + (f" ({io})" if comm.size > 1 else ""))
 
 
 def train_command(args: argparse.Namespace, comm: Comm) -> None:
     toml = {}
     if args.resume and args.out:  # the run's own configuration first
+        if not args.overwrite and not holds_run(args.out):  # (both: resolve says which)
+            raise UsageError(f"--resume: {args.out} holds no run to resume (no {CONFIG}, no "
+                             f"checkpoint): start one without --resume")
         saved = os.path.join(args.out, CONFIG)
         toml = load_toml(saved) if os.path.exists(saved) else {}
     if args.config:

@@ -19,6 +19,7 @@ these on rank 0 through collectives.root_tries, so all ranks learn of a failure 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -28,7 +29,7 @@ from mpinn.base.errors import UsageError
 from mpinn.base.files import remove_orphans, storage_error, strict_json, temp_path, write_atomically
 from mpinn.run.config import TrainConfig
 from mpinn.run.history import History
-from mpinn.run.lock import RunLock
+from mpinn.run.lock import FLOCK_NAME, RunLock
 
 CONFIG, METRICS, SUMMARY = "config.toml", "metrics.jsonl", "summary.json"
 CHECKPOINT, BEST, HISTORY = "checkpoint.h5", "best.h5", "checkpoints"
@@ -70,6 +71,7 @@ class RunDir:
                                keep_checkpoints)
         self.metrics: list[str] = []  # metrics.jsonl's lines, rewritten whole each epoch
         self.lock = RunLock(out)
+        self.created: list[str] = []  # what taking the directory created (see abandon)
 
     @classmethod
     def open(cls, cfg: TrainConfig) -> RunDir:
@@ -82,10 +84,12 @@ class RunDir:
         run = cls(cfg.out, cfg.keep_checkpoints)
         if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
             raise UsageError(f"--out {cfg.out} exists and is not a directory")
-        attempt("create run directory", cfg.out, os.makedirs, run.history.folder,
-                exist_ok=True)
-        attempt("write in run directory", cfg.out, run.lock.acquire)
+        run.created = [p for p in (cfg.out, run.history.folder, os.path.join(cfg.out, FLOCK_NAME))
+                       if not os.path.exists(p)]
         try:
+            attempt("create run directory", cfg.out, os.makedirs, run.history.folder,
+                    exist_ok=True)
+            attempt("write in run directory", cfg.out, run.lock.acquire)
             exists = os.path.exists(checkpoint_path(cfg.out))
             if cfg.resume and not exists:
                 raise UsageError(f"--resume: {cfg.out} holds no {CHECKPOINT} to resume from")
@@ -98,9 +102,22 @@ class RunDir:
             if exists and cfg.overwrite:
                 attempt("remove the old run in", cfg.out, run._remove_old_run)
         except BaseException:
-            run.close()
+            run.abandon()
             raise
         return run
+
+    def abandon(self) -> None:
+        """Release the directory of a run refused before it wrote anything, and remove
+        what taking it created (the lock file, an empty checkpoints/ or run directory):
+        a refused command leaves the file system as it found it."""
+        self.close()
+        for path in reversed(self.created):  # the lock file, then the folders, innermost first
+            with contextlib.suppress(OSError):  # a folder someone else filled meanwhile stays
+                if os.path.isdir(path):
+                    os.rmdir(path)
+                else:
+                    os.remove(path)
+        self.created = []
 
     def _remove_old_run(self) -> None:
         """--overwrite: nothing of the old run may mix with the new."""
@@ -144,3 +161,10 @@ class RunDir:
         path = os.path.join(self.out, BEST)
         write_atomically(path, image, "write checkpoint")
         return path
+
+
+def holds_run(out: str) -> bool:
+    """Whether the directory out holds a run that --resume can continue."""
+    history = os.path.join(out, HISTORY)
+    return (os.path.exists(os.path.join(out, CONFIG)) or os.path.exists(checkpoint_path(out))
+            or (os.path.isdir(history) and any(os.scandir(history))))

@@ -241,8 +241,8 @@ def open_session(cfg: TrainConfig, comm: Comm) -> Session:
                        schedule=make_schedule(cfg, steps_per_epoch(
                            problem.info.n_train - len(held), cfg.batch_size), resumed))
     except BaseException:
-        if run is not None:
-            run.close()
+        if run is not None:  # refused (or failed) before the run wrote anything
+            run.abandon()
         raise
 
 
