@@ -208,6 +208,24 @@ def test_resume_of_an_empty_directory_changes_nothing(synth, tmp_path):
         assert not list((tmp_path / "run").iterdir())  # no lock, no checkpoints/
 
 
+def test_a_refusal_after_the_directory_is_taken_changes_nothing(parallel_env, synth, tmp_path):
+    """Refused while opening the data for reading (a bad MPINN_MPIO_HINTS), after the run
+    directory was taken: a new directory is removed again, and an --overwrite keeps the
+    old run."""
+    old = tmp_path / "old"
+    ok(parallel_env.mpinn(2, "train", synth, "--out", old, "--epochs", 1, "--hidden", "8"))
+    before = snapshot(old)
+    parallel_env.env["MPINN_MPIO_HINTS"] = "bogus"
+    try:
+        for out, extra in ((tmp_path / "new", ()), (old, ("--overwrite",))):
+            expect_error(parallel_env.mpinn(2, "train", synth, "--out", out, "--io", "mpio",
+                                            *extra), 2, "MPINN_MPIO_HINTS: expected key=value")
+    finally:
+        del parallel_env.env["MPINN_MPIO_HINTS"]
+    assert not (tmp_path / "new").exists()
+    assert snapshot(old) == before
+
+
 def test_existing_run_is_not_overwritten(synth, tmp_path):
     out = tmp_path / "run"
     ok(mpinn(2, "train", synth, "--out", out, "--epochs", 0, "--hidden", "8"))

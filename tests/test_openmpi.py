@@ -118,6 +118,8 @@ def test_sigusr1_to_mpirun_checkpoints_and_resume_is_bit_identical(openmpi_env, 
     result = finish(proc, timeout=60)
     assert result.returncode == 3, (result.stdout, result.stderr)
     assert result.stderr.count("stopped by a signal") == 1 and "Traceback" not in result.stderr
+    assert f"continue with: mpirun -n 2 mpinn train --out {stopped_run} --resume" \
+        in result.stderr, result.stderr  # the launcher told from the environment
     stopped = checkpoint.load(str(stopped_run / "checkpoint.h5"))
     assert stopped.epoch < 4 and stopped.step > 120  # mid-run, after the first epoch
     ok(openmpi_env.mpinn(2, "train", "--out", stopped_run, "--resume"))

@@ -135,10 +135,14 @@ def test_more_ranks_than_cores_warn_once(synth, tmp_path):
 @pytest.mark.parametrize("environ,expected", [
     ({"HYDI_CONTROL_FD": "7", "PMI_SIZE": "3"}, "mpiexec -n 3"),  # MPICH's or Intel MPI's
     ({"HYDI_CONTROL_FD": "7", "SLURM_STEP_NUM_TASKS": "1"}, "mpiexec -n 3"),  # in a job
-    ({"OMPI_COMM_WORLD_SIZE": "3"}, "mpirun -n 3"),
-    ({"OMPI_COMM_WORLD_SIZE": "3", "SLURM_STEP_NUM_TASKS": "2"}, "mpirun -n 3"),  # daemons
+    ({"OMPI_COMM_WORLD_SIZE": "3", "PRTE_LAUNCHED": "1"}, "mpirun -n 3"),  # Open MPI 5
+    ({"OMPI_COMM_WORLD_SIZE": "3", "OMPI_MCA_orte_hnp_uri": "x"}, "mpirun -n 3"),  # 4
+    # mpirun in a SLURM job starts its daemons with srun, one per node
+    ({"OMPI_COMM_WORLD_SIZE": "3", "PRTE_LAUNCHED": "1", "SLURM_STEP_NUM_TASKS": "3"},
+     "mpirun -n 3"),
     ({"SLURM_STEP_NUM_TASKS": "3", "PMI_SIZE": "3"}, "srun -n 3"),
-    ({"SLURM_STEP_NUM_TASKS": "3", "OMPI_COMM_WORLD_SIZE": "3"}, "srun -n 3"),
+    ({"SLURM_STEP_NUM_TASKS": "3", "OMPI_COMM_WORLD_SIZE": "3"}, "srun -n 3"),  # direct
+    ({"OMPI_COMM_WORLD_SIZE": "3"}, None),
     ({"PMI_SIZE": "3"}, None),  # a PMI launcher mpinn cannot name
     ({}, None),
 ])

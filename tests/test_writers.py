@@ -25,6 +25,7 @@ from conftest import (
     write_idx,
     write_synth,
 )
+from mpinn.base.errors import StorageError
 
 NO_SPACE = "No space left on device (ENOSPC)"
 BIG = ("--samples", 20000, "--features", 64)  # 6 MB: more than the 3 MB disk
@@ -104,8 +105,10 @@ def test_a_write_failing_on_one_rank_ends_every_rank(kind, call, tmp_path):
     assert time.monotonic() - began < 30
     if kind == "storage":  # agreed: one message, every rank exits 1
         expect_error(result, 1, "injected ENOSPC on rank 1", str(out))
-    else:  # a bug on one rank: it says so and aborts the job
-        assert result.returncode == 1 and "injected bug on rank 1" in result.stderr, result
+    else:  # a bug on one rank: it says so, once, and aborts the job
+        assert result.returncode == 1, result
+        assert result.stderr.count("mpinn: rank 1 of 2 failed") == 1, result.stderr
+        assert result.stderr.count("RuntimeError: injected bug on rank 1") == 1, result.stderr
     assert not list(tmp_path.iterdir())  # no temporary file
 
 
@@ -118,3 +121,41 @@ def test_a_parallel_hdf5_write_failing_on_one_rank_ends_every_rank(parallel_env,
     assert time.monotonic() - began < 30
     expect_error(result, 1, NO_SPACE, str(out))
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("error_class,words", [
+    ("ERR_NO_SPACE", ["No space left on device (ENOSPC)", "MB free there now"]),
+    ("ERR_QUOTA", ["(EDQUOT)", "quota"]),
+    ("ERR_READ_ONLY", ["Read-only file system (EROFS)"]),
+    ("ERR_ACCESS", ["Permission denied (EACCES)"]),
+    ("ERR_IO", ["(EIO)"]),
+])
+def test_a_refused_mpi_io_write_is_a_storage_error(error_class, words, tmp_path):
+    from mpi4py import MPI
+
+    from mpinn.comm import mpiio, world
+    world.start()
+    with pytest.raises(StorageError) as raised, mpiio.refused_writes(str(tmp_path / "d.h5")):
+        raise MPI.Exception(getattr(MPI, error_class))
+    assert str(raised.value).startswith(f"cannot write {tmp_path / 'd.h5'}: ")
+    for word in words:
+        assert word in str(raised.value), str(raised.value)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("failure,words", [
+    (RuntimeError("Can't write data (file write failed: time = x, filename = 'f', file "
+                  "descriptor = 3, errno = 28, error message = 'No space left on device')"),
+     ["No space left on device (ENOSPC)"]),
+    (OSError(122, "Disk quota exceeded"), ["(EDQUOT)"]),
+    (OSError("Can't write data (no appropriate function for conversion path)"),
+     ["no appropriate function for conversion path"]),
+])
+def test_a_failed_hdf5_write_is_a_storage_error(failure, words, tmp_path):
+    from mpinn.base.reserved import hdf5_write_errors
+    with pytest.raises(StorageError) as raised, hdf5_write_errors(str(tmp_path / "d.h5")):
+        raise failure
+    assert str(raised.value).startswith(f"cannot write {tmp_path / 'd.h5'}: ")
+    for word in words:
+        assert word in str(raised.value), str(raised.value)

@@ -26,8 +26,9 @@ class StorageError(RuntimeError):
     """The file system refused a write (full, over quota, read-only, no permission).
 
     The message names the file, the reason (with its errno name) and what to do.
-    Raised on the rank that wrote; `collectives.root_tries` turns it into a CollectiveError
-    on every rank. Exit code 1, never a traceback: it is the environment, not a bug.
+    Raised on the rank that wrote; `collectives.root_tries` (rank 0 wrote) and
+    `collectives.all_try` (every rank wrote) turn it into a CollectiveError on every
+    rank. Exit code 1, never a traceback: it is the environment, not a bug.
     """
 
 

@@ -111,13 +111,20 @@ def train_command(args: argparse.Namespace, comm: Comm) -> None:
     toml = {}
     if args.resume and args.out:  # the run's own configuration first
         if not args.overwrite and not holds_run(args.out):  # (both: resolve says which)
-            raise UsageError(f"--resume: {args.out} holds no run to resume (no {CONFIG}, no "
-                             f"checkpoint): start one without --resume")
+            raise UsageError(no_run_to_resume(args.out))
         saved = os.path.join(args.out, CONFIG)
         toml = load_toml(saved) if os.path.exists(saved) else {}
     if args.config:
         toml.update(load_toml(args.config))
-    train(resolve(toml, {k: getattr(args, k) for k in keys()}), comm)
+    cfg = resolve(toml, {k: getattr(args, k) for k in keys()})
+    if cfg.resume and not cfg.overwrite and not holds_run(cfg.out):  # --out from a file
+        raise UsageError(no_run_to_resume(cfg.out))
+    train(cfg, comm)
+
+
+def no_run_to_resume(out: str) -> str:
+    return (f"--resume: {out} holds no run to resume (no {CONFIG}, no checkpoint): start "
+            f"one without --resume")
 
 
 def evaluate_command(args: argparse.Namespace, comm: Comm) -> None:

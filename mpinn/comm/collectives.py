@@ -96,23 +96,28 @@ def first_error(comm: Comm, message: str | None) -> str | None:
 
 
 def all_try(comm: Comm, action: Callable[..., T], *args: Any) -> T | None:
-    """Collective: every rank runs action(*args); then all agree on how it went, and a
-    StorageError or CollectiveError on any rank becomes a CollectiveError (exit 1) with the
-    lowest such rank's message on every rank.
+    """Collective: every rank runs action(*args); then all agree on how it went. A
+    UsageError on any rank becomes a UsageError on every rank (exit 2), a StorageError
+    or CollectiveError a CollectiveError (exit 1), with the lowest such rank's message.
 
     How a sequence of collectives (the rounds of a parallel write) meets an error that
     one rank alone sees: each collective step is followed by this agreement, so no rank
     goes on to the next collective, or to a collective cleanup, while another has
     stopped. Anything else raised is a bug on that rank and aborts the job.
     """
-    result, message = None, None
+    result, failure = None, None
     try:
         result = action(*args)
+    except UsageError as exc:
+        failure = ("usage", str(exc))
     except (StorageError, CollectiveError) as exc:
-        message = str(exc)
-    message = first_error(comm, message) if comm.size > 1 else message
-    if message is not None:
-        raise CollectiveError(message)
+        failure = ("failure", str(exc))
+    if comm.size > 1:
+        failure = next((f for f in gather_objects(comm, failure, "an agreement on a step")
+                        if f is not None), None)
+    if failure is not None:
+        kind, message = failure
+        raise UsageError(message) if kind == "usage" else CollectiveError(message)
     return result
 
 

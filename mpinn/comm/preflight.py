@@ -134,12 +134,11 @@ def relaunch(size: int, environ: Mapping[str, str] = os.environ) -> str | None:
     """How this job was launched, as the command prefix that starts it again with `size`
     ranks: 'mpiexec -n 4' (Hydra: MPICH, Intel MPI), 'mpirun -n 4' (Open MPI), 'srun -n 4';
     '' for one process that no launcher started; None where it cannot be told."""
-    steps = environ.get("SLURM_STEP_NUM_TASKS")
     if "HYDI_CONTROL_FD" in environ:  # Hydra's proxy talks to each rank on this descriptor
         return f"mpiexec -n {size}"
-    if "OMPI_COMM_WORLD_SIZE" in environ and steps != str(size):  # (srun starts no daemons)
-        return f"mpirun -n {size}"
-    if steps == str(size):
+    if "PRTE_LAUNCHED" in environ or "OMPI_MCA_orte_hnp_uri" in environ:  # Open MPI 5, 4
+        return f"mpirun -n {size}"  # (inside an allocation too, where srun starts its daemons)
+    if environ.get("SLURM_STEP_NUM_TASKS") == str(size):
         return f"srun -n {size}"
     if size == 1 and not any(name in environ for name in TASK_COUNTS):
         return ""

@@ -55,8 +55,9 @@ def write_synth(path: str, samples: int, features: int = 32, classes: int = 10,
                 comm=None, io: str = "independent") -> None:
     """Synthetic teacher data: `classes` labels, or `classes` float targets if regression.
 
-    With a communicator of several ranks, every rank generates and writes its
-    share of the blocks (pwrite.py); the file is the same whoever writes it.
+    With a communicator (the command's, of any size), every rank generates and writes
+    its share of the blocks and the ranks agree on every failure (pwrite.py); without
+    one, this process writes it alone. The file is the same whoever writes it.
     """
     if test_samples is None:
         test_samples = max(1, samples // 5)

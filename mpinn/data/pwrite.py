@@ -30,22 +30,19 @@ temporary file (also before an abort).
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import h5py
 import numpy as np
 
+from mpinn.base.console import say
 from mpinn.base.errors import CollectiveError, StorageError
 from mpinn.base.files import check_writable, commit, remove_quietly, temp_path
-from mpinn.base.hdf5 import (
-    HDF5_FAILURES,
-    allocated,
-    create_reserved,
-    hdf5_write_errors,
-    new_hdf5,
-)
-from mpinn.comm import collectives, mpiio
+from mpinn.base.hdf5 import HDF5_FAILURES
+from mpinn.base.reserved import allocated, create_reserved, hdf5_write_errors, new_hdf5
+from mpinn.comm import collectives, exits, mpiio
 from mpinn.comm.world import Comm
 from mpinn.data.readers import row_selection
 from mpinn.data.sampler import ceil_div, share
@@ -137,6 +134,7 @@ def _rounds(comm: Comm, specs: dict[str, SplitSpec], produce: Producer, block_ro
 
 
 def _write_mpiio(comm, tmp, path, specs, offsets, produce, block_rows) -> None:
+    """The rows, by collective MPI-IO writes at their byte offsets (any h5py)."""
     # (if the open fails on some ranks only, the others keep a handle they cannot close
     # alone: the command ends at once anyway)
     fh = collectives.all_try(comm, mpiio.open_for_writing, comm, tmp, path)
@@ -155,12 +153,9 @@ def _write_mpiio(comm, tmp, path, specs, offsets, produce, block_rows) -> None:
 
 
 def _write_mpio(comm, tmp, path, specs, produce, block_rows) -> None:
+    """The rows, by collective H5Dwrite calls through the mpio driver (parallel h5py)."""
     dxpl = h5py.h5p.create(h5py.h5p.DATASET_XFER)
     dxpl.set_dxpl_mpio(h5py.h5fd.MPIO_COLLECTIVE)
-
-    def opened() -> h5py.File:
-        with hdf5_write_errors(path):
-            return h5py.File(tmp, "r+", driver="mpio", comm=comm)
 
     def write(dset: h5py.Dataset, ranges: np.ndarray, buf: np.ndarray) -> None:
         mspace, fspace, buf = row_selection(dset, ranges, buf)
@@ -170,7 +165,7 @@ def _write_mpio(comm, tmp, path, specs, produce, block_rows) -> None:
     def close() -> None:
         with hdf5_write_errors(path):
             f.close()
-    f = collectives.all_try(comm, opened)
+    f = _open_mpio(comm, tmp, path)
     try:
         for split, start, x, y in _rounds(comm, specs, produce, block_rows):
             ranges = np.array([[start, start + len(x)]]) if len(x) else np.zeros((0, 2), int)
@@ -181,3 +176,22 @@ def _write_mpio(comm, tmp, path, specs, produce, block_rows) -> None:
             f.close()
         raise
     collectives.all_try(comm, close)
+
+
+def _open_mpio(comm: Comm, tmp: str, path: str) -> h5py.File:
+    """Collective: tmp opened by every rank with the mpio driver, or a CollectiveError on
+    every rank. Where it opened on some ranks only, those cannot close it (the close is
+    collective, and h5py would try at exit): they end the job instead."""
+    f, failure = None, None
+    try:
+        with hdf5_write_errors(path):
+            f = h5py.File(tmp, "r+", driver="mpio", comm=comm)
+    except StorageError as exc:
+        failure = str(exc)
+    failure = collectives.first_error(comm, failure)
+    if failure is not None and f is not None:
+        say(f"mpinn: failed: {failure}", sys.stderr)
+        exits.abort(comm)
+    if failure is not None:
+        raise CollectiveError(failure)
+    return f

@@ -27,9 +27,11 @@ file. Breaking a stale lock happens under a second, short-lived lock (a
 directory made with mkdir), so two runs that both find it stale cannot both
 take it.
 
-The .lock file stays in the directory after the run (removing a flock file while
-another process opens it would let two runs lock two different files);
-.lock.pid is removed by its holder.
+The .lock file stays in the directory after the run; .lock.pid is removed by its
+holder. A run refused before it wrote anything removes the .lock it created, while
+still holding it (release(remove=True)); a run that takes the flock checks that the
+file it locked is still the one named .lock, and locks anew if it was removed
+meanwhile: two runs never hold locks on two different files.
 """
 
 from __future__ import annotations
@@ -47,6 +49,14 @@ FLOCK_NAME, PID_NAME = ".lock", ".lock.pid"
 NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 BREAK_SECONDS = 30  # a break lock older than this was left by a killed run
 UNNAMED_SECONDS = 60  # an empty lock file older than this was left by a killed run
+
+
+def same_file(path: str, fd: int) -> bool:
+    """Whether path still names the file open as fd."""
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def slurm_incarnation() -> tuple[str, int] | None:
@@ -129,7 +139,13 @@ class RunLock:
         self.method = "flock" if method == "auto" and flocked else "file"
         return self
 
-    def release(self) -> None:
+    def release(self, remove: bool = False) -> None:
+        """Release the lock; remove: also remove the .lock file, while still holding it
+        (a run refused before it wrote anything, which created the file)."""
+        if remove and self._flock_fd is not None and same_file(
+                os.path.join(self.directory, FLOCK_NAME), self._flock_fd):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(self.directory, FLOCK_NAME))
         if self._pid_fd is not None:
             path = os.path.join(self.directory, PID_NAME)
             with contextlib.suppress(OSError):  # only our own file, not a successor's
@@ -144,22 +160,27 @@ class RunLock:
     def _flock(self) -> bool:
         """Take the flock: False if the file system refuses flock, UsageError if another
         run holds it."""
-        fd = os.open(os.path.join(self.directory, FLOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace")
+        path = os.path.join(self.directory, FLOCK_NAME)
+        for _ in range(50):  # the file was removed between our open and our lock: anew
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0).decode(errors="replace")
+                os.close(fd)
+                raise UsageError(self._refusal(describe(fields(holder)))) from None
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in NO_FLOCK:
+                    return False
+                raise
+            if same_file(path, fd):
+                self._flock_fd = fd
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, holder_text().encode(), 0)
+                return True
             os.close(fd)
-            raise UsageError(self._refusal(describe(fields(holder)))) from None
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in NO_FLOCK:
-                return False
-            raise
-        self._flock_fd = fd
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, holder_text().encode(), 0)
-        return True
+        raise UsageError(self._refusal("other runs starting at the same moment"))
 
     def _pid_file(self) -> None:
         path = os.path.join(self.directory, PID_NAME)

@@ -71,7 +71,9 @@ class RunDir:
                                keep_checkpoints)
         self.metrics: list[str] = []  # metrics.jsonl's lines, rewritten whole each epoch
         self.lock = RunLock(out)
-        self.created: list[str] = []  # what taking the directory created (see abandon)
+        self.created: list[str] = []  # folders taking the directory created (see abandon)
+        self.created_lock = False  # and whether it created the lock file
+        self.old_run = False  # --overwrite of a run, not yet removed (remove_old_run)
 
     @classmethod
     def open(cls, cfg: TrainConfig) -> RunDir:
@@ -84,8 +86,8 @@ class RunDir:
         run = cls(cfg.out, cfg.keep_checkpoints)
         if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
             raise UsageError(f"--out {cfg.out} exists and is not a directory")
-        run.created = [p for p in (cfg.out, run.history.folder, os.path.join(cfg.out, FLOCK_NAME))
-                       if not os.path.exists(p)]
+        run.created = [p for p in (cfg.out, run.history.folder) if not os.path.exists(p)]
+        run.created_lock = not os.path.exists(os.path.join(cfg.out, FLOCK_NAME))
         try:
             attempt("create run directory", cfg.out, os.makedirs, run.history.folder,
                     exist_ok=True)
@@ -99,25 +101,28 @@ class RunDir:
                                  f"another --out")
             for directory in (run.out, run.history.folder):
                 attempt("write in", directory, tidy, directory)
-            if exists and cfg.overwrite:
-                attempt("remove the old run in", cfg.out, run._remove_old_run)
+            run.old_run = exists and cfg.overwrite
         except BaseException:
             run.abandon()
             raise
         return run
 
+    def remove_old_run(self) -> None:
+        """--overwrite: remove the old run's files, once nothing can refuse the new run
+        any more (a refused --overwrite keeps the old run)."""
+        if self.old_run:
+            attempt("remove the old run in", self.out, self._remove_old_run)
+            self.old_run = False
+
     def abandon(self) -> None:
         """Release the directory of a run refused before it wrote anything, and remove
-        what taking it created (the lock file, an empty checkpoints/ or run directory):
-        a refused command leaves the file system as it found it."""
-        self.close()
-        for path in reversed(self.created):  # the lock file, then the folders, innermost first
+        what taking it created (the lock file, then an empty checkpoints/ and run
+        directory): a refused command leaves the file system as it found it."""
+        self.lock.release(remove=self.created_lock)
+        for path in reversed(self.created):  # innermost first
             with contextlib.suppress(OSError):  # a folder someone else filled meanwhile stays
-                if os.path.isdir(path):
-                    os.rmdir(path)
-                else:
-                    os.remove(path)
-        self.created = []
+                os.rmdir(path)
+        self.created, self.created_lock = [], False
 
     def _remove_old_run(self) -> None:
         """--overwrite: nothing of the old run may mix with the new."""

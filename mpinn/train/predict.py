@@ -19,7 +19,8 @@ import numpy as np
 from mpinn.base import files
 from mpinn.base.errors import UsageError
 from mpinn.base.files import check_writable
-from mpinn.base.hdf5 import allocated, hdf5_errors, new_hdf5, open_hdf5
+from mpinn.base.hdf5 import hdf5_errors, open_hdf5
+from mpinn.base.reserved import allocated, new_hdf5
 from mpinn.comm import collectives, console
 from mpinn.comm.world import Comm
 from mpinn.data import probe
@@ -134,7 +135,9 @@ def predict(ckpt_path: str, input_path: str, out_path: str, dataset: str | None)
         check_writable(out_path)
         with new_hdf5(out_path, layout) as out:
             for first in range(0, n, EVAL_ROWS):
-                logits = model.forward(x[first:first + EVAL_ROWS])
+                with hdf5_errors(input_path, "its input rows"):  # not out_path's failure
+                    rows = x[first:first + EVAL_ROWS]
+                logits = model.forward(rows)
                 if classes:
                     out["predictions"][first:first + len(logits)] = logits.argmax(axis=1)
                     logits = softmax(logits)

@@ -233,13 +233,15 @@ def open_session(cfg: TrainConfig, comm: Comm) -> Session:
         if resumed is not None:
             watch = EarlyStopping(patience=cfg.early_stopping, best_loss=resumed.best_val_loss,
                                   best_epoch=resumed.best_epoch, stale=resumed.stale_epochs)
+        schedule = make_schedule(cfg, steps_per_epoch(problem.info.n_train - len(held),
+                                                      cfg.batch_size), resumed)
+        data = open_reading(cfg, comm, io, max_rows, problem, held)
+        # nothing can refuse the run any more: an --overwrite removes the old one now
+        collectives.root_tries(comm, lambda: run.remove_old_run())
         return Session(cfg=cfg, comm=comm, hosts=preflight.placement(comm), learner=learner,
-                       run=run, resumed=resumed, progress=progress,
-                       data=open_reading(cfg, comm, io, max_rows, problem, held), watch=watch,
+                       run=run, resumed=resumed, progress=progress, data=data, watch=watch,
                        saved_step=resumed.step if resumed else -1,
-                       config_pending=resumed is not None,
-                       schedule=make_schedule(cfg, steps_per_epoch(
-                           problem.info.n_train - len(held), cfg.batch_size), resumed))
+                       config_pending=resumed is not None, schedule=schedule)
     except BaseException:
         if run is not None:  # refused (or failed) before the run wrote anything
             run.abandon()

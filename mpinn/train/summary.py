@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 
 import numpy as np
@@ -195,7 +196,7 @@ def resume_hint(out: str, ranks: int, options: str = "") -> str:
     """'continue with: mpiexec -n 2 mpinn train --out RUN --resume': the command, with the
     launcher and rank count this job was started with (where they can be told)."""
     prefix = preflight.relaunch(ranks)
-    command = f"mpinn train --out {out} --resume{options}"
+    command = f"mpinn train --out {shlex.quote(out)} --resume{options}"
     if prefix is None:
         return f"continue with the same launcher and rank count: {command}"
     return f"continue with: {prefix + ' ' if prefix else ''}{command}"
