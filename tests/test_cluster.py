@@ -149,7 +149,7 @@ def test_bench_comm_across_hosts(cluster, tmp_path):
     and fits it; 2 hosts x 2 ranks finds both."""
     for n, kinds in ((2, ["net"]), (4, ["net", "shm"])):
         out = tmp_path / f"comm{n}.json"
-        ok(cluster.mpiexec(n, "-m", "mpinn", "bench", "comm", "--max-bytes", 1 << 16,
+        ok(cluster.mpiexec(n, "-m", "mpinn", "bench", "comm", "--max-bytes", 1 << 20,
                            "--budget", 0.02, "--json", out, ppn=n // 2, timeout=120))
         r = json.loads(out.read_text())
         assert r["hosts"] == ["node1", "node2"] and r["ranks_per_host"] == [n // 2] * 2
