@@ -6,8 +6,9 @@ gradients in ONE contiguous vector `grads`; `W[i]` (fan_in x fan_out) and `b[i]`
 are views into the first, `dW[i]` and `db[i]` into the second. Layer i occupies
 one contiguous range [W_i, b_i], layers in order, so the last layer (the first
 one whose gradient backward finishes) is the tail of the buffer. The gradient
-sync is then one in-place Allreduce of `grads`, with no packing: the caller may
-pass `grads` as a view into its own communication buffer (gradsync.GradientSync).
+sync is then in-place Allreduces of slices of `grads`, with no packing, started
+as backward finishes them (BackwardHooks): the caller may pass `grads` as a view
+into its own communication buffer (gradsync.GradientSync).
 No MPI and no files here, ever.
 
 Activations and deltas are preallocated for `max_rows` samples, so a step
@@ -17,12 +18,16 @@ allocates no arrays of layer width.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from mpinn.nn import functional as F
 
 DTYPES = ("float32", "float64")
+# outputs per panel of a backward product (256 KiB in float32): a few hundred
+# microseconds of one core's GEMM, the granularity at which a sync in flight is tested
+PANEL_ELEMENTS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,14 @@ class Architecture:
             offset = ranges[-1][1]
         return ranges
 
+    def panels(self, rows: int, width: int) -> list[tuple[int, int]]:
+        """[lo, hi) row panels of a backward product with `rows` output rows of `width`:
+        about PANEL_ELEMENTS outputs each, fixed by the shapes alone (so every rank, and
+        both sync modes, compute the same panels), in order."""
+        count = max(1, min(rows, -(-rows * width // PANEL_ELEMENTS)))
+        edges = [rows * k // count for k in range(count + 1)]
+        return list(zip(edges[:-1], edges[1:]))
+
     def views(self, flat: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Every layer's W (fan_in x fan_out) and b (fan_out,) as views into a flat vector
         of n_params values (no copy: writing a view writes the vector)."""
@@ -67,6 +80,16 @@ class Architecture:
             weights.append(flat[start:stop - fan_out].reshape(fan_in, fan_out))
             biases.append(flat[stop - fan_out:stop])
         return weights, biases
+
+
+class BackwardHooks(Protocol):
+    """What backprop() tells whoever waits for the gradients (a gradient sync)."""
+
+    def ready(self, start: int, stop: int) -> None:
+        """grads[start:stop] is final (the final part only grows, from the end)."""
+
+    def progress(self) -> None:
+        """A panel of compute is done: a moment to test messages in flight."""
 
 
 class MLP:
@@ -148,7 +171,8 @@ class MLP:
             a = z
         return a
 
-    def backward(self, y: np.ndarray, add: bool = False) -> float:
+    def backward(self, y: np.ndarray, add: bool = False, hooks: BackwardHooks | None = None
+                 ) -> float:
         """Gradients of the SUMMED loss over the rows of the last forward() into grads
         (add: added to what grads holds, for micro-batches; needs accumulate=True).
 
@@ -167,15 +191,32 @@ class MLP:
         unmasked f(z). With zero rows every gradient is exactly zero, so an empty
         slice still contributes a valid (zero) term to the Allreduce.
         """
-        n = self._n_rows
         loss = self.loss(y)
+        self.backprop(add, hooks)
+        return loss
+
+    def backprop(self, add: bool = False, hooks: BackwardHooks | None = None) -> None:
+        """backward() after loss(): the gradients from the delta loss() left (see backward).
+
+        The large products are computed in panels fixed by the layer shapes
+        (Architecture.panels), whoever asks. With hooks, hooks.ready(start, stop) says
+        when grads[start:stop] is final: the layers come last to first, each layer's
+        bias, then its weight rows last to first, so what is final always grows from
+        the end of the vector (a contiguous tail); hooks.progress() is called between
+        panels (a gradient sync tests its messages there).
+        """
+        n = self._n_rows
         delta = self._deltas[-1][:n]
+        ranges = self.arch.layer_ranges()
         for i in range(self.n_layers - 1, -1, -1):
             a_prev = self._acts[i][:n]
-            self._layer_grads(i, a_prev, delta, add)
+            self._layer_grads(i, a_prev, delta, add, ranges[i], hooks)
             if i > 0:
                 prev = self._deltas[i - 1][:n]
-                np.matmul(delta, self.W[i].T, out=prev)
+                for lo, hi in self.arch.panels(n, self.arch.sizes[i]):
+                    np.matmul(delta[lo:hi], self.W[i].T, out=prev[lo:hi])
+                    if hooks is not None:
+                        hooks.progress()
                 scratch = self._scratch[: prev.size].reshape(prev.shape)
                 mask = self._masks[i - 1] if self._masks else None
                 if mask is not None:
@@ -183,21 +224,32 @@ class MLP:
                     a_prev = self._unmasked[i - 1][:n]  # type: ignore[index]
                 F.activation_backward(self.arch.activation, a_prev, prev, scratch)
                 delta = prev
-        return loss
 
-    def _layer_grads(self, i: int, a_prev: np.ndarray, delta: np.ndarray, add: bool) -> None:
-        """dW_i = a_{i-1}^T delta_i, db_i = sum of delta_i's rows: into, or added to, grads."""
-        if not add:
-            np.matmul(a_prev.T, delta, out=self.dW[i])
+    def _layer_grads(self, i: int, a_prev: np.ndarray, delta: np.ndarray, add: bool,
+                     span: tuple[int, int], hooks: BackwardHooks | None) -> None:
+        """db_i = sum of delta_i's rows, then dW_i = a_{i-1}^T delta_i in row panels
+        (last first): into, or added to, grads; span: layer i's [start, stop) in grads."""
+        fan_out = self.arch.sizes[i + 1]
+        start, stop = span
+        if add:
+            assert self._dw.size, "MLP built without accumulate=True"
+            np.sum(delta, axis=0, out=self._db[:fan_out])
+            self.db[i] += self._db[:fan_out]
+        else:
             np.sum(delta, axis=0, out=self.db[i])
-            return
-        assert self._dw.size, "MLP built without accumulate=True"
-        dw = self._dw[:self.dW[i].size].reshape(self.dW[i].shape)
-        db = self._db[:self.db[i].size]
-        np.matmul(a_prev.T, delta, out=dw)
-        np.sum(delta, axis=0, out=db)
-        self.dW[i] += dw
-        self.db[i] += db
+        if hooks is not None:
+            hooks.ready(stop - fan_out, stop)
+        for lo, hi in reversed(self.arch.panels(self.arch.sizes[i], fan_out)):
+            rows = a_prev[:, lo:hi].T  # (hi - lo, n): no copy, BLAS reads it transposed
+            if add:
+                dw = self._dw[:(hi - lo) * fan_out].reshape(hi - lo, fan_out)
+                np.matmul(rows, delta, out=dw)
+                self.dW[i][lo:hi] += dw
+            else:
+                np.matmul(rows, delta, out=self.dW[i][lo:hi])
+            if hooks is not None:
+                hooks.ready(start + lo * fan_out, start + hi * fan_out)
+                hooks.progress()
 
     def loss(self, y: np.ndarray) -> float:
         """Summed loss of the last forward() against y (d loss / d logits kept for backward)."""

@@ -11,6 +11,8 @@ All state is preallocated flat arrays, so step() allocates nothing.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -107,7 +109,7 @@ class Adam(Optimizer):
         self.v += self._scratch
         # scratch <- sqrt(v_hat) + eps, then m_hat / scratch, then the step
         np.sqrt(self.v, out=self._scratch)
-        self._scratch *= 1 / np.sqrt(1 - self.beta2 ** t)
+        self._scratch *= 1 / math.sqrt(1 - self.beta2 ** t)  # a Python float: no cast buffer
         self._scratch += self.eps
         np.divide(self.m, self._scratch, out=self._scratch)
         self._scratch *= self.lr / (1 - self.beta1 ** t)
