@@ -234,3 +234,70 @@ def test_an_unnamed_lock_file_is_stale_only_after_a_minute(tmp_path, monkeypatch
         RunLock(str(tmp_path)).acquire()
     os.utime(lock_file, (0, 0))
     RunLock(str(tmp_path)).acquire().release()
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("mode,bucket_bytes", [("overlap", 1000), ("overlap", 1 << 20),
+                                               ("blocking", 1000)])
+def test_the_buckets_tile_the_buffer_from_its_end(comm, mode, bucket_bytes):
+    """Backward's hooks make the sync send slices that tile the buffer, last layer first,
+    the control slots with the first; the reduced buffer is the blocking one's."""
+    arch = Architecture((40, 64, 32, 3), dtype="float64")
+    sync = gradsync.GradientSync(comm, arch.n_params, arch.dtype, mode, bucket_bytes)
+    model = MLP(arch, 50, grads=sync.grads)
+    model.init(np.random.default_rng(1))
+    rng = np.random.default_rng(2)
+    model.forward(rng.standard_normal((50, 40)))
+    y = rng.integers(0, 3, 50)
+    expected = MLP(arch, 50)  # the same gradient without hooks
+    expected.params[:] = model.params
+    expected.forward(model._acts[0][:50].copy())
+    expected.backward(y)
+    sync.start(model.loss(y), stop=True)
+    model.backprop(hooks=sync)
+    sync.finish()
+    assert np.array_equal(sync.grads, expected.grads) and sync.stop_requested
+    edges = sorted(sync.buckets)
+    assert edges[0][0] == 0 and edges[-1][1] == sync.buffer.size  # the control slots too
+    assert all(a[1] == b[0] for a, b in zip(edges, edges[1:]))  # contiguous, no overlap
+    assert sync.buckets == sorted(sync.buckets, reverse=True)  # sent from the end
+    if mode == "blocking" or bucket_bytes > sync.buffer.nbytes:
+        assert len(sync.buckets) == 1
+    else:  # every bucket but the last (the rest) holds at least bucket_bytes
+        assert len(sync.buckets) >= 3
+        assert all((hi - lo) * 8 >= bucket_bytes for lo, hi in sync.buckets[:-1])
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("mode", ["overlap", "blocking"])
+def test_a_step_allocates_nothing_of_layer_size(comm, mode):
+    """After the first step, a training step allocates less than 64 KiB in NumPy's
+    domain (no array of a layer's or the parameters' size)."""
+    import tracemalloc
+
+    from mpinn.data.feed import Batch
+    from mpinn.data.layout import DatasetInfo, Problem
+    from mpinn.nn.optim import make_optimizer
+    from mpinn.train.step import Learner, train_step
+    from mpinn.train.timing import PhaseTimer
+    arch = Architecture((64, 256, 256, 10), dtype="float32")
+    sync = gradsync.GradientSync(comm, arch.n_params, arch.dtype, mode, 100_000)
+    model = MLP(arch, 128, grads=sync.grads)
+    model.init(np.random.default_rng(0))
+    learner = Learner(model, make_optimizer("adam", model.params, 1e-3, 0.0, 0.9), sync,
+                      Problem(DatasetInfo("(in memory)", 128, 0, 64, "classification", 10),
+                              10))
+    rng = np.random.default_rng(1)
+    batch = Batch.in_memory(rng.standard_normal((128, 64)).astype(np.float32),
+                            rng.integers(0, 10, 128).astype(np.int32), 128)
+    timer = PhaseTimer()
+    for _ in range(2):
+        train_step(learner, batch, timer)
+    tracemalloc.start()
+    try:
+        train_step(learner, batch, timer)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024, peak
+    assert len(sync.buckets) > (1 if mode == "overlap" else 0)

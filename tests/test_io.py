@@ -192,8 +192,15 @@ def test_bench_step_reports_ratios(n, tmp_path):
     # the gradients and the sync's 3 control slots (loss, stop, bad input), float32
     assert report["ranks"] == n and report["allreduce_bytes"] == (64 * 128 + 128 + 128 * 10
                                                                   + 10 + 3) * 4
-    assert 0 < report["compute_vs_gemm_peak"] < 2 and report["allreduce_vs_raw"] > 0
-    assert "GEMM" in result.stdout and "bare MPI Allreduce" in result.stdout
+    assert 0 < report["compute_vs_gemm_peak"] < 2
+    assert report["sync"] == "overlap" and report["update_s"] > 0
+    assert report["anonymous_rss_bytes_per_rank"] > report["model_bytes"] > 0
+    if n == 1:  # nothing to exchange: no ratio to a bare Allreduce
+        assert report["sync_vs_raw"] is None and "nothing to exchange" in result.stdout
+    else:
+        assert report["sync_vs_raw"] > 0 and 0 <= report["sync_exposed_s"]
+        assert "exposed after backward" in result.stdout and "bare MPI Allreduce" in result.stdout
+    assert "GEMM" in result.stdout
 
 
 def test_fashion_mnist_4_ranks(fashion_dir, tmp_path):

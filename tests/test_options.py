@@ -72,7 +72,8 @@ def test_the_derived_key_sets():
     assert set(TRAJECTORY_KEYS) == {"batch_size", "seed", "shuffle", "block_rows",
                                     "window_rows", "optimizer", "hidden", "activation",
                                     "loss", "dtype", "dropout", "val_fraction"}
-    assert set(names) - set(SWEEP_KEYS) == {"out", "overwrite", "resume"}
+    # the run's own files (a sweep's points would share them)
+    assert set(names) - set(SWEEP_KEYS) == {"out", "overwrite", "resume", "trace"}
 
 
 def test_config_toml_holds_every_saved_setting_and_reads_back(tmp_path):

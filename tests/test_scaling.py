@@ -38,7 +38,8 @@ from mpinn.run.config import TrainConfig
 PHASES = ("data", "forward", "backward", "allreduce", "update")
 COLUMNS = ["mode", "ranks", "hosts", "ranks_per_host", "repeats", "oversubscribed",
            "global_batch", "samples_per_s", "samples_per_s_min", "samples_per_s_max", "step_s",
-           "data_s", "forward_s", "backward_s", "allreduce_s", "update_s", "imbalance_s",
+           "data_s", "forward_s", "backward_s", "allreduce_s", "update_s", "sync_s",
+           "sync_exposed_s", "imbalance_s",
            "speedup", "efficiency", "karp_flatt", "predicted_step_s", "prediction_error"]
 TRAIN = ("--hidden", "8", "--batch-size", "30", "--epochs", "1", "--progress", "off")
 

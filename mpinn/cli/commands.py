@@ -8,6 +8,7 @@ import argparse
 
 from mpinn import __version__
 from mpinn.cli.parser import Command, Parser, arg
+from mpinn.comm.gradsync import SYNC_MODES
 from mpinn.data.layout import LARGE_INPUT
 from mpinn.data.readers import IO_MODES
 from mpinn.nn.optim import OPTIMIZERS
@@ -89,7 +90,8 @@ BENCH = Command("bench", "benchmarks (run under mpiexec)", dest="bench_command",
                 arg("--seed", type=int, default=0),
                 arg("--json", help=JSON))),
     Command("step", "training steps on in-memory data: compute against a GEMM's speed, the "
-            "gradient Allreduce against a bare MPI Allreduce", options=(
+            "gradient sync (in flight, and exposed after backward) against a bare MPI "
+            "Allreduce, the update, memory per rank", options=(
                 arg("--features", type=int, default=784),
                 arg("--hidden", default="1024,1024"),
                 arg("--classes", type=int, default=10),
@@ -98,6 +100,10 @@ BENCH = Command("bench", "benchmarks (run under mpiexec)", dest="bench_command",
                 arg("--dtype", choices=("float32", "float64"), default="float32"),
                 arg("--optimizer", choices=OPTIMIZERS, default="sgd",
                     help="the update the step times (default sgd)"),
+                arg("--sync", choices=SYNC_MODES, default="overlap",
+                    help="the gradient sync, as in training (default overlap)"),
+                arg("--bucket-mb", type=float, default=1.0, metavar="MB",
+                    help="overlap: the least MB per Allreduce, as in training (default 1.0)"),
                 arg("--local-batches", metavar="B[,B...]",
                     help="also time forward + backward at these rows per rank (all ranks at "
                     "once) and fit c0 + c1 x rows: the compute term of the cost model, "
@@ -228,10 +234,14 @@ PREDICT = Command(
         arg("--dataset", help="input dataset path inside INPUT (default x, then test/x)")))
 
 PLOT = Command(
-    "plot", "plot a run's loss, accuracy and macro F1 per epoch (serial; needs matplotlib: "
-    "pip install 'mpinn[plot]')", options=(
-        arg("run_dir", help="a run directory (its metrics.jsonl)"),
-        arg("--out", metavar="FILE.png", help="image to write (default RUN_DIR/metrics.png)")))
+    "plot", "plot a run's loss, accuracy and macro F1 per epoch, or a --trace's timeline "
+    "(serial; needs matplotlib: pip install 'mpinn[plot]')", options=(
+        arg("run_dir", nargs="?", help="a run directory (its metrics.jsonl)"),
+        arg("--trace", metavar="TRACE.json", help="instead: the timeline of the last "
+            "--steps steps of a trace (mpinn train --trace), one band per rank"),
+        arg("--steps", type=int, default=3, help="--trace: steps shown (default 3)"),
+        arg("--out", metavar="FILE.png", help="image to write (default RUN_DIR/metrics.png; "
+            "with --trace, TRACE.png)")))
 
 MPINN = Command("mpinn", "", dest="command", commands=(
     DATA, TRAIN, EVALUATE, BENCH, SCALING, PREDICT, PLOT), options=(

@@ -42,6 +42,7 @@ from mpinn.perf.benchcomm import bench_comm, message_sizes
 from mpinn.perf.plot import plot_run
 from mpinn.perf.projection import run_project
 from mpinn.perf.report import build
+from mpinn.perf.timeline import plot_trace
 from mpinn.run.config import SWEEP_KEYS, keys
 from mpinn.run.resolve import load_toml, parse_hidden, resolve
 from mpinn.run.rundir import CONFIG, holds_run
@@ -146,10 +147,12 @@ def bench_step_command(args: argparse.Namespace, comm: Comm) -> None:
     checked_bench(args)
     if args.features < 1 or args.classes < 2:
         raise UsageError("--features must be >= 1 and --classes >= 2")
+    if not args.bucket_mb > 0:
+        raise UsageError(f"--bucket-mb must be positive, got {args.bucket_mb:g}")
     bench_step(comm, args.features, parse_hidden(args.hidden), args.classes,
                args.batch_size, args.steps, args.dtype, args.json,
                local_batches(args.local_batches) if args.local_batches else None,
-               args.optimizer)
+               args.optimizer, args.sync, args.bucket_mb)
 
 
 def bench_comm_command(args: argparse.Namespace, comm: Comm) -> None:
@@ -191,6 +194,14 @@ def predict_command(args: argparse.Namespace) -> int:
 
 
 def plot(args: argparse.Namespace) -> int:
+    if (args.run_dir is None) == (args.trace is None):
+        raise UsageError("give a run directory, or --trace TRACE.json (one of them)")
+    if args.trace is not None:
+        if args.steps < 1:
+            raise UsageError(f"--steps must be >= 1, got {args.steps}")
+        out = args.out or os.path.splitext(args.trace)[0] + ".png"
+        print(f"wrote {plot_trace(args.trace, out, args.steps)}")
+        return EXIT_OK
     print(f"wrote {plot_run(args.run_dir, args.out)}")
     return EXIT_OK
 

@@ -1,6 +1,9 @@
-"""The gradient sync: the step's one Allreduce of all gradients and a few control slots."""
+"""The gradient sync: in-place Allreduces of all gradients and a few control slots,
+started while backward still computes (overlap) or after it (blocking)."""
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 from mpi4py import MPI
@@ -9,35 +12,112 @@ from mpinn.comm.collectives import complete
 from mpinn.comm.world import Comm
 
 CONTROL_SLOTS = 3  # loss, stop, bad input: after the gradients, in the same buffer
+SYNC_MODES = ("overlap", "blocking")
 
 
 class GradientSync:
-    """The step's one Allreduce: all gradients, then a few control slots, in one buffer.
+    """The step's sync of all gradients, then a few control slots, in one buffer.
 
         buffer = [ grads (n_params) | loss | stop | bad input ]
 
-    Before the call each rank writes the summed loss of its rows, whether it was
-    asked to stop (a signal), and whether its rows held non-finite input. One
-    in-place SUM then gives every rank the gradient summed over the global batch,
+    Before backward each rank writes the summed loss of its rows, whether it was
+    asked to stop (a signal), and whether its rows held non-finite input (start()).
+    In-place SUMs then give every rank the gradient summed over the global batch,
     the batch's summed loss, and how many ranks want to stop or met bad input:
     the ranks agree on all of it without a second collective, at the same step.
     The model's gradient vector is `grads`, a view (the model stays free of MPI).
+
+    Backward finishes the buffer from its end (the last layer first) and says so
+    (ready(), model.BackwardHooks). With overlap, each contiguous slice of at least
+    bucket_bytes that is final is sent at once, in its own non-blocking Allreduce (the
+    control slots ride with the first); progress(), called between backward's
+    panels, tests them, which is what moves them on (MPICH progresses a message only
+    inside MPI calls); finish() sends the rest and waits for every bucket. Blocking
+    sends the whole buffer in finish(). The bucket boundaries depend on the shapes
+    alone, so every rank starts the same Allreduces in the same order.
     """
 
     LOSS, STOP, BAD_INPUT = range(CONTROL_SLOTS)
 
-    def __init__(self, comm: Comm, n_params: int, dtype: np.dtype | str) -> None:
+    def __init__(self, comm: Comm, n_params: int, dtype: np.dtype | str,
+                 mode: str = "overlap", bucket_bytes: int = 1 << 20) -> None:
+        assert mode in SYNC_MODES, mode
         self.comm = comm
         self.buffer = np.zeros(n_params + CONTROL_SLOTS, dtype)
         self.grads = self.buffer[:n_params]
         self.control = self.buffer[n_params:]
+        self.overlap = mode == "overlap"
+        self.bucket = max(1, bucket_bytes // self.buffer.itemsize)  # in elements
         self.sq_norm = 0.0  # of the reduced gradient sum, set by finite()
+        self.requests: list[MPI.Request] = []
+        self.buckets: list[tuple[int, int]] = []  # [lo, hi) of each request, in order
+        self.front = self.sent = 0  # buffer[front:] is final, buffer[sent:] is sent
+        self.started_at = self.done_at = 0.0  # first send; completion, as first seen
+        self.bucket_times: list[list[float]] = []  # [start, completion as first seen]
+
+    def start(self, loss: float, stop: bool = False, bad_input: bool = False) -> None:
+        """A step's sync begins: the control slots are final, no gradient is yet."""
+        self.control[:] = (loss, stop, bad_input)
+        self.front, self.sent = len(self.buffer) - CONTROL_SLOTS, len(self.buffer)
+        self.requests.clear()
+        self.buckets.clear()
+        self.bucket_times.clear()
+        self.started_at = self.done_at = 0.0
+
+    def ready(self, start: int, stop: int) -> None:
+        """grads[start:stop] is final (backward's hook): it extends the final tail."""
+        assert stop == self.front, (start, stop, self.front)
+        self.front = start
+        if self.overlap and self.sent - self.front >= self.bucket:
+            self._send(self.front, self.sent)
+
+    def progress(self) -> None:
+        """Test the buckets in flight (backward's hook, between panels)."""
+        if not self.requests or self.done_at:
+            return
+        done = MPI.Request.Testsome(self.requests)  # (completed ones become null requests)
+        if done:
+            now = time.perf_counter()
+            for k in done:
+                self.bucket_times[k][1] = now
+            if all(t[1] for t in self.bucket_times) and self.front == 0:
+                self.done_at = now
+
+    def finish(self) -> None:
+        """Send what is not sent yet, then wait for every bucket (through the
+        communicator's waiting loop, which names the bucket a stalled rank waits in)."""
+        assert self.front == 0, "backward has not finished the gradients"
+        if self.sent > 0:
+            self._send(0, self.sent)
+        n = len(self.requests)
+        for k, request in enumerate(self.requests):
+            lo, hi = self.buckets[k]
+            complete(self.comm, request, f"the gradient Allreduce (bucket {k + 1} of {n}, "
+                                         f"{(hi - lo) * self.buffer.itemsize / 1e6:.2f} MB)")
+            self.bucket_times[k][1] = self.bucket_times[k][1] or time.perf_counter()
+        self.done_at = max(t[1] for t in self.bucket_times)
 
     def allreduce(self, loss: float, stop: bool = False, bad_input: bool = False) -> None:
-        """In place: gradients and control slots <- their sums over all ranks."""
-        self.control[:] = (loss, stop, bad_input)
-        complete(self.comm, self.comm.Iallreduce(MPI.IN_PLACE, self.buffer, op=MPI.SUM),
-                 "the gradient Allreduce")
+        """In place: gradients and control slots <- their sums over all ranks, at once
+        (gradients computed without backward's hooks)."""
+        self.start(loss, stop, bad_input)
+        self.front = 0
+        self.finish()
+
+    @property
+    def in_flight(self) -> float:
+        """Seconds from the first bucket's start to the last one's completion (as the
+        first successful test saw it) in the last step."""
+        return max(0.0, self.done_at - self.started_at) if self.started_at else 0.0
+
+    def _send(self, lo: int, hi: int) -> None:
+        now = time.perf_counter()
+        self.started_at = self.started_at or now
+        self.requests.append(self.comm.Iallreduce(MPI.IN_PLACE, self.buffer[lo:hi],
+                                                  op=MPI.SUM))
+        self.buckets.append((lo, hi))
+        self.bucket_times.append([now, 0.0])
+        self.sent = lo
 
     @property
     def stop_requested(self) -> bool:
@@ -49,7 +129,7 @@ class GradientSync:
 
     @property
     def loss(self) -> float:
-        """The loss summed over the global batch (after allreduce)."""
+        """The loss summed over the global batch (after the sync)."""
         return float(self.control[self.LOSS])
 
     def finite(self) -> bool:

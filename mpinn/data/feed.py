@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -88,6 +90,8 @@ class Feed:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None  # the prefetch thread's
         self._failed: str | None = None  # a read that failed: every later batch says so
+        self.observe: Callable[[int, float, float], None] | None = None  # (step, start, end)
+        #                                                   of each batch's read (a trace)
 
     def __len__(self) -> int:
         """Steps this feed delivers (from first_step to the epoch's end)."""
@@ -158,8 +162,11 @@ class Feed:
         x_buf, y_buf = self.buffers.slots[slot]
         if self._failed is not None:
             return x_buf[:0], y_buf[:0], self._failed
+        began = time.perf_counter()
         try:
             x, y = self._gather(step, slot)
+            if self.observe is not None:
+                self.observe(self.steps_before + step, began, time.perf_counter())
         except ReadFailure as exc:
             if self._collective:
                 raise

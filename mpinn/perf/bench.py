@@ -123,7 +123,10 @@ def data_wait(comm, path: str, io: str, batch: int, steps: int, hidden: tuple[in
             train_step(learner, b, timer)
             timer.end_step(b.rows)
         feed.close()
-    phases = timer.reduce(comm)
+    times = timer.reduce_all(comm)
+    phases = times.phases
+    memory = np.array([anonymous_memory()])
+    collectives.allreduce_max(comm, memory)
     return phases["data"]["mean"] / sum(p["mean"] for p in phases.values())
 
 
@@ -249,10 +252,11 @@ def compute_fit(comm: Comm, arch: Architecture, local_batches: list[int], steps:
 
 
 def new_learner(comm: Comm, arch: Architecture, rows: int, problem: Problem, optimizer: str,
-                lr: float, seed: int) -> Learner:
+                lr: float, seed: int, sync_mode: str = "overlap", bucket_mb: float = 1.0
+                ) -> Learner:
     """A learner for up to `rows` rows per rank: the model around a gradient sync,
     initialised from the seed, and the optimizer."""
-    sync = GradientSync(comm, arch.n_params, arch.dtype)
+    sync = GradientSync(comm, arch.n_params, arch.dtype, sync_mode, int(bucket_mb * 1e6))
     model = MLP(arch, rows, grads=sync.grads)
     model.init(np.random.default_rng(seed))
     return Learner(model, make_optimizer(optimizer, model.params, lr, 0.0, 0.9), sync, problem)
@@ -260,15 +264,19 @@ def new_learner(comm: Comm, arch: Architecture, rows: int, problem: Problem, opt
 
 def bench_step(comm: Comm, features: int, hidden: tuple[int, ...], classes: int,
                batch: int, steps: int, dtype: str, json_out: str | None,
-               local_batches: list[int] | None = None, optimizer_name: str = "sgd") -> dict:
-    """Training steps on in-memory data: compute vs GEMM peak, allreduce vs raw MPI; with
-    local_batches also the compute fit of the cost model (compute_fit)."""
+               local_batches: list[int] | None = None, optimizer_name: str = "sgd",
+               sync_mode: str = "overlap", bucket_mb: float = 1.0) -> dict:
+    """Training steps on in-memory data: compute vs GEMM peak; the gradient sync in flight
+    and exposed (the wait after backward) vs a bare MPI Allreduce of its bytes; the
+    update; anonymous memory per rank vs the model's parameters. With local_batches
+    also the compute fit of the cost model (compute_fit)."""
     rows = ceil_div(batch, comm.size)
     lo, hi = share(batch, comm.rank, comm.size)  # this rank's rows, as in training
     arch = Architecture((features, *hidden, classes), dtype=dtype)
     problem = Problem(DatasetInfo("(random, in memory)", batch, 0, features, "classification",
                                   classes), classes)
-    learner = new_learner(comm, arch, rows, problem, optimizer_name, 1e-3, 1)
+    learner = new_learner(comm, arch, rows, problem, optimizer_name, 1e-3, 1, sync_mode,
+                          bucket_mb)
     sync = learner.sync
     rng = np.random.default_rng(2)
     rows_here = Batch.in_memory(rng.standard_normal((hi - lo, features)).astype(np.float32),
@@ -280,15 +288,11 @@ def bench_step(comm: Comm, features: int, hidden: tuple[int, ...], classes: int,
             timer.begin_step()
             train_step(learner, rows_here, timer)
             timer.end_step(batch)
-    phases = timer.reduce(comm)
-    # raw MPI: the same bytes, the blocking call, in a tight loop (no computation around it)
-    buf = np.zeros_like(sync.buffer)
-    collectives.barrier(comm)
-    began = time.perf_counter()
-    for _ in range(steps):
-        measure.bare_allreduce(comm, buf)
-    raw = np.array([(time.perf_counter() - began) / steps])
-    collectives.allreduce_max(comm, raw)
+    times = timer.reduce_all(comm)
+    phases = times.phases
+    memory = np.array([anonymous_memory()])
+    collectives.allreduce_max(comm, memory)
+    raw = bare_seconds(comm, sync.buffer, steps)
     layer_flops = sum(fi * fo for fi, fo in zip(arch.sizes[:-1], arch.sizes[1:]))
     # forward 2 n sum(fi fo); backward 4 n sum(fi fo) less the input layer's delta
     flops = (hi - lo) * (6 * layer_flops - 2 * arch.sizes[0] * arch.sizes[1])
@@ -303,12 +307,31 @@ def bench_step(comm: Comm, features: int, hidden: tuple[int, ...], classes: int,
               "compute_gflops_per_rank": per_rank_gflops,
               "gemm_peak_gflops_per_rank": peak[0] / comm.size,
               "compute_vs_gemm_peak": per_rank_gflops / (peak[0] / comm.size),
-              "allreduce_bytes": sync.buffer.nbytes,
-              "allreduce_s": phases["allreduce"]["max"], "raw_allreduce_s": raw[0],
-              "allreduce_vs_raw": raw[0] / phases["allreduce"]["max"]}
+              "allreduce_bytes": sync.buffer.nbytes, "sync": sync_mode,
+              "bucket_mb": bucket_mb, "sync_buckets": len(sync.buckets),
+              # the sync in flight (first send to completion) and exposed (the wait after
+              # backward), against a bare Allreduce of the same bytes (P = 1: no sync)
+              "sync_s": times.sync["max"], "sync_exposed_s": phases["allreduce"]["max"],
+              "raw_allreduce_s": raw[0],
+              "sync_vs_raw": times.sync["max"] / raw[0] if comm.size > 1 else None,
+              "exposed_vs_raw": phases["allreduce"]["max"] / raw[0] if comm.size > 1 else None,
+              "update_s": phases["update"]["max"], **memory_figures(memory[0], arch)}
     if local_batches:
         result["compute_fit"] = compute_fit(comm, arch, local_batches, steps)
     return report(comm, result, format_step(result), json_out)
+
+
+def bare_seconds(comm: Comm, like: np.ndarray, steps: int) -> np.ndarray:
+    """Collective: raw MPI, the same bytes as `like`, the blocking call, in a tight loop
+    (no computation around it): seconds per call, the slowest rank's."""
+    buf = np.zeros_like(like)
+    collectives.barrier(comm)
+    began = time.perf_counter()
+    for _ in range(steps):
+        measure.bare_allreduce(comm, buf)
+    raw = np.array([(time.perf_counter() - began) / steps])
+    collectives.allreduce_max(comm, raw)
+    return raw
 
 
 def format_step(r: dict) -> str:
@@ -320,10 +343,40 @@ def format_step(r: dict) -> str:
                                                        for k, v in p.items()),
         f"compute: {r['compute_gflops_per_rank']:.1f} GFLOP/s per rank = "
         f"{r['compute_vs_gemm_peak']:.2f} x a {r['gemm_peak_gflops_per_rank']:.1f} GFLOP/s GEMM",
-        f"allreduce: {1e3 * r['allreduce_s']:.3f} ms for {r['allreduce_bytes'] / 1e6:.2f} MB = "
-        f"{r['allreduce_vs_raw']:.2f} x the speed of a bare MPI Allreduce (blocking) "
-        f"({1e3 * r['raw_allreduce_s']:.3f} ms)",
+        format_sync(r),
+        f"update: {1e3 * r['update_s']:.3f} ms ({r['optimizer']}); memory: "
+        f"{r['anonymous_rss_bytes_per_rank'] / 1e6:.1f} MB anonymous per rank = "
+        f"{r['rss_vs_model']:.1f} x the model's {r['model_bytes'] / 1e6:.2f} MB",
         f"throughput: {r['samples_per_s']:,.0f} samples/s"] + format_fit(r.get("compute_fit")))
+
+
+def format_sync(r: dict) -> str:
+    head = (f"sync ({r['sync']}, {r['sync_buckets']} Allreduce"
+            f"{'s' if r['sync_buckets'] > 1 else ''} of {r['allreduce_bytes'] / 1e6:.2f} MB)")
+    if r["ranks"] == 1:
+        return f"{head}: one rank, nothing to exchange"
+    return (f"{head}: {1e3 * r['sync_s']:.3f} ms in flight, {1e3 * r['sync_exposed_s']:.3f} ms "
+            f"exposed after backward = {r['sync_vs_raw']:.2f} and {r['exposed_vs_raw']:.2f} x a "
+            f"bare MPI Allreduce (blocking, {1e3 * r['raw_allreduce_s']:.3f} ms)")
+
+
+def memory_figures(rss: float, arch: Architecture) -> dict:
+    model = arch.n_params * np.dtype(arch.dtype).itemsize
+    return {"anonymous_rss_bytes_per_rank": int(rss), "model_bytes": model,
+            "rss_vs_model": rss / model}
+
+
+def anonymous_memory() -> int:
+    """This process's anonymous resident memory in bytes (RssAnon; 0 where /proc has none):
+    what it allocated, without the mapped libraries and files."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def format_fit(f: dict | None) -> list[str]:

@@ -47,8 +47,8 @@ from mpinn.train.timing import PHASES
 
 COLUMNS = ("mode", "ranks", "hosts", "ranks_per_host", "repeats", "oversubscribed",
            "global_batch", "samples_per_s", "samples_per_s_min", "samples_per_s_max",
-           "step_s", *(f"{p}_s" for p in PHASES), "imbalance_s", "speedup", "efficiency",
-           "karp_flatt", "predicted_step_s", "prediction_error")
+           "step_s", *(f"{p}_s" for p in PHASES), "sync_s", "sync_exposed_s", "imbalance_s",
+           "speedup", "efficiency", "karp_flatt", "predicted_step_s", "prediction_error")
 
 
 # what makes sweeps comparable: the shape of the dataset, and the settings that change
@@ -138,6 +138,11 @@ def point_row(mode: str, ranks: int, runs: list[Run]) -> dict:
            "step_s": mean([step_seconds(r.summary) for r in runs])}
     for p in PHASES:
         row[f"{p}_s"] = mean([ph[p]["mean"] for ph in phases])
+    # the gradient sync: in flight (overlapping backward; runs before it: the phase) and
+    # the part the step waited for after backward (the "allreduce" phase)
+    row["sync_s"] = mean([r.summary.get("sync_s", ph["allreduce"])["mean"]
+                          for r, ph in zip(runs, phases)])
+    row["sync_exposed_s"] = row["allreduce_s"]
     row["imbalance_s"] = mean([mean([ph[p]["max"] - ph[p]["mean"] for p in PHASES])
                                for ph in phases])
     return row

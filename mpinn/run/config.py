@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from mpinn.base.errors import UsageError
+from mpinn.comm.gradsync import SYNC_MODES
 from mpinn.data.readers import IO_MODES
 from mpinn.data.sampler import SHUFFLES
 from mpinn.nn.functional import ACTIVATIONS, LOSSES
@@ -115,6 +116,20 @@ class TrainConfig:
                                     "the end of each epoch only)", metavar="N", minimum=0)
     keep_checkpoints: int = setting(2, "keep the last K checkpoints in RUN_DIR/checkpoints "
                                     "(default {default})", metavar="K", minimum=1)
+    sync: str = setting(
+        "overlap", "{choices}: start each bucket's gradient Allreduce as soon as backward "
+        "has produced it, or all at once after backward (default {default}; the same "
+        "sums: overlap reorders them only across buckets, for P > 2)", choices=SYNC_MODES,
+        group="performance")
+    bucket_mb: float = setting(
+        1.0, "overlap: the least MB of gradients sent in one Allreduce (default {default})",
+        metavar="MB", positive=True, group="performance")
+    trace: str = setting(
+        "", "write a timeline of the run to FILE (Chrome trace-event JSON; open it in "
+        "Perfetto): every rank's step phases, each bucket's Allreduce, the read-ahead, "
+        "checkpoints", metavar="FILE", group="performance", sweep=False, saved=False)
+    trace_steps: int = setting(50, "--trace keeps the first and the last N steps (default "
+                               "{default})", metavar="N", minimum=1, group="performance")
     stall_timeout: float = setting(
         600.0, "a rank that waits this long in a collective asks every rank whether it is "
         "alive, reports the ranks that do not answer, and ends the job (exit 1); 0 waits "

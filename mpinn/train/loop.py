@@ -100,6 +100,8 @@ def run_epoch(s: Session, epoch: int, stop: StopRequest, checkpointer: Checkpoin
         if not result.applied:
             raise bad_input(s, batch, feed) if s.sync.bad_input else divergence(s, batch)
         p.advance(result.loss, result.correct, len(batch.y))
+        if s.trace is not None:
+            s.trace.end_step(p.step, timer.step_start, s.sync)
         timer.end_step(batch.rows)
         rows += batch.rows
         report.step(p.step_in_epoch, s.sync.loss, batch.rows)  # rank 0; a clock read mostly
@@ -196,6 +198,8 @@ class Checkpointer:
         if s.sync.stop_requested:
             feed.close()
             s.save()
+            if s.trace is not None:  # the ranks agreed on the stop: all are here
+                s.trace.write()
             raise Interrupted(f"stopped by a signal at epoch {p.epoch + 1}, step "
                               f"{p.step_in_epoch} of {s.steps}; checkpoint written; "
                               f"{resume_hint(s.cfg.out, s.comm.size)}")

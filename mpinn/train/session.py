@@ -12,12 +12,14 @@ collectives.root_tries), so all ranks raise the same error alike.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
 
 from mpinn.base.errors import UsageError
+from mpinn.base.files import check_writable
 from mpinn.comm import collectives, preflight, world
 from mpinn.comm.gradsync import GradientSync
 from mpinn.comm.world import Comm
@@ -45,6 +47,7 @@ from mpinn.run.rundir import RunDir
 from mpinn.train.resume import make_schedule, resume
 from mpinn.train.step import Learner
 from mpinn.train.timing import PhaseTimer
+from mpinn.train.trace import CHECKPOINT_TID, Trace
 
 T = TypeVar("T")
 INIT_STREAM = 0x1A17  # generator stream of the initial weights: seed -> weights
@@ -114,6 +117,7 @@ class Session:
     active_feed: Feed | None = None  # the epoch's feed, whose threads may still read
     hosts: tuple[list[str], list[int]] = ([], [])  # preflight.placement: hosts, ranks on each
     schedule: Schedule = field(default_factory=lambda: Schedule(0.0))  # the rate per step
+    trace: Trace | None = None  # --trace: the run's timeline (trace.py)
 
     @property
     def model(self) -> MLP:
@@ -145,6 +149,8 @@ class Session:
         p = self.progress
         self.active_feed = Feed(data.train, plan, data.buffers, data.prefetch,
                                 p.step_in_epoch, p.step - p.step_in_epoch)
+        if self.trace is not None:
+            self.active_feed.observe = self.trace.read
         return self.active_feed
 
     def on_root(self, write: Callable[[RunDir], object]) -> None:
@@ -184,7 +190,8 @@ class Session:
             run.history.save(ckpt.step, image)
             if self.config_pending:
                 run.write_config(ckpt.config)
-        self.on_root(write)
+        with self.trace.span("checkpoint", CHECKPOINT_TID) if self.trace else nullcontext():
+            self.on_root(write)
         self.saved_step, self.config_pending = p.step, False
 
     def close(self) -> None:
@@ -214,6 +221,8 @@ def open_session(cfg: TrainConfig, comm: Comm) -> Session:
                         cfg.activation, cfg.loss, cfg.dtype)
     learner = build_learner(comm, cfg, problem, arch, model_rows)
     model = learner.model
+    if cfg.trace:  # refused now, not after the run
+        collectives.root_tries(comm, lambda: check_writable(cfg.trace))
     run = collectives.root_tries(comm, lambda: RunDir.open(cfg))
     try:
         resumed = resume(comm, cfg, run, model, learner.optimizer, data_shape(problem)) \
@@ -238,10 +247,14 @@ def open_session(cfg: TrainConfig, comm: Comm) -> Session:
         data = open_reading(cfg, comm, io, max_rows, problem, held)
         # nothing can refuse the run any more: an --overwrite removes the old one now
         collectives.root_tries(comm, lambda: run.remove_old_run())
-        return Session(cfg=cfg, comm=comm, hosts=preflight.placement(comm), learner=learner,
-                       run=run, resumed=resumed, progress=progress, data=data, watch=watch,
-                       saved_step=resumed.step if resumed else -1,
-                       config_pending=resumed is not None, schedule=schedule)
+        session = Session(cfg=cfg, comm=comm, hosts=preflight.placement(comm),
+                          learner=learner, run=run, resumed=resumed, progress=progress,
+                          data=data, watch=watch, saved_step=resumed.step if resumed else -1,
+                          config_pending=resumed is not None, schedule=schedule)
+        if cfg.trace:
+            session.trace = Trace(comm, cfg.trace, cfg.trace_steps)
+            session.timer.trace = session.trace.phase
+        return session
     except BaseException:
         if run is not None:  # refused (or failed) before the run wrote anything
             run.abandon()
@@ -254,7 +267,8 @@ def build_learner(comm: Comm, cfg: TrainConfig, problem: Problem, arch: Architec
     masks (for max_rows rows), or a UsageError on every rank if they do not fit in some
     rank's memory."""
     def build() -> Learner:
-        sync = GradientSync(comm, arch.n_params, arch.dtype)
+        sync = GradientSync(comm, arch.n_params, arch.dtype, cfg.sync,
+                            int(cfg.bucket_mb * 1e6))
         model = MLP(arch, max_rows, grads=sync.grads, dropout=any(cfg.dropout),
                     accumulate=cfg.accumulate > 1)
         optimizer = make_optimizer(cfg.optimizer, model.params, cfg.lr, cfg.weight_decay,

@@ -10,6 +10,7 @@ order of floating-point summation.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -82,11 +83,19 @@ def train_step(learner: Learner, batch: Batch, timer: PhaseTimer, stop: bool = F
             logits = model.forward(x[part], masks)
             correct += count_correct(logits, y[part], learner.problem, confusion)
         with timer.phase("backward"):
-            loss += model.backward(y[part], add=k > 0)  # grads <- (+=) sum over the rows
+            loss += model.loss(y[part])
+            if k < len(micro) - 1:  # grads <- (+=) sum over the rows
+                model.backprop(add=k > 0)
+                continue
+            # the last micro-batch: the gradient sync starts, its buckets go out while
+            # backward computes (the losses and the stop / bad-input flags ride along)
+            sync.start(loss, stop, batch.bad is not None)
+            model.backprop(add=k > 0, hooks=sync)
     with timer.phase("allreduce"):
-        # SUM of per-rank gradient sums: the gradient summed over the global batch,
-        # with the losses and the stop / bad-input flags in the control slots.
-        sync.allreduce(loss, stop, batch.bad is not None)
+        # the rest of the SUM of per-rank gradient sums: the gradient summed over the
+        # global batch (what the step waits for after backward: the exposed sync)
+        sync.finish()
+    timer.add_sync(sync.in_flight)
     with timer.phase("update"):
         applied = not sync.bad_input and sync.finite()
         if applied:
@@ -102,7 +111,7 @@ def clip(grads: np.ndarray, sq_norm: float, limit: float) -> None:
     """g <- g * limit / |g| if |g| > limit (limit 0: off). |g|^2 comes from the divergence
     guard's dot product (of the reduced sum, so every rank clips alike: P-invariant)."""
     if limit and sq_norm > limit * limit:
-        grads *= limit / np.sqrt(sq_norm)
+        grads *= limit / math.sqrt(sq_norm)  # a Python float: no cast buffer
 
 
 def count_correct(logits: np.ndarray, y: np.ndarray, problem: Problem,

@@ -52,6 +52,8 @@ def finish(s: Session, record: dict) -> dict:
         s.save()
     summary = summarize(s, record, test)
     s.on_root(lambda run: run.write_summary(summary))
+    if s.trace is not None:
+        s.trace.write()
     loss, acc = summary["test_loss"], summary["test_accuracy"]
     console.print0(s.comm, "done: " + ("no test rows" if loss is None else f"test loss {loss:.4f}")
                 + (f", test accuracy {acc:.4f}" if acc is not None else "")
@@ -67,7 +69,8 @@ def summarize(s: Session, record: dict, test: dict) -> dict:
     io_totals = np.array([data.train.bytes_read, data.train.read_seconds])
     collectives.allreduce_sum(comm, io_totals)
     io_modes = collectives.gather_objects(comm, data.file.io_modes)
-    phases, step = timer.reduce_with_step(comm)
+    times = timer.reduce_all(comm)
+    phases, step = times.phases, times.step
     step_mean = sum(p["mean"] for p in phases.values())
     return {
         "mpinn_version": __version__, "ranks": comm.size, "hosts": s.hosts[0],
@@ -90,6 +93,10 @@ def summarize(s: Session, record: dict, test: dict) -> dict:
         "step_s": step,
         "step_time_s": phases,
         "allreduce_bytes_per_step": s.sync.buffer.nbytes,
+        "sync": s.cfg.sync, "sync_buckets": len(s.sync.buckets),
+        # the gradient sync per step: in flight (first send to completion, overlapping
+        # backward), and exposed (the step's wait for it after backward: "allreduce")
+        "sync_s": times.sync, "sync_exposed_s": phases["allreduce"],
         # validation; the test scores above are the final model's, not best.h5's
         **s.watch.summary(len(data.val_rows), s.progress.epoch),
     }

@@ -1,0 +1,59 @@
+"""--trace: a timeline in Chrome's trace-event JSON, one process per rank."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import expect_error, mpinn, ok
+
+
+def nest_without_overlap(events: list[dict]) -> bool:
+    """Within one thread: every two events are disjoint, or one holds the other."""
+    stack: list[float] = []  # ends of the open events
+    for e in sorted(events, key=lambda e: (e["ts"], -e["dur"])):
+        while stack and e["ts"] >= stack[-1] - 1e-3:
+            stack.pop()
+        if stack and e["ts"] + e["dur"] > stack[-1] + 1e-3:
+            return False
+        stack.append(e["ts"] + e["dur"])
+    return True
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_the_trace_is_a_timeline_of_every_rank(n, synth, tmp_path):
+    trace = tmp_path / "trace.json"
+    ok(mpinn(n, "train", synth, "--out", tmp_path / "run", "--epochs", 2, "--batch-size", 30,
+             "--bucket-mb", "0.01", "--trace", trace, "--trace-steps", 3))
+    events = json.loads(trace.read_text())["traceEvents"]
+    processes = {e["pid"]: e["args"]["name"] for e in events if e["name"] == "process_name"}
+    assert sorted(processes) == list(range(n))
+    assert all(name.startswith(f"rank {pid} (") for pid, name in processes.items())
+    for pid in range(n):
+        threads = {e["tid"]: e["args"]["name"] for e in events
+                   if e["name"] == "thread_name" and e["pid"] == pid}
+        assert {"step", "read-ahead", "checkpoint", "bucket 1"} <= set(threads.values())
+        spans = [e for e in events if e["ph"] == "X" and e["pid"] == pid]
+        steps = [e["name"] for e in spans if e["name"].startswith("step ")]
+        assert steps == ["step 1", "step 2", "step 3", "step 38", "step 39", "step 40"]
+        for tid in threads:
+            assert nest_without_overlap([e for e in spans if e["tid"] == tid]), (pid, tid)
+        names = {e["name"] for e in spans}
+        assert {"forward", "backward", "allreduce", "update", "checkpoint"} <= names
+        assert any(name.startswith("Allreduce ") for name in names)
+        assert any(name.startswith("read step ") for name in names)
+    drawn = ok(mpinn(None, "plot", "--trace", trace, "--steps", 2))  # beside it, as a PNG
+    assert (tmp_path / "trace.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", drawn.stdout
+
+
+def test_a_trace_in_a_missing_directory_is_refused_first(synth, tmp_path):
+    expect_error(mpinn(2, "train", synth, "--out", tmp_path / "run", "--trace",
+                       tmp_path / "no" / "t.json"), 2, "does not exist")
+    assert not (tmp_path / "run").exists()
+
+
+def test_plot_takes_a_run_or_a_trace(tmp_path):
+    expect_error(mpinn(None, "plot"), 2, "--trace TRACE.json (one of them)")
+    (tmp_path / "t.json").write_text("{}")
+    expect_error(mpinn(None, "plot", "--trace", tmp_path / "t.json"), 2, "not an mpinn trace")
