@@ -31,7 +31,7 @@ import numpy as np
 
 from mpinn.base.errors import UsageError
 from mpinn.base.files import write_atomically
-from mpinn.comm import collectives, console, measure, watchdog, world
+from mpinn.comm import collectives, console, measure, preflight, watchdog, world
 from mpinn.comm.gradsync import GradientSync
 from mpinn.comm.world import Comm
 from mpinn.data.feed import Batch, Buffers, Feed
@@ -256,7 +256,8 @@ def new_learner(comm: Comm, arch: Architecture, rows: int, problem: Problem, opt
                 ) -> Learner:
     """A learner for up to `rows` rows per rank: the model around a gradient sync,
     initialised from the seed, and the optimizer."""
-    sync = GradientSync(comm, arch.n_params, arch.dtype, sync_mode, int(bucket_mb * 1e6))
+    sync = GradientSync(comm, arch.n_params, arch.dtype, sync_mode, int(bucket_mb * 1e6),
+                        test_in_flight=len(preflight.placement(comm)[0]) > 1)
     model = MLP(arch, rows, grads=sync.grads)
     model.init(np.random.default_rng(seed))
     return Learner(model, make_optimizer(optimizer, model.params, lr, 0.0, 0.9), sync, problem)

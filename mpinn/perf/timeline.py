@@ -6,6 +6,7 @@ Perfetto shows the whole file; this is the picture for a report. Serial, no MPI.
 from __future__ import annotations
 
 import json
+import os
 
 from mpinn.base.errors import UsageError
 from mpinn.base.files import check_writable, read_bytes
@@ -62,7 +63,7 @@ def plot_trace(trace: str, out: str, steps: int = 3) -> str:
                             row == "buckets" else 1.0, edgecolor="black", linewidth=0.3)
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("ms")
-    ax.set_title(f"{trace}: the last {steps} steps")
+    ax.set_title(f"{os.path.basename(trace)}: the last {steps} steps, {len(ranks)} ranks")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in COLORS.values()]
     ax.legend(handles + [plt.Rectangle((0, 0), 1, 1, color="#dd8452")],
               [*COLORS, "bucket Allreduce"], ncol=6, loc="upper center",

@@ -219,7 +219,8 @@ def open_session(cfg: TrainConfig, comm: Comm) -> Session:
         min(cfg.batch_size, problem.info.n_train), cfg.accumulate, comm.size))
     arch = Architecture((problem.info.features, *cfg.hidden, problem.outputs),
                         cfg.activation, cfg.loss, cfg.dtype)
-    learner = build_learner(comm, cfg, problem, arch, model_rows)
+    hosts = preflight.placement(comm)
+    learner = build_learner(comm, cfg, problem, arch, model_rows, hosts)
     model = learner.model
     if cfg.trace:  # refused now, not after the run
         collectives.root_tries(comm, lambda: check_writable(cfg.trace))
@@ -247,7 +248,7 @@ def open_session(cfg: TrainConfig, comm: Comm) -> Session:
         data = open_reading(cfg, comm, io, max_rows, problem, held)
         # nothing can refuse the run any more: an --overwrite removes the old one now
         collectives.root_tries(comm, lambda: run.remove_old_run())
-        session = Session(cfg=cfg, comm=comm, hosts=preflight.placement(comm),
+        session = Session(cfg=cfg, comm=comm, hosts=hosts,
                           learner=learner, run=run, resumed=resumed, progress=progress,
                           data=data, watch=watch, saved_step=resumed.step if resumed else -1,
                           config_pending=resumed is not None, schedule=schedule)
@@ -262,13 +263,13 @@ def open_session(cfg: TrainConfig, comm: Comm) -> Session:
 
 
 def build_learner(comm: Comm, cfg: TrainConfig, problem: Problem, arch: Architecture,
-                  max_rows: int) -> Learner:
+                  max_rows: int, hosts: tuple[list[str], list[int]]) -> Learner:
     """Collective: the sync buffer, the model around it, the optimizer and the dropout
     masks (for max_rows rows), or a UsageError on every rank if they do not fit in some
     rank's memory."""
     def build() -> Learner:
         sync = GradientSync(comm, arch.n_params, arch.dtype, cfg.sync,
-                            int(cfg.bucket_mb * 1e6))
+                            int(cfg.bucket_mb * 1e6), test_in_flight=len(hosts[0]) > 1)
         model = MLP(arch, max_rows, grads=sync.grads, dropout=any(cfg.dropout),
                     accumulate=cfg.accumulate > 1)
         optimizer = make_optimizer(cfg.optimizer, model.params, cfg.lr, cfg.weight_decay,
