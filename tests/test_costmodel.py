@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import expect_error, mpinn, ok
-from mpinn.perf import costmodel
+from mpinn.perf import costmodel, overlap
 from mpinn.perf.costmodel import Link, Machine
 
 MACHINE = Machine(shm=Link(2e-6, 1e-10), net=Link(50e-6, 1e-8), gamma=3e-11)
@@ -112,6 +112,44 @@ def test_predict_step_adds_the_phases():
     assert got["step_s"] == pytest.approx(compute + 2e-3 + allreduce)
     assert got["step_overlap_s"] == pytest.approx(0.4 * compute + max(0.6 * compute, allreduce)
                                                   + 2e-3)
+
+
+@pytest.mark.fast
+def test_the_buckets_go_out_as_backward_makes_them():
+    """784-1024-1024-10 in 1 MB buckets, as GradientSync makes them (tests/test_guards.py
+    checks those): they tile the buffer, the first holds the last layer and the control
+    slots, the ready times rise to 1 (the first layer's last panel ends backward)."""
+    sizes = [784, 1024, 1024, 10]
+    buckets = overlap.bucket_schedule(sizes, 4, 1e6)
+    n = sum(fi * fo + fo for fi, fo in zip(sizes[:-1], sizes[1:])) + 3
+    assert sum(b for b, _ in buckets) == n * 4
+    assert all(b >= 1e6 for b, _ in buckets[:-1])
+    ready = [r for _, r in buckets]
+    assert ready == sorted(ready) and ready[-1] == 1.0 and 0 < ready[0] < 0.2
+    assert overlap.bucket_schedule(sizes, 4, 1e9) == [(n * 4, 1.0)]  # one bucket
+
+
+@pytest.mark.fast
+def test_the_exposed_sync_follows_the_schedule():
+    """Two buckets of 1 s each, ready at 0.25 and 1.0 of a 4 s backward: the first ends
+    at 2 s, the second starts when backward ends and waits 1 s; a slow link queues."""
+    one_second = lambda nbytes: 1.0  # noqa: E731
+    assert overlap.exposed_sync(4.0, [(1, 0.25), (1, 1.0)], one_second) == 1.0
+    assert overlap.exposed_sync(1.0, [(1, 0.25), (1, 1.0)], one_second) == pytest.approx(
+        1.25)  # the second waits for the link until 2.25 s
+    assert overlap.exposed_sync(4.0, [], one_second) == 0.0
+
+
+@pytest.mark.fast
+def test_one_host_overlaps_nothing_and_the_schedule_hides_some_across_hosts():
+    step = {**bench_step_json(), "model": [784, 1024, 1024, 10], "dtype": "float32",
+            "bucket_mb": 1.0}
+    n = 7_454_772
+    one_host = costmodel.predict_step(step, COMM, 512, 2, 1, 2, n)
+    assert one_host["step_overlap_s"] == one_host["step_s"]
+    two_hosts = costmodel.predict_step(step, COMM, 512, 2, 2, 1, n)
+    hidden = two_hosts["step_s"] - two_hosts["step_overlap_s"]
+    assert 0 < hidden < min(two_hosts["phases"]["allreduce"], two_hosts["phases"]["backward"])
 
 
 @pytest.mark.fast

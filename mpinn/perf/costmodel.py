@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mpinn.perf.overlap import bucket_schedule, exposed_sync
+
 ISEND_SMALL = 2048  # bytes: MPICH's Iallreduce uses recursive doubling up to this size
 LARGE_SPAN = 256  # Allreduce sizes within 1/256 of the largest measured refit beta
 
@@ -296,10 +298,16 @@ class Compute:
 def predict_step(bench_step: dict, comm: dict | None, global_batch: int, ranks: int, hosts: int,
                  ranks_per_host: int, n_bytes: int) -> dict:
     """Predicted seconds per phase of a synchronous step (the slowest rank's share,
-    ceil(B/P) rows) and the total, with and without overlapping backward and Allreduce:
+    ceil(B/P) rows) and the total, with the sync after backward (blocking) and
+    overlapped with it:
 
         T(P)         = data + compute(ceil(B/P)) + update + allreduce(n, P, H, K)
-        T_overlap(P) = data + forward + max(backward, allreduce) + update"""
+        T_overlap(P) = data + forward + backward + exposed + update
+
+    exposed: the buckets' schedule (overlap.py) on the α-β link, with
+    the bench's --bucket-mb. On one host the Allreduce is CPU work that does not
+    overlap: T_overlap = T. A bench JSON without the model gives the bound
+    max(backward, allreduce) instead of the schedule."""
     if min(global_batch, ranks, hosts, ranks_per_host, n_bytes) < 1:
         raise ValueError("global_batch, ranks, hosts, ranks_per_host, n_bytes must be >= 1")
     work = Compute.from_bench(bench_step)
@@ -313,7 +321,16 @@ def predict_step(bench_step: dict, comm: dict | None, global_batch: int, ranks: 
     phases = {"data": work.data, "forward": compute - backward, "backward": backward,
               "allreduce": allreduce, "update": work.update}
     total = sum(phases.values())
-    overlap = total - backward - allreduce + max(backward, allreduce)
+    if ranks == 1 or hosts == 1:
+        overlap = total
+    elif "model" not in bench_step:
+        overlap = total - backward - allreduce + max(backward, allreduce)
+    else:
+        machine = machine_from(comm)
+        buckets = bucket_schedule(bench_step["model"], itemsize,
+                                  bench_step.get("bucket_mb", 1.0) * 1e6)
+        overlap = total - allreduce + exposed_sync(backward, buckets, lambda b: allreduce_time(
+            b, ranks, machine, hosts, ranks_per_host, itemsize))
     return {"phases": phases, "step_s": total, "step_overlap_s": overlap,
             "local_batch": rows, "algorithm": mpich_algorithm(n_bytes, ranks, itemsize)}
 

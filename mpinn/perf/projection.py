@@ -9,6 +9,8 @@ transport, gamma), the point's placement (hosts, ranks per host, from its summar
 decided by the launcher, not a measurement of speed) and its gradient buffer:
 
     predicted_step_s = data + compute(ceil(B/P)) + update + allreduce(n, P, H, K)
+                       (with --sync overlap across hosts: the buckets' schedule,
+                       costmodel.predict_step)
     prediction_error = predicted_step_s / step_s - 1
 """
 
@@ -60,13 +62,15 @@ def load_calibration(sweep_dir: str) -> Calibration | None:
     return Calibration(steps, comm) if steps else None
 
 
-def predict_row(row: dict, n_bytes: int, calibration: Calibration) -> dict:
-    """The prediction of one report row (report.points) and its error."""
+def predict_row(row: dict, n_bytes: int, calibration: Calibration,
+                overlapped: bool = False) -> dict:
+    """The prediction of one report row (report.points) and its error: of the overlapped
+    step if its runs synced with --sync overlap, else of the blocking one."""
     predicted = costmodel.predict_step(
         calibration.steps[row["ranks"]], calibration.comm, row["global_batch"], row["ranks"],
         row["hosts"], row["ranks_per_host"], n_bytes)
-    return {"predicted_step_s": predicted["step_s"],
-            "prediction_error": predicted["step_s"] / row["step_s"] - 1,
+    step = predicted["step_overlap_s" if overlapped else "step_s"]
+    return {"predicted_step_s": step, "prediction_error": step / row["step_s"] - 1,
             "predicted": predicted}
 
 
@@ -82,7 +86,8 @@ def add_predictions(rows: list[dict], runs: list, calibrations: dict[str, Calibr
                       and calibrations[r.sweep].covers(row["ranks"])), None)
         if sweep is not None:
             n_bytes = group[0].summary["allreduce_bytes_per_step"]
-            row.update(predict_row(row, n_bytes, calibrations[sweep]))
+            overlapped = all(r.summary.get("sync") == "overlap" for r in group)
+            row.update(predict_row(row, n_bytes, calibrations[sweep], overlapped))
             done = True
     return done
 
