@@ -68,10 +68,11 @@ def freeze_rank_2(proc, pids: dict, ends_within: float, then=lambda: None):
 
 def test_a_stalled_rank_is_named_and_the_job_ends(synth, tmp_path):
     out = tmp_path / "stall"
-    proc, pids = start_long_run(synth, out, "--stall-timeout", 5)
+    # 100 B buckets: the 8-wide model's gradient goes out in two, while backward runs
+    proc, pids = start_long_run(synth, out, "--stall-timeout", 5, "--bucket-mb", "0.0001")
     result = freeze_rank_2(proc, pids, ends_within=35)
     expect_error(result, 1, "stalled:", "rank 2 (", f"pid {pids[2]}) did not answer",
-                 "--stall-timeout 5 s passed", "in the gradient Allreduce")
+                 "--stall-timeout 5 s passed", "in the gradient Allreduce (bucket 1 of 2,")
     assert "Rank 1: waiting in the same call" in result.stderr, result.stderr
     time.sleep(0.5)
     assert rank_pids(str(out)) == []  # the frozen rank is gone too

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 
-from conftest import expect_error, mpinn, ok
+from conftest import expect_error, finish, mpinn, ok, start_mpinn, wait_for
 
 
 def nest_without_overlap(events: list[dict]) -> bool:
@@ -57,3 +59,17 @@ def test_plot_takes_a_run_or_a_trace(tmp_path):
     expect_error(mpinn(None, "plot"), 2, "--trace TRACE.json (one of them)")
     (tmp_path / "t.json").write_text("{}")
     expect_error(mpinn(None, "plot", "--trace", tmp_path / "t.json"), 2, "not an mpinn trace")
+
+
+def test_a_stop_writes_the_trace(synth, tmp_path):
+    """Ctrl-C: the ranks agree on the stop, checkpoint, and rank 0 writes the trace."""
+    out, trace = tmp_path / "run", tmp_path / "trace.json"
+    proc = start_mpinn(2, "train", synth, "--out", out, "--epochs", 100000, "--hidden", "8",
+                       "--batch-size", 8, "--trace", trace, "--trace-steps", 5)
+    wait_for(lambda: (out / "metrics.jsonl").exists(), proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    expect_error(finish(proc, timeout=60), 3, "stopped by a signal")
+    events = json.loads(trace.read_text())["traceEvents"]
+    steps = [e for e in events if e["ph"] == "X" and e["name"].startswith("step ")]
+    assert {e["pid"] for e in steps} == {0, 1} and len(steps) == 2 * 10  # first 5, last 5
+    assert any(e["name"] == "checkpoint" for e in events if e["ph"] == "X")
