@@ -203,6 +203,16 @@ def digits(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI=true a skip from anywhere (a skipif, an importorskip) fails the test too."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("CI") == "true" and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true, where nothing may skip: {report.longrepr}"
+
+
 def unavailable(what: str, how: str) -> None:
     """Skip on a user's machine; under CI=true nothing may skip, so fail instead."""
     message = f"{what} is not available: {how}"

@@ -12,6 +12,7 @@ from mpinn.comm.gradsync import SYNC_MODES
 from mpinn.data.layout import LARGE_INPUT
 from mpinn.data.readers import IO_MODES
 from mpinn.nn.optim import OPTIMIZERS
+from mpinn.run.config import TrainConfig
 
 EPILOG = """exit codes: 0 success, 2 bad usage or input, 1 failure while running (a
 diverged run, a full disk, a rank that died), 3 stopped by Ctrl-C/SIGTERM/SIGUSR1
@@ -100,10 +101,11 @@ BENCH = Command("bench", "benchmarks (run under mpiexec)", dest="bench_command",
                 arg("--dtype", choices=("float32", "float64"), default="float32"),
                 arg("--optimizer", choices=OPTIMIZERS, default="sgd",
                     help="the update the step times (default sgd)"),
-                arg("--sync", choices=SYNC_MODES, default="overlap",
-                    help="the gradient sync, as in training (default overlap)"),
-                arg("--bucket-mb", type=float, default=1.0, metavar="MB",
-                    help="overlap: the least MB per Allreduce, as in training (default 1.0)"),
+                arg("--sync", choices=SYNC_MODES, default=TrainConfig.sync,
+                    help=f"the gradient sync, as in training (default {TrainConfig.sync})"),
+                arg("--bucket-mb", type=float, default=TrainConfig.bucket_mb, metavar="MB",
+                    help="overlap: the least MB per Allreduce, as in training (default "
+                    f"{TrainConfig.bucket_mb})"),
                 arg("--local-batches", metavar="B[,B...]",
                     help="also time forward + backward at these rows per rank (all ranks at "
                     "once) and fit c0 + c1 x rows: the compute term of the cost model, "

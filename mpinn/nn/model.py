@@ -17,6 +17,7 @@ allocates no arrays of layer width.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -63,13 +64,11 @@ class Architecture:
             offset = ranges[-1][1]
         return ranges
 
-    def panels(self, rows: int, width: int) -> list[tuple[int, int]]:
+    def panels(self, rows: int, width: int) -> tuple[tuple[int, int], ...]:
         """[lo, hi) panels of `rows` (of a backward product's output, `width` long each):
         about PANEL_ELEMENTS outputs each, fixed by the shapes alone (so both sync modes
         compute the same panels, and every rank the same dW panels), in order."""
-        count = max(1, min(rows, -(-rows * width // PANEL_ELEMENTS)))
-        edges = [rows * k // count for k in range(count + 1)]
-        return list(zip(edges[:-1], edges[1:]))
+        return panels(rows, width)
 
     def views(self, flat: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Every layer's W (fan_in x fan_out) and b (fan_out,) as views into a flat vector
@@ -81,6 +80,14 @@ class Architecture:
             weights.append(flat[start:stop - fan_out].reshape(fan_in, fan_out))
             biases.append(flat[stop - fan_out:stop])
         return weights, biases
+
+
+@functools.cache
+def panels(rows: int, width: int) -> tuple[tuple[int, int], ...]:
+    """Architecture.panels, computed once per shape (backward asks at every step)."""
+    count = max(1, min(rows, -(-rows * width // PANEL_ELEMENTS)))
+    edges = [rows * k // count for k in range(count + 1)]
+    return tuple(zip(edges[:-1], edges[1:]))
 
 
 class BackwardHooks(Protocol):

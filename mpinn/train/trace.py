@@ -53,10 +53,6 @@ class Trace:
         self.other: list[Event] = []  # outside steps: checkpoints, reads between epochs
         self.steps = 0
 
-    def event(self, name: str, tid: int, start: float, end: float) -> None:
-        (self.current if tid in (STEP_TID, READ_TID) or tid >= BUCKET_TID
-         else self.other).append((name, tid, start, end))
-
     def phase(self, name: str, start: float, end: float) -> None:
         """A phase of the step (PhaseTimer's observer)."""
         self.current.append((name, STEP_TID, start, end))
@@ -67,11 +63,12 @@ class Trace:
 
     @contextmanager
     def span(self, name: str, tid: int) -> Iterator[None]:
+        """Work outside the steps (checkpoints), kept whatever the step."""
         start = time.perf_counter()
         try:
             yield
         finally:
-            self.event(name, tid, start, time.perf_counter())
+            self.other.append((name, tid, start, time.perf_counter()))
 
     def end_step(self, step: int, start: float, sync: GradientSync) -> None:
         """Close a step: its own event, its buckets' Allreduces, and what it recorded."""
