@@ -183,8 +183,8 @@ def inspect(path: str) -> str:
              f"{info.features} features"]
     with open_hdf5(path) as f, hdf5_errors(path, "its datasets"):
         for key, value in f.attrs.items():
-            lines.append(f"  attribute {key} = {value}")
-        for split in SPLITS:
+            lines.append(f"  attribute {key} = {shown(value)}")
+        for split in info.splits:
             for name in ("x", "y"):
                 d = f[split][name]
                 lines.append(f"  /{split}/{name}: shape {d.shape}, {d.dtype}, chunks {d.chunks}, "
@@ -192,6 +192,18 @@ def inspect(path: str) -> str:
             if info.task == "classification":
                 lines.append(f"  /{split} class counts: {class_counts(f[split]['y'], info)}")
     return "\n".join(lines)
+
+
+def shown(value) -> str:
+    """An attribute's value, a long array by its first few elements."""
+    if isinstance(value, np.ndarray) and value.size > 8:
+        head = ", ".join(str(v.decode() if isinstance(v, bytes) else v)
+                         for v in value.ravel()[:4])
+        return f"[{head}, ...] ({value.size} values)"
+    if isinstance(value, np.ndarray) and value.dtype.kind in "OS":
+        return "[" + ", ".join(str(v.decode() if isinstance(v, bytes) else v)
+                               for v in value.ravel()) + "]"
+    return str(value)
 
 
 def class_counts(y: h5py.Dataset, info: DatasetInfo) -> str:
@@ -220,7 +232,7 @@ def check_values(path: str, block_rows: int = 1 << 16, max_abs: float = LARGE_IN
     info = describe(path)
     classes = info.outputs if info.task == "classification" else 0
     with open_hdf5(path) as f:
-        for split in SPLITS:
+        for split in info.splits:
             x, y = f[split]["x"], f[split]["y"]
             for start in range(0, len(x), block_rows):
                 stop = min(start + block_rows, len(x))

@@ -2,8 +2,12 @@
 
 Layout (docs/design.md): groups `train` and `test`, each with `x` (N x D,
 float32) and `y` (N integer class labels, or N x K float targets for
-regression). An optional file attribute `classes` fixes the number of classes;
-without it, it is max(label) + 1 over both splits.
+regression). Either group may be absent (a file to train on without test
+rows, new rows to score), not both. An optional file attribute `classes` fixes
+the number of classes; without it, it is max(label) + 1 over the splits.
+Optional attributes written by `data import` (data/importer.py): `class_names`
+(the original label of each class) and `input_mean`, `input_std` (the
+standardization the stored inputs went through).
 
 `check_data` is the collective validation every command runs before its first
 collective of real work: rank 0 has the file's structure probed first (probe.py:
@@ -47,31 +51,49 @@ class DatasetInfo:
     features: int
     task: str  # "classification" or "regression"
     outputs: int  # classes, or regression targets; 0 while classes are still unknown
+    splits: tuple[str, ...] = SPLITS  # the groups the file has
 
     def rows(self, split: str) -> int:
         return self.n_train if split == "train" else self.n_test
+
+    def require(self, split: str, hint: str = "") -> None:
+        """UsageError unless the file has rows in `split`."""
+        if split not in self.splits:
+            raise UsageError(f"{self.path}: missing group '/{split}'{hint}")
+        if self.rows(split) == 0:
+            raise UsageError(f"{self.path}: the {split} split is empty{hint}")
 
 
 def describe(path: str) -> DatasetInfo:
     """Check the file's layout (not its values) and describe it; UsageError if wrong."""
     with open_hdf5(path) as f, hdf5_errors(path, "its layout"):
-        shapes = {split: split_shapes(path, f, split) for split in SPLITS}
-        (xtr, ytr), (xte, yte) = shapes["train"], shapes["test"]
-        if xtr[1] != xte[1]:
-            raise UsageError(f"{path}: train has {xtr[1]} features but test has {xte[1]}")
-        if len(ytr) != len(yte) or ytr[1:] != yte[1:]:
-            raise UsageError(f"{path}: train and test targets differ in shape ({ytr} vs {yte})")
-        if xtr[0] == 0:
-            raise UsageError(f"{path}: the train split is empty")
-        task = "classification" if len(ytr) == 1 else "regression"
-        outputs = ytr[1] if task == "regression" else classes_attribute(path, f)
-        return DatasetInfo(path, xtr[0], xte[0], xtr[1], task, outputs)
+        present = tuple(s for s in SPLITS if s in f)
+        if not present:
+            raise UsageError(f"{path}: missing group '/train' (a dataset file has groups train "
+                             f"and test, each with x and y; `mpinn data import` converts CSV, "
+                             f".npy and other HDF5 files)")
+        shapes = {split: split_shapes(path, f, split) for split in present}
+        x, y = shapes[present[0]]
+        for split in present[1:]:  # the splits agree
+            if shapes[split][0][1] != x[1]:
+                raise UsageError(f"{path}: {present[0]} has {x[1]} features but {split} has "
+                                 f"{shapes[split][0][1]}")
+            if shapes[split][1][1:] != y[1:] or len(shapes[split][1]) != len(y):
+                raise UsageError(f"{path}: train and test targets differ in shape "
+                                 f"({y} vs {shapes[split][1]})")
+        rows = {s: shapes[s][0][0] if s in shapes else 0 for s in SPLITS}
+        if sum(rows.values()) == 0:
+            raise UsageError(f"{path}: the {' and '.join(present)} split"
+                             f"{'s are' if len(present) > 1 else ' is'} empty")
+        task = "classification" if len(y) == 1 else "regression"
+        outputs = y[1] if task == "regression" else classes_attribute(path, f)
+        return DatasetInfo(path, rows["train"], rows["test"], x[1], task, outputs, present)
 
 
 def split_shapes(path: str, f: h5py.File, split: str) -> tuple[tuple, tuple]:
     """The shapes of a split's x and y; UsageError unless they make a split."""
-    if split not in f or not isinstance(f[split], h5py.Group):
-        raise UsageError(f"{path}: missing group '/{split}' (a dataset file has "
+    if not isinstance(f[split], h5py.Group):
+        raise UsageError(f"{path}: '/{split}' is not a group (a dataset file has "
                          f"groups train and test, each with x and y)")
     for name in ("x", "y"):
         if name not in f[split] or not isinstance(f[split][name], h5py.Dataset):
@@ -131,8 +153,9 @@ class Problem:
 
 
 def check_data(comm: Comm, path: str, loss: str, features: int | None = None,
-               outputs: int | None = None) -> Problem:
-    """Collective validation of a dataset file (and, optionally, a model's shape).
+               outputs: int | None = None, split: str | None = "train") -> Problem:
+    """Collective validation of a dataset file (and, optionally, a model's shape), which
+    must have rows in `split` (the one the command reads).
 
     Every rank checks the layout and the labels of its own share of rows, then
     all ranks agree on the outcome: UsageError on every rank if any found a fault.
@@ -141,6 +164,8 @@ def check_data(comm: Comm, path: str, loss: str, features: int | None = None,
     error, lo, hi, info = None, 0, -1, None
     try:
         info = describe(path)
+        if split is not None:
+            info.require(split)
         if info.task == "regression" and loss == "cross-entropy":
             raise UsageError(f"{path} holds regression targets: use --loss mse")
         if info.task == "classification":

@@ -38,7 +38,7 @@ import h5py
 import numpy as np
 
 from mpinn.base.console import say
-from mpinn.base.errors import CollectiveError, StorageError
+from mpinn.base.errors import CollectiveError, StorageError, UsageError
 from mpinn.base.files import check_writable, commit, remove_quietly, temp_path
 from mpinn.base.hdf5 import HDF5_FAILURES
 from mpinn.base.reserved import allocated, create_reserved, hdf5_write_errors, new_hdf5
@@ -122,14 +122,16 @@ def _rounds(comm: Comm, specs: dict[str, SplitSpec], produce: Producer, block_ro
     """(split, first row, x, y) per write round; ranks with no block left yield rows = 0."""
     for split, spec in specs.items():
         blocks, rounds = my_blocks(spec.rows, block_rows, comm.rank, comm.size)
+
+        def make(i: int, split=split, spec=spec, blocks=blocks) -> tuple:
+            if i >= len(blocks):
+                return (0, np.zeros((0, spec.features), np.float32),
+                        np.zeros((0, *spec.y_shape), spec.y_dtype))
+            start = blocks[i] * block_rows
+            return (start, *produce(split, blocks[i], min(block_rows, spec.rows - start)))
         for i in range(rounds):
-            if i < len(blocks):
-                start = blocks[i] * block_rows
-                x, y = produce(split, blocks[i], min(block_rows, spec.rows - start))
-            else:
-                start = 0
-                x = np.zeros((0, spec.features), np.float32)
-                y = np.zeros((0, *spec.y_shape), spec.y_dtype)
+            # bad input met producing rows (an import's NaN) ends every rank alike
+            start, x, y = collectives.all_try(comm, make, i)
             yield split, start, np.ascontiguousarray(x), np.ascontiguousarray(y)
 
 
@@ -145,8 +147,8 @@ def _write_mpiio(comm, tmp, path, specs, offsets, produce, block_rows) -> None:
             row_y = y.itemsize * int(np.prod(specs[split].y_shape))
             for at, buf in ((x_at + start * row_x, x), (y_at + start * row_y, y)):
                 collectives.all_try(comm, mpiio.write_at_all, fh, at, buf, path)
-    except CollectiveError:  # agreed: every rank is here, so the close can be collective
-        with contextlib.suppress(StorageError):
+    except (CollectiveError, UsageError):  # agreed: every rank is here, so the close can
+        with contextlib.suppress(StorageError):  # be collective
             mpiio.close_file(fh, path)
         raise
     collectives.all_try(comm, mpiio.close_file, fh, path)
@@ -171,8 +173,8 @@ def _write_mpio(comm, tmp, path, specs, produce, block_rows) -> None:
             ranges = np.array([[start, start + len(x)]]) if len(x) else np.zeros((0, 2), int)
             for dset, buf in ((f[split]["x"], x), (f[split]["y"], y)):
                 collectives.all_try(comm, write, dset, ranges, buf)
-    except CollectiveError:  # agreed: every rank is here, so the close can be collective
-        with contextlib.suppress(StorageError, *HDF5_FAILURES):
+    except (CollectiveError, UsageError):  # agreed: every rank is here, so the close can
+        with contextlib.suppress(StorageError, *HDF5_FAILURES):  # be collective
             f.close()
         raise
     collectives.all_try(comm, close)

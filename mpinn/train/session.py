@@ -90,7 +90,7 @@ class Reading:
     sampling: Sampling
     file: DataFile
     train: SplitReader
-    test: SplitReader
+    test: SplitReader | None  # None: the file has no test split
     buffers: Buffers
     val: SplitReader  # the train split again: evaluating never counts as training reads
     val_rows: np.ndarray  # held-out file rows of the train split (sorted; maybe none)
@@ -316,6 +316,7 @@ def open_reading(cfg: TrainConfig, comm: Comm, io: str, max_rows: int,
         f"--shuffle block's window of {window_rows:,} rows per rank",
         "choose a smaller --window-rows"))
     return Reading(io=io, prefetch=prefetch, file=datafile, train=train,
-                   test=datafile.reader("test", max_rows), buffers=buffers, sampling=sampling,
+                   test=datafile.reader("test", max_rows) if "test" in problem.info.splits
+                   else None, buffers=buffers, sampling=sampling,
                    val=datafile.reader("train", max_rows), val_rows=held,
                    train_rows=remaining(problem.info.n_train, held))

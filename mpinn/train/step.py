@@ -125,11 +125,12 @@ def count_correct(logits: np.ndarray, y: np.ndarray, problem: Problem,
     return int(np.count_nonzero(predicted == y))
 
 
-def evaluate(comm: Comm, model: MLP, reader: SplitReader, problem: Problem,
+def evaluate(comm: Comm, model: MLP, reader: SplitReader | None, problem: Problem,
              rows: np.ndarray | None = None) -> dict:
     """Collective: mean loss (and, for classification, accuracy, precision, recall, F1
     and the confusion matrix: metrics.py) of the model on all rows of a split, or on
-    the ascending file rows `rows` of it (the held-out validation rows).
+    the ascending file rows `rows` of it (the held-out validation rows). A split the
+    file does not have (reader None) scores as an empty one.
 
     Each rank evaluates its contiguous share of the rows; the sums of loss, rows
     and the confusion counts are reduced in one Allreduce, then divided. Every
@@ -137,6 +138,8 @@ def evaluate(comm: Comm, model: MLP, reader: SplitReader, problem: Problem,
     empty. A non-finite input row, or rows HDF5 cannot read (independent reads), are
     bad input: UsageError on every rank, naming them.
     """
+    if reader is None:
+        return evaluation(0.0, 0, np.zeros(0), 0)
     n = reader.n if rows is None else len(rows)
     start, stop = share(n, comm.rank, comm.size)
     # reads of at least EVAL_READ_ROWS rows (few, large reads), forward a model's
