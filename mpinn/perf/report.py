@@ -27,9 +27,7 @@ import io
 import json
 import os
 import statistics
-from dataclasses import dataclass
 
-from mpinn import __version__
 from mpinn.base.errors import UsageError
 from mpinn.base.files import read_json, write_atomically
 from mpinn.perf.plot import load_pyplot, plot_scaling
@@ -41,6 +39,7 @@ from mpinn.perf.projection import (
     sweep_projection,
 )
 from mpinn.perf.scaling import MANIFEST, MODES, read_manifest
+from mpinn.perf.study import Run, environment_lines, setup_lines
 from mpinn.run.config import COMPARED_KEYS
 from mpinn.run.rundir import SUMMARY
 from mpinn.train.timing import PHASES
@@ -54,18 +53,6 @@ COLUMNS = ("mode", "ranks", "hosts", "ranks_per_host", "repeats", "oversubscribe
 # what makes sweeps comparable: the shape of the dataset, and the settings that change
 # the work (run.config.COMPARED_KEYS)
 DATA_KEYS = ("train_rows", "features", "outputs", "task")
-
-
-@dataclass
-class Run:
-    """One finished training of a sweep."""
-
-    mode: str
-    ranks: int
-    repeat: int
-    path: str
-    summary: dict
-    sweep: str
 
 
 def load_sweeps(sweep_dirs: list[str]) -> tuple[list[dict], list[Run], list[str]]:
@@ -269,56 +256,6 @@ def run_table(runs: list[Run]) -> list[str]:
                      f"{s.get('steps_this_run', s['steps']) - 1} | {rate(s['samples_per_s'])} | "
                      f"{ms(step_seconds(s))} | {'yes' if s.get('oversubscribed') else 'no'} |")
     return lines
-
-
-def setup_lines(manifests: list[dict], runs: list[Run]) -> list[str]:
-    """What was trained: data, model, optimizer, how the sweeps launched."""
-    first = manifests[0]
-    data, cfg = first["dataset"], first["train_config"]
-    params = runs[0].summary["params"]
-    layers = "-".join(map(str, [data["features"], *cfg["hidden"], data["outputs"] or "?"]))
-    lines = [f"- **data**: `{data['path']}`: {data['train_rows']} training rows x "
-             f"{data['features']} features, {data['outputs']} "
-             f"{'classes' if data['task'] == 'classification' else 'targets'}; "
-             f"{data['test_rows']} test rows",
-             f"- **model**: {layers} ({cfg['activation']}, {cfg['dtype']}, {params} "
-             f"parameters, {cfg['loss']}); Allreduce of "
-             f"{runs[0].summary['allreduce_bytes_per_step']} bytes per step",
-             f"- **optimizer**: {cfg['optimizer']}, lr {cfg['lr']:g}"
-             + (f", momentum {cfg['momentum']:g}" if cfg["optimizer"] == "momentum" else "")
-             + f", {cfg['epochs']} epoch{'s' if cfg['epochs'] != 1 else ''} per run, "
-             f"shuffle {cfg['shuffle']}, io {cfg['io']}"]
-    for m in manifests:
-        lines.append(f"- **sweep** `{m['directory']}`: {', '.join(m['modes'])}; ranks "
-                     f"{', '.join(map(str, m['ranks']))}; {m['repeats']} repeat"
-                     f"{'s' if m['repeats'] > 1 else ''}; launcher `{m['launcher']}`; "
-                     f"driver on {m['driver_host']}; mpinn {m['mpinn_version']}")
-    return lines
-
-
-def environment_lines(runs: list[Run]) -> list[str]:
-    """The software and hardware the runs report (distinct values over all runs)."""
-    def distinct(values) -> str:
-        return "; ".join(dict.fromkeys(str(v) for v in values))
-    envs = [r.summary.get("environment", {}) for r in runs]
-    device = [line.split(":", 1)[1].strip() for e in envs
-              for line in e.get("mpi_version", "").splitlines() if line.startswith("MPICH Device")]
-    variables = {k: v for e in envs for k, v in e.get("variables", {}).items()}
-    hosts = sorted({h for r in runs for h in r.summary["hosts"]})
-    return [f"- **MPI**: {distinct(r.summary['mpi'] for r in runs)}"
-            + (f" (device {distinct(device)})" if device else ""),
-            "- **transport**: shared memory between ranks of one host"
-            + ("; between hosts, the network" if any(len(r.summary["hosts"]) > 1 for r in runs)
-               else " (every run on one host)")
-            + (", chosen by " + ", ".join(f"`{k}={v}`" for k, v in variables.items())
-               if variables else ", with the MPI library's defaults"),
-            f"- **BLAS**: {distinct(e.get('blas', '?') for e in envs)}, "
-            f"{distinct(e.get('blas_threads', '?') for e in envs)} thread(s) per rank",
-            f"- **hosts**: {', '.join(hosts)}",
-            f"- **software**: mpinn "
-            f"{distinct(r.summary.get('mpinn_version', __version__) for r in runs)}, Python "
-            f"{distinct(e.get('python', '?') for e in envs)}, NumPy "
-            f"{distinct(e.get('numpy', '?') for e in envs)}"]
 
 
 def markdown(manifests: list[dict], runs: list[Run], rows: list[dict], missing: list[str],
