@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import statistics
@@ -339,7 +340,7 @@ def fake_run(mode: str, ranks: int, rate: float, repeat: int = 0) -> report.Run:
               for i, p in enumerate(PHASES)}
     summary = {"samples_per_s": rate, "batch_size": 64 * (ranks if mode == "weak" else 1),
                "hosts": ["a", "b"][:1 + (ranks > 2)], "ranks_per_host": [min(ranks, 2)] * 2,
-               "step_s": {"mean": 0.02, "max": 0.03}, "step_time_s": phases}
+               "step_s": {"mean": 0.02, "max": 0.03}, "step_time_s": phases, "steps": 50}
     return report.Run(mode, ranks, repeat, f"{mode}/p{ranks}", summary, "s")
 
 
@@ -479,3 +480,148 @@ def test_project_measures_the_compute_here_without_a_bench_step(cli, tmp_path):
 @pytest.mark.fast
 def test_bad_projections_are_refused_with_one_message(cli, tmp_path, options, words):
     expect_error(cli("scaling", "project", *options, "--out", tmp_path / "o"), 2, *words)
+
+
+# the report's warnings and labels, from sweeps written here (no process runs): a
+# manifest as the driver makes it, summaries with the fields the runs write, and a
+# calibration whose predictions set the measured steps (so the errors are known)
+
+DATASET = {"path": "/data/synth.h5", "train_rows": 600, "test_rows": 100, "features": 12,
+           "task": "classification", "outputs": 4}
+N_BYTES = (12 * 8 + 8 + 8 * 4 + 4 + 3) * 4  # 12-8-4 and the 3 control slots, float32
+ONE_HOST_COMM = {"ranks": 2, "hosts": ["vm"], "ranks_per_host": [2], "gamma_s_per_byte": 3e-11,
+                 "transports": {"shm": {"alpha_s": 4e-6, "beta_s_per_byte": 2e-10,
+                                        "pair": [0, 1], "exchange": {
+                                            "alpha_s": 5e-6, "beta_s_per_byte": 3e-10}}}}
+
+
+def bench_step(ranks: int) -> dict:
+    return dict(BENCH_STEP, model=[12, 8, 4], ranks=ranks, batch_size=30, optimizer="momentum")
+
+
+def written_sweep(root: Path, ranks=(1, 2), modes=("strong",), repeats=1, steps=100,
+                  hosts=1, comm: dict | None = None, errors: dict | None = None,
+                  rates: dict | None = None) -> Path:
+    """A finished sweep on disk. With comm, a calibration: each point's step is then
+    measured at predicted / (1 + error) (errors: (mode, ranks) -> error, default 0);
+    without, step = global batch / rate (rates: (mode, ranks) -> samples/s per repeat)."""
+    cfg = TrainConfig(data=DATASET["path"], out=str(root), hidden=(8,), batch_size=30,
+                      lr=0.01, epochs=1)
+    points = scaling.plan(cfg, modes, ranks, repeats, scaling_given=False)
+    manifest = scaling.Sweep(str(root), cfg, points, "mpiexec -n {n}", False).manifest(
+        DATASET, {p.name: {"state": "done"} for p in points})
+    (root / "calibration").mkdir(parents=True)
+    (root / "sweep.json").write_text(json.dumps(manifest))
+    if comm is not None:
+        (root / "calibration" / "comm.json").write_text(json.dumps(comm))
+        for n in ranks:
+            (root / "calibration" / f"step-p{n}.json").write_text(json.dumps(bench_step(n)))
+    for p in points:
+        names = [f"h{i}" for i in range(hosts if p.ranks > 1 else 1)]
+        if comm is not None:
+            predicted = costmodel.predict_step(bench_step(p.ranks), comm, p.batch_size,
+                                               p.ranks, len(names), p.ranks // len(names),
+                                               N_BYTES)["step_s"]
+            step = predicted / (1 + (errors or {}).get((p.mode, p.ranks), 0.0))
+        else:
+            step = p.batch_size / (rates or {}).get((p.mode, p.ranks), [1000.0] * repeats
+                                                    )[p.repeat]
+        phases = {ph: {"mean": step / 5, "max": step / 5} for ph in PHASES}
+        summary = {"ranks": p.ranks, "hosts": names, "oversubscribed": False,
+                   "ranks_per_host": [p.ranks // len(names)] * len(names), "mpi": "MPICH 5",
+                   "steps": steps, "steps_this_run": steps, "resumed_from_step": None,
+                   "batch_size": p.batch_size, "params": 140, "lr": p.lr, "sync": "blocking",
+                   "samples_per_s": p.batch_size / step, "step_s": {"mean": step, "max": step},
+                   "step_time_s": phases, "allreduce_bytes_per_step": N_BYTES}
+        (root / p.name).mkdir(parents=True)
+        (root / p.name / "summary.json").write_text(json.dumps(summary))
+    return root
+
+
+@pytest.fixture
+def report_of(cli, tmp_path, monkeypatch):
+    """`mpinn scaling report SWEEP` in this process, without the plots (seconds each):
+    (report.md, what the console showed)."""
+    def no_pyplot(what: str):
+        raise UsageError("no plots in this test")
+    monkeypatch.setattr(report, "load_pyplot", no_pyplot)
+
+    def make(sweep_dir: Path) -> tuple[str, str]:
+        result = ok(cli("scaling", "report", sweep_dir, "--out", tmp_path / "report"))
+        return (tmp_path / "report" / "report.md").read_text(), result.stdout
+    return make
+
+
+@pytest.mark.fast
+def test_a_point_run_once_shows_no_spread_and_the_report_says_so(report_of, tmp_path):
+    text, console = report_of(written_sweep(tmp_path / "once", rates={
+        ("strong", 1): [35667.0], ("strong", 2): [50000.0]}))
+    assert "| 1 | 1 | 1 | 30 | 35,667 | 1 |" in text and "35,667 (35,667-35,667)" not in text
+    for where in (text, console):
+        assert "1 repeat" in where and "every point ran once" in where
+        assert "--repeats 3" in where
+    assert "mpinn scaling: warning: 1 repeat: every point ran once" in console
+    text, console = report_of(written_sweep(tmp_path / "twice", repeats=2, rates={
+        ("strong", 1): [100.0, 120.0], ("strong", 2): [150.0, 170.0]}))
+    assert "| 110 (100-120) |" in text and "160 (150-170)" in text
+    assert "1 repeat" not in text and "warning" not in console
+
+
+@pytest.mark.fast
+def test_points_with_few_timed_steps_are_named(report_of, tmp_path):
+    """A run's first step is a warm-up: FEW_STEPS + 1 steps time FEW_STEPS, enough."""
+    enough = scaling.FEW_STEPS + 1
+    text, console = report_of(written_sweep(tmp_path / "enough", repeats=2, steps=enough))
+    assert "few timed steps" not in text and "warning" not in console
+    assert f"| {enough - 1} |" in text  # the run table's steps timed
+    text, console = report_of(written_sweep(tmp_path / "few", repeats=2, steps=enough - 1))
+    for where in (text, console):
+        assert f"strong, 1 rank ({enough - 2}); strong, 2 ranks ({enough - 2})" in where
+        assert f"fewer than {scaling.FEW_STEPS} steps timed" in where and "--epochs" in where
+    assert "mpinn scaling: warning: few timed steps: strong, 1 rank" in console
+
+
+@pytest.mark.fast
+def test_predictions_off_by_more_than_15_percent_are_named(report_of, tmp_path):
+    sweep_dir = written_sweep(tmp_path / "s", repeats=2, comm=ONE_HOST_COMM,
+                              errors={("strong", 1): 0.149, ("strong", 2): 0.284})
+    text, console = report_of(sweep_dir)
+    rows = {int(r["ranks"]): r for r in read_points(tmp_path / "report")}
+    assert float(rows[2]["prediction_error"]) == pytest.approx(0.284, rel=1e-9)
+    for where in (text, console):
+        assert "strong, 2 ranks (+28.4%" in where and "more than 15%" in where
+        assert "strong, 1 rank (" not in where  # 14.9%: within the target
+    assert "mpinn scaling: warning: prediction error: strong, 2 ranks (+28.4%" in console
+    assert "largest |error| 28.4%, above the 15% the model aims for" in text
+
+
+@pytest.mark.fast
+def test_the_throughput_plot_draws_no_spread_for_a_point_run_once():
+    try:
+        import matplotlib
+    except ImportError:  # fails under CI=true: the plot extra is part of make install
+        unavailable("matplotlib", "pip install 'mpinn[plot]'")
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from mpinn.perf.plot import draw_throughput
+    rows = report.points([fake_run("strong", 1, 100.0), fake_run("strong", 2, 150.0),
+                          fake_run("strong", 2, 170.0, 1)])
+    ax = Figure().subplots()
+    draw_throughput(ax, rows)
+    low, high = ax.containers[0].lines[1]  # the caps of the error bars
+    assert math.isnan(low.get_ydata()[0]) and math.isnan(high.get_ydata()[0])
+    assert (low.get_ydata()[1], high.get_ydata()[1]) == (150.0, 170.0)
+
+
+@pytest.mark.fast
+def test_the_driver_counts_timed_steps_as_the_report_does(tmp_path, capfd):
+    """20 steps per point time 19 (the first is a warm-up): fewer than FEW_STEPS."""
+    cfg = TrainConfig(data="d.h5", out=str(tmp_path), hidden=(8,), batch_size=30,
+                      epochs=1)
+    study = scaling.Sweep(str(tmp_path), cfg, scaling.plan(cfg, ("strong",), (1,), 1, False),
+                          "mpiexec -n {n}", False)
+    scaling.check_steps(study, DATASET)  # 600 rows / 30 = 20 steps
+    assert "some points time 19 steps only" in capfd.readouterr().out
+    scaling.check_steps(study, dict(DATASET, train_rows=630))
+    assert capfd.readouterr().out == ""

@@ -141,13 +141,16 @@ def mark_oversubscribed(ax, group: list[dict], key: str) -> None:
 
 
 def draw_throughput(ax, rows: list[dict]) -> None:
-    """samples/s against ranks (min-max over repeats as error bars), with the ideal:
-    the fewest ranks' throughput times the rank ratio."""
+    """samples/s against ranks (min-max over repeats as error bars, none for a point run
+    once: one run has no spread), with the ideal: the fewest ranks' throughput times the
+    rank ratio."""
     for mode, group in by_mode(rows).items():
         x = [r["ranks"] for r in group]
         y = [r["samples_per_s"] for r in group]
-        err = [[r["samples_per_s"] - r["samples_per_s_min"] for r in group],
-               [r["samples_per_s_max"] - r["samples_per_s"] for r in group]]
+        err = [[r["samples_per_s"] - r["samples_per_s_min"] if r["repeats"] > 1 else float("nan")
+                for r in group],
+               [r["samples_per_s_max"] - r["samples_per_s"] if r["repeats"] > 1 else float("nan")
+                for r in group]]
         line = ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"{mode}")
         base = group[0]
         ax.plot(x, [base["samples_per_s"] * n / base["ranks"] for n in x], linestyle="--",

@@ -25,7 +25,7 @@ import numpy as np
 
 from mpinn.base.errors import EXIT_OK, UsageError
 from mpinn.base.files import read_json, write_atomically
-from mpinn.perf import calibrate, costmodel
+from mpinn.perf import calibrate, caveats, costmodel
 from mpinn.perf.plot import plot_projection
 from mpinn.perf.scaling import child_environment, default_launcher, launcher_argv
 from mpinn.perf.sweep import launch
@@ -184,7 +184,10 @@ def prediction_section(rows: list[dict], image: str | None) -> list[str]:
             "the point's rank count, bench comm at the largest) and the point's placement, "
             "without its own timings: data + compute(ceil(B/P)) + update + the Allreduce "
             "MPICH runs at that size and P. Error = predicted / measured - 1; largest "
-            f"|error| {100 * max(errors):.1f}%.", "", *prediction_table(rows), ""] + (
+            f"|error| {100 * max(errors):.1f}%"
+            + (f", above the {100 * caveats.MAX_PREDICTION_ERROR:.0f}% the model aims for "
+               f"(see the warnings)" if max(errors) > caveats.MAX_PREDICTION_ERROR else "")
+            + ".", "", *prediction_table(rows), ""] + (
         [f"![prediction]({image})", ""] if image else [])
 
 

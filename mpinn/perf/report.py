@@ -18,6 +18,10 @@ fewest ranks measured (normally 1):
     efficiency  E(P) = S(P) / P
     Karp-Flatt  e(P) = (1/S - 1/P) / (1 - 1/P)   (strong, P > 1, P0 = 1 only: the
                                             experimentally determined serial fraction)
+
+report.md opens with what makes its figures less firm than they look (caveats.py): a
+point run once, runs that timed few steps, predictions off by more than 15%;
+`mpinn scaling report` prints the same.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import statistics
 
 from mpinn.base.errors import UsageError
 from mpinn.base.files import read_json, write_atomically
+from mpinn.perf.caveats import report_warnings, timed_steps
 from mpinn.perf.plot import load_pyplot, plot_scaling
 from mpinn.perf.projection import (
     add_predictions,
@@ -122,7 +127,8 @@ def point_row(mode: str, ranks: int, runs: list[Run]) -> dict:
            "oversubscribed": any(r.summary.get("oversubscribed") for r in runs),
            "global_batch": batches.pop(), "samples_per_s": mean(rates),
            "samples_per_s_min": min(rates), "samples_per_s_max": max(rates),
-           "step_s": mean([step_seconds(r.summary) for r in runs])}
+           "step_s": mean([step_seconds(r.summary) for r in runs]),
+           "steps_timed": min(timed_steps(r.summary) for r in runs)}
     for p in PHASES:
         row[f"{p}_s"] = mean([ph[p]["mean"] for ph in phases])
     # the gradient sync: in flight (overlapping backward; runs before it: the phase) and
@@ -189,13 +195,15 @@ def csv_text(rows: list[dict], columns: tuple[str, ...] = COLUMNS) -> str:
 
 def build(sweep_dirs: list[str], out: str) -> list[str]:
     """Write points.csv, report.md and (with matplotlib) the plots into out; returns
-    what it wrote, and a message in place of the plots if it could not draw them."""
+    what it wrote, a message in place of the plots if it could not draw them, and the
+    report's warnings ('warning: ...', caveats.py), for the console."""
     manifests, runs, missing = load_sweeps(sweep_dirs)
     rows = points(runs)
     calibrations = {m["directory"]: c for m in manifests
                     if (c := load_calibration(m["directory"])) is not None}
     add_predictions(rows, runs, calibrations)
     projected = sweep_projection(rows, runs, calibrations)
+    warned = report_warnings(rows)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as exc:
@@ -208,10 +216,10 @@ def build(sweep_dirs: list[str], out: str) -> list[str]:
         images, note = [], f"{exc}; points.csv and report.md are written without them"
     write_atomically(os.path.join(out, "points.csv"), csv_text(rows).encode())
     text = markdown(manifests, runs, rows, missing, [os.path.basename(i) for i in images], note,
-                    projected)
+                    projected, warned)
     write_atomically(os.path.join(out, "report.md"), text.encode())
     written = [os.path.join(out, "points.csv"), os.path.join(out, "report.md"), *images]
-    return written + ([note] if note else [])
+    return written + ([note] if note else []) + [f"warning: {t}: {w}" for t, w in warned]
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -228,17 +236,25 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1e3:.3g}"
 
 
+def spread(row: dict) -> str:
+    """' (min-max)' of samples/s over a point's repeats; nothing for one run."""
+    if row["repeats"] < 2:
+        return ""
+    return f" ({rate(row['samples_per_s_min'])}-{rate(row['samples_per_s_max'])})"
+
+
 def point_table(rows: list[dict]) -> list[str]:
     """The Markdown table of one mode's points."""
-    lines = ["| ranks | hosts | ranks/host | global batch | samples/s (min-max) | speedup "
+    spread_of = " (min-max)" if any(r["repeats"] > 1 for r in rows) else ""
+    lines = [f"| ranks | hosts | ranks/host | global batch | samples/s{spread_of} | speedup "
              "| efficiency | Karp-Flatt | step ms | " + " | ".join(PHASES) + " | imbalance |",
              "|" + "---:|" * (10 + len(PHASES))]
     for r in rows:
         flag = " (oversubscribed)" if r["oversubscribed"] else ""
         lines.append(
             f"| {r['ranks']}{flag} | {r['hosts']} | {r['ranks_per_host']} | {r['global_batch']} "
-            f"| {rate(r['samples_per_s'])} ({rate(r['samples_per_s_min'])}-"
-            f"{rate(r['samples_per_s_max'])}) | {fmt(r['speedup'])} | {fmt(r['efficiency'])} | "
+            f"| {rate(r['samples_per_s'])}{spread(r)} | {fmt(r['speedup'])} | "
+            f"{fmt(r['efficiency'])} | "
             f"{fmt(r['karp_flatt'])} | {ms(r['step_s'])} | "
             + " | ".join(ms(r[f"{p}_s"]) for p in PHASES) + f" | {ms(r['imbalance_s'])} |")
     return lines
@@ -253,16 +269,20 @@ def run_table(runs: list[Run]) -> list[str]:
         s = r.summary
         lines.append(f"| {r.mode} | {r.ranks} | {r.repeat} | `{r.path}` | "
                      f"{', '.join(s['hosts'])} | {s['batch_size']} | {fmt(s.get('lr'), 4)} | "
-                     f"{s.get('steps_this_run', s['steps']) - 1} | {rate(s['samples_per_s'])} | "
+                     f"{timed_steps(s)} | {rate(s['samples_per_s'])} | "
                      f"{ms(step_seconds(s))} | {'yes' if s.get('oversubscribed') else 'no'} |")
     return lines
 
 
 def markdown(manifests: list[dict], runs: list[Run], rows: list[dict], missing: list[str],
              images: list[str], note: str | None,
-             projected: tuple[list[dict], dict] | None = None) -> str:
-    """report.md: a table per mode, the plots, every run, the set-up and the environment."""
+             projected: tuple[list[dict], dict] | None = None,
+             warned: list[tuple[str, str]] = ()) -> str:
+    """report.md: the set-up, its warnings (caveats.py), a table per mode, the plots,
+    every run and the environment."""
     lines = ["# Scaling report", "", *setup_lines(manifests, runs), ""]
+    if warned:
+        lines += ["## Warnings", "", *(f"- **{title}**: {text}." for title, text in warned), ""]
     for mode in MODES:
         group = [r for r in rows if r["mode"] == mode]
         if not group:
@@ -270,8 +290,10 @@ def markdown(manifests: list[dict], runs: list[Run], rows: list[dict], missing: 
         batch = (f"global batch {group[0]['global_batch']}" if mode == "strong" else
                  f"{group[0]['global_batch'] // group[0]['ranks']} rows per rank")
         lines += [f"## {mode.capitalize()} scaling ({batch})", "",
-                  "Times are milliseconds per step, mean over ranks and repeats; imbalance is "
-                  "the mean over phases of the slowest rank's time minus the mean's.", "",
+                  "samples/s: the mean over repeats (min-max where a point ran more than "
+                  "once). Times are milliseconds per step, mean over ranks and repeats; "
+                  "imbalance is the mean over phases of the slowest rank's time minus the "
+                  "mean's.", "",
                   *point_table(group), ""]
         if group[0]["ranks"] != 1:
             lines += [f"Speedup and efficiency are relative to {group[0]['ranks']} ranks, the "

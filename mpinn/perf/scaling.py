@@ -65,7 +65,9 @@ KEPT_PREFIXES = ("OMPI_MCA_", "OMPI_ALLOW_RUN_AS_ROOT")  # settings, not launch 
 # ... except the MCA variables mpirun itself sets for the processes of one job
 JOB_STATE_PREFIXES = ("OMPI_MCA_ess", "OMPI_MCA_orte_", "OMPI_MCA_pmix", "OMPI_MCA_prte",
                       "OMPI_MCA_initial_wdir")
-FEW_STEPS = 20  # fewer steps per point give noisy figures: said, not refused
+# fewer timed steps per run (all but the first, a warm-up) give noisy figures: said by
+# the driver before and by the report after, not refused
+FEW_STEPS = 20
 # what must match for a second `scaling run` to continue a sweep (ranks and repeats
 # may grow)
 SAME_SWEEP = ("dataset", "launcher", "oversubscribe", "train_config")
@@ -235,10 +237,11 @@ def check_steps(sweep: Sweep, dataset: dict) -> None:
                          f"{sweep.cfg.epochs} epoch(s) of {rows} rows, and a run's first "
                          f"step is left out of its timings: give more --epochs or a smaller "
                          f"--batch-size")
-    few = min(steps.values())
+    few = min(steps.values()) - 1  # timed: the first step is a warm-up
     if few < FEW_STEPS:
-        note(f"some points train {few} steps only: their figures will be noisy (more "
-            f"--epochs help)")
+        note(f"some points time {few} steps only (the first of a run is a warm-up), fewer "
+            f"than {FEW_STEPS}: their figures will be noisy, and the report will say so "
+            f"(more --epochs help)")
 
 
 def calibration_plan(sweep: Sweep, dataset: dict) -> list[tuple[str, int, list[str]]]:
