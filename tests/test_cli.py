@@ -244,8 +244,10 @@ def test_unknown_config_key_names_the_closest_key(synth, tmp_path):
 
 @pytest.mark.fast
 def test_closest_word():
-    from mpinn.run.resolve import closest
+    from mpinn.run.config import closest
     assert closest("hiden", ["hidden", "lr", "epochs"]) == "hidden"
+    assert closest("--ep", ["--epochs", "--lr"]) == "--epochs"  # the one option it begins
+    assert closest("cos", ["constant", "step", "cosine"]) == "cosine"
     assert closest("learning_rate", ["hidden", "lr", "epochs"]) == "lr"  # by its initials
     assert closest("--learning-rate", ["--lr", "--hidden"]) == "--lr"
     assert closest("batch-size", ["batch_size", "seed"]) == "batch_size"

@@ -87,3 +87,51 @@ def test_config_toml_holds_every_saved_setting_and_reads_back(tmp_path):
     saved.pop("batch_size")
     again = resolve({"batch-size": 64, **saved}, {"lr": 0.125})
     assert (again.batch_size, again.lr) == (64, 0.125)
+
+
+# -- errors name the flag and the key; abbreviations are refused -----------------------------
+
+BASE = {"data": "d.h5", "out": "run"}
+NAMED = [  # (settings, the message), the same whether from a --config file or from flags
+    ({"batch_size": 0}, "--batch-size (batch_size) must be positive, got 0"),
+    ({"epochs": -1}, "--epochs (epochs) must be >= 0, got -1"),
+    ({"lr_schedule": "cosin"}, "--lr-schedule (lr_schedule): 'cosin' is not one of constant, "
+     "step, cosine (did you mean cosine?)"),
+    ({"optimizer": "adma"}, "--optimizer (optimizer): 'adma' is not one of sgd, momentum, adam "
+     "(did you mean adam?)"),
+    ({"shuffle": "globl"}, "--shuffle (shuffle): 'globl' is not one of global, block, none "
+     "(did you mean global?)"),
+    ({"activation": "swish"}, "--activation (activation): 'swish' is not one of relu, tanh, "
+     "sigmoid"),
+    ({"lr_schedule": "step"}, "--lr-schedule (lr_schedule) step needs --lr-step-every "
+     "(lr_step_every) N"),
+    ({"momentum": 1.0}, "--momentum (momentum) must be < 1, got 1.0"),
+    ({"early_stopping": 2}, "--early-stopping (early_stopping) watches the validation loss: "
+     "give --val-fraction (val_fraction)"),
+    ({"hidden": "8,x"}, "--hidden (hidden): expected comma-separated layer widths"),
+    ({"dropout": "2"}, "--dropout (dropout): drop probabilities must lie in [0, 1)"),
+    ({"lr": float("inf")}, "--lr (lr): expected a finite number"),
+]
+
+
+@pytest.mark.parametrize("values, message", NAMED, ids=[str(v) for v, _ in NAMED])
+def test_a_bad_setting_is_named_by_its_flag_and_its_key(values, message):
+    from mpinn.base.errors import UsageError
+    for toml, flags in ((values, BASE), ({}, {**BASE, **values})):
+        with pytest.raises(UsageError) as caught:
+            resolve(toml, flags)
+        assert str(caught.value).startswith(message), (toml, str(caught.value))
+
+
+def test_a_config_file_value_is_named_by_its_flag_too(cli, tmp_path):
+    from conftest import expect_error
+    (tmp_path / "c.toml").write_text('lr_schedule = "cosin"\nepochs = 1.5\n')
+    expect_error(cli("train", "d.h5", "--out", tmp_path / "r", "--config", tmp_path / "c.toml"),
+                 2, "--epochs (epochs): expected an integer, got 1.5")
+    (tmp_path / "c.toml").write_text('lr_schedule = "cosin"\n')
+    expect_error(cli("train", "d.h5", "--out", tmp_path / "r", "--config", tmp_path / "c.toml"),
+                 2, "--lr-schedule (lr_schedule): 'cosin' is not one of constant, step, cosine "
+                 "(did you mean cosine?)")
+    expect_error(cli("train", "d.h5", "--out", tmp_path / "r", "--batch-size", 0), 2,
+                 "--batch-size (batch_size) must be positive, got 0")
+    assert not (tmp_path / "r").exists()

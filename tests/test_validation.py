@@ -145,7 +145,8 @@ def test_resume_continues_the_patience_count_bit_identically(stopped, synth, tmp
 
 def test_wrong_validation_settings_are_refused(synth, tmp_path):
     expect_error(mpinn(2, "train", synth, "--out", tmp_path / "b", "--val-fraction", 0.2,
-                       "--shuffle", "block"), 2, "val_fraction", "shuffle block")
+                       "--shuffle", "block"), 2,
+                 "--val-fraction (val_fraction) cannot be used with --shuffle (shuffle) block")
     ok(mpinn(1, "train", synth, "--out", tmp_path / "r", "--epochs", 1, "--val-fraction", 0.2))
     expect_error(mpinn(1, "train", "--out", tmp_path / "r", "--resume", "--epochs", 2,
                        "--val-fraction", 0.3), 2, "val_fraction 0.2 -> 0.3")

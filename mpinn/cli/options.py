@@ -9,7 +9,7 @@ import argparse
 import dataclasses
 from typing import Any
 
-from mpinn.run.config import Setting, describe, settings
+from mpinn.run.config import Setting, describe, flag, settings
 
 CONFIG_HELP = "TOML file with any of the options below (names with _)"
 TYPES = {"int": int, "float": float}  # the fields' annotations that argparse converts
@@ -36,9 +36,7 @@ def add_train_options(parser: argparse.ArgumentParser, sweep: bool = False) -> N
 
 
 def flags(f: dataclasses.Field, s: Setting) -> tuple[str, ...]:
-    if s.positional:
-        return (f.name,)
-    return (s.flag or "--" + f.name.replace("_", "-"),)
+    return (flag(f.name) or f.name,)  # the positional data: its name
 
 
 def argument(f: dataclasses.Field, s: Setting, sweep: bool) -> dict[str, Any]:

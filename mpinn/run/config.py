@@ -12,6 +12,8 @@ these fields (run/resolve.py reads TOML and flags into one).
 from __future__ import annotations
 
 import dataclasses
+import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -181,22 +183,26 @@ class TrainConfig:
                                group="validation and reporting")
 
     def validate(self) -> None:
-        """UsageError naming the first bad field."""
+        """UsageError naming the first bad field by its flag and its key (named())."""
         for f, s in settings():
             value = getattr(self, f.name)
             if s.choices and value not in s.choices:
-                raise UsageError(f"{f.name}: {value!r} is not one of {', '.join(s.choices)}")
+                close = closest(str(value), s.choices)
+                raise UsageError(f"{named(f.name)}: {value!r} is not one of "
+                                 f"{', '.join(s.choices)}"
+                                 + (f" (did you mean {close}?)" if close else ""))
             if s.positive and not value > 0:
-                raise UsageError(f"{f.name} must be positive, got {value}")
+                raise UsageError(f"{named(f.name)} must be positive, got {value}")
             if s.minimum is not None and not value >= s.minimum:
-                raise UsageError(f"{f.name} must be >= {s.minimum:g}, got {value}")
+                raise UsageError(f"{named(f.name)} must be >= {s.minimum:g}, got {value}")
             if type(value) is int and value > MAX_INT:  # before it reaches a C integer
-                raise UsageError(f"{f.name} is too large: {value} (at most {MAX_INT})")
+                raise UsageError(f"{named(f.name)} is too large: {value} (at most {MAX_INT})")
         self.validate_combinations()
         if not self.data:
-            raise UsageError("data: no dataset file given")
+            raise UsageError("data: no dataset file given (mpinn train DATA.h5, or data in "
+                             "--config)")
         if not self.out:
-            raise UsageError("out: no run directory given (--out RUN_DIR)")
+            raise UsageError(f"{named('out')}: no run directory given (--out RUN_DIR)")
         if self.resume and self.overwrite:
             raise UsageError("--resume continues the run in --out, --overwrite replaces it: "
                              "give one of them")
@@ -204,40 +210,80 @@ class TrainConfig:
     def validate_combinations(self) -> None:
         """The settings that bound each other."""
         if self.momentum >= 1:
-            raise UsageError(f"momentum must be < 1, got {self.momentum}")
+            raise UsageError(f"{named('momentum')} must be < 1, got {self.momentum}")
         if 0 < self.stall_timeout < 1:
-            raise UsageError(f"stall_timeout must be 0 (no limit) or at least 1 second, got "
-                             f"{self.stall_timeout:g}")
+            raise UsageError(f"{named('stall_timeout')} must be 0 (no limit) or at least 1 "
+                             f"second, got {self.stall_timeout:g}")
         if len(self.dropout) not in (0, 1, len(self.hidden)):
-            raise UsageError(f"dropout: give one drop probability for every hidden layer, or "
-                             f"{len(self.hidden)} (one per hidden layer), got "
+            raise UsageError(f"{named('dropout')}: give one drop probability for every hidden "
+                             f"layer, or {len(self.hidden)} (one per hidden layer), got "
                              f"{len(self.dropout)}")
         if self.dropout and not self.hidden:
-            raise UsageError("dropout: a linear model (no hidden layers) has nothing to drop")
+            raise UsageError(f"{named('dropout')}: a linear model (no hidden layers) has "
+                             f"nothing to drop")
         if self.lr_schedule == "cosine" and self.lr_min > self.lr:
-            raise UsageError(f"lr_min ({self.lr_min:g}) must not exceed lr ({self.lr:g}): "
-                             f"cosine decays from lr to lr_min")
+            raise UsageError(f"{named('lr_min')} must not exceed {named('lr')}: cosine decays "
+                             f"from lr to lr_min, got {self.lr_min:g} > {self.lr:g}")
         if self.lr_schedule == "step" and not self.lr_step_every:
-            raise UsageError("lr_schedule step: give lr_step_every N (decay every N steps)")
+            raise UsageError(f"{named('lr_schedule')} step needs {named('lr_step_every')} "
+                             f"N: decay every N steps")
         if self.lr_scaling == "linear" and not self.base_batch:
-            raise UsageError("lr_scaling linear: give base_batch N (lr x batch_size / N)")
+            raise UsageError(f"{named('lr_scaling')} linear needs {named('base_batch')} N: "
+                             f"lr x batch_size / N")
         if not 1 <= self.accumulate <= self.batch_size:
-            raise UsageError(f"accumulate must lie in [1, batch_size = {self.batch_size}], "
-                             f"got {self.accumulate}")
+            raise UsageError(f"{named('accumulate')} must lie in [1, batch_size = "
+                             f"{self.batch_size}], got {self.accumulate}")
         if not self.val_fraction < 1:
-            raise UsageError(f"val_fraction must be < 1, got {self.val_fraction}")
+            raise UsageError(f"{named('val_fraction')} must be < 1, got {self.val_fraction}")
         if self.early_stopping and not self.val_fraction:
-            raise UsageError("early_stopping watches the validation loss: give val_fraction")
+            raise UsageError(f"{named('early_stopping')} watches the validation loss: give "
+                             f"{named('val_fraction')}")
         if self.val_fraction and self.shuffle == "block":
             # its windows read whole blocks of the file, held-out rows among them
-            raise UsageError("val_fraction cannot be used with shuffle block (its contiguous "
-                             "reads would include the held-out rows); use shuffle global or "
-                             "none, or hold out a test split in the file instead")
+            raise UsageError(f"{named('val_fraction')} cannot be used with {named('shuffle')} "
+                             f"block (its contiguous reads would include the held-out rows); "
+                             f"use shuffle global or none, or hold out a test split in the "
+                             f"file instead")
 
 
 def settings() -> list[tuple[dataclasses.Field, Setting]]:
     """Every field of TrainConfig with its Setting, in declaration order."""
     return [(f, f.metadata["setting"]) for f in fields(TrainConfig)]
+
+
+def flag(name: str) -> str | None:
+    """The command-line flag of a setting (--batch-size); None for the positional data."""
+    s: Setting = next(f.metadata["setting"] for f in fields(TrainConfig) if f.name == name)
+    return None if s.positional else s.flag or "--" + name.replace("_", "-")
+
+
+def named(name: str) -> str:
+    """A setting as errors name it, its flag and its key: `--batch-size (batch_size)`, so
+    that a message fits both where it came from, the command line and a --config file."""
+    option = flag(name)
+    return name if option is None else f"{option} ({name})"
+
+
+def closest(word: str, known: Iterable[str]) -> str | None:
+    """The known name a mistyped word most likely meant, or None.
+
+    First the one name the word begins (--ep -> --epochs, as argparse's abbreviations
+    would have taken it), then spelling (difflib: hiden -> hidden, trian -> train),
+    then initials, as other programs name options (learning_rate or --learning-rate ->
+    lr). Dashes and underscores count alike, so flags and configuration keys share this.
+    """
+    def bare(name: str) -> str:
+        return name.lstrip("-").replace("-", "_")
+    by_bare = {bare(k): k for k in known}
+    word = bare(word)
+    begun = [k for k in by_bare if word and k.startswith(word)]
+    if len(begun) == 1:
+        return by_bare[begun[0]]
+    spelt = difflib.get_close_matches(word, by_bare, n=1)
+    if spelt:
+        return by_bare[spelt[0]]
+    words = word.split("_")
+    return by_bare.get("".join(w[:1] for w in words)) if len(words) > 1 else None
 
 
 def keys(**wanted: bool) -> tuple[str, ...]:

@@ -1,19 +1,18 @@
 """A training configuration resolved: defaults < the `--config` TOML file < flags.
 
 Keys are TrainConfig's field names (config.py); a TOML file may also spell them with
-dashes. An unknown key or a bad value is a UsageError that names the key (and the
-closest known one). The resolved configuration, with the data path made absolute, is
+dashes. An unknown key is a UsageError that names the closest known one; a bad value
+one that names the setting's flag and key (config.named: `--lr (lr)`), wherever the
+value came from. The resolved configuration, with the data path made absolute, is
 written to RUN_DIR/config.toml and can be fed back with `--config`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import os
-from collections.abc import Iterable
 from dataclasses import fields
 from typing import Any
 
@@ -23,7 +22,7 @@ except ImportError:  # Python < 3.11
     import tomli as tomllib
 
 from mpinn.base.errors import UsageError
-from mpinn.run.config import SAVED_KEYS, TrainConfig
+from mpinn.run.config import SAVED_KEYS, TrainConfig, closest, named
 
 MAX_WIDTH = 2**31 - 1  # a layer width (a wider layer does not fit in memory anyway)
 
@@ -36,12 +35,13 @@ def parse_hidden(value: Any) -> tuple[int, ...]:
     try:
         sizes = tuple(int(str(s).strip()) for s in items)
     except (TypeError, ValueError):
-        raise UsageError(f"hidden: expected comma-separated layer widths like 256,128, "
-                         f"got {value!r}") from None
+        raise UsageError(f"{named('hidden')}: expected comma-separated layer widths like "
+                         f"256,128, got {value!r}") from None
     if any(s < 1 for s in sizes):
-        raise UsageError(f"hidden: layer widths must be >= 1, got {value!r}")
+        raise UsageError(f"{named('hidden')}: layer widths must be >= 1, got {value!r}")
     if any(s > MAX_WIDTH for s in sizes):
-        raise UsageError(f"hidden: layer widths must be at most {MAX_WIDTH}, got {value!r}")
+        raise UsageError(f"{named('hidden')}: layer widths must be at most {MAX_WIDTH}, "
+                         f"got {value!r}")
     return sizes
 
 
@@ -57,10 +57,11 @@ def parse_dropout(value: Any) -> tuple[float, ...]:
         rates = tuple(float(str(v).strip()) for v in items
                       if not isinstance(v, bool))
     except (TypeError, ValueError):
-        raise UsageError(f"dropout: expected drop probabilities like 0.2 or 0.5,0.2, got "
-                         f"{value!r}") from None
+        raise UsageError(f"{named('dropout')}: expected drop probabilities like 0.2 or "
+                         f"0.5,0.2, got {value!r}") from None
     if len(rates) != len(items) or any(not 0 <= r < 1 for r in rates):
-        raise UsageError(f"dropout: drop probabilities must lie in [0, 1), got {value!r}")
+        raise UsageError(f"{named('dropout')}: drop probabilities must lie in [0, 1), "
+                         f"got {value!r}")
     return rates
 
 
@@ -72,35 +73,18 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
     if kind is bool:
         if isinstance(value, bool):
             return value
-        raise UsageError(f"{key}: expected true or false, got {value!r}")
+        raise UsageError(f"{named(key)}: expected true or false, got {value!r}")
     if kind in (int, float) and isinstance(value, bool):  # TOML true is no number
-        raise UsageError(f"{key}: expected a number, got {value!r}")
+        raise UsageError(f"{named(key)}: expected a number, got {value!r}")
     if kind is int and isinstance(value, float):
-        raise UsageError(f"{key}: expected an integer, got {value!r}")
+        raise UsageError(f"{named(key)}: expected an integer, got {value!r}")
     try:
         converted = kind(value)
     except (TypeError, ValueError):
-        raise UsageError(f"{key}: expected {kind.__name__}, got {value!r}") from None
+        raise UsageError(f"{named(key)}: expected {kind.__name__}, got {value!r}") from None
     if kind is float and not math.isfinite(converted):  # TOML inf and nan, or --lr inf
-        raise UsageError(f"{key}: expected a finite number, got {value!r}")
+        raise UsageError(f"{named(key)}: expected a finite number, got {value!r}")
     return converted
-
-
-def closest(word: str, known: Iterable[str]) -> str | None:
-    """The known name a mistyped word most likely meant, or None.
-
-    Spelling first (difflib: hiden -> hidden, trian -> train), then initials, as
-    other programs name options (learning_rate or --learning-rate -> lr). Dashes
-    and underscores count alike, so flags and configuration keys share this.
-    """
-    def bare(name: str) -> str:
-        return name.lstrip("-").replace("-", "_")
-    by_bare = {bare(k): k for k in known}
-    spelt = difflib.get_close_matches(bare(word), by_bare, n=1)
-    if spelt:
-        return by_bare[spelt[0]]
-    words = bare(word).split("_")
-    return by_bare.get("".join(w[:1] for w in words)) if len(words) > 1 else None
 
 
 def load_toml(path: str) -> dict[str, Any]:
