@@ -135,3 +135,43 @@ def test_a_config_file_value_is_named_by_its_flag_too(cli, tmp_path):
     expect_error(cli("train", "d.h5", "--out", tmp_path / "r", "--batch-size", 0), 2,
                  "--batch-size (batch_size) must be positive, got 0")
     assert not (tmp_path / "r").exists()
+
+
+def parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from parsers(sub, (*path, name))
+
+
+def test_no_parser_takes_abbreviations():
+    found = dict(parsers(build_parser()))
+    assert ("data", "synth") in found and ("scaling", "run") in found
+    for path, parser in found.items():
+        assert parser.allow_abbrev is False, path
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "d.h5", "--ep", "3"], "unrecognized arguments: --ep 3 (did you mean --epochs?)"),
+    (["train", "d.h5", "--ep=3"], "unrecognized arguments: --ep=3 (did you mean --epochs?)"),
+    (["train", "d.h5", "--drop", "0.2"], "--drop 0.2 (did you mean --dropout?)"),
+    (["train", "d.h5", "--epoch", "5"], "--epoch 5 (did you mean --epochs?)"),
+    (["train", "d.h5", "--lr-s", "cosine"],
+     "--lr-s cosine (did you mean --lr-schedule or --lr-step-every or --lr-scaling?)"),
+    (["scaling", "run", "d.h5", "--out", "s", "--rank", "1,2"], "(did you mean --ranks?)"),
+    (["evaluate", "c.h5", "d.h5", "--spl", "val"], "--spl val (did you mean --split?)"),
+    (["data", "synth", "o.h5", "--samples", "10", "--feat", "5"],
+     "--feat 5 (did you mean --features?)"),
+    (["--vers"], "unrecognized arguments: --vers (did you mean --version?)"),
+])
+def test_an_abbreviation_is_refused_naming_the_option(cli, args, message):
+    from conftest import expect_error
+    result = expect_error(cli(*args), 2, message)
+    assert result.stdout == "" and result.stderr.startswith("usage: mpinn")
+
+
+def test_options_spelt_in_full_still_parse():
+    args = build_parser().parse(["train", "d.h5", "--epochs", "3", "--dropout=0.2", "--lr",
+                                 "0.1", "--no-shuffle"])
+    assert (args.epochs, args.dropout, args.lr, args.shuffle) == (3, "0.2", 0.1, "none")

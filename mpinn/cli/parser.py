@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 
 from mpinn.base.errors import UsageError
 from mpinn.cli.options import add_train_options
-from mpinn.run.resolve import closest
+from mpinn.run.config import closest
 
 Option = tuple[tuple[str, ...], dict[str, Any]]
 
@@ -58,12 +58,21 @@ def rank_hint() -> int:
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that prints from rank 0 only and raises instead of exiting.
+    """argparse that prints from rank 0 only, raises instead of exiting, and takes
+    options only as spelt in full.
 
     Under mpiexec every rank parses the same argv: `--help` and `--version` print
     through `_print_message`, so only rank 0 prints; errors raise BadArguments,
-    which `main` reports once.
+    which `main` reports once. Abbreviations are refused (allow_abbrev=False, for
+    every parser and subparser: they are all this class): argparse would take
+    `--ep 3` for `--epochs 3` and `--drop 0.2` for `--dropout 0.2` silently, and a
+    prefix that is unique today stops being so when an option is added. A refused
+    prefix is named with the option it begins (closest).
     """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def _print_message(self, message: str, file=None) -> None:
         if rank_hint() == 0:
@@ -84,13 +93,16 @@ class Parser(argparse.ArgumentParser):
         """parse_args, refusing unknown arguments in the terms of the (sub)command typed."""
         argv = sys.argv[1:] if argv is None else list(argv)
         first = argv[0].split("=")[0] if argv else ""
-        if first.startswith("-") and not any(o.startswith(first)
-                                              for o in self._option_string_actions):
+        if first.startswith("-") and first not in self._option_string_actions:
             # argparse would skip it and take its value for the command: mpinn --hiden 64
             commands = next(a for a in self._actions
                             if isinstance(a, argparse._SubParsersAction)).choices
-            self.error(f"unrecognized arguments: {first}; the command comes first: "
-                       f"mpinn {{{','.join(commands)}}} [options]")
+            close = closest(first, [s for s in self._option_string_actions
+                                    if s.startswith("--")])
+            self.error(f"unrecognized arguments: {first}"
+                       + (f" (did you mean {close}?)" if close else "")
+                       + f"; the command comes first: mpinn {{{','.join(commands)}}} "
+                       f"[options]")
         args, extras = self.parse_known_args(argv)
         if extras:  # parse_args would report them as the top parser's, without a hint
             self.chosen(args).unrecognized(extras)
@@ -107,8 +119,8 @@ class Parser(argparse.ArgumentParser):
     def unrecognized(self, extras: list[str]) -> NoReturn:
         """Refuse arguments this parser does not know, naming the closest options."""
         options = [s for s in self._option_string_actions if s.startswith("--")]
-        hints = [closest(x.split("=")[0], options) for x in extras if x.startswith("-")]
-        hints = list(dict.fromkeys(h for h in hints if h))
+        hints = [h for x in extras if x.startswith("-") for h in meant(x.split("=")[0], options)]
+        hints = list(dict.fromkeys(hints))
         message = f"unrecognized arguments: {' '.join(extras)}"
         if hints:
             message += f" (did you mean {' or '.join(hints)}?)"
@@ -127,3 +139,13 @@ class Parser(argparse.ArgumentParser):
                                            ("epilog", child.epilog)) if v is not None}
                 parser = sub.add_parser(child.name, help=child.help, **extra)
                 parser.add_commands(child)
+
+
+def meant(word: str, options: list[str]) -> list[str]:
+    """The options an unknown one may have meant: all it begins (--lr-s: --lr-schedule,
+    --lr-step-every, --lr-scaling), else the closest."""
+    begun = [o for o in options if word.startswith("--") and o.startswith(word)]
+    if len(begun) > 1:
+        return begun
+    close = closest(word, options)
+    return [close] if close else []
