@@ -156,3 +156,18 @@ def test_plot_without_matplotlib_says_how_to_get_it(synth, tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "pip install 'mpinn[plot]'" in result.stderr
     assert result.stderr.count("\n") == 1 and not (run / "metrics.png").exists()
+
+
+@pytest.mark.fast
+def test_the_epoch_line_reads_train_val_test():
+    """The order of a run's life: fit (train), select (val), report (test)."""
+    from mpinn.train.summary import format_epoch
+    record = {"epoch": 3, "lr": 0.01, "samples_per_s": 1000.0, "seconds": 1.5}
+    for split, loss in (("train", 0.5), ("val", 0.6), ("test", 0.7)):
+        record.update({f"{split}_loss": loss, f"{split}_accuracy": 0.8, f"{split}_f1": 0.75})
+    line = format_epoch(record, 10, classification=True)
+    assert line.startswith("epoch 3/10  train loss 0.5000 acc 0.8000 f1 0.7500  val loss "
+                           "0.6000 acc 0.8000 f1 0.7500  test loss 0.7000 ")
+    record.update(val_loss=None, val_accuracy=None, val_f1=None)  # no --val-fraction
+    assert "  train loss 0.5000 acc 0.8000 f1 0.7500  test loss 0.7000" in format_epoch(
+        record, 10, classification=True)

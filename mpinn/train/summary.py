@@ -194,8 +194,9 @@ def format_epoch(r: dict, epochs: int, classification: bool) -> str:
         f1 = r.get(f"{split}_f1")
         return (f"{split} loss {r[f'{split}_loss']:.4f}{accuracy}"
                 + (f" f1 {f1:.4f}" if f1 is not None else ""))
+    # train, val, test: the order of a run's life (fit, select, report)
     val = f"  {scores('val')}" if r.get("val_loss") is not None else ""
-    return (f"epoch {r['epoch']}/{epochs}  {scores('train')}  {scores('test')}{val}"
+    return (f"epoch {r['epoch']}/{epochs}  {scores('train')}{val}  {scores('test')}"
             f"  lr {r['lr']:.3g}  {r['samples_per_s']:,.0f} samples/s  {r['seconds']:.2f} s")
 
 
