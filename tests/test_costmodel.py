@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import expect_error, mpinn, ok
-from mpinn.perf import costmodel, overlap
+from mpinn.perf import caveats, costmodel, overlap, projection
 from mpinn.perf.costmodel import Link, Machine
 
 MACHINE = Machine(shm=Link(2e-6, 1e-10), net=Link(50e-6, 1e-8), gamma=3e-11)
@@ -264,3 +264,36 @@ def test_the_bench_steps_own_level_scales_the_compute_fit():
     work = costmodel.Compute.from_bench(step)
     for rows in (1, 64, 512, 4096):
         assert work.time(rows) == pytest.approx(1.1 * (1e-3 + 1e-4 * rows), rel=1e-12)
+
+
+@pytest.mark.fast
+def test_a_projection_names_where_each_link_comes_from():
+    """Measured by bench comm (its pairs; beta refitted where it timed the Allreduce over
+    one link), described to `scaling project`, or borrowed: one host knows no network."""
+    pairs = {"shm": [0, 1], "net": [0, 2]}
+    measured = {"hosts": ["a", "b"], "gamma_s_per_byte": 3e-11,
+                "transports": {k: dict(t, pair=pairs[k]) for k, t in COMM["transports"].items()}}
+    label, lines = caveats.link_sources(measured)
+    assert label == "network from bench comm's net link (ranks 0 and 2, across hosts a, b)"
+    assert lines == [
+        "network: alpha 50 us, beta 10,000 ps/B, from bench comm's net link (ranks 0 and 2, "
+        "across hosts a, b)",
+        "shared memory: alpha 2 us, beta 100 ps/B, from bench comm's shm link (ranks 0 and 1)",
+        "reduction: gamma 30 ps/B"]
+    made = Machine(shm=Link(2e-6, 3e-10), net=Link(2e-6, 3e-10), gamma=3e-11)
+    points = [{"bytes": n, "time_s": costmodel.rabenseifner(n, 2, made)}
+              for n in (1 << 16, 1 << 20, 1 << 22)]
+    one_host = {"hosts": ["a"], "gamma_s_per_byte": 3e-11,
+                "transports": {"shm": measured["transports"]["shm"]},
+                "allreduce": {"ranks": 2, "hosts": 1, "ranks_per_host": 2, "points": points}}
+    label, lines = caveats.link_sources(one_host)
+    assert label == caveats.SHM_ONLY == "shared memory only: no network was measured"
+    assert lines[0].startswith("network: none measured (bench comm on one host)")
+    assert lines[1] == ("shared memory: alpha 2 us, beta 300 ps/B, from bench comm's shm link "
+                        "(ranks 0 and 1); beta refitted to the Allreduce measured over it (the "
+                        "exchange fit: 100 ps/B)")
+    label, lines = caveats.link_sources(projection.described_comm(25e-6, 8e-10, 3e-11, None))
+    assert label == "network as described to mpinn scaling project"
+    assert lines[:2] == ["network: alpha 25 us, beta 800 ps/B, as described to mpinn scaling "
+                         "project", "shared memory: not described (--shm-alpha, --shm-beta), "
+                         "so ranks of one host talk at the network's figures"]

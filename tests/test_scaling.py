@@ -458,7 +458,10 @@ def test_project_follows_the_closed_forms(cli, tmp_path):
     # ends, so nothing hides behind backward
     assert float(rows["strong", 2]["step_overlap_s"]) == pytest.approx(t2, rel=1e-12)
     assert [p for m, p in rows if m == "strong"] == [1, 2, 4, 8]
-    assert "| strong | 8 | 8 |" in (tmp_path / "out" / "projection.md").read_text()
+    text = (tmp_path / "out" / "projection.md").read_text()
+    assert "| strong | 8 | 8 |" in text
+    assert "**Links: network as described to mpinn scaling project.**" in text
+    assert "- network: alpha 10 us, beta 1,000 ps/B, as described" in text
 
 
 def test_project_measures_the_compute_here_without_a_bench_step(cli, tmp_path):
@@ -493,6 +496,11 @@ ONE_HOST_COMM = {"ranks": 2, "hosts": ["vm"], "ranks_per_host": [2], "gamma_s_pe
                  "transports": {"shm": {"alpha_s": 4e-6, "beta_s_per_byte": 2e-10,
                                         "pair": [0, 1], "exchange": {
                                             "alpha_s": 5e-6, "beta_s_per_byte": 3e-10}}}}
+TWO_HOST_COMM = {"ranks": 2, "hosts": ["a", "b"], "ranks_per_host": [1, 1],
+                 "gamma_s_per_byte": 3e-11,
+                 "transports": {"net": {"alpha_s": 20e-6, "beta_s_per_byte": 7e-10,
+                                        "pair": [0, 1], "exchange": {
+                                            "alpha_s": 25e-6, "beta_s_per_byte": 8e-10}}}}
 
 
 def bench_step(ranks: int) -> dict:
@@ -593,6 +601,31 @@ def test_predictions_off_by_more_than_15_percent_are_named(report_of, tmp_path):
         assert "strong, 1 rank (" not in where  # 14.9%: within the target
     assert "mpinn scaling: warning: prediction error: strong, 2 ranks (+28.4%" in console
     assert "largest |error| 28.4%, above the 15% the model aims for" in text
+
+
+@pytest.mark.fast
+def test_a_projection_from_one_host_says_no_network_was_measured(report_of, tmp_path):
+    text, console = report_of(written_sweep(tmp_path / "s", repeats=2, comm=ONE_HOST_COMM))
+    projection = text[text.index("## Projection"):text.index("## Every run")]
+    assert "**Links: shared memory only: no network was measured.**" in projection
+    assert "- network: none measured (bench comm on one host)" in projection
+    # the exchange fit of bench comm's shm pair, as the cost model takes it
+    assert ("- shared memory: alpha 5 us, beta 300 ps/B, from bench comm's shm link (ranks 0 "
+            "and 1)") in projection
+    assert "| weak |" not in projection and "| strong | 16 |" in projection
+    assert "mpinn scaling: warning: projection: shared memory only" in console
+
+
+@pytest.mark.fast
+def test_a_projection_across_hosts_names_the_network_it_measured(report_of, tmp_path):
+    text, console = report_of(written_sweep(tmp_path / "s", repeats=2, hosts=2,
+                                            comm=TWO_HOST_COMM))
+    projection = text[text.index("## Projection"):text.index("## Every run")]
+    assert ("**Links: network from bench comm's net link (ranks 0 and 1, across hosts a, "
+            "b).**") in projection
+    assert "- network: alpha 25 us, beta 800 ps/B, from bench comm's net link" in projection
+    assert "- shared memory: none measured (one rank per host)" in projection
+    assert "shared memory only" not in text and "warning" not in console
 
 
 @pytest.mark.fast

@@ -93,10 +93,11 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
 
 
 def plot_scaling(rows: list[dict], projection: list[dict] | None, out_dir: str,
-                 phases: tuple[str, ...]) -> list[str]:
+                 phases: tuple[str, ...], projection_label: str | None = None) -> list[str]:
     """The scaling report's pictures from its points (report.py): throughput.png,
     efficiency.png and phases.png in out_dir, with the cost model's prediction.png and
-    projection.png where the sweep was calibrated; returns their paths."""
+    projection.png where the sweep was calibrated (titled with projection_label, what
+    its links rest on, if given); returns their paths."""
     plt = load_pyplot("the scaling plots")
     figures = [("throughput", (draw_throughput,), rows),
                ("efficiency", (draw_efficiency,), rows),
@@ -112,6 +113,8 @@ def plot_scaling(rows: list[dict], projection: list[dict] | None, out_dir: str,
                                  squeeze=False)
         for ax, draw in zip(axes[0], draws):
             draw(ax, data)
+        if name == "projection" and projection_label:
+            fig.suptitle(f"projection: {projection_label}")
         written.append(save_figure(plt, fig, os.path.join(out_dir, f"{name}.png")))
     return written
 

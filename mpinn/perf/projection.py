@@ -123,7 +123,7 @@ def sweep_projection(rows: list[dict], runs: list, calibrations: dict[str, Calib
     n_bytes = runs[0].summary["allreduce_bytes_per_step"]
     basis = {"ranks_per_host": top["ranks_per_host"], "bench_step_ranks": top["ranks"],
              "n_bytes": n_bytes, "batches": batches, "max_ranks": max_ranks,
-             "links": costmodel.machine_from(calibration.comm)}
+             "comm": calibration.comm}
     return project(calibration.steps[top["ranks"]], calibration.comm, n_bytes, batches,
                    top["ranks_per_host"], max_ranks), basis
 
@@ -131,9 +131,10 @@ def sweep_projection(rows: list[dict], runs: list, calibrations: dict[str, Calib
 def described_comm(alpha: float, beta: float, gamma: float, shm: tuple[float, float] | None
                    ) -> dict:
     """A bench comm result for a network the user describes (mpinn scaling project)."""
-    transports = {"net": {"alpha_s": alpha, "beta_s_per_byte": beta}}
+    source = "as described to mpinn scaling project"
+    transports = {"net": {"alpha_s": alpha, "beta_s_per_byte": beta, "source": source}}
     if shm is not None:
-        transports["shm"] = {"alpha_s": shm[0], "beta_s_per_byte": shm[1]}
+        transports["shm"] = {"alpha_s": shm[0], "beta_s_per_byte": shm[1], "source": source}
     return {"transports": transports, "gamma_s_per_byte": gamma}
 
 
@@ -191,24 +192,18 @@ def prediction_section(rows: list[dict], image: str | None) -> list[str]:
         [f"![prediction]({image})", ""] if image else [])
 
 
-SWEEP_NOTE = ("Where the sweep measured one host only, the network takes the shared-memory "
-              "figures: project to a real network with mpinn scaling project.")
-
-
-def projection_section(projection: list[dict], basis: dict, image: str | None,
-                       note: str = SWEEP_NOTE) -> list[str]:
-    """report.md's projection to max_ranks from the measured alpha, beta and compute."""
-    links = basis["links"]
-    text = (f"From the measured links (network: alpha {links.net.alpha * 1e6:.3g} us, beta "
-            f"{links.net.beta * 1e12:.3g} ps/B; shared memory: alpha "
-            f"{links.shm.alpha * 1e6:.3g} us, beta {links.shm.beta * 1e12:.3g} ps/B; "
-            f"reduction {links.gamma * 1e12:.3g} ps/B) and the compute of "
-            f"{basis['bench_step_ranks']} rank(s) at once, with {basis['ranks_per_host']} ranks "
-            f"per host and the Allreduce of {basis['n_bytes']:,} bytes: strong scaling keeps "
-            f"the global batch, weak the batch per rank. 'With overlap' is the bound if the "
+def projection_section(projection: list[dict], basis: dict, image: str | None) -> list[str]:
+    """report.md's projection to max_ranks, labelled with the links it rests on (measured
+    by the sweep's bench comm, described by the user, or borrowed from shared memory)."""
+    label, links = caveats.link_sources(basis["comm"])
+    text = (f"From the compute of {basis['bench_step_ranks']} rank(s) at once, with "
+            f"{basis['ranks_per_host']} ranks per host and the Allreduce of "
+            f"{basis['n_bytes']:,} bytes, over the links above: strong scaling keeps the "
+            f"global batch, weak the batch per rank. 'With overlap' is the bound if the "
             f"Allreduce overlapped backward completely: max(backward, Allreduce) instead of "
-            f"their sum. {note}")
-    return ["## Projection", "", text, "", *projection_table(projection), ""] + (
+            f"their sum.")
+    return ["## Projection", "", f"**Links: {label}.**", "", *(f"- {line}" for line in links),
+            "", text, "", *projection_table(projection), ""] + (
         [f"![projection]({image})", ""] if image else [])
 
 
@@ -241,7 +236,7 @@ def write_projection(out: str, bench_step: dict, comm: dict, batches: dict[str, 
     sizes = bench_step["model"]
     n_bytes = calibrate.gradient_bytes(tuple(sizes), bench_step["dtype"])
     rows = project(bench_step, comm, n_bytes, batches, ranks_per_node, max_ranks)
-    basis = {"links": costmodel.machine_from(comm), "bench_step_ranks": bench_step["ranks"],
+    basis = {"comm": comm, "bench_step_ranks": bench_step["ranks"],
              "ranks_per_host": ranks_per_node, "n_bytes": n_bytes}
     make_directory(out)
     written = [os.path.join(out, "projection.csv"), os.path.join(out, "projection.md")]
@@ -254,7 +249,7 @@ def write_projection(out: str, bench_step: dict, comm: dict, batches: dict[str, 
         written.append(f"no plot: {exc}")
     model = "-".join(map(str, sizes))
     lines = [f"# Projection: {model} ({bench_step['dtype']}, {bench_step.get('optimizer', 'sgd')})",
-             "", *projection_section(rows, basis, image and os.path.basename(image), "")[2:]]
+             "", *projection_section(rows, basis, image and os.path.basename(image))[2:]]
     write_atomically(written[1], "\n".join(lines).encode())
     return written, lines
 

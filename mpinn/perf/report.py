@@ -20,8 +20,8 @@ fewest ranks measured (normally 1):
                                             experimentally determined serial fraction)
 
 report.md opens with what makes its figures less firm than they look (caveats.py): a
-point run once, runs that timed few steps, predictions off by more than 15%;
-`mpinn scaling report` prints the same.
+point run once, runs that timed few steps, predictions off by more than 15%, a
+projection without a measured network; `mpinn scaling report` prints the same.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import statistics
 
 from mpinn.base.errors import UsageError
 from mpinn.base.files import read_json, write_atomically
-from mpinn.perf.caveats import report_warnings, timed_steps
+from mpinn.perf.caveats import SHM_ONLY, report_warnings, timed_steps
 from mpinn.perf.plot import load_pyplot, plot_scaling
 from mpinn.perf.projection import (
     add_predictions,
@@ -203,14 +203,16 @@ def build(sweep_dirs: list[str], out: str) -> list[str]:
                     if (c := load_calibration(m["directory"])) is not None}
     add_predictions(rows, runs, calibrations)
     projected = sweep_projection(rows, runs, calibrations)
-    warned = report_warnings(rows)
+    warned = report_warnings(rows, projected[1]["comm"] if projected else None)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"--out {out}: cannot create it ({exc.strerror})") from None
     try:
         load_pyplot("the scaling plots")
-        images = plot_scaling(rows, projected[0] if projected else None, out, PHASES)
+        label = (SHM_ONLY if projected and "net" not in projected[1]["comm"]["transports"]
+                 else None)
+        images = plot_scaling(rows, projected[0] if projected else None, out, PHASES, label)
         note = None
     except UsageError as exc:  # no matplotlib: the tables still tell it all
         images, note = [], f"{exc}; points.csv and report.md are written without them"
