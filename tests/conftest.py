@@ -179,6 +179,17 @@ def write_synth(path: Path, samples: int, test_samples: int, features: int, clas
     return path
 
 
+def probed(path: Path) -> Path:
+    """Record a file the tests wrote with mpinn's own writers as passed by the structure
+    probe (data/probe.py), the verdict its child process would give: an in-process (fast)
+    test may then open the file without starting that process."""
+    from mpinn.data import probe
+    marker = Path(probe.cache_dir()) / probe.cache_key(str(path))
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    return path
+
+
 @pytest.fixture(scope="session")
 def synth(tmp_path_factory) -> Path:
     """A small synthetic classification file: 600 train / 150 test rows, 12 features."""

@@ -1,4 +1,5 @@
-"""Files: atomic replacement, refused writes explained, small files read (JSON too).
+"""Files: atomic replacement, refused writes explained, small files read (JSON too), and
+the JSON results of a command (`--json FILE`, `-` meaning standard output).
 
 Atomic replacement: write to a temporary file in the destination's directory
 (same file system, so the rename is atomic), fsync it, rename it over the
@@ -22,11 +23,14 @@ import json
 import math
 import os
 import re
-from typing import Any
+import sys
+from typing import Any, TextIO
 
+from mpinn.base.console import say
 from mpinn.base.errors import StorageError, UsageError
 
 TEMP_MARK = ".tmp-"
+STDOUT = "-"  # `--json -`: the JSON goes to standard output
 ADVICE = {
     errno.ENOSPC: "free space on that file system",
     errno.EDQUOT: "free space within your quota (or raise it)",
@@ -201,3 +205,20 @@ def read_json(path: str, what: str = "file") -> Any:
         return json.loads(read_bytes(path, what))
     except ValueError:
         raise UsageError(f"{path} is not JSON") from None
+
+
+def write_json(path: str, obj: Any, indent: int | None = None) -> None:
+    """obj as strict JSON to the file at path (replaced atomically), or to standard output
+    if path is "-" (one JSON document, nothing else: see text_stream). Every command's
+    --json goes through here, so `-` means the same for all of them."""
+    text = strict_json(obj, indent)
+    if path == STDOUT:
+        say(text, sys.stdout)
+    else:
+        write_atomically(path, (text + "\n").encode(), "write")
+
+
+def text_stream(json_path: str | None) -> TextIO:
+    """Where a command with a --json option writes its human-readable text: standard
+    output, or standard error when `--json -` takes standard output for the JSON."""
+    return sys.stderr if json_path == STDOUT else sys.stdout

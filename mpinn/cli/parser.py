@@ -15,6 +15,7 @@ from mpinn.cli.options import add_train_options
 from mpinn.run.config import closest
 
 Option = tuple[tuple[str, ...], dict[str, Any]]
+JSON_STDOUT = " (- writes it to standard output, and the text to standard error)"
 
 
 def arg(*flags: str, **settings: Any) -> Option:
@@ -127,8 +128,11 @@ class Parser(argparse.ArgumentParser):
         self.error(message)
 
     def add_commands(self, command: Command) -> None:
-        """The options of command, or its subcommands, each built the same way."""
+        """The options of command, or its subcommands, each built the same way (every
+        --json told that `-` is standard output: base/files.write_json)."""
         for flags, settings in command.options:
+            if "--json" in flags:
+                settings = {**settings, "help": settings.get("help", "") + JSON_STDOUT}
             self.add_argument(*flags, **settings)
         if command.train_options:
             add_train_options(self, sweep=command.train_options == "sweep")

@@ -22,7 +22,6 @@ the fraction of step time spent waiting for data.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -30,7 +29,7 @@ import h5py
 import numpy as np
 
 from mpinn.base.errors import UsageError
-from mpinn.base.files import write_atomically
+from mpinn.base.files import text_stream, write_json
 from mpinn.comm import collectives, console, measure, preflight, watchdog, world
 from mpinn.comm.gradsync import GradientSync
 from mpinn.comm.world import Comm
@@ -166,11 +165,11 @@ def bench_io(comm: Comm, path: str, batch: int, steps: int, hidden: tuple[int, .
 
 
 def report(comm: Comm, result: dict, text: str, json_out: str | None) -> dict:
-    """Rank 0 prints the table and, if asked, writes the results as JSON."""
-    console.print0(comm, text)
+    """Rank 0 prints the table and, if asked, writes the results as JSON (`--json -`:
+    to standard output, and the table to standard error)."""
+    console.print0(comm, text, file=text_stream(json_out))
     if json_out:
-        collectives.root_tries(comm, lambda: write_atomically(
-            json_out, (json.dumps(result, indent=2) + "\n").encode()))
+        collectives.root_tries(comm, lambda: write_json(json_out, result, indent=2))
     return result
 
 

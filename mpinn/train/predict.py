@@ -72,9 +72,10 @@ def run_evaluate(comm: Comm, ckpt_path: str, data_path: str, split: str,
                  io: str = "auto", json_path: str | None = None) -> dict:
     """Collective: loss and accuracy (classification: also macro precision, recall, F1
     and the confusion matrix) of a checkpoint on a split, printed by rank 0 and, with
-    json_path, written there by rank 0 (atomically, strict JSON)."""
+    json_path, written there by rank 0 (atomically, strict JSON; "-": to standard output,
+    the text then to standard error)."""
     io = resolve_io(io)
-    if json_path is not None:
+    if json_path not in (None, files.STDOUT):
         collectives.root_tries(comm, lambda: check_writable(json_path))
     model, task = load_model(comm, ckpt_path)
     problem: Problem = check_data(comm, data_path, model.arch.loss,
@@ -86,9 +87,9 @@ def run_evaluate(comm: Comm, ckpt_path: str, data_path: str, split: str,
         result = evaluate(comm, model, datafile.reader(split, model.max_rows), problem)
     result = {"split": split, "ranks": comm.size, **result}
     if json_path is not None:
-        collectives.root_tries(comm, lambda: files.write_atomically(
-            json_path, (files.strict_json(result) + "\n").encode(), "write"))
-    console.print0(comm, evaluation_text(result, data_path, json_path))
+        collectives.root_tries(comm, lambda: files.write_json(json_path, result))
+    console.print0(comm, evaluation_text(result, data_path, json_path),
+                   file=files.text_stream(json_path))
     return result
 
 
@@ -98,11 +99,12 @@ def evaluation_text(result: dict, data_path: str, json_path: str | None) -> str:
     if result["loss"] is None:
         return f"{split}: no rows in {data_path}, nothing to evaluate"
     text = f"{split}: {result['rows']} rows, loss {result['loss']:.6f}"
+    where = "standard output" if json_path == files.STDOUT else json_path
     if result["accuracy"] is not None:
         text += f", accuracy {result['accuracy']:.4f}\n" + metrics.format_report(result)
         if json_path is not None:
-            text = text.replace("(write it with --json FILE)", f"(it is in {json_path})")
-    if json_path is not None:
+            text = text.replace("(write it with --json FILE)", f"(it is in {where})")
+    if json_path is not None and json_path != files.STDOUT:
         text += f"\nwritten to {json_path}"
     return text
 
