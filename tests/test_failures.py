@@ -402,9 +402,11 @@ def test_resume_from_another_directory_and_of_a_finished_run(synth, reference, t
 def test_evaluate_and_predict_take_a_run_directory(synth, tmp_path):
     run_dir = tmp_path / "run"
     ok(mpinn(2, "train", synth, "--out", run_dir, "--epochs", 1, "--hidden", "8"))
-    by_dir = ok(mpinn(2, "evaluate", run_dir, synth)).stdout
-    by_file = ok(mpinn(2, "evaluate", run_dir / "checkpoint.h5", synth)).stdout
-    assert by_dir == by_file and "test: 150 rows" in by_dir
+    by_dir = ok(mpinn(2, "evaluate", run_dir, synth)).stdout.split("\n", 1)
+    by_file = ok(mpinn(2, "evaluate", run_dir / "checkpoint.h5", synth)).stdout.split("\n", 1)
+    assert by_dir[1] == by_file[1] and "test: 150 rows" in by_dir[1]  # the same scores
+    assert by_dir[0].endswith("the run's newest checkpoint)")  # each says which model
+    assert by_file[0].endswith("the checkpoint file given)")
     ok(mpinn(None, "predict", run_dir, synth, tmp_path / "p.h5"))
     expect_error(mpinn(2, "evaluate", tmp_path, synth), 2, "without a checkpoint.h5")
     expect_error(mpinn(2, "evaluate", run_dir, tmp_path), 2, "is a directory, not an HDF5")

@@ -80,6 +80,27 @@ def test_val_scores_equal_a_numpy_oracle_on_the_held_out_rows(synth, tmp_path):
     assert last["test_loss"] != pytest.approx(loss, rel=1e-3)
 
 
+def test_evaluate_split_val_scores_the_held_out_rows_alike_at_any_rank_count(synth, tmp_path):
+    """`mpinn evaluate --split val` at 1 and 2 ranks: the rows the run held out, scored
+    as training scored them (its last val_*), and as a NumPy oracle does."""
+    out = tmp_path / "run"
+    ok(mpinn(2, "train", synth, "--out", out, *PARALLEL))
+    last = strict_json_lines(out / "metrics.jsonl")[-1]
+    got = {n: json.loads(ok(mpinn(n, "evaluate", out / "checkpoint.h5", synth, "--split", "val",
+                                  "--json", "-")).stdout) for n in (1, 2)}
+    assert got[1]["ranks"] == 1 and got[2]["ranks"] == 2
+    assert got[2]["confusion"] == got[1]["confusion"] and got[2]["rows"] == got[1]["rows"] == 120
+    assert got[2]["loss"] == pytest.approx(got[1]["loss"], rel=1e-12)
+    assert got[1]["loss"] == pytest.approx(last["val_loss"], rel=1e-12)
+    assert got[1]["accuracy"] == last["val_accuracy"]
+    with h5py.File(synth, "r") as f:
+        rows = held_out(7, f["train/y"].shape[0], 0.2)
+        x, y = f["train/x"][...][rows], f["train/y"][...][rows]
+    loss, accuracy = oracle_scores(load_weights(out / "checkpoint.h5"), x, y)
+    assert got[2]["loss"] == pytest.approx(loss, rel=1e-12)
+    assert got[2]["accuracy"] == pytest.approx(accuracy, abs=1e-12)
+
+
 def expected_stop(val_losses: list[float], patience: int) -> tuple[int, int]:
     """(best epoch, the epoch that ends the run) for a sequence of validation losses."""
     best, best_epoch, stale = float("inf"), 0, 0

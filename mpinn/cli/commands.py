@@ -71,10 +71,13 @@ TRAIN = Command(
 EVALUATE = Command(
     "evaluate", "loss, accuracy, macro precision/recall/F1 and the confusion matrix of a "
     "checkpoint (distributed)", options=(
-        arg("checkpoint", help=FROM_CHECKPOINT),
+        arg("checkpoint", help="a checkpoint file, or a run directory: its best.h5 (the "
+            "epoch of the lowest validation loss, kept with --val-fraction) if it has one, "
+            "else its checkpoint.h5; the first line printed names the model scored"),
         arg("data"),
-        arg("--split", choices=("train", "test"), default="test",
-            help="which split to evaluate (default test)"),
+        arg("--split", choices=("train", "test", "val"), default="test",
+            help="which split to evaluate: test (default), train, or val: the training rows "
+            "the run held out with --val-fraction (the checkpoint holds its seed and fraction)"),
         arg("--io", choices=IO_MODES, default="auto",
             help="how ranks read the data (see `mpinn train --help`)"),
         arg("--json", metavar="FILE", help="also write the scores (per-class precision, "
