@@ -629,6 +629,17 @@ def test_a_projection_across_hosts_names_the_network_it_measured(report_of, tmp_
 
 
 @pytest.mark.fast
+def test_weak_points_show_the_learning_rate_they_trained_with(report_of, tmp_path):
+    text, _ = report_of(written_sweep(tmp_path / "both", ranks=(1, 2, 4),
+                                      modes=("strong", "weak"), repeats=2))
+    assert ("**optimizer**: momentum, lr: strong 0.01; weak 0.01 at 1, 0.02 at 2, 0.04 at 4 "
+            "ranks (linear scaling: 0.01 x global batch / 30), momentum 0.9") in text
+    assert "| weak | 4 | 0 | `" in text and "| 120 | 0.04 |" in text  # the run table
+    text, _ = report_of(written_sweep(tmp_path / "strong", repeats=2))
+    assert "**optimizer**: momentum, lr 0.01, momentum 0.9" in text
+
+
+@pytest.mark.fast
 def test_the_throughput_plot_draws_no_spread_for_a_point_run_once():
     try:
         import matplotlib

@@ -1,7 +1,7 @@
 """What a scaling study ran: its finished trainings (Run), and the report's lines on
-the set-up (data, model, optimizer, the sweeps) and on the environment (MPI and its
-transports, BLAS, hosts, software), from the manifests and the runs' summaries.
-Serial, no MPI.
+the set-up (data, model, optimizer with the rate each point trained with, the sweeps)
+and on the environment (MPI and its transports, BLAS, hosts, software), from the
+manifests and the runs' summaries. Serial, no MPI.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mpinn import __version__
+from mpinn.perf.scaling import MODES
 
 
 @dataclass
@@ -36,7 +37,7 @@ def setup_lines(manifests: list[dict], runs: list[Run]) -> list[str]:
              f"- **model**: {layers} ({cfg['activation']}, {cfg['dtype']}, {params} "
              f"parameters, {cfg['loss']}); Allreduce of "
              f"{runs[0].summary['allreduce_bytes_per_step']} bytes per step",
-             f"- **optimizer**: {cfg['optimizer']}, lr {cfg['lr']:g}"
+             f"- **optimizer**: {cfg['optimizer']}, {learning_rates(manifests, runs)}"
              + (f", momentum {cfg['momentum']:g}" if cfg["optimizer"] == "momentum" else "")
              + f", {cfg['epochs']} epoch{'s' if cfg['epochs'] != 1 else ''} per run, "
              f"shuffle {cfg['shuffle']}, io {cfg['io']}"]
@@ -46,6 +47,25 @@ def setup_lines(manifests: list[dict], runs: list[Run]) -> list[str]:
                      f"{'s' if m['repeats'] > 1 else ''}; launcher `{m['launcher']}`; "
                      f"driver on {m['driver_host']}; mpinn {m['mpinn_version']}")
     return lines
+
+
+def learning_rates(manifests: list[dict], runs: list[Run]) -> str:
+    """The rate each point trained with (its runs' summaries): 'lr 0.01', or where weak
+    scaling scales it, 'lr: strong 0.01; weak 0.01 at 1, 0.02 at 2 ranks (linear
+    scaling: 0.01 x global batch / 30)'."""
+    base = manifests[0]["train_config"]["lr"]
+    used: dict[str, dict[int, float]] = {}
+    for r in sorted(runs, key=lambda r: (MODES.index(r.mode), r.ranks)):
+        used.setdefault(r.mode, {})[r.ranks] = r.summary.get("lr", base)
+    if all(lr == base for rates in used.values() for lr in rates.values()):
+        return f"lr {base:g}"
+    told = [f"{mode} {rates[min(rates)]:g}" if len(set(rates.values())) == 1 else
+            f"{mode} " + ", ".join(f"{lr:g} at {p}" for p, lr in rates.items()) + " ranks"
+            for mode, rates in used.items()]
+    rules = {p["base_batch"] for m in manifests for p in m["points"]
+             if p.get("lr_scaling") == "linear"}
+    rule = f" (linear scaling: {base:g} x global batch / {rules.pop()})" if len(rules) == 1 else ""
+    return "lr: " + "; ".join(told) + rule
 
 
 def environment_lines(runs: list[Run]) -> list[str]:
