@@ -40,9 +40,9 @@ def bad_files(tmp_path_factory, synth):
     d = tmp_path_factory.mktemp("bad")
     (d / "text.h5").write_text("not an HDF5 file\n")
     (d / "empty.h5").write_bytes(b"")
-    with h5py.File(d / "notest.h5", "w") as f:
-        f["train/x"] = np.zeros((4, 3), np.float32)
-        f["train/y"] = np.zeros(4, np.int32)
+    with h5py.File(d / "notrain.h5", "w") as f:  # new rows to score, not a file to train on
+        f["test/x"] = np.zeros((4, 3), np.float32)
+        f["test/y"] = np.zeros(4, np.int32)
     with h5py.File(d / "xgroup.h5", "w") as f:  # /train/x is a group, not a dataset
         f.create_group("train/x")
         f["train/y"] = np.zeros(4, np.int32)
@@ -81,12 +81,12 @@ CASES = {
     "not HDF5": (["train", "{d}/text.h5"], ["not a readable HDF5 file"]),
     "empty file": (["train", "{d}/empty.h5"], ["not a readable HDF5 file"]),
     "data is a directory": (["train", "{d}"], ["is a directory"]),
-    "missing group": (["train", "{d}/notest.h5"], ["missing group '/test'"]),
+    "missing group": (["train", "{d}/notrain.h5"], ["missing group '/train'"]),
     "x is a group": (["train", "{d}/xgroup.h5"], ["'/train/x'"]),
     "x and y lengths differ": (["train", "{d}/short_y.h5"], ["4 rows but /train/y has 3"]),
     "x of strings": (["train", "{d}/strings.h5"], ["2-D float array"]),
     "y of 3 dimensions": (["train", "{d}/y3d.h5"], ["/train/y must hold", "(4, 2, 2)"]),
-    "no rows": (["train", "{d}/norows.h5"], ["train split is empty"]),
+    "no rows": (["train", "{d}/norows.h5"], ["train and test splits are empty"]),
     "label out of range": (["train", "{d}/label5.h5"], ["labels must lie in [0, 2]", "to 5"]),
     "negative label": (["train", "{d}/negative.h5"], ["labels must lie", "from -1"]),
     "no features": (["train", "{d}/nofeatures.h5"], ["at least one feature"]),

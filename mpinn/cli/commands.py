@@ -13,6 +13,7 @@ from mpinn.data.layout import LARGE_INPUT
 from mpinn.data.readers import IO_MODES
 from mpinn.nn.optim import OPTIMIZERS
 from mpinn.run.config import TrainConfig
+from mpinn.train.export import FORMATS as EXPORT_FORMATS
 
 EPILOG = """exit codes: 0 success, 2 bad usage or input, 1 failure while running (a
 diverged run, a full disk, a rank that died), 3 stopped by Ctrl-C/SIGTERM/SIGUSR1
@@ -44,6 +45,53 @@ DATA = Command("data", "write or inspect dataset files", dest="data_command", co
             help="under mpiexec, every rank writes its rows: with collective MPI-IO at the "
             "rows' offsets (independent), or through parallel HDF5 (mpio); auto: mpio if h5py "
             "has it"))),
+    Command(
+        "import", "your own data: CSV/TSV, .npy pairs, .npz or HDF5 with any names -> a "
+        "dataset file (labels as 0..C-1, an optional stratified test split, standardization)",
+        description="Write a dataset file in mpinn's layout from your data. CSV/TSV is read "
+        "in two streaming passes by one process (needs pandas: pip install 'mpinn[csv]'); "
+        "arrays (.npy, .npz, HDF5) are written by every rank under mpiexec. Class labels of "
+        "any kind (strings, 1..C, -1/+1) become 0..C-1 in sorted order, their names kept in "
+        "the file. Bad input (ragged rows, a non-numeric cell, NaN or infinity, an unknown "
+        "column) stops with exit 2 naming the line or row and the column; nothing is written.",
+        epilog="Examples: `mpinn data import data.h5 --from mydata.csv --test-fraction 0.2 "
+        "--standardize`; `mpinn data import data.h5 --x X.npy --y Y.npy`; `mpinn data import "
+        "data.h5 --from theirs.h5 --x /features --y /labels`; `mpinn data import new.h5 --from "
+        "new.csv --like data.h5` (new rows to evaluate or predict).",
+        options=(
+            arg("out", help="HDF5 file to write (replaced atomically)"),
+            arg("--from", dest="source", metavar="SOURCE",
+                help="a .csv/.tsv/.tab/.txt table, an .npz archive or an HDF5 file (without "
+                "it: --x X.npy --y Y.npy)"),
+            arg("--x", metavar="ARRAY", help="the inputs: an .npy file, or an array of SOURCE "
+                "(.npz key, HDF5 dataset path; default x)"),
+            arg("--y", metavar="ARRAY", help="the labels or targets, as --x (default y)"),
+            arg("--test-x", metavar="ARRAY", help="a test split's inputs, as --x"),
+            arg("--test-y", metavar="ARRAY", help="a test split's labels, as --y"),
+            arg("--label", metavar="COLUMN", help="CSV: the label (or target) column, by name "
+                "or index from 0 (negative from the end; default the last)"),
+            arg("--columns", metavar="C,C,...", help="CSV: the input columns, by name or "
+                "index (default all but the label)"),
+            arg("--delimiter", metavar="CHAR", help="CSV: the field separator (default: tab "
+                "for .tsv/.tab, else comma)"),
+            arg("--header", action="store_true", default=None,
+                help="CSV: the first line names the columns (default: detected)"),
+            arg("--no-header", dest="header", action="store_false",
+                help="CSV: the first line is data"),
+            arg("--regression", action="store_true",
+                help="store float targets (train with --loss mse), not class labels"),
+            arg("--test-fraction", type=float, default=0.0, metavar="F",
+                help="hold out this fraction as the test split, seeded and stratified by "
+                "class (default 0: every row trains)"),
+            arg("--seed", type=int, default=0, help="the seed of the split (default 0)"),
+            arg("--standardize", action="store_true",
+                help="store inputs as (x - mean) / std with the training rows' statistics, "
+                "kept in the file (input_mean, input_std) for --like and export; without "
+                "it inputs are stored as they are"),
+            arg("--like", metavar="TRAIN.h5", help="new rows prepared as TRAIN.h5's were "
+                "(its class names and statistics), written as the test split"),
+            arg("--io", choices=IO_MODES, default="auto",
+                help="arrays under mpiexec: how ranks write (as `data synth --io`)"))),
     Command("idx", "MNIST-format idx files (MNIST, Fashion-MNIST), gzipped or not, pixels "
             "scaled to [0, 1]", options=(
                 arg("out", help=OUT_FILE),
@@ -238,6 +286,22 @@ PREDICT = Command(
         arg("out", help="HDF5 file to write: `outputs` (and `predictions`)"),
         arg("--dataset", help="input dataset path inside INPUT (default x, then test/x)")))
 
+EXPORT = Command(
+    "export", "a trained model for serving: ONNX (needs onnx: pip install 'mpinn[onnx]') or "
+    "plain arrays (npz); serial", description="Export a run's model (its best.h5 if early "
+    "stopping kept one, else its checkpoint.h5) or a checkpoint file. A training file "
+    "standardized by `data import --standardize` is folded into the first layer: the model "
+    "takes raw inputs. Classifiers output softmax probabilities, regression models linear "
+    "outputs.", options=(
+        arg("checkpoint", help=FROM_CHECKPOINT),
+        arg("out", help="the file to write (replaced atomically)"),
+        arg("--format", choices=EXPORT_FORMATS, default="onnx",
+            help="onnx (opset 13: input x, float32 rows; output probabilities or outputs) or "
+            "npz (W0, b0, ..., input_mean, input_std and an `architecture` JSON text; "
+            "default onnx)"),
+        arg("--data", metavar="TRAIN.h5", help="the training file, for its class names and "
+            "standardization (default: the one the run's configuration names)")))
+
 PLOT = Command(
     "plot", "plot a run's loss, accuracy and macro F1 per epoch, or a --trace's timeline "
     "(serial; needs matplotlib: pip install 'mpinn[plot]')", options=(
@@ -249,7 +313,7 @@ PLOT = Command(
             "with --trace, TRACE.png)")))
 
 MPINN = Command("mpinn", "", dest="command", commands=(
-    DATA, TRAIN, EVALUATE, BENCH, SCALING, PREDICT, PLOT), options=(
+    DATA, TRAIN, EVALUATE, BENCH, SCALING, PREDICT, EXPORT, PLOT), options=(
         arg("--version", action="version", version=f"mpinn {__version__}"),))
 
 

@@ -35,6 +35,8 @@ from mpinn.cli.parser import BadArguments, Command, rank_hint
 from mpinn.comm import console, exits, preflight, world
 from mpinn.comm.world import Comm
 from mpinn.data import datasets
+from mpinn.data.importer import run_import
+from mpinn.data.importplan import IMPORT_FLAGS, ImportSpec
 from mpinn.data.readers import resolve_io
 from mpinn.perf import scaling, sweep
 from mpinn.perf.bench import bench_io, bench_step, local_batches
@@ -46,6 +48,7 @@ from mpinn.perf.timeline import plot_trace
 from mpinn.run.config import SWEEP_KEYS, keys
 from mpinn.run.resolve import load_toml, parse_hidden, resolve
 from mpinn.run.rundir import CONFIG, holds_run
+from mpinn.train.export import export
 from mpinn.train.loop import train
 from mpinn.train.predict import predict, run_evaluate
 
@@ -108,6 +111,15 @@ def synth(args: argparse.Namespace, comm: Comm) -> None:
                    + (f" ({io})" if comm.size > 1 else ""))
 
 
+def import_command(args: argparse.Namespace, comm: Comm) -> None:
+    """`data import`: CSV by rank 0, arrays by every rank (data/importer.py)."""
+    spec = ImportSpec(**{f: getattr(args, f) for f in IMPORT_FLAGS}, io=resolve_io(args.io))
+    line = run_import(comm, spec)
+    if comm.rank == 0:
+        print(datasets.inspect(spec.out))
+    console.print0(comm, line)
+
+
 def train_command(args: argparse.Namespace, comm: Comm) -> None:
     toml = {}
     if args.resume and args.out:  # the run's own configuration first
@@ -161,7 +173,8 @@ def bench_comm_command(args: argparse.Namespace, comm: Comm) -> None:
 
 
 PARALLEL: dict[tuple[str, ...], Callable[[argparse.Namespace, Comm], None]] = {
-    ("data", "synth"): synth, ("train",): train_command, ("evaluate",): evaluate_command,
+    ("data", "synth"): synth, ("data", "import"): import_command, ("train",): train_command,
+    ("evaluate",): evaluate_command,
     ("bench", "io"): bench_io_command, ("bench", "step"): bench_step_command,
     ("bench", "comm"): bench_comm_command}
 
@@ -190,6 +203,11 @@ def inspect(args: argparse.Namespace) -> int:
 def predict_command(args: argparse.Namespace) -> int:
     n = predict(args.checkpoint, args.input, args.out, args.dataset)
     print(f"wrote {n} predictions to {args.out}")
+    return EXIT_OK
+
+
+def export_command(args: argparse.Namespace) -> int:
+    print(export(args.checkpoint, args.out, args.format, args.data))
     return EXIT_OK
 
 
@@ -224,5 +242,6 @@ def scaling_report(args: argparse.Namespace) -> int:
 
 SERIAL: dict[tuple[str, ...], Callable[[argparse.Namespace], int]] = {
     ("data", "idx"): idx, ("data", "digits"): digits, ("data", "inspect"): inspect,
-    ("predict",): predict_command, ("plot",): plot, ("scaling", "run"): scaling_run,
+    ("predict",): predict_command, ("export",): export_command, ("plot",): plot,
+    ("scaling", "run"): scaling_run,
     ("scaling", "report"): scaling_report, ("scaling", "project"): run_project}

@@ -15,7 +15,7 @@ from mpinn.data import arrays, probe
 from mpinn.data.importplan import ImportSpec, Like, Plan, attributes, summary_line
 from mpinn.data.labels import Classes, Moments
 from mpinn.data.pwrite import write_parallel
-from mpinn.data.sampler import share
+from mpinn.data.sampler import ceil_div, share
 
 
 def import_arrays(comm: Comm, spec: ImportSpec, like: Like | None) -> str:
@@ -106,23 +106,28 @@ def selection(plan: Plan, sources: list[arrays.RowArray]) -> dict:
 
 
 def training_moments(comm: Comm, pick: tuple, features: int) -> Moments:
-    """Collective: the moments of the training rows, each rank reading its share."""
+    """Collective: the moments of the training rows. They are taken in fixed blocks of
+    rows, each rank its share of the blocks, and merged in block order: the same bits
+    whatever the number of ranks."""
     xs, _, rows = pick
     n = len(xs) if rows is None else len(rows)
-    lo, hi = share(n, comm.rank, comm.size)
     step = max(1, arrays.SPAN_BYTES // (8 * features))
+    first, last = share(ceil_div(n, step), comm.rank, comm.size)
 
-    def read() -> Moments:  # a bad row is one rank's finding: all_try makes it everyone's
-        mine = Moments()
-        for first in range(lo, hi, step):
-            chosen = np.arange(first, min(hi, first + step))
+    def read() -> list[Moments]:  # a bad row is one rank's finding: all_try tells all
+        mine = []
+        for block in range(first, last):
+            chosen = np.arange(block * step, min(n, (block + 1) * step))
             chosen = chosen if rows is None else rows[chosen]
-            mine.add(finite_rows(xs, xs.take(chosen).reshape(len(chosen), features), chosen))
+            mine.append(Moments())
+            mine[-1].add(finite_rows(xs, xs.take(chosen).reshape(len(chosen), features),
+                                     chosen))
         return mine
     mine = collectives.all_try(comm, read)
     merged = Moments()
-    for other in collectives.gather_objects(comm, mine, "the inputs' statistics"):
-        merged.merge(other)
+    for blocks in collectives.gather_objects(comm, mine, "the inputs' statistics"):
+        for block in blocks:
+            merged.merge(block)
     return merged
 
 

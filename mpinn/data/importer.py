@@ -30,7 +30,7 @@ from mpinn.base.files import check_writable
 from mpinn.base.reserved import new_hdf5
 from mpinn.comm import collectives
 from mpinn.comm.world import Comm
-from mpinn.data import tabular
+from mpinn.data import probe, tabular
 from mpinn.data.importarrays import import_arrays
 from mpinn.data.importplan import ImportSpec, Like, Plan, attributes, read_like, summary_line
 from mpinn.data.labels import Classes, Moments, Standardizer
@@ -116,6 +116,7 @@ def import_text(spec: ImportSpec, like: Like | None) -> str:
             raise UsageError(f"{spec.source} changed while it was imported")
         if spec.standardize:
             scale = standardize_in_place(f, specs, moments, shift)
+    probe.trust(spec.out)  # written whole, by us
     return summary_line(spec, plan, scale)
 
 

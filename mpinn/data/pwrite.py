@@ -44,6 +44,7 @@ from mpinn.base.hdf5 import HDF5_FAILURES
 from mpinn.base.reserved import allocated, create_reserved, hdf5_write_errors, new_hdf5
 from mpinn.comm import collectives, exits, mpiio
 from mpinn.comm.world import Comm
+from mpinn.data import probe
 from mpinn.data.readers import row_selection
 from mpinn.data.sampler import ceil_div, share
 
@@ -86,6 +87,7 @@ def write_serial(path: str, specs: dict[str, SplitSpec], attrs: dict, produce: P
                 x, y = produce(split, block, min(block_rows, spec.rows - start))
                 f[split]["x"][start:start + len(x)] = x
                 f[split]["y"][start:start + len(x)] = y
+    probe.trust(path)  # written whole, by us: no probe of it before it is read
 
 
 def write_parallel(comm: Comm, path: str, io: str, specs: dict[str, SplitSpec],
@@ -104,7 +106,7 @@ def write_parallel(comm: Comm, path: str, io: str, specs: dict[str, SplitSpec],
         else:
             _write_mpiio(comm, tmp, path, specs, offsets, produce, block_rows)
         # every rank has closed the file (the close was agreed on): rank 0 renames it
-        collectives.root_tries(comm, lambda: commit(tmp, path))
+        collectives.root_tries(comm, lambda: (commit(tmp, path), probe.trust(path)))
     except BaseException:  # agreed or not: whichever rank gets here removes the file
         remove_quietly(tmp)  # (local, as everything on an error path must be)
         raise
