@@ -100,6 +100,9 @@ def test_sweep_writes_one_run_directory_per_point_and_a_manifest(study, synth):
             assert s["oversubscribed"] is False
     point = next(p for p in manifest["points"] if p["name"] == "weak/p2-r1")
     assert point["lr_scaling"] == "linear" and point["base_batch"] == 30 and point["lr"] == 0.02
+    log = (sweep_dir / "weak" / "p2-r0.log").read_text()  # the model line: the rate used
+    model_line = next(line for line in log.splitlines() if line.startswith("model "))
+    assert " lr 0.02;" in model_line and "0.01" not in model_line
 
 
 def test_points_csv_is_recomputed_from_the_summaries(study):

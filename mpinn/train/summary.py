@@ -147,9 +147,13 @@ def log_start(s: Session) -> None:
     console.print0(comm, f"data {cfg.data}: {info.n_train} train / {info.n_test} test rows, "
                       f"{info.features} features, {s.problem.outputs} "
                       f"{'classes' if s.problem.classification else 'targets'}")
+    if info.n_test == 0:
+        console.print0(comm, f"no test rows in {cfg.data}: test scores are skipped (hold out "
+                          f"validation rows with --val-fraction, or make a test split with "
+                          f"`mpinn data import --test-fraction`)")
     console.print0(comm, f"model {'-'.join(map(str, arch.sizes))} {arch.activation}, "
                       f"{arch.loss}, {arch.n_params:,} params ({arch.dtype}); {cfg.optimizer} "
-                      f"lr {cfg.lr}; global batch {cfg.batch_size} (<= "
+                      f"lr {s.schedule.rate:g}; global batch {cfg.batch_size} (<= "
                       f"{s.data.buffers.max_rows} per rank"
                       + (f", in micro-batches of <= {s.model.max_rows}" if cfg.accumulate > 1
                          else "") + f"), {s.steps} steps/epoch")
