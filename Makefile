@@ -82,9 +82,9 @@ else
 ifeq ($(MPI),system)
 	$(BIN)/python -m pip uninstall -q -y mpich 2>/dev/null || true
 	env MPICC=$(MPICC) $(BIN)/python -m pip install --no-binary=mpi4py --force-reinstall --no-deps mpi4py
-	$(BIN)/python -m pip install -e '.[digits,plot,test]'
+	$(BIN)/python -m pip install -e '.[digits,plot,csv,onnx,test]'
 else
-	$(BIN)/python -m pip install -e '.[mpich,digits,plot,test]'
+	$(BIN)/python -m pip install -e '.[mpich,digits,plot,csv,onnx,test]'
 endif
 	touch $@
 endif

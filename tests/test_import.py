@@ -146,7 +146,7 @@ def test_like_applies_the_training_statistics_and_names(cli, tmp_path):
            "--standardize"))
     ok(cli("data", "import", tmp_path / "new.h5", "--from", tmp_path / "new.csv",
            "--like", tmp_path / "train.h5"))
-    (train, attrs), (new, new_attrs) = read(tmp_path / "train.h5"), read(tmp_path / "new.h5")
+    (_, attrs), (new, new_attrs) = read(tmp_path / "train.h5"), read(tmp_path / "new.h5")
     assert "train" not in new  # new rows: the test split, to evaluate or predict
     assert np.allclose(new["test"][0], (x_new - attrs["input_mean"]) / attrs["input_std"],
                        atol=1e-5)
@@ -253,3 +253,23 @@ def test_bad_row_in_parallel_is_one_message(tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("mpinn: error:") == 1 and "row 2345 is not finite" in result.stderr
     assert not (tmp_path / "o.h5").exists()
+
+
+@fast
+def test_evaluate_and_predict_name_the_classes_of_new_rows(cli, tmp_path):
+    table(tmp_path / "train.csv", seed=1)
+    table(tmp_path / "new.csv", rows=40, seed=2)
+    ok(cli("data", "import", tmp_path / "train.h5", "--from", tmp_path / "train.csv",
+           "--standardize"))
+    ok(cli("data", "import", tmp_path / "new.h5", "--from", tmp_path / "new.csv",
+           "--like", tmp_path / "train.h5"))
+    ok(cli("train", tmp_path / "train.h5", "--out", tmp_path / "run", "--epochs", 1))
+    text = ok(cli("evaluate", tmp_path / "run", tmp_path / "new.h5")).stdout  # /test only
+    assert "test: 40 rows" in text
+    assert "classes: 0 setosa, 1 versicolor, 2 virginica" in text
+    text = ok(cli("predict", tmp_path / "run", tmp_path / "new.h5", tmp_path / "p.h5")).stdout
+    assert "classes: 0 setosa, 1 versicolor, 2 virginica" in text
+    with h5py.File(tmp_path / "p.h5", "r") as f:
+        assert list(f.attrs["class_names"].astype(str)) == sorted(SPECIES)
+    refused = cli("evaluate", tmp_path / "run", tmp_path / "new.h5", "--split", "train")
+    assert refused.returncode == 2 and "missing group '/train'" in refused.stderr

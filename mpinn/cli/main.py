@@ -201,8 +201,10 @@ def inspect(args: argparse.Namespace) -> int:
 
 
 def predict_command(args: argparse.Namespace) -> int:
-    n = predict(args.checkpoint, args.input, args.out, args.dataset)
-    print(f"wrote {n} predictions to {args.out}")
+    n, names = predict(args.checkpoint, args.input, args.out, args.dataset)
+    print(f"wrote {n} predictions to {args.out}" + (
+        "; classes: " + ", ".join(f"{k} {name}" for k, name in enumerate(names))
+        if names else ""))
     return EXIT_OK
 
 

@@ -126,6 +126,14 @@ def classes_attribute(path: str, f: h5py.File) -> int:
     return count
 
 
+def class_names(path: str) -> list[str] | None:
+    """The label each class had before import (the `class_names` attribute), if any."""
+    with open_hdf5(path) as f, hdf5_errors(path, "its attributes"):
+        names = f.attrs.get("class_names")
+    return None if names is None else [n.decode() if isinstance(n, bytes) else str(n)
+                                       for n in np.ravel(names)]
+
+
 def label_range(path: str, split: str, start: int, stop: int) -> tuple[int, int]:
     """(min, max) of the integer labels in rows [start, stop) of a split; (0, -1) if empty."""
     if stop <= start:

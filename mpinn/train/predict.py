@@ -28,7 +28,7 @@ from mpinn.comm import collectives, console
 from mpinn.comm.world import Comm
 from mpinn.data import probe
 from mpinn.data.holdout import held_out_rows
-from mpinn.data.layout import Problem, check_data
+from mpinn.data.layout import Problem, check_data, class_names
 from mpinn.data.readers import DataFile, resolve_io
 from mpinn.nn import metrics
 from mpinn.nn.model import MLP
@@ -124,7 +124,8 @@ def run_evaluate(comm: Comm, ckpt_path: str, data_path: str, split: str,
         collectives.root_tries(comm, lambda: check_writable(json_path))
     model, meta, which = load_model(comm, ckpt_path, best=True)
     problem: Problem = check_data(comm, data_path, model.arch.loss,
-                                  features=model.arch.sizes[0], outputs=model.arch.sizes[-1])
+                                  features=model.arch.sizes[0], outputs=model.arch.sizes[-1],
+                                  split="train" if split == "val" else split)
     if problem.info.task != meta.task:
         raise UsageError(f"{data_path} is a {problem.info.task} dataset but the checkpoint "
                          f"was trained for {meta.task}")
@@ -134,9 +135,11 @@ def run_evaluate(comm: Comm, ckpt_path: str, data_path: str, split: str,
     with DataFile(data_path, io, comm) as datafile:
         reader = datafile.reader("train" if split == "val" else split, model.max_rows)
         result = evaluate(comm, model, reader, problem, rows=rows)
+    names = collectives.broadcast_object(comm, collectives.root_tries(
+        comm, lambda: class_names(data_path)))
     result = {"split": split, "ranks": comm.size, **held, "checkpoint": meta.path,
               "model": which, "checkpoint_epoch": meta.epoch, "checkpoint_step": meta.step,
-              **result}
+              **result, **({"class_names": names} if names else {})}
     if json_path is not None:
         collectives.root_tries(comm, lambda: files.write_json(json_path, result))
     console.print0(comm, evaluation_text(result, data_path, json_path),
@@ -166,6 +169,9 @@ def evaluation_text(result: dict, data_path: str, json_path: str | None) -> str:
     where = "standard output" if json_path == files.STDOUT else json_path
     if result["accuracy"] is not None:
         text += f", accuracy {result['accuracy']:.4f}\n" + metrics.format_report(result)
+        if result.get("class_names"):
+            text += "\nclasses: " + ", ".join(f"{k} {name}" for k, name
+                                              in enumerate(result["class_names"]))
         if json_path is not None:
             text = text.replace("(write it with --json FILE)", f"(it is in {where})")
     if json_path is not None and json_path != files.STDOUT:
@@ -173,8 +179,10 @@ def evaluation_text(result: dict, data_path: str, json_path: str | None) -> str:
     return text
 
 
-def predict(ckpt_path: str, input_path: str, out_path: str, dataset: str | None) -> int:
-    """Serial: write the model's outputs (and class predictions) for every input row."""
+def predict(ckpt_path: str, input_path: str, out_path: str, dataset: str | None
+            ) -> tuple[int, list[str] | None]:
+    """Serial: write the model's outputs (and class predictions) for every input row;
+    how many, and the class names the input file carries (kept in the output too)."""
     ckpt, _ = load_checkpoint(ckpt_path)
     model = MLP(ckpt.arch, EVAL_ROWS)
     ckpt.restore(model)
@@ -191,6 +199,9 @@ def predict(ckpt_path: str, input_path: str, out_path: str, dataset: str | None)
                              f"rows of {ckpt.arch.sizes[0]} features")
         n, k = x.shape[0], ckpt.arch.sizes[-1]
         classes = ckpt.task == "classification"
+        names = src.attrs.get("class_names")
+        names = None if names is None or len(names) != k else [
+            v.decode() if isinstance(v, bytes) else str(v) for v in names]
 
         def layout(out: h5py.File) -> None:
             allocated(out, "outputs", (n, k), ckpt.arch.dtype)
@@ -198,6 +209,8 @@ def predict(ckpt_path: str, input_path: str, out_path: str, dataset: str | None)
                 allocated(out, "predictions", (n,), "int64")
             out.attrs.update(checkpoint=ckpt_path, input=f"{input_path}:/{name}",
                              outputs="class probabilities" if classes else "targets")
+            if classes and names:
+                out.attrs["class_names"] = np.array(names, dtype=h5py.string_dtype())
         check_writable(out_path)
         with new_hdf5(out_path, layout) as out:
             for first in range(0, n, EVAL_ROWS):
@@ -208,7 +221,7 @@ def predict(ckpt_path: str, input_path: str, out_path: str, dataset: str | None)
                     out["predictions"][first:first + len(logits)] = logits.argmax(axis=1)
                     logits = softmax(logits)
                 out["outputs"][first:first + len(logits)] = logits
-    return n
+    return n, names
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
