@@ -66,10 +66,16 @@ class Meter:
         line = (f"{self.what}: {100 * done / max(1, self.total):.0f}% ({done / 1e6:,.0f} of "
                 f"{self.total / 1e6:,.0f} MB, {rate:.0f} MB/s)")
         if tty:
-            sys.stderr.write(f"\r{line}")
+            sys.stderr.write(f"\r{line}\x1b[K")
             sys.stderr.flush()
         else:
             say(line, sys.stderr)
+
+    def close(self) -> None:
+        """End a line rewritten in place."""
+        if self.shown and os.isatty(2):
+            sys.stderr.write("\n")
+            sys.stderr.flush()
 
 
 def import_text(spec: ImportSpec, like: Like | None) -> str:
@@ -79,11 +85,15 @@ def import_text(spec: ImportSpec, like: Like | None) -> str:
     if like is not None and like.features != len(table.features):
         raise UsageError(f"{spec.source} has {len(table.features)} input columns but "
                          f"--like {spec.like} has {like.features} features")
+    began = time.perf_counter()
     rows, classes = 0, Classes()
+    meter = Meter(f"{spec.source}: counting rows and classes", table.size)
     for block in tabular.blocks(table, spec.regression, labels_only=True):  # pass 1
+        meter(block.end)
         rows += len(block.y)
         if not spec.regression:
             classes.collect(block.y)
+    meter.close()
     plan = Plan.make(spec, like, classes, rows)
     specs = plan.specs(len(table.features))
     scale = like.scale if like else None
@@ -96,8 +106,10 @@ def import_text(spec: ImportSpec, like: Like | None) -> str:
 
     with new_hdf5(spec.out, layout) as f:
         at = {split: 0 for split in specs}
+        meter = Meter(f"{spec.source}: writing {spec.out}", table.size)
         for block in tabular.blocks(table, spec.regression):  # pass 2
-            y = plan.targets(block.y, lambda r, b=block: table.where(b.first_line + r))
+            meter(block.end)
+            y = plan.targets(block.y, block.where)
             test = plan.test_mask(y)
             x = block.x
             if spec.standardize:  # shifted by the first row: float32 keeps the spread
@@ -109,15 +121,18 @@ def import_text(spec: ImportSpec, like: Like | None) -> str:
             for split, rows_in in (("train", ~test), ("test", test)):
                 n = int(np.count_nonzero(rows_in))
                 if n and split in specs:
-                    f[split]["x"][at[split]:at[split] + n] = x[rows_in]
+                    f[split]["x"][at[split]:at[split] + n] = x[rows_in].astype(np.float32)
                     f[split]["y"][at[split]:at[split] + n] = y[rows_in]
                     at[split] += n
+        meter.close()
         if any(at[s] != specs[s].rows for s in specs):
             raise UsageError(f"{spec.source} changed while it was imported")
         if spec.standardize:
             scale = standardize_in_place(f, specs, moments, shift)
     probe.trust(spec.out)  # written whole, by us
-    return summary_line(spec, plan, scale)
+    seconds = time.perf_counter() - began
+    return (summary_line(spec, plan, scale) + f"; read {table.size / 1e6:,.1f} MB twice in "
+            f"{seconds:.1f} s ({table.size / 1e6 / seconds:,.0f} MB/s)")
 
 
 def standardize_in_place(f: h5py.File, specs: dict, moments: Moments,

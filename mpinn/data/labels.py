@@ -34,16 +34,37 @@ def label_text(value) -> str:
     return str(value)
 
 
+@dataclass(frozen=True)
+class Factored:
+    """A block of labels as its distinct values and, per row, the index of its value
+    (a CSV's label column arrives so: hashed by the parser, never sorted as text)."""
+
+    values: np.ndarray
+    inverse: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.inverse)
+
+
+def factored(labels: np.ndarray | Factored) -> Factored:
+    if isinstance(labels, Factored):
+        return labels
+    values, inverse = np.unique(labels, return_inverse=True)
+    return Factored(values, inverse.reshape(-1))
+
+
 @dataclass
 class Classes:
     """The distinct labels met so far and how often (collect), then their codes."""
 
     counts: dict = field(default_factory=dict)  # label -> rows
 
-    def collect(self, labels: np.ndarray) -> None:
-        values, counts = np.unique(labels, return_counts=True)
-        for value, count in zip(values.tolist(), counts.tolist()):
-            self.counts[value] = self.counts.get(value, 0) + count
+    def collect(self, labels: np.ndarray | Factored) -> None:
+        block = factored(labels)
+        counts = np.bincount(block.inverse, minlength=len(block.values))
+        for value, count in zip(block.values.tolist(), counts.tolist()):
+            if count:
+                self.counts[value] = self.counts.get(value, 0) + count
         if len(self.counts) > MAX_CLASSES:
             raise UsageError(f"the labels have more than {MAX_CLASSES} distinct values: "
                              f"regression targets? (import them with --regression)")
@@ -73,20 +94,23 @@ class LabelCodes:
         self.names = list(names)
         self._codes = {name: k for k, name in enumerate(self.names)}
 
-    def encode(self, labels: np.ndarray, locate=lambda row: f"row {row + 1}") -> np.ndarray:
+    def encode(self, labels: np.ndarray | Factored, locate=lambda row: f"row {row + 1}"
+               ) -> np.ndarray:
         """The codes of a block of labels (int32); locate(row in the block) names a row
         with an unknown label in the error."""
-        uniques, inverse = np.unique(labels, return_inverse=True)
-        codes = np.empty(len(uniques), np.int32)
-        for k, value in enumerate(uniques.tolist()):
+        block = factored(labels)
+        codes = np.empty(len(block.values), np.int32)
+        for k, value in enumerate(block.values.tolist()):
             code = self._codes.get(label_text(value))
             if code is None:
-                first = int(np.flatnonzero(inverse.reshape(-1) == k)[0])
+                rows = np.flatnonzero(block.inverse == k)
+                if not len(rows):
+                    continue  # a value no row of the block has
                 shown = ", ".join(self.names[:10]) + (", ..." if len(self.names) > 10 else "")
-                raise UsageError(f"{locate(first)}: label {label_text(value)!r} is not one "
-                                 f"of the classes ({shown})")
+                raise UsageError(f"{locate(int(rows[0]))}: label {label_text(value)!r} is not "
+                                 f"one of the classes ({shown})")
             codes[k] = code
-        return codes[inverse.reshape(-1)]
+        return codes[block.inverse]
 
 
 class StratifiedSplit:

@@ -21,11 +21,13 @@ import io
 import math
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from mpinn.base.errors import UsageError
+from mpinn.data.labels import Factored
 
 BLOCK_BYTES = 16 << 20
 
@@ -48,9 +50,15 @@ class Table:
 
 @dataclass(frozen=True)
 class Block:
-    first_line: int  # of the block's first row (1-based)
+    table: Table
+    offset: int  # of the block's first byte in the file
+    end: int  # the byte offset after the block (progress)
     x: np.ndarray | None  # rows x features, float64 (None when only labels were read)
-    y: np.ndarray  # the label column: text for classes, float64 for targets
+    y: np.ndarray | Factored  # targets (float64), or the labels as Factored
+
+    def where(self, row: int) -> str:
+        """Row `row` of the block, as 'data.csv line 17'."""
+        return self.table.where(line_at(self.table.path, self.offset) + row)
 
 
 def pandas():
@@ -128,68 +136,99 @@ def _column(path: str, names: tuple[str, ...], key: str, flag: str) -> int:
     return k % len(names)
 
 
-def chunks(table: Table) -> Iterator[tuple[int, int, bytes]]:
-    """(first line, byte offset, text) of each block of whole lines, header excluded."""
-    line, offset = 1, 0
+def chunks(table: Table) -> Iterator[tuple[int, bytes]]:
+    """(byte offset, text) of each block of whole lines, the header excluded. Line numbers
+    are not counted here: only a bad block needs them (line_at)."""
     with open(table.path, "rb") as f:
-        tail = b""
+        offset = 0
+        if table.header:
+            offset = len(f.readline())
         while True:
-            data = f.read(BLOCK_BYTES)
-            text = tail + data
-            cut = text.rfind(b"\n") + 1 if data else len(text)
-            block, tail = text[:cut], text[cut:]
-            if offset == 0 and block.startswith(b"\xef\xbb\xbf"):
-                block = block[3:]
-            if offset == 0 and table.header:
-                skip = block.find(b"\n") + 1
-                block, line = block[skip:], 2
-            if block.strip():
-                yield line, offset, block
-            line += block.count(b"\n")
-            offset += cut
-            if not data:
+            text = f.read(BLOCK_BYTES)
+            if not text:
                 return
+            if not text.endswith(b"\n"):
+                text += f.readline()  # the rest of the last line
+            yield offset, text
+            offset += len(text)
+
+
+def line_at(path: str, offset: int) -> int:
+    """The number of the line that starts at byte `offset` (1-based; the slow path)."""
+    lines = 1
+    with open(path, "rb") as f:
+        while offset > 0:
+            data = f.read(min(offset, BLOCK_BYTES))
+            if not data:
+                break
+            lines += data.count(b"\n")
+            offset -= len(data)
+    return lines
 
 
 def blocks(table: Table, regression: bool, labels_only: bool = False) -> Iterator[Block]:
-    """The table's rows, a block at a time, every value checked (see the module)."""
+    """The table's rows, a block at a time, every value checked (see the module). The
+    next block is parsed in a thread while the caller handles this one (the parser
+    lets go of the GIL; NumPy and HDF5 work then overlap it)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="mpinn-csv") as pool:
+        pending = None
+        for offset, text in chunks(table):
+            ahead = pool.submit(parse, table, offset, text, regression, labels_only)
+            block = pending.result() if pending is not None else None
+            if block is not None:
+                yield block
+            pending = ahead
+        block = pending.result() if pending is not None else None
+        if block is not None:
+            yield block
+
+
+def parse(table: Table, offset: int, text: bytes, regression: bool,
+          labels_only: bool) -> Block | None:
+    """A block of lines parsed and checked; None if it holds blank lines only."""
     pd = pandas()
-    for line, _, text in chunks(table):
-        kind = "float64" if regression else str
-        if labels_only:
-            dtypes, use = {table.label: kind}, [table.label]
-        else:
-            dtypes = {k: str for k in range(len(table.names))}
-            dtypes.update({k: "float64" for k in table.features} | {table.label: kind})
-            use = None
-        try:
-            frame = pd.read_csv(io.BytesIO(text), sep=table.delimiter, header=None,
-                                usecols=use, dtype=dtypes, na_filter=False, engine="c")
-        except (ValueError, pd.errors.ParserError) as exc:
-            raise UsageError(explain(table, line, text, regression, labels_only)
-                             or f"{table.path}: lines from {line}: {exc}") from None
-        block = _checked(table, line, text, frame, regression, labels_only)
-        yield block
+    kind = "float64" if regression else "category"  # labels: hashed, not sorted
+    if labels_only:
+        dtypes, use = {table.label: kind}, [table.label]
+    else:
+        dtypes = {k: str for k in range(len(table.names))}
+        dtypes.update({k: "float64" for k in table.features} | {table.label: kind})
+        use = None
+    if offset == 0 and text.startswith(b"\xef\xbb\xbf"):
+        text = text[3:]  # a byte-order mark
+    try:
+        frame = pd.read_csv(io.BytesIO(text), sep=table.delimiter, header=None,
+                            usecols=use, dtype=dtypes, na_filter=False, engine="c")
+    except pd.errors.EmptyDataError:
+        return None
+    except (ValueError, pd.errors.ParserError) as exc:
+        raise UsageError(explain(table, offset, text, regression, labels_only)
+                         or f"{table.path}: from byte {offset}: {exc}") from None
+    return _checked(table, offset, text, frame, regression, labels_only)
 
 
-def _checked(table: Table, line: int, text: bytes, frame, regression: bool,
+def _checked(table: Table, offset: int, text: bytes, frame, regression: bool,
              labels_only: bool) -> Block:
-    y = frame[table.label].to_numpy(np.float64 if regression else object)
-    x = None if labels_only else np.ascontiguousarray(
-        frame[list(table.features)].to_numpy(np.float64))
+    column = frame[table.label]
+    if regression:
+        y = column.to_numpy(np.float64)
+    else:
+        y = Factored(column.cat.categories.to_numpy(object), column.cat.codes.to_numpy())
+    x = None if labels_only else frame[list(table.features)].to_numpy(np.float64)
     bad = (frame.shape[1] != (1 if labels_only else len(table.names))
            or (regression and not np.isfinite(y).all())
-           or (not regression and (y == "").any())
+           or (not regression and ("" in set(y.values) or (y.inverse < 0).any()))
            or (x is not None and not np.isfinite(x).all()))
     if bad:
-        raise UsageError(explain(table, line, text, regression, labels_only)
-                         or f"{table.path}: a bad value in the lines from {line}")
-    return Block(line, x, y)
+        raise UsageError(explain(table, offset, text, regression, labels_only)
+                         or f"{table.path}: a bad value in the lines from byte {offset}")
+    return Block(table, offset, offset + len(text), x, y)
 
 
-def explain(table: Table, first_line: int, text: bytes, regression: bool,
+def explain(table: Table, offset: int, text: bytes, regression: bool,
             labels_only: bool) -> str | None:
     """The first bad line of a block and why (the slow path: the csv module)."""
+    first_line = line_at(table.path, offset)
     width = len(table.names)
     numbers = [] if labels_only else list(table.features)
     if regression:
