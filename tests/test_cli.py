@@ -190,7 +190,8 @@ def test_serial_commands_work_once_under_mpiexec(synth, tmp_path):
         serial = ok(mpinn(None, *args)).stdout
         assert ok(mpinn(2, *args)).stdout == serial and serial.count("/train/x: shape") == 1
     result = ok(mpinn(2, "predict", tmp_path / "run", synth, tmp_path / "p.h5"))
-    assert result.stdout == f"wrote 150 predictions to {tmp_path / 'p.h5'}\n"
+    assert result.stdout == (f"wrote 150 predictions of {tmp_path / 'run' / 'checkpoint.h5'} "
+                             f"to {tmp_path / 'p.h5'}\n")
 
 
 def test_inspect_check_reports_a_nan_once(tmp_path):

@@ -158,3 +158,12 @@ def test_json_dash_is_standard_output_and_the_text_goes_to_stderr(cli, val_run, 
     result = ok(cli("evaluate", val_run, synth, "--json", into))
     assert json.loads(into.read_text()) == got
     assert "test: 150 rows" in result.stdout and f"written to {into}" in result.stdout
+
+
+@pytest.mark.fast
+def test_predict_reads_a_run_directory_as_evaluate_does(cli, val_run, synth, tmp_path):
+    """predict RUN_DIR uses the run's best.h5 where it kept one, and says so."""
+    text = ok(cli("predict", val_run, synth, tmp_path / "p.h5")).stdout
+    assert f"of {val_run / 'best.h5'} to" in text
+    with h5py.File(tmp_path / "p.h5", "r") as f:
+        assert f.attrs["checkpoint"] == str(val_run / "best.h5")

@@ -242,7 +242,7 @@ def test_a_lock_file_is_refused_while_its_run_lives_and_replaced_once_it_is_dead
     assert (run_dir / ".lock.pid").exists()
     resumed = run([*cmd, "--resume", "--seed", 99], env=env, timeout=60)
     # the stale lock was replaced: the run got as far as comparing its checkpoint
-    expect_error(resumed, 2, "does not fit this configuration (seed 0 -> 99")
+    expect_error(resumed, 2, "does not fit this configuration (--seed (seed) 0 -> 99")
     assert not (run_dir / ".lock.pid").exists()  # released by its holder
 
 

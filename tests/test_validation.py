@@ -170,9 +170,9 @@ def test_wrong_validation_settings_are_refused(synth, tmp_path):
                  "--val-fraction (val_fraction) cannot be used with --shuffle (shuffle) block")
     ok(mpinn(1, "train", synth, "--out", tmp_path / "r", "--epochs", 1, "--val-fraction", 0.2))
     expect_error(mpinn(1, "train", "--out", tmp_path / "r", "--resume", "--epochs", 2,
-                       "--val-fraction", 0.3), 2, "val_fraction 0.2 -> 0.3")
+                       "--val-fraction", 0.3), 2, "--val-fraction (val_fraction) 0.2 -> 0.3")
     expect_error(mpinn(1, "train", synth, "--out", tmp_path / "t", "--val-fraction", 0.0001),
-                 2, "holds out no row")
+                 2, "--val-fraction (val_fraction) 0.0001 of 600 training rows holds out no row")
 
 
 def test_a_stopped_run_says_how_to_train_on(stopped):

@@ -201,8 +201,8 @@ def inspect(args: argparse.Namespace) -> int:
 
 
 def predict_command(args: argparse.Namespace) -> int:
-    n, names = predict(args.checkpoint, args.input, args.out, args.dataset)
-    print(f"wrote {n} predictions to {args.out}" + (
+    n, names, model = predict(args.checkpoint, args.input, args.out, args.dataset)
+    print(f"wrote {n} predictions of {model} to {args.out}" + (
         "; classes: " + ", ".join(f"{k} {name}" for k, name in enumerate(names))
         if names else ""))
     return EXIT_OK

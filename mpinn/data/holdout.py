@@ -27,11 +27,13 @@ def held_out_rows(seed: int, n: int, fraction: float) -> np.ndarray:
     non-zero fraction leaves no validation rows or no training rows."""
     held = holdout(seed, n, fraction)
     if fraction and len(held) == 0:
-        raise UsageError(f"val_fraction {fraction} of {n} training rows holds out no row "
-                         f"(round({fraction} x {n}) = 0); give a larger fraction")
+        raise UsageError(f"--val-fraction (val_fraction) {fraction} of {n} training rows "
+                         f"holds out no row (round({fraction} x {n}) = 0); give a larger "
+                         f"fraction")
     if fraction and len(held) == n:
-        raise UsageError(f"val_fraction {fraction} of {n} training rows holds out every row "
-                         f"and leaves none to train on; give a smaller fraction")
+        raise UsageError(f"--val-fraction (val_fraction) {fraction} of {n} training rows "
+                         f"holds out every row and leaves none to train on; give a smaller "
+                         f"fraction")
     return held
 
 

@@ -180,10 +180,11 @@ def evaluation_text(result: dict, data_path: str, json_path: str | None) -> str:
 
 
 def predict(ckpt_path: str, input_path: str, out_path: str, dataset: str | None
-            ) -> tuple[int, list[str] | None]:
+            ) -> tuple[int, list[str] | None, str]:
     """Serial: write the model's outputs (and class predictions) for every input row;
-    how many, and the class names the input file carries (kept in the output too)."""
-    ckpt, _ = load_checkpoint(ckpt_path)
+    how many, the class names the input file carries (kept in the output too) and the
+    checkpoint file used (a run directory: its best.h5 if it kept one)."""
+    ckpt, _ = load_checkpoint(ckpt_path, best=True)  # a run directory: as evaluate reads it
     model = MLP(ckpt.arch, EVAL_ROWS)
     ckpt.restore(model)
     probe.check(input_path)
@@ -207,7 +208,7 @@ def predict(ckpt_path: str, input_path: str, out_path: str, dataset: str | None
             allocated(out, "outputs", (n, k), ckpt.arch.dtype)
             if classes:
                 allocated(out, "predictions", (n,), "int64")
-            out.attrs.update(checkpoint=ckpt_path, input=f"{input_path}:/{name}",
+            out.attrs.update(checkpoint=ckpt.path or ckpt_path, input=f"{input_path}:/{name}",
                              outputs="class probabilities" if classes else "targets")
             if classes and names:
                 out.attrs["class_names"] = np.array(names, dtype=h5py.string_dtype())
@@ -221,7 +222,7 @@ def predict(ckpt_path: str, input_path: str, out_path: str, dataset: str | None
                     out["predictions"][first:first + len(logits)] = logits.argmax(axis=1)
                     logits = softmax(logits)
                 out["outputs"][first:first + len(logits)] = logits
-    return n, names
+    return n, names, ckpt.path
 
 
 def softmax(z: np.ndarray) -> np.ndarray:

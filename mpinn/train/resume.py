@@ -14,7 +14,7 @@ from mpinn.nn.model import MLP, Architecture
 from mpinn.nn.optim import Optimizer
 from mpinn.nn.schedule import Schedule, scaled_rate
 from mpinn.run.checkpoint import Checkpoint
-from mpinn.run.config import TRAJECTORY_KEYS, TrainConfig
+from mpinn.run.config import TRAJECTORY_KEYS, TrainConfig, named
 from mpinn.run.resolve import to_toml, tomllib
 from mpinn.run.rundir import RunDir
 
@@ -58,8 +58,8 @@ def check_compatible(ckpt: Checkpoint, cfg: TrainConfig, arch: Architecture,
                      shape: tuple[int, int, int], comm_size: int) -> None:
     saved = tomllib.loads(ckpt.config)
     current = tomllib.loads(to_toml(cfg))
-    changed = [f"{k} {saved.get(k, DEFAULTS[k])!r} -> {current[k]!r}" for k in TRAJECTORY_KEYS
-               if saved.get(k, DEFAULTS[k]) != current[k]]
+    changed = [f"{named(k)} {saved.get(k, DEFAULTS[k])!r} -> {current[k]!r}"
+               for k in TRAJECTORY_KEYS if saved.get(k, DEFAULTS[k]) != current[k]]
     if ckpt.arch != arch and not changed:
         changed.append(f"model {ckpt.arch} -> {arch}")
     window_steps = Sampling(cfg.shuffle, cfg.block_rows, cfg.window_rows).window_steps(
