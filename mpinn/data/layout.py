@@ -56,12 +56,12 @@ class DatasetInfo:
     def rows(self, split: str) -> int:
         return self.n_train if split == "train" else self.n_test
 
-    def require(self, split: str, hint: str = "") -> None:
-        """UsageError unless the file has rows in `split`."""
+    def require(self, split: str, empty: bool = False) -> None:
+        """UsageError unless the file has the group `split` and (unless empty) rows in it."""
         if split not in self.splits:
-            raise UsageError(f"{self.path}: missing group '/{split}'{hint}")
-        if self.rows(split) == 0:
-            raise UsageError(f"{self.path}: the {split} split is empty{hint}")
+            raise UsageError(f"{self.path}: missing group '/{split}'")
+        if self.rows(split) == 0 and not empty:
+            raise UsageError(f"{self.path}: the {split} split is empty")
 
 
 def describe(path: str) -> DatasetInfo:
@@ -161,9 +161,10 @@ class Problem:
 
 
 def check_data(comm: Comm, path: str, loss: str, features: int | None = None,
-               outputs: int | None = None, split: str | None = "train") -> Problem:
+               outputs: int | None = None, split: str | None = "train",
+               empty: bool = False) -> Problem:
     """Collective validation of a dataset file (and, optionally, a model's shape), which
-    must have rows in `split` (the one the command reads).
+    must have `split` (the one the command reads), with rows in it unless empty.
 
     Every rank checks the layout and the labels of its own share of rows, then
     all ranks agree on the outcome: UsageError on every rank if any found a fault.
@@ -173,7 +174,7 @@ def check_data(comm: Comm, path: str, loss: str, features: int | None = None,
     try:
         info = describe(path)
         if split is not None:
-            info.require(split)
+            info.require(split, empty)
         if info.task == "regression" and loss == "cross-entropy":
             raise UsageError(f"{path} holds regression targets: use --loss mse")
         if info.task == "classification":

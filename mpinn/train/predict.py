@@ -125,7 +125,7 @@ def run_evaluate(comm: Comm, ckpt_path: str, data_path: str, split: str,
     model, meta, which = load_model(comm, ckpt_path, best=True)
     problem: Problem = check_data(comm, data_path, model.arch.loss,
                                   features=model.arch.sizes[0], outputs=model.arch.sizes[-1],
-                                  split="train" if split == "val" else split)
+                                  split="train" if split == "val" else split, empty=True)
     if problem.info.task != meta.task:
         raise UsageError(f"{data_path} is a {problem.info.task} dataset but the checkpoint "
                          f"was trained for {meta.task}")
