@@ -8,7 +8,9 @@ import time
 import numpy as np
 from mpi4py import MPI
 
+from mpinn.comm import collectives
 from mpinn.comm.collectives import complete
+from mpinn.comm.wire import WireBucket, WireSync
 from mpinn.comm.world import Comm
 
 CONTROL_SLOTS = 3  # loss, stop, bad input: after the gradients, in the same buffer
@@ -41,12 +43,21 @@ class GradientSync:
 
     def __init__(self, comm: Comm, n_params: int, dtype: np.dtype | str,
                  mode: str = "overlap", bucket_bytes: int = 1 << 20,
-                 test_in_flight: bool = True) -> None:
+                 test_in_flight: bool = True, wire: str | None = None) -> None:
         """test_in_flight: progress() tests the buckets. Where every rank shares one
         host the Allreduce is CPU work done inside those tests: they hide nothing and
-        slow backward, so the buckets then wait for finish()."""
+        slow backward, so the buckets then wait for finish(). wire: float16 or bfloat16
+        sends the gradients in half precision with error feedback (wire.py); the control
+        slots then travel on their own, in the model's dtype, after backward."""
         assert mode in SYNC_MODES, mode
         self.comm = comm
+        self.wire = WireSync(n_params, np.dtype(dtype), wire, comm.rank, comm.size) \
+            if wire else None
+        # (MPI wants every rank to start the collectives of a communicator in the same
+        # order: the all-gathers, started as all-to-alls complete, get their own)
+        self.gather_comm = comm.Dup() if wire else None
+        self.used: list[WireBucket] = []  # the wire buckets of this step, in order
+        self.control_request: MPI.Request | None = None
         self.test_in_flight = test_in_flight
         self.buffer = np.zeros(n_params + CONTROL_SLOTS, dtype)
         self.grads = self.buffer[:n_params]
@@ -54,6 +65,7 @@ class GradientSync:
         self.overlap = mode == "overlap"
         self.bucket = max(1, bucket_bytes // self.buffer.itemsize)  # in elements
         self.sq_norm = 0.0  # of the reduced gradient sum, set by finite()
+        self.top = 0.0  # wire mode: max |reduced gradient sum|, set by finite()
         self.requests: list[MPI.Request] = []
         self.buckets: list[tuple[int, int]] = []  # [lo, hi) of each request, in order
         self.front = self.sent = 0  # buffer[front:] is final, buffer[sent:] is sent
@@ -63,7 +75,9 @@ class GradientSync:
     def start(self, loss: float, stop: bool = False, bad_input: bool = False) -> None:
         """A step's sync begins: the control slots are final, no gradient is yet."""
         self.control[:] = (loss, stop, bad_input)
-        self.front, self.sent = len(self.buffer) - CONTROL_SLOTS, len(self.buffer)
+        self.front = len(self.buffer) - CONTROL_SLOTS
+        self.sent = self.front if self.wire else len(self.buffer)  # (wire: control apart)
+        self.used.clear()
         self.requests.clear()
         self.buckets.clear()
         self.bucket_times.clear()
@@ -80,11 +94,14 @@ class GradientSync:
         """Test the buckets in flight (backward's hook, between panels)."""
         if not self.requests or self.done_at or not self.test_in_flight:
             return
+        if self.wire:
+            self._gather_in_order()
         done = MPI.Request.Testsome(self.requests)  # (completed ones become null requests)
         if done:
             now = time.perf_counter()
             for k in done:
-                self.bucket_times[k][1] = now
+                if not self.wire or self.used[k].stage == 2:
+                    self.bucket_times[k][1] = now
             if all(t[1] for t in self.bucket_times) and self.front == 0:
                 self.done_at = now
 
@@ -94,12 +111,20 @@ class GradientSync:
         assert self.front == 0, "backward has not finished the gradients"
         if self.sent > 0:
             self._send(0, self.sent)
+        if self.wire:
+            self._start_control()
+        if self.wire:
+            self._gather_in_order(wait=True)
         n = len(self.requests)
         for k, request in enumerate(self.requests):
             lo, hi = self.buckets[k]
             complete(self.comm, request, f"the gradient Allreduce (bucket {k + 1} of {n}, "
                                          f"{(hi - lo) * self.buffer.itemsize / 1e6:.2f} MB)")
+            if self.wire:
+                self.used[k].decode(self.grads, self.wire.scale)
             self.bucket_times[k][1] = self.bucket_times[k][1] or time.perf_counter()
+        if self.wire:
+            complete(self.comm, self.control_request, "the step's control values")
         self.done_at = max(t[1] for t in self.bucket_times)
 
     def allreduce(self, loss: float, stop: bool = False, bad_input: bool = False) -> None:
@@ -118,11 +143,92 @@ class GradientSync:
     def _send(self, lo: int, hi: int) -> None:
         now = time.perf_counter()
         self.started_at = self.started_at or now
-        self.requests.append(self.comm.Iallreduce(MPI.IN_PLACE, self.buffer[lo:hi],
-                                                  op=MPI.SUM))
+        if self.wire:
+            bucket = self.wire.bucket(lo, hi)
+            bucket.start(self.comm, self.wire.residual, self.grads, self.wire.scale)
+            self.used.append(bucket)
+            self.requests.append(bucket.request)
+        else:
+            self.requests.append(self.comm.Iallreduce(MPI.IN_PLACE, self.buffer[lo:hi],
+                                                      op=MPI.SUM))
         self.buckets.append((lo, hi))
         self.bucket_times.append([now, 0.0])
         self.sent = lo
+
+    def _gather_in_order(self, wait: bool = False) -> None:
+        """Wire mode: each bucket whose all-to-all is done gets its sum and its all-gather
+        started, in bucket order (the first still in flight stops it, unless wait)."""
+        n = len(self.used)
+        for k, bucket in enumerate(self.used):
+            if bucket.stage != 1:
+                continue
+            if wait:
+                complete(self.comm, bucket.request, f"the gradient all-to-all (bucket {k + 1} "
+                                                    f"of {n})")
+            elif not bucket.request.Test():
+                return
+            bucket.reduce(self.gather_comm)
+            self.requests[k] = bucket.request
+
+    def _start_control(self) -> None:
+        """Wire mode: the control slots in the model's dtype, after backward. A rank whose
+        own gradient (with its residual) is not finite sends a NaN loss: divergence, which
+        a wire overflow (finite everywhere, out of the wire's range) is not."""
+        residual = self.wire.residual
+        if not np.isfinite(np.dot(residual, residual)):
+            self.control[self.LOSS] = np.nan
+        self.control_request = self.comm.Iallreduce(MPI.IN_PLACE, self.control, op=MPI.SUM)
+
+    def saved_state(self) -> dict[str, np.ndarray]:
+        """Collective: what a checkpoint keeps of a half-precision sync (nothing else):
+        the SUM of all ranks' residuals, which is what the reduced gradients still owe,
+        and the scale with its halvings. Restored on rank 0 alone (load_state), the same
+        sum is owed on any number of ranks."""
+        if not self.wire:
+            return {}
+        total = self.wire.residual.copy()
+        collectives.allreduce_sum(self.comm, total, "the residuals of the sync")
+        return {"sync_residual": total,
+                "sync_scale": np.array([self.wire.scale, self.wire.halvings], np.float64)}
+
+    def load_state(self, state: dict[str, np.ndarray] | None) -> None:
+        """Collective: a checkpoint's sync state (saved_state; state given on rank 0): the
+        residual sum to rank 0, zeros elsewhere; the scale to all."""
+        if not self.wire:
+            return
+        scale = np.array([1.0, 0.0])
+        self.wire.residual[:] = 0
+        if self.comm.rank == 0 and state and "sync_residual" in state:
+            self.wire.residual[:] = state["sync_residual"]
+            scale[:] = state["sync_scale"]
+        collectives.broadcast(self.comm, scale, what="the sync's scale")
+        self.wire.scale, self.wire.halvings = float(scale[0]), int(scale[1])
+
+    @property
+    def overflowed(self) -> bool:
+        """Wire mode, after finite(): the reduced gradient left the wire dtype's range
+        while every rank's loss and gradient were finite: the step is skipped, not
+        divergence."""
+        return bool(self.wire and np.isfinite(self.control[self.LOSS])
+                    and not self.bad_input and not np.isfinite(self.sq_norm))
+
+    def end_step(self, applied: bool) -> None:
+        """After the update or its skip (wire mode: residuals and the next scale)."""
+        if self.wire:
+            self.wire.end_step(self.used, applied, self.overflowed, self.top)
+
+    @property
+    def cast_s(self) -> float:
+        """Wire mode: the last step's seconds in conversions and the owners' sums."""
+        return sum(b.cast_s for b in self.used)
+
+    @property
+    def sent_bytes(self) -> int:
+        """What each rank sent of the last step's gradients: the wire's bytes, or for an
+        Allreduce the 2 (P - 1) / P of the buffer that reduce-scatter + all-gather move."""
+        if self.wire:
+            return self.wire.wire_bytes(self.used)
+        return int(2 * (self.comm.size - 1) / self.comm.size * self.buffer.nbytes)
 
     @property
     def stop_requested(self) -> bool:
@@ -146,4 +252,6 @@ class GradientSync:
         float32, ~1e154 in float64: divergence by any measure).
         """
         self.sq_norm = float(np.dot(self.grads, self.grads))  # |g|^2, reused by --clip-norm
+        if self.wire and np.isfinite(self.sq_norm):  # the next scale's input, before the
+            self.top = max(float(self.grads.max()), -float(self.grads.min()))  # update
         return bool(np.isfinite(self.control[self.LOSS]) and np.isfinite(self.sq_norm))

@@ -3,7 +3,9 @@
 Layout:
     /model/W{i} (fan_in x fan_out), /model/b{i}   layer i, i = 0 .. L-1
     /model attrs: sizes, activation, loss, dtype
-    /optimizer/<name>       optimizer state arrays (velocity; m, v, t), attr: optimizer
+    /optimizer/<name>       optimizer state arrays (velocity; m, v, t), attr: optimizer;
+                            with --sync-dtype float16|bfloat16 also sync_residual (the
+                            sum of all ranks' residuals) and sync_scale (scale, halvings)
     /progress/epoch_sums    the epoch's running sums so far (loss, correct, rows; all ranks)
     /progress/epoch_confusion  the epoch's confusion counts so far (C*C; optional: absent
                             in older checkpoints, empty for regression)

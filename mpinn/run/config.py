@@ -19,6 +19,7 @@ from typing import Any
 
 from mpinn.base.errors import UsageError
 from mpinn.comm.gradsync import SYNC_MODES
+from mpinn.comm.wire import WIRE_DTYPES
 from mpinn.data.readers import IO_MODES
 from mpinn.data.sampler import SHUFFLES
 from mpinn.nn.functional import ACTIVATIONS, LOSSES
@@ -123,6 +124,14 @@ class TrainConfig:
         "has produced it, or all at once after backward (default {default}; the same "
         "sums: overlap reorders them only across buckets, for P > 2)", choices=SYNC_MODES,
         group="performance")
+    sync_dtype: str = setting(
+        "model", "the gradients on the wire: {choices}; model (default): the model's "
+        "dtype, a sum that does not depend on P. float16 or bfloat16 send half the bytes: "
+        "each rank rounds its gradient once, each chunk's owner sums in float32 and rounds "
+        "once, and what the roundings lose is sent in later steps (error feedback). The sum "
+        "then depends on P (relative error about 2e-4 float16, 2e-3 bfloat16). Worth it "
+        "over networks, not on shared memory, where the casts cost more than they save",
+        choices=("model", *WIRE_DTYPES), group="performance", trajectory=True, compared=True)
     bucket_mb: float = setting(
         1.0, "overlap: the least MB of gradients sent in one Allreduce (default {default})",
         metavar="MB", positive=True, group="performance")

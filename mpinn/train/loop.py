@@ -97,8 +97,9 @@ def run_epoch(s: Session, epoch: int, stop: StopRequest, checkpointer: Checkpoin
         s.learner.optimizer.lr = s.schedule(p.step)
         result = train_step(s.learner, batch, timer, stop.requested, p.confusion)
         # guards: bad input or divergence, agreed through the Allreduce's control slots
-        if not result.applied:
+        if not result.applied and not s.sync.overflowed:  # (an overflow of a half-
             raise bad_input(s, batch, feed) if s.sync.bad_input else divergence(s, batch)
+        # precision sync skips the step: the residuals keep it, the scale halves)
         p.advance(result.loss, result.correct, len(batch.y))
         if s.trace is not None:
             s.trace.end_step(p.step, timer.step_start, s.sync)

@@ -8,6 +8,7 @@ import numpy as np
 
 from mpinn.base.errors import UsageError
 from mpinn.comm import collectives
+from mpinn.comm.gradsync import GradientSync
 from mpinn.comm.world import Comm
 from mpinn.data.sampler import Sampling
 from mpinn.nn.model import MLP, Architecture
@@ -24,7 +25,8 @@ DEFAULTS = tomllib.loads(to_toml(TrainConfig()))
 
 
 def resume(comm: Comm, cfg: TrainConfig, run: RunDir | None, model: MLP,
-           optimizer: Optimizer, shape: tuple[int, int, int]) -> Checkpoint:
+           optimizer: Optimizer, shape: tuple[int, int, int],
+           sync: GradientSync | None = None) -> Checkpoint:
     """Collective: load the run's checkpoint into model and optimizer on every rank.
 
     Rank 0 reads it (checkpoint.h5, or the newest intact one of checkpoints/ if
@@ -39,11 +41,12 @@ def resume(comm: Comm, cfg: TrainConfig, run: RunDir | None, model: MLP,
         check_compatible(ckpt, cfg, model.arch, shape, comm.size)
         ckpt.restore(model)
         state = optimizer.state()
-        if set(ckpt.optimizer_state) != set(state) or any(
-                np.shape(ckpt.optimizer_state[k]) != np.shape(v) for k, v in state.items()):
+        saved = {k: v for k, v in ckpt.optimizer_state.items() if not k.startswith("sync_")}
+        if set(saved) != set(state) or any(
+                np.shape(saved[k]) != np.shape(v) for k, v in state.items()):
             raise UsageError(f"--resume: the optimizer state in the checkpoint of {cfg.out} "
                              f"does not fit the {cfg.optimizer} optimizer of this model")
-        optimizer.load_state(ckpt.optimizer_state)
+        optimizer.load_state(saved)
         run.keep_metrics(ckpt.epoch)
         return ckpt
     ckpt = collectives.root_tries(comm, load)
@@ -51,6 +54,8 @@ def resume(comm: Comm, cfg: TrainConfig, run: RunDir | None, model: MLP,
     # arrays travel as buffers, in the same order on every rank
     for buf in (model.params, *optimizer.state().values()):
         collectives.broadcast(comm, buf)
+    if sync is not None:  # a half-precision sync's residuals and scale (rank 0 has them)
+        sync.load_state(ckpt.optimizer_state if ckpt else None)
     return meta
 
 

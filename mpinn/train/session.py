@@ -174,7 +174,9 @@ class Session:
         collectives.allreduce_sum(self.comm, sums)
         ckpt = Checkpoint(arch=self.model.arch, task=self.problem.info.task, epoch=p.epoch,
                           step=p.step, step_in_epoch=p.step_in_epoch, config=to_toml(cfg),
-                          optimizer=cfg.optimizer, optimizer_state=self.learner.optimizer.state(),
+                          optimizer=cfg.optimizer,
+                          optimizer_state={**self.learner.optimizer.state(),
+                                           **self.sync.saved_state()},
                           epoch_sums=sums[:3], epoch_confusion=sums[3:],
                           data_shape=data_shape(self.problem),
                           ranks=self.comm.size, lr_anchor=self.schedule.anchor,
@@ -226,7 +228,8 @@ def open_session(cfg: TrainConfig, comm: Comm) -> Session:
         collectives.root_tries(comm, lambda: check_writable(cfg.trace))
     run = collectives.root_tries(comm, lambda: RunDir.open(cfg))
     try:
-        resumed = resume(comm, cfg, run, model, learner.optimizer, data_shape(problem)) \
+        resumed = resume(comm, cfg, run, model, learner.optimizer, data_shape(problem),
+                         learner.sync) \
             if cfg.resume else None
         if resumed is None:
             model.init(np.random.default_rng([cfg.seed, INIT_STREAM]))
@@ -269,7 +272,8 @@ def build_learner(comm: Comm, cfg: TrainConfig, problem: Problem, arch: Architec
     rank's memory."""
     def build() -> Learner:
         sync = GradientSync(comm, arch.n_params, arch.dtype, cfg.sync,
-                            int(cfg.bucket_mb * 1e6), test_in_flight=len(hosts[0]) > 1)
+                            int(cfg.bucket_mb * 1e6), test_in_flight=len(hosts[0]) > 1,
+                            wire=None if cfg.sync_dtype == "model" else cfg.sync_dtype)
         model = MLP(arch, max_rows, grads=sync.grads, dropout=any(cfg.dropout),
                     accumulate=cfg.accumulate > 1)
         optimizer = make_optimizer(cfg.optimizer, model.params, cfg.lr, cfg.weight_decay,

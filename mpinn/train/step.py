@@ -37,7 +37,8 @@ class StepResult(NamedTuple):
     loss: float  # this rank's summed loss (before the update)
     correct: int  # this rank's correct predictions (before the update)
     applied: bool  # False: some rank met bad input, or the reduced loss or gradient is
-    #                not finite (sync says which); the weights are as they were
+    #                not finite, or a half-precision sync overflowed (sync says which);
+    #                the weights are as they were
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ def train_step(learner: Learner, batch: Batch, timer: PhaseTimer, stop: bool = F
             model.grads *= 1.0 / batch.rows
             clip(model.grads, sync.sq_norm / batch.rows**2, learner.clip_norm)
             learner.optimizer.step(model.grads)
+        sync.end_step(applied)  # a half-precision sync: its residuals and next scale
     return StepResult(loss, correct, applied)
 
 

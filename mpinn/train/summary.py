@@ -94,6 +94,11 @@ def summarize(s: Session, record: dict, test: dict) -> dict:
         "step_time_s": phases,
         "allreduce_bytes_per_step": s.sync.buffer.nbytes,
         "sync": s.cfg.sync, "sync_buckets": len(s.sync.buckets),
+        # the gradients on the wire: the dtype, what each rank sends per step, and for a
+        # half-precision sync its overflows (steps skipped) and the scale it ended with
+        "sync_dtype": s.cfg.sync_dtype, "sync_sent_bytes_per_step": s.sync.sent_bytes,
+        "sync_overflows": s.sync.wire.halvings if s.sync.wire else 0,
+        "sync_scale": s.sync.wire.scale if s.sync.wire else None,
         # the gradient sync per step: in flight (first send to completion, overlapping
         # backward), and exposed (the step's wait for it after backward: "allreduce")
         "sync_s": times.sync, "sync_exposed_s": phases["allreduce"],
