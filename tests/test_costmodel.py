@@ -297,3 +297,27 @@ def test_a_projection_names_where_each_link_comes_from():
     assert lines[:2] == ["network: alpha 25 us, beta 800 ps/B, as described to mpinn scaling "
                          "project", "shared memory: not described (--shm-alpha, --shm-beta), "
                          "so ranks of one host talk at the network's figures"]
+
+
+@pytest.mark.fast
+def test_a_half_precision_sync_is_predicted_from_its_messages():
+    """--sync-dtype float16 in the bench: an all-to-all and an all-gather of P chunks of
+    half the bytes, each P - 1 messages (over the network between hosts of one rank
+    each), the owner's sum, and the casts on backward's critical path."""
+    n, ranks = 7_454_772, 4
+    bench = {**bench_step_json(), "sync_dtype": "float16", "cast_s": 3e-3}
+    got = costmodel.predict_step(bench, COMM, 512, ranks, ranks, 1, n)
+    chunk = n / 4 / ranks * 2  # bytes: n / 4 float32 elements in P chunks, 2 bytes each
+    expected = 2 * (ranks - 1) * (50e-6 + chunk * 1e-8) + 3e-11 * ranks * chunk
+    assert got["phases"]["allreduce"] == pytest.approx(expected, rel=1e-12)
+    plain = costmodel.predict_step(bench_step_json(), COMM, 512, ranks, ranks, 1, n)
+    assert got["phases"]["backward"] == pytest.approx(plain["phases"]["backward"] + 3e-3)
+    assert got["phases"]["forward"] == pytest.approx(plain["phases"]["forward"])
+    assert got["phases"]["allreduce"] < 0.6 * plain["phases"]["allreduce"]
+    # two ranks per host: the chunks cross the network unreduced, no gain over MPICH's
+    # two-level Allreduce; within one host, shared-memory messages only
+    two = costmodel.predict_step(bench, COMM, 512, ranks, 2, 2, n)["phases"]["allreduce"]
+    assert two > 0.9 * costmodel.predict_step(bench_step_json(), COMM, 512, ranks, 2, 2,
+                                              n)["phases"]["allreduce"]
+    one = costmodel.predict_step(bench, COMM, 512, ranks, 1, 4, n)["phases"]["allreduce"]
+    assert one == pytest.approx(2 * 3 * (2e-6 + chunk * 1e-10) + 3e-11 * ranks * chunk)

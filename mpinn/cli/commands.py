@@ -9,6 +9,7 @@ import argparse
 from mpinn import __version__
 from mpinn.cli.parser import Command, Parser, arg
 from mpinn.comm.gradsync import SYNC_MODES
+from mpinn.comm.wire import WIRE_DTYPES
 from mpinn.data.layout import LARGE_INPUT
 from mpinn.data.readers import IO_MODES
 from mpinn.nn.optim import OPTIMIZERS
@@ -157,6 +158,9 @@ BENCH = Command("bench", "benchmarks (run under mpiexec)", dest="bench_command",
                 arg("--bucket-mb", type=float, default=TrainConfig.bucket_mb, metavar="MB",
                     help="overlap: the least MB per Allreduce, as in training (default "
                     f"{TrainConfig.bucket_mb})"),
+                arg("--sync-dtype", choices=("model", *WIRE_DTYPES), default="model",
+                    help="the gradients on the wire, as in training; float16/bfloat16 also "
+                    "report the bytes sent and the casts' time (default model)"),
                 arg("--local-batches", metavar="B[,B...]",
                     help="also time forward + backward at these rows per rank (all ranks at "
                     "once) and fit c0 + c1 x rows: the compute term of the cost model, "

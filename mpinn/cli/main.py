@@ -39,8 +39,9 @@ from mpinn.data.importer import run_import
 from mpinn.data.importplan import IMPORT_FLAGS, ImportSpec
 from mpinn.data.readers import resolve_io
 from mpinn.perf import scaling, sweep
-from mpinn.perf.bench import bench_io, bench_step, local_batches
+from mpinn.perf.bench import bench_step, local_batches
 from mpinn.perf.benchcomm import bench_comm, message_sizes
+from mpinn.perf.benchio import bench_io
 from mpinn.perf.plot import plot_run
 from mpinn.perf.projection import run_project
 from mpinn.perf.report import build
@@ -164,7 +165,7 @@ def bench_step_command(args: argparse.Namespace, comm: Comm) -> None:
     bench_step(comm, args.features, parse_hidden(args.hidden), args.classes,
                args.batch_size, args.steps, args.dtype, args.json,
                local_batches(args.local_batches) if args.local_batches else None,
-               args.optimizer, args.sync, args.bucket_mb)
+               args.optimizer, args.sync, args.bucket_mb, args.sync_dtype)
 
 
 def bench_comm_command(args: argparse.Namespace, comm: Comm) -> None:

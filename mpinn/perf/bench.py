@@ -1,31 +1,17 @@
-"""Benchmarks: `mpinn bench io DATA.h5` (run it under mpiexec).
+"""Benchmarks: `mpinn bench step` (run it under mpiexec), and what every benchmark
+shares (report).
 
-For each available reader (independent; mpio if h5py has parallel HDF5) and
-each shuffle mode, every rank reads its rows of the first `--steps` steps of an
-epoch, exactly as training would (prefetch off, so the reads are timed alone).
-The reference is a raw sequential read of the same number of bytes per rank
-with plain POSIX reads of the dataset's file region. Throughput is over all
-ranks (bytes / slowest rank's seconds), in two versions: `read`, the time
-inside file reads, and `delivered`, the wall time until every batch is in its
-buffer (block mode adds the in-memory shuffle of each window; prefetch hides
-it during training). `vs raw` is the ratio to the reference.
-
-Every pair is measured twice. `cold`: the file's pages are dropped from the
-page cache first (posix_fadvise DONTNEED), so reads come from storage, as on a
-cluster file system: this is where scattered row reads lose and large
-contiguous reads win. `warm`: the file is in the page cache, so what is
-measured is the software path (HDF5, MPI-IO, Python, memory copies).
-
-Then a short training run (same reader, global shuffle, prefetch on) reports
-the fraction of step time spent waiting for data.
+Training steps on in-memory data, as training runs them: compute against a GEMM's
+speed, the gradient sync (in flight during backward, and exposed after it) against a
+bare MPI Allreduce of the same bytes, the update, anonymous memory per rank against
+the model's own bytes; with --local-batches, the compute per rank against its rows
+(the cost model's input). `mpinn bench io` is benchio.py, `bench comm` benchcomm.py.
 """
 
 from __future__ import annotations
 
-import os
 import time
 
-import h5py
 import numpy as np
 
 from mpinn.base.errors import UsageError
@@ -33,135 +19,14 @@ from mpinn.base.files import text_stream, write_json
 from mpinn.comm import collectives, console, measure, preflight, watchdog, world
 from mpinn.comm.gradsync import GradientSync
 from mpinn.comm.world import Comm
-from mpinn.data.feed import Batch, Buffers, Feed
-from mpinn.data.layout import DatasetInfo, Problem, check_data
-from mpinn.data.readers import DataFile, parallel_hdf5
-from mpinn.data.sampler import SHUFFLES, Sampling, ceil_div, epoch_plan, share
+from mpinn.data.feed import Batch
+from mpinn.data.layout import DatasetInfo, Problem
+from mpinn.data.sampler import ceil_div, share
 from mpinn.nn.model import MLP, Architecture
 from mpinn.nn.optim import make_optimizer
 from mpinn.perf import costmodel
 from mpinn.train.step import Learner, train_step
 from mpinn.train.timing import PhaseTimer
-
-RAW_PIECE = 8 << 20  # bytes per POSIX read in the raw reference
-
-
-def drop_cache(comm: Comm, path: str) -> None:
-    """Collective: evict the file's pages from the page cache (clean pages need no root)."""
-    collectives.barrier(comm)
-    if comm.rank == 0:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    collectives.barrier(comm)
-
-
-def raw_read(comm: Comm, path: str, nbytes: int) -> float:
-    """Seconds for this rank to read nbytes sequentially from its part of /train/x."""
-    with h5py.File(path, "r") as f:
-        x = f["train"]["x"]
-        offset, total = x.id.get_offset(), x.id.get_storage_size()
-    if offset is None:
-        return float("nan")  # chunked: no single file region to read raw
-    start = offset + share(total, comm.rank, comm.size)[0]
-    nbytes = min(nbytes, offset + total - start)
-    buf = bytearray(min(RAW_PIECE, max(nbytes, 1)))
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        collectives.barrier(comm)
-        began = time.perf_counter()
-        done = 0
-        while done < nbytes:
-            done += os.preadv(fd, [memoryview(buf)[:min(len(buf), nbytes - done)]], start + done)
-        return time.perf_counter() - began
-    finally:
-        os.close(fd)
-
-
-def timed_reads(comm, path: str, io: str, shuffle: str, batch: int, steps: int,
-                seed: int) -> tuple[float, float, int, int]:
-    """(wall seconds, seconds in file reads, bytes, read calls) of this rank for the
-    first `steps` steps of an epoch."""
-    with DataFile(path, io, comm) as datafile:
-        max_rows = ceil_div(batch, comm.size)
-        reader = datafile.reader("train", max_rows)
-        sampling = Sampling(shuffle)
-        window_steps = sampling.window_steps(batch)
-        plan = epoch_plan(sampling, seed, 0, reader.n, batch, comm.rank, comm.size)
-        plan.steps, plan.batch_rows = plan.steps[:steps], plan.batch_rows[:steps]
-        buffers = Buffers(reader, max_rows, window_steps * max_rows if shuffle == "block" else 0)
-        collectives.barrier(comm)
-        began = time.perf_counter()
-        for _ in Feed(reader, plan, buffers, prefetch=False):
-            pass
-        return time.perf_counter() - began, reader.read_seconds, reader.bytes_read, reader.reads
-
-
-def data_wait(comm, path: str, io: str, batch: int, steps: int, hidden: tuple[int, ...],
-              seed: int) -> float:
-    """Fraction of step time spent waiting for data in a short prefetching training run."""
-    problem: Problem = check_data(comm, path, "cross-entropy")
-    with DataFile(path, io, comm) as datafile:
-        max_rows = ceil_div(batch, comm.size)
-        reader = datafile.reader("train", max_rows)
-        arch = Architecture((reader.features, *hidden, problem.outputs))
-        learner = new_learner(comm, arch, max_rows, problem, "momentum", 0.01, seed)
-        plan = epoch_plan(Sampling("global"), seed, 0, reader.n, batch, comm.rank, comm.size)
-        plan.steps, plan.batch_rows = plan.steps[:steps], plan.batch_rows[:steps]
-        prefetch = io != "mpio" or world.thread_multiple()
-        timer = PhaseTimer()
-        feed = Feed(reader, plan, Buffers(reader, max_rows), prefetch)
-        batches = iter(feed)
-        for _ in range(len(feed)):
-            timer.begin_step()
-            with timer.phase("data"):
-                b = next(batches)
-            train_step(learner, b, timer)
-            timer.end_step(b.rows)
-        feed.close()
-    times = timer.reduce_all(comm)
-    phases = times.phases
-    memory = np.array([anonymous_memory()])
-    collectives.allreduce_max(comm, memory)
-    return phases["data"]["mean"] / sum(p["mean"] for p in phases.values())
-
-
-def bench_io(comm: Comm, path: str, batch: int, steps: int, hidden: tuple[int, ...],
-             seed: int, json_out: str | None) -> dict:
-    check_data(comm, path, "cross-entropy")  # validates the file on every rank, collectively
-    readers = ["independent"] + (["mpio"] if parallel_hdf5() else [])
-    with h5py.File(path, "r") as f:
-        n = f["train"]["x"].shape[0]
-    steps = min(steps, ceil_div(n, batch))
-    rows = []
-    for io in readers:
-        for shuffle in SHUFFLES:
-            row = {"reader": io, "shuffle": shuffle}
-            for cache in ("cold", "warm"):
-                if cache == "cold":
-                    drop_cache(comm, path)
-                wall, reading, nbytes, calls = timed_reads(comm, path, io, shuffle, batch, steps,
-                                                           seed)
-                if cache == "cold":
-                    drop_cache(comm, path)
-                raw = raw_read(comm, path, nbytes)
-                agg = np.array([nbytes, wall, reading, raw, calls], np.float64)
-                total, peak = agg.copy(), agg.copy()
-                collectives.allreduce_sum(comm, total)
-                collectives.allreduce_max(comm, peak)
-                row.update({"bytes": int(total[0]), "reads_per_rank": total[4] / comm.size,
-                            f"{cache}_read_mb_per_s": total[0] / peak[2] / 1e6,
-                            f"{cache}_raw_mb_per_s": total[0] / peak[3] / 1e6,
-                            f"{cache}_read_vs_raw": peak[3] / peak[2],
-                            f"{cache}_delivered_vs_raw": peak[3] / peak[1]})
-            rows.append(row)
-    waits = {io: data_wait(comm, path, io, batch, steps, hidden, seed) for io in readers}
-    result = {"file": path, "ranks": comm.size, "batch_size": batch, "steps": steps,
-              "mpi": world.library(), "modes": rows, "training_data_wait_fraction": waits}
-    return report(comm, result, format_io(result), json_out)
 
 
 def report(comm: Comm, result: dict, text: str, json_out: str | None) -> dict:
@@ -171,25 +36,6 @@ def report(comm: Comm, result: dict, text: str, json_out: str | None) -> dict:
     if json_out:
         collectives.root_tries(comm, lambda: write_json(json_out, result, indent=2))
     return result
-
-
-def format_io(r: dict) -> str:
-    lines = [f"mpinn bench io: {r['file']}, {r['ranks']} ranks, global batch {r['batch_size']}, "
-             f"{r['steps']} steps ({r['mpi']}); MB/s over all ranks",
-             f"{'':<21} {'------------- cold cache -------------':>40} "
-             f"{'------------- warm cache -------------':>40}",
-             f"{'reader':<12} {'shuffle':<8}" + f" {'read MB/s':>9} {'raw MB/s':>9} "
-             f"{'read/raw':>9} {'deliv/raw':>9}" * 2 + f" {'reads/rank':>10}"]
-    for m in r["modes"]:
-        lines.append(f"{m['reader']:<12} {m['shuffle']:<8}"
-                     + "".join(f" {m[f'{c}_read_mb_per_s']:9.1f} {m[f'{c}_raw_mb_per_s']:9.1f}"
-                               f" {m[f'{c}_read_vs_raw']:9.2f} {m[f'{c}_delivered_vs_raw']:9.2f}"
-                               for c in ("cold", "warm"))
-                     + f" {m['reads_per_rank']:10.0f}")
-    for io, wait in r["training_data_wait_fraction"].items():
-        lines.append(f"training with {io} reader, global shuffle, prefetch: "
-                     f"data wait {100 * wait:.2f}% of step time")
-    return "\n".join(lines)
 
 
 def gemm_peak(rows: int, dtype: str, repeats: int = 20) -> float:
@@ -251,12 +97,13 @@ def compute_fit(comm: Comm, arch: Architecture, local_batches: list[int], steps:
 
 
 def new_learner(comm: Comm, arch: Architecture, rows: int, problem: Problem, optimizer: str,
-                lr: float, seed: int, sync_mode: str = "overlap", bucket_mb: float = 1.0
-                ) -> Learner:
+                lr: float, seed: int, sync_mode: str = "overlap", bucket_mb: float = 1.0,
+                sync_dtype: str = "model") -> Learner:
     """A learner for up to `rows` rows per rank: the model around a gradient sync,
     initialised from the seed, and the optimizer."""
     sync = GradientSync(comm, arch.n_params, arch.dtype, sync_mode, int(bucket_mb * 1e6),
-                        test_in_flight=len(preflight.placement(comm)[0]) > 1)
+                        test_in_flight=len(preflight.placement(comm)[0]) > 1,
+                        wire=None if sync_dtype == "model" else sync_dtype)
     model = MLP(arch, rows, grads=sync.grads)
     model.init(np.random.default_rng(seed))
     return Learner(model, make_optimizer(optimizer, model.params, lr, 0.0, 0.9), sync, problem)
@@ -265,7 +112,8 @@ def new_learner(comm: Comm, arch: Architecture, rows: int, problem: Problem, opt
 def bench_step(comm: Comm, features: int, hidden: tuple[int, ...], classes: int,
                batch: int, steps: int, dtype: str, json_out: str | None,
                local_batches: list[int] | None = None, optimizer_name: str = "sgd",
-               sync_mode: str = "overlap", bucket_mb: float = 1.0) -> dict:
+               sync_mode: str = "overlap", bucket_mb: float = 1.0,
+               sync_dtype: str = "model") -> dict:
     """Training steps on in-memory data: compute vs GEMM peak; the gradient sync in flight
     and exposed (the wait after backward) vs a bare MPI Allreduce of its bytes; the
     update; anonymous memory per rank vs the model's parameters. With local_batches
@@ -276,7 +124,7 @@ def bench_step(comm: Comm, features: int, hidden: tuple[int, ...], classes: int,
     problem = Problem(DatasetInfo("(random, in memory)", batch, 0, features, "classification",
                                   classes), classes)
     learner = new_learner(comm, arch, rows, problem, optimizer_name, 1e-3, 1, sync_mode,
-                          bucket_mb)
+                          bucket_mb, sync_dtype)
     sync = learner.sync
     rng = np.random.default_rng(2)
     rows_here = Batch.in_memory(rng.standard_normal((hi - lo, features)).astype(np.float32),
@@ -284,10 +132,12 @@ def bench_step(comm: Comm, features: int, hidden: tuple[int, ...], classes: int,
     timer = PhaseTimer()
     # as in training: the Allreduce is non-blocking, completed by the stall watchdog's loop
     with watchdog.watching(comm, 600, lambda: False, lambda: "mpinn bench step"):
-        for _ in range(steps + 1):  # the first is the warm-up step, left out of the figures
+        cast = 0.0
+        for step in range(steps + 1):  # the first is the warm-up step, left out of the figures
             timer.begin_step()
             train_step(learner, rows_here, timer)
             timer.end_step(batch)
+            cast += sync.cast_s if step else 0.0
     times = timer.reduce_all(comm)
     phases = times.phases
     memory = np.array([anonymous_memory()])
@@ -307,18 +157,27 @@ def bench_step(comm: Comm, features: int, hidden: tuple[int, ...], classes: int,
               "compute_gflops_per_rank": per_rank_gflops,
               "gemm_peak_gflops_per_rank": peak[0] / comm.size,
               "compute_vs_gemm_peak": per_rank_gflops / (peak[0] / comm.size),
-              "allreduce_bytes": sync.buffer.nbytes, "sync": sync_mode,
-              "bucket_mb": bucket_mb, "sync_buckets": len(sync.buckets),
-              # the sync in flight (first send to completion) and exposed (the wait after
-              # backward), against a bare Allreduce of the same bytes (P = 1: no sync)
-              "sync_s": times.sync["max"], "sync_exposed_s": phases["allreduce"]["max"],
-              "raw_allreduce_s": raw[0],
-              "sync_vs_raw": times.sync["max"] / raw[0] if comm.size > 1 else None,
-              "exposed_vs_raw": phases["allreduce"]["max"] / raw[0] if comm.size > 1 else None,
+              "sync": sync_mode, "bucket_mb": bucket_mb,
+              **sync_figures(comm, sync, times, raw[0], cast / steps),
               "update_s": phases["update"]["max"], **memory_figures(memory[0], arch)}
     if local_batches:
         result["compute_fit"] = compute_fit(comm, arch, local_batches, steps)
     return report(comm, result, format_step(result), json_out)
+
+
+def sync_figures(comm: Comm, sync: GradientSync, times, raw: float, cast: float) -> dict:
+    """The gradient sync's figures: its bytes, and its time in flight (first send to
+    completion) and exposed (the wait after backward) against a bare Allreduce of the
+    same bytes (P = 1: no sync)."""
+    exposed = times.phases["allreduce"]["max"]
+    return {"allreduce_bytes": sync.buffer.nbytes, "sync_buckets": len(sync.buckets),
+            # what each rank sends of the gradients per step, and the half-precision
+            # sync's conversions and local sums (seconds per step)
+            "sync_dtype": "model" if sync.wire is None else str(sync.wire.wire),
+            "sent_bytes_per_step": sync.sent_bytes, "cast_s": cast,
+            "sync_s": times.sync["max"], "sync_exposed_s": exposed, "raw_allreduce_s": raw,
+            "sync_vs_raw": times.sync["max"] / raw if comm.size > 1 else None,
+            "exposed_vs_raw": exposed / raw if comm.size > 1 else None}
 
 
 def bare_seconds(comm: Comm, like: np.ndarray, steps: int) -> np.ndarray:
@@ -352,7 +211,11 @@ def format_step(r: dict) -> str:
 
 def format_sync(r: dict) -> str:
     head = (f"sync ({r['sync']}, {r['sync_buckets']} Allreduce"
-            f"{'s' if r['sync_buckets'] > 1 else ''} of {r['allreduce_bytes'] / 1e6:.2f} MB)")
+            f"{'s' if r['sync_buckets'] > 1 else ''} of {r['allreduce_bytes'] / 1e6:.2f} MB")
+    if r.get("sync_dtype", "model") != "model":
+        head += (f" in {r['sync_dtype']}: {r['sent_bytes_per_step'] / 1e6:.2f} MB sent per "
+                 f"rank, {1e3 * r['cast_s']:.2f} ms of casts and sums")
+    head += ")"
     if r["ranks"] == 1:
         return f"{head}: one rank, nothing to exchange"
     return (f"{head}: {1e3 * r['sync_s']:.3f} ms in flight, {1e3 * r['sync_exposed_s']:.3f} ms "

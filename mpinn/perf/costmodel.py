@@ -26,6 +26,7 @@ and confirmed by pinning the cvars (see `bench comm` and the validation notes):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -203,6 +204,24 @@ def allreduce_time(nbytes: float, ranks: int, machine: Machine, hosts: int = 1,
     return form(nbytes, ranks, machine, k if hosts > 1 else ranks)
 
 
+def wire_time(elements: float, ranks: int, machine: Machine, hosts: int = 1,
+              ranks_per_host: int = 0, wire_itemsize: int = 2) -> float:
+    """Seconds of the half-precision sync's messages for a bucket of n elements (comm/
+    wire.py) over P ranks, K per host: an all-to-all and an all-gather of P chunks of
+    c = n / P elements, each P - 1 messages of c w bytes in turn, K - 1 of them within
+    the host and P - K over the network, whose link the host's K ranks share; and the
+    owner's sum of P chunks (gamma per byte added). The casts are CPU time the caller
+    adds. (The chunks cross the network without a reduction within the host first: with
+    K > 1 the network carries as many bytes as MPICH's two-level float32 Allreduce.)"""
+    if ranks < 2:
+        return 0.0
+    k = ranks_per_host or max(1, ranks // max(1, hosts))
+    chunk = elements / ranks * wire_itemsize
+    net = (ranks - k) * (machine.net.alpha + k * chunk * machine.net.beta) if hosts > 1 else 0
+    shm = (k - 1) * machine.shm.time(chunk)
+    return 2 * (net + shm) + machine.gamma * ranks * chunk
+
+
 def machine_from(comm: dict) -> Machine:
     """A Machine from `mpinn bench comm` JSON: each transport's exchange fit (both
     directions at once, as in every step of the Allreduce), else its ping-pong fit, with
@@ -315,10 +334,11 @@ def predict_step(bench_step: dict, comm: dict | None, global_batch: int, ranks: 
     compute = work.time(rows)
     backward = compute * work.backward_fraction
     itemsize = 8 if bench_step.get("dtype") == "float64" else 4
-    allreduce = (allreduce_time(n_bytes, ranks, machine_from(comm), hosts, ranks_per_host,
-                                itemsize)
-                 if ranks > 1 else 0.0)  # one rank: no Allreduce, and no need of comm
-    phases = {"data": work.data, "forward": compute - backward, "backward": backward,
+    sync = sync_model(bench_step, comm, ranks, hosts, ranks_per_host, itemsize)
+    allreduce = sync(n_bytes) if ranks > 1 else 0.0  # one rank: no sync, no need of comm
+    forward = compute - backward
+    backward += bench_step.get("cast_s", 0.0) if ranks > 1 else 0.0  # (half precision)
+    phases = {"data": work.data, "forward": forward, "backward": backward,
               "allreduce": allreduce, "update": work.update}
     total = sum(phases.values())
     if ranks == 1 or hosts == 1:
@@ -326,13 +346,25 @@ def predict_step(bench_step: dict, comm: dict | None, global_batch: int, ranks: 
     elif "model" not in bench_step:
         overlap = total - backward - allreduce + max(backward, allreduce)
     else:
-        machine = machine_from(comm)
         buckets = bucket_schedule(bench_step["model"], itemsize,
                                   bench_step.get("bucket_mb", 1.0) * 1e6)
-        overlap = total - allreduce + exposed_sync(backward, buckets, lambda b: allreduce_time(
-            b, ranks, machine, hosts, ranks_per_host, itemsize))
+        overlap = total - allreduce + exposed_sync(backward, buckets, sync)
     return {"phases": phases, "step_s": total, "step_overlap_s": overlap,
             "local_batch": rows, "algorithm": mpich_algorithm(n_bytes, ranks, itemsize)}
+
+
+def sync_model(bench_step: dict, comm: dict | None, ranks: int, hosts: int,
+               ranks_per_host: int, itemsize: int) -> Callable[[float], float]:
+    """Seconds of the sync of n bytes of gradients: MPICH's Allreduce, or with the bench's
+    --sync-dtype float16/bfloat16 the all-to-all and all-gather of half the bytes."""
+    if ranks < 2:
+        return lambda nbytes: 0.0
+    machine = machine_from(comm)
+    if bench_step.get("sync_dtype", "model") != "model":
+        return lambda nbytes: wire_time(nbytes / itemsize, ranks, machine, hosts,
+                                        ranks_per_host)
+    return lambda nbytes: allreduce_time(nbytes, ranks, machine, hosts, ranks_per_host,
+                                         itemsize)
 
 
 def project(bench_step: dict, comm: dict, global_batch: int, n_bytes: int,
