@@ -253,3 +253,18 @@ def test_closest_word():
     assert closest("--learning-rate", ["--lr", "--hidden"]) == "--lr"
     assert closest("batch-size", ["batch_size", "seed"]) == "batch_size"
     assert closest("colour", ["hidden", "lr", "epochs"]) is None
+
+
+def test_a_reader_that_leaves_is_no_traceback(synth):
+    """`mpinn data inspect F | head -1`: the pipe closes before mpinn writes; it ends
+    quietly, no BrokenPipeError traceback."""
+    import os
+    import subprocess
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line
+    try:
+        done = subprocess.run([sys.executable, "-m", "mpinn", "data", "inspect", str(synth)],
+                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr

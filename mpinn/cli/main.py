@@ -74,6 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     try:
         return SERIAL[command](args)
+    except BrokenPipeError:  # `mpinn data inspect F | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (nor at exit)
+        return EXIT_OK
     except KeyboardInterrupt:  # one line, no traceback (a file being written is removed)
         print("mpinn: interrupted (SIGINT)", file=sys.stderr)
         return EXIT_SIGINT
