@@ -11,6 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from test_validation import held_out, oracle_scores
 
 from conftest import expect_error, ok, probed, strict_json_lines, write_synth
 from mpinn.nn.model import MLP
@@ -27,22 +28,9 @@ EARLY = ["--hidden", "64,64", "--dtype", "float64", "--batch-size", 50, "--epoch
          "--early-stopping", 3, "--progress", "off"]
 
 
-def held_out(seed: int, n: int, fraction: float) -> np.ndarray:
-    """The documented hold-out (sampler.holdout), written out independently."""
-    return np.sort(np.random.default_rng([seed, 0x7A11]).permutation(n)[:round(fraction * n)])
-
-
 def oracle_loss(path: Path, x: np.ndarray, y: np.ndarray) -> float:
     """Mean softmax cross-entropy of a checkpoint's ReLU MLP, in plain NumPy."""
-    weights = checkpoint.load(str(path)).weights
-    a = x.astype(np.float64)
-    for i in range(0, len(weights), 2):
-        a = a @ weights[i] + weights[i + 1]
-        if i + 2 < len(weights):
-            a = np.maximum(a, 0)
-    shifted = a - a.max(axis=1, keepdims=True)
-    logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    return float(-logp[np.arange(len(y)), y].mean())
+    return oracle_scores(checkpoint.load(str(path)).weights, x, y)[0]
 
 
 @pytest.fixture(autouse=True, scope="module")
