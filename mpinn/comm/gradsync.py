@@ -37,6 +37,10 @@ class GradientSync:
     inside MPI calls); finish() sends the rest and waits for every bucket. Blocking
     sends the whole buffer in finish(). The bucket boundaries depend on the shapes
     alone, so every rank starts the same Allreduces in the same order.
+
+    With wire (--sync-dtype float16|bfloat16) each bucket goes through wire.py's
+    all-to-all, owner's sum and all-gather instead of an Allreduce, and the control
+    slots travel on their own, in the model's dtype, after backward.
     """
 
     LOSS, STOP, BAD_INPUT = range(CONTROL_SLOTS)
@@ -111,9 +115,8 @@ class GradientSync:
         assert self.front == 0, "backward has not finished the gradients"
         if self.sent > 0:
             self._send(0, self.sent)
-        if self.wire:
+        if self.wire:  # the control slots after backward; every sum and all-gather
             self._start_control()
-        if self.wire:
             self._gather_in_order(wait=True)
         n = len(self.requests)
         for k, request in enumerate(self.requests):
