@@ -33,7 +33,7 @@ def json_options(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
 @pytest.mark.fast
 def test_every_json_option_says_that_dash_is_standard_output():
     found = {" ".join(path): action for path, action in json_options(build_parser())}
-    assert set(found) == {"evaluate", "bench io", "bench step", "bench comm"}
+    assert set(found) == {"evaluate", "bench io", "bench step", "bench comm", "bench sampler"}
     for command, action in found.items():
         assert "(- writes it to standard output" in action.help, command
 

@@ -100,8 +100,8 @@ NAMED = [  # (settings, the message), the same whether from a --config file or f
      "step, cosine (did you mean cosine?)"),
     ({"optimizer": "adma"}, "--optimizer (optimizer): 'adma' is not one of sgd, momentum, adam "
      "(did you mean adam?)"),
-    ({"shuffle": "globl"}, "--shuffle (shuffle): 'globl' is not one of global, block, none "
-     "(did you mean global?)"),
+    ({"shuffle": "globl"}, "--shuffle (shuffle): 'globl' is not one of global, block, none, "
+     "feistel (did you mean global?)"),
     ({"activation": "swish"}, "--activation (activation): 'swish' is not one of relu, tanh, "
      "sigmoid"),
     ({"lr_schedule": "step"}, "--lr-schedule (lr_schedule) step needs --lr-step-every "

@@ -36,10 +36,11 @@ from mpinn.base.errors import UsageError
 from mpinn.perf import costmodel, report, scaling
 from mpinn.run.config import TrainConfig
 
-PHASES = ("data", "forward", "backward", "allreduce", "update")
+PHASES = ("data", "forward", "backward", "allreduce", "update", "allgather")
 COLUMNS = ["mode", "ranks", "hosts", "ranks_per_host", "repeats", "oversubscribed",
            "global_batch", "samples_per_s", "samples_per_s_min", "samples_per_s_max", "step_s",
-           "data_s", "forward_s", "backward_s", "allreduce_s", "update_s", "sync_s",
+           "data_s", "forward_s", "backward_s", "allreduce_s", "update_s", "allgather_s",
+           "sync_s",
            "sync_exposed_s", "imbalance_s",
            "speedup", "efficiency", "karp_flatt", "predicted_step_s", "prediction_error"]
 TRAIN = ("--hidden", "8", "--batch-size", "30", "--epochs", "1", "--progress", "off")
@@ -359,6 +360,9 @@ def test_speedup_efficiency_and_karp_flatt_follow_their_definitions():
     assert strong[4]["speedup"] == 2.2 and strong[4]["karp_flatt"] == pytest.approx(
         (1 / 2.2 - 0.25) / 0.75)
     assert strong[4]["hosts"] == 2 and strong[4]["imbalance_s"] == pytest.approx(0.0015)
+    replicated = fake_run("strong", 4, 200.0)  # no --shard-optimizer: no all-gather, and
+    replicated.summary["step_time_s"]["allgather"] = {"mean": 0.0, "max": 0.0}  # no share
+    assert report.points([replicated])[0]["imbalance_s"] == pytest.approx(0.0015)
     weak = {r["ranks"]: r for r in rows if r["mode"] == "weak"}  # no P = 1: relative to P = 2
     assert weak[2]["speedup"] == 2.0 and weak[4]["speedup"] == pytest.approx(2 * 300 / 180)
     assert weak[4]["karp_flatt"] is None and weak[4]["efficiency"] == pytest.approx(300 / 360)

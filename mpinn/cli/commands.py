@@ -12,6 +12,7 @@ from mpinn.comm.gradsync import SYNC_MODES
 from mpinn.comm.wire import WIRE_DTYPES
 from mpinn.data.layout import LARGE_INPUT
 from mpinn.data.readers import IO_MODES
+from mpinn.data.sampler import SHUFFLES
 from mpinn.nn.optim import OPTIMIZERS
 from mpinn.run.config import TrainConfig
 from mpinn.train.export import FORMATS as EXPORT_FORMATS
@@ -161,10 +162,25 @@ BENCH = Command("bench", "benchmarks (run under mpiexec)", dest="bench_command",
                 arg("--sync-dtype", choices=("model", *WIRE_DTYPES), default="model",
                     help="the gradients on the wire, as in training; float16/bfloat16 also "
                     "report the bytes sent and the casts' time (default model)"),
+                arg("--shard-optimizer", action="store_true",
+                    help="as in training: each rank updates 1/P of the parameters; reports "
+                    "the update, the all-gather and the optimizer's memory per rank"),
                 arg("--local-batches", metavar="B[,B...]",
                     help="also time forward + backward at these rows per rank (all ranks at "
                     "once) and fit c0 + c1 x rows: the compute term of the cost model, "
                     "written to the JSON as compute_fit (e.g. 64,128,256,512)"),
+                arg("--json", help=JSON))),
+    Command("sampler", "the sample order's cost on a virtual dataset (no file): the epoch "
+            "plan's memory per rank and the time to draw a step's rows", options=(
+                arg("--rows", type=int, required=True, metavar="N",
+                    help="rows of the virtual training split"),
+                arg("--shuffle", choices=SHUFFLES, default="feistel",
+                    help="the shuffle mode (default feistel)"),
+                arg("--batch-size", type=int, default=512, help="global batch (default 512)"),
+                arg("--steps", type=int, default=200,
+                    help="steps drawn, spread over the epoch (default 200)"),
+                arg("--val-fraction", type=float, default=0.0, metavar="F",
+                    help="also hold out this fraction, as training would (default 0)"),
                 arg("--json", help=JSON))),
     Command(
         "comm", "latency alpha and inverse bandwidth beta of each transport (shm within a "

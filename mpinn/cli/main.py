@@ -42,6 +42,7 @@ from mpinn.perf import scaling, sweep
 from mpinn.perf.bench import bench_step, local_batches
 from mpinn.perf.benchcomm import bench_comm, message_sizes
 from mpinn.perf.benchio import bench_io
+from mpinn.perf.benchsampler import bench_sampler
 from mpinn.perf.plot import plot_run
 from mpinn.perf.projection import run_project
 from mpinn.perf.report import build
@@ -165,10 +166,24 @@ def bench_step_command(args: argparse.Namespace, comm: Comm) -> None:
         raise UsageError("--features must be >= 1 and --classes >= 2")
     if not args.bucket_mb > 0:
         raise UsageError(f"--bucket-mb must be positive, got {args.bucket_mb:g}")
+    if args.shard_optimizer and args.sync_dtype != "model":
+        raise UsageError("--shard-optimizer cannot be used with --sync-dtype "
+                         f"{args.sync_dtype} yet: choose one")
     bench_step(comm, args.features, parse_hidden(args.hidden), args.classes,
                args.batch_size, args.steps, args.dtype, args.json,
                local_batches(args.local_batches) if args.local_batches else None,
-               args.optimizer, args.sync, args.bucket_mb, args.sync_dtype)
+               args.optimizer, args.sync, args.bucket_mb, args.sync_dtype,
+               args.shard_optimizer)
+
+
+def bench_sampler_command(args: argparse.Namespace, comm: Comm) -> None:
+    checked_bench(args)
+    if args.rows < 1 or not 0 <= args.val_fraction < 1:
+        raise UsageError("--rows must be >= 1 and --val-fraction in [0, 1)")
+    if args.val_fraction and args.shuffle == "block":
+        raise UsageError("--val-fraction cannot be used with --shuffle block (as in training)")
+    bench_sampler(comm, args.rows, args.shuffle, args.batch_size, args.steps,
+                  args.val_fraction, args.json)
 
 
 def bench_comm_command(args: argparse.Namespace, comm: Comm) -> None:
@@ -180,7 +195,7 @@ PARALLEL: dict[tuple[str, ...], Callable[[argparse.Namespace, Comm], None]] = {
     ("data", "synth"): synth, ("data", "import"): import_command, ("train",): train_command,
     ("evaluate",): evaluate_command,
     ("bench", "io"): bench_io_command, ("bench", "step"): bench_step_command,
-    ("bench", "comm"): bench_comm_command}
+    ("bench", "comm"): bench_comm_command, ("bench", "sampler"): bench_sampler_command}
 
 
 # -- the serial commands -------------------------------------------------------------------

@@ -10,6 +10,7 @@ from mpi4py import MPI
 
 from mpinn.comm import collectives
 from mpinn.comm.collectives import complete
+from mpinn.comm.shards import Shards
 from mpinn.comm.wire import WireBucket, WireSync
 from mpinn.comm.world import Comm
 
@@ -47,7 +48,8 @@ class GradientSync:
 
     def __init__(self, comm: Comm, n_params: int, dtype: np.dtype | str,
                  mode: str = "overlap", bucket_bytes: int = 1 << 20,
-                 test_in_flight: bool = True, wire: str | None = None) -> None:
+                 test_in_flight: bool = True, wire: str | None = None,
+                 shard: bool = False) -> None:
         """test_in_flight: progress() tests the buckets. Where every rank shares one
         host the Allreduce is CPU work done inside those tests: they hide nothing and
         slow backward, so the buckets then wait for finish(). wire: float16 or bfloat16
@@ -60,6 +62,11 @@ class GradientSync:
         # (MPI wants every rank to start the collectives of a communicator in the same
         # order: the all-gathers, started as all-to-alls complete, get their own)
         self.gather_comm = comm.Dup() if wire else None
+        # --shard-optimizer: each bucket is reduce-scattered onto the owners of its
+        # elements (shards.py); this rank's slice of the reduced gradient is `own`
+        self.shards = Shards(comm, n_params) if shard else None
+        self.own = np.zeros(self.shards.hi - self.shards.lo, dtype) if shard else None
+        self.shard_control = np.zeros(CONTROL_SLOTS + 1, dtype)  # ... and |g_shard|^2
         self.used: list[WireBucket] = []  # the wire buckets of this step, in order
         self.control_request: MPI.Request | None = None
         self.test_in_flight = test_in_flight
@@ -80,7 +87,8 @@ class GradientSync:
         """A step's sync begins: the control slots are final, no gradient is yet."""
         self.control[:] = (loss, stop, bad_input)
         self.front = len(self.buffer) - CONTROL_SLOTS
-        self.sent = self.front if self.wire else len(self.buffer)  # (wire: control apart)
+        apart = self.wire or self.shards  # the control slots go on their own, at the end
+        self.sent = self.front if apart else len(self.buffer)
         self.used.clear()
         self.requests.clear()
         self.buckets.clear()
@@ -128,6 +136,8 @@ class GradientSync:
             self.bucket_times[k][1] = self.bucket_times[k][1] or time.perf_counter()
         if self.wire:
             complete(self.comm, self.control_request, "the step's control values")
+        if self.shards:
+            self._reduce_shard_control()
         self.done_at = max(t[1] for t in self.bucket_times)
 
     def allreduce(self, loss: float, stop: bool = False, bad_input: bool = False) -> None:
@@ -146,7 +156,9 @@ class GradientSync:
     def _send(self, lo: int, hi: int) -> None:
         now = time.perf_counter()
         self.started_at = self.started_at or now
-        if self.wire:
+        if self.shards:
+            self.requests.append(self.shards.reduce_scatter(self.buffer[lo:hi], lo, self.own))
+        elif self.wire:
             bucket = self.wire.bucket(lo, hi)
             bucket.start(self.comm, self.wire.residual, self.grads, self.wire.scale)
             self.used.append(bucket)
@@ -157,6 +169,46 @@ class GradientSync:
         self.buckets.append((lo, hi))
         self.bucket_times.append([now, 0.0])
         self.sent = lo
+
+    def _reduce_shard_control(self) -> None:
+        """Sharded: the control slots and this slice's |g|^2 summed in one small
+        Allreduce after the reduce-scatters: every rank then has the global |g|^2 the
+        divergence guard and --clip-norm need, before the update."""
+        self.shard_control[:CONTROL_SLOTS] = self.control
+        self.shard_control[CONTROL_SLOTS] = np.dot(self.own, self.own)
+        collectives.allreduce_sum(self.comm, self.shard_control, "the step's control values")
+        self.control[:] = self.shard_control[:CONTROL_SLOTS]
+
+    def full_state(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Collective: the optimizer's state as a checkpoint keeps it, whole (sharded:
+        every slice gathered on rank 0; counters, such as Adam's t, as they are)."""
+        if not self.shards:
+            return state
+        return {k: self.shards.gather(v, f"the optimizer's {k}") if v.ndim else v
+                for k, v in state.items()}
+
+    def load_full_state(self, state: dict[str, np.ndarray],
+                        saved: dict[str, np.ndarray] | None) -> None:
+        """Collective: the optimizer's state from a checkpoint's (saved: on rank 0) into
+        state: each rank's slice (sharded) or all of it, counters alike everywhere."""
+        for k, v in state.items():
+            if v.ndim and self.shards:
+                self.shards.scatter(saved[k] if saved is not None else None, v,
+                                    f"the optimizer's {k}")
+                continue
+            if saved is not None:
+                v[...] = saved[k]
+            collectives.broadcast(self.comm, v, what=f"the optimizer's {k}")
+
+    def gather_params(self, params: np.ndarray) -> None:
+        """Sharded, after the update: every rank's slice of params to every rank."""
+        if self.shards:
+            self.shards.all_gather(params, "the all-gather of the updated parameters")
+
+    @property
+    def update_grads(self) -> np.ndarray:
+        """The reduced gradient the update applies: this rank's slice when sharded."""
+        return self.own if self.shards else self.grads
 
     def _gather_in_order(self, wait: bool = False) -> None:
         """Wire mode: each bucket whose all-to-all is done gets its sum and its all-gather
@@ -254,7 +306,8 @@ class GradientSync:
         allocates nothing (|g|^2 overflows only for gradients beyond ~1e19 in
         float32, ~1e154 in float64: divergence by any measure).
         """
-        self.sq_norm = float(np.dot(self.grads, self.grads))  # |g|^2, reused by --clip-norm
+        self.sq_norm = float(self.shard_control[CONTROL_SLOTS] if self.shards  # |g|^2, for
+                             else np.dot(self.grads, self.grads))  # --clip-norm too
         if self.wire and np.isfinite(self.sq_norm):  # the next scale's input, before the
             self.top = max(float(self.grads.max()), -float(self.grads.min()))  # update
         return bool(np.isfinite(self.control[self.LOSS]) and np.isfinite(self.sq_norm))

@@ -22,10 +22,11 @@ from mpinn.base.errors import UsageError
 from mpinn.data.sampler import holdout
 
 
-def held_out_rows(seed: int, n: int, fraction: float) -> np.ndarray:
-    """The validation rows (sorted file rows of the train split); UsageError if a
-    non-zero fraction leaves no validation rows or no training rows."""
-    held = holdout(seed, n, fraction)
+def held_out_rows(seed: int, n: int, fraction: float, shuffle: str = "global") -> np.ndarray:
+    """The validation rows (sorted file rows of the train split; with --shuffle feistel
+    from its own permutation: sampler.holdout); UsageError if a non-zero fraction leaves
+    no validation rows or no training rows."""
+    held = holdout(seed, n, fraction, shuffle)
     if fraction and len(held) == 0:
         raise UsageError(f"--val-fraction (val_fraction) {fraction} of {n} training rows "
                          f"holds out no row (round({fraction} x {n}) = 0); give a larger "

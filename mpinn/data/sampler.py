@@ -8,6 +8,11 @@ Three shuffle modes, all using every sample exactly once per epoch:
   one sample, and may be empty). P-invariant: results do not depend on P.
 - `none`: the same with order = file order, so batch k is rows k*B .. k*B+B-1.
   P-invariant.
+- `feistel`: as `global`, with the permutation computed instead of stored: a keyed
+  Feistel network (feistel.py) maps a position to its row, and the plan computes a
+  step's rows when asked (Lazy), so memory does not grow with n. P-invariant. Its
+  hold-out is the first round(F * n) positions of another keyed permutation, and the
+  training rows the rest of it, in that permutation's order (no list of n rows).
 - `block`: for files far larger than memory and for fast sequential reads. The
   file is cut into blocks of `block_rows` consecutive rows and the blocks are
   permuted (by seed, epoch). Steps are grouped into windows of about
@@ -37,11 +42,16 @@ with them: the combination is refused (run/config.py).
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-SHUFFLES = ("global", "block", "none")
+from mpinn.data.feistel import Feistel
+
+SHUFFLES = ("global", "block", "none", "feistel")
 VAL_STREAM = 0x7A11  # generator stream of the held-out rows: (seed, VAL_STREAM) -> rows
 
 
@@ -60,8 +70,8 @@ class Sampling:
 class EpochPlan:
     """This rank's rows at every step of one epoch."""
 
-    steps: list[np.ndarray]  # sample indices of this rank, one array per step
-    batch_rows: np.ndarray  # size of the GLOBAL batch at each step
+    steps: Sequence[np.ndarray]  # sample indices of this rank, one array per step
+    batch_rows: Sequence[int]  # size of the GLOBAL batch at each step
     # block mode: (first step, file row ranges of this rank's piece) per window
     windows: list[tuple[int, np.ndarray]] = field(default_factory=list)
     # this rank's rows in each micro-batch of each step (accumulation; [] means one each)
@@ -101,14 +111,22 @@ def epoch_order(seed: int, epoch: int, n: int, shuffle: bool) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 0x5A3D]).permutation(n)
 
 
-def holdout(seed: int, n: int, fraction: float) -> np.ndarray:
+def holdout(seed: int, n: int, fraction: float, shuffle: str = "global") -> np.ndarray:
     """The validation rows of n training rows: sorted, round(fraction * n) of them,
-    the first of a permutation keyed by (seed, VAL_STREAM). A function of these only."""
+    the first of a permutation keyed by (seed, VAL_STREAM) (with feistel, computed:
+    held_order). A function of these only."""
     count = round(fraction * n)
     if count == 0:
         return np.zeros(0, np.int64)
+    if shuffle == "feistel":
+        return np.sort(held_order(seed, n)(np.arange(count, dtype=np.int64)))
     held = np.random.default_rng([seed, VAL_STREAM]).permutation(n)[:count]
     return np.sort(held).astype(np.int64)
+
+
+def held_order(seed: int, n: int) -> Feistel:
+    """Feistel's hold-out permutation: its first positions are held out, the rest train."""
+    return Feistel(n, (seed, VAL_STREAM))
 
 
 def remaining(n: int, held: np.ndarray) -> np.ndarray | None:
@@ -132,14 +150,17 @@ def runs(rows: np.ndarray) -> np.ndarray:
 
 
 def epoch_plan(sampling: Sampling, seed: int, epoch: int, n: int, batch_size: int,
-               rank: int, size: int, accumulate: int = 1, rows: np.ndarray | None = None
-               ) -> EpochPlan:
+               rank: int, size: int, accumulate: int = 1, rows: np.ndarray | None = None,
+               held: int = 0) -> EpochPlan:
     """The rows of rank `rank` of `size` at every step of epoch `epoch` (with
     `accumulate` micro-batches per step: see the module docstring): of all n rows,
-    or only of `rows` (ascending file rows: the training rows left by a hold-out)."""
+    or only of `rows` (ascending file rows: the training rows left by a hold-out;
+    feistel: of the n - held rows its hold-out leaves, with rows None)."""
     if rows is not None:
         assert sampling.shuffle != "block", "block shuffle cannot skip held-out rows"
         n = len(rows)
+    if sampling.shuffle == "feistel":
+        return _feistel_plan(seed, epoch, n, batch_size, rank, size, accumulate, held)
     sizes = batch_sizes(n, batch_size)
     if sampling.shuffle == "block":
         plan = _block_plan(sampling, seed, epoch, n, batch_size, sizes, rank, size)
@@ -162,6 +183,60 @@ def epoch_plan(sampling: Sampling, seed: int, epoch: int, n: int, batch_size: in
         steps.append(np.concatenate(parts) if accumulate > 1 else parts[0])
         micro.append(np.array([len(p) for p in parts], np.int64))
     return EpochPlan(steps, sizes, micro=micro if accumulate > 1 else [])
+
+
+class Lazy(Sequence):
+    """A sequence whose items are computed when asked, the last two kept (the feed's
+    read-ahead thread asks for the next step while the loop holds this one)."""
+
+    def __init__(self, length: int, item: Callable[[int], Any]) -> None:
+        self.length, self.item, self.kept = length, item, {}
+        self.lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(self.length))]
+        if not -self.length <= k < self.length:
+            raise IndexError(k)
+        k %= self.length
+        with self.lock:
+            value = self.kept.get(k)
+        if value is None:
+            value = self.item(k)
+            with self.lock:
+                if len(self.kept) >= 2:
+                    self.kept.pop(next(iter(self.kept)))
+                self.kept[k] = value
+        return value
+
+
+def _feistel_plan(seed: int, epoch: int, n: int, batch_size: int, rank: int, size: int,
+                  accumulate: int, held: int) -> EpochPlan:
+    """The global plan's rows with the order computed (feistel.py): step k's rows are
+    made when the feed asks for them. With a hold-out of `held` rows, training
+    position j is row held_order(held + j) of the file's n rows."""
+    train = n - held
+    order = Feistel(train, (seed, epoch, 0x5A3D)) if train else None
+    hold = held_order(seed, n) if held else None
+    steps = steps_per_epoch(train, batch_size)
+
+    def count(k: int) -> int:
+        return batch_size if k < steps - 1 else train - batch_size * (steps - 1)
+
+    def parts(k: int) -> list[np.ndarray]:
+        out = []
+        for m in range(accumulate):
+            m_lo, m_hi = share(count(k), m, accumulate)
+            lo, hi = share(m_hi - m_lo, rank, size)
+            positions = order(np.arange(k * batch_size + m_lo + lo, k * batch_size + m_lo + hi))
+            out.append(hold(positions + held) if hold is not None else positions)
+        return out
+    return EpochPlan(Lazy(steps, lambda k: np.concatenate(parts(k))), Lazy(steps, count),
+                     micro=Lazy(steps, lambda k: np.array([len(p) for p in parts(k)]))
+                     if accumulate > 1 else [])
 
 
 def micro_rows(batch_size: int, accumulate: int, size: int) -> tuple[int, int]:

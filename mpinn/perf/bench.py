@@ -98,22 +98,23 @@ def compute_fit(comm: Comm, arch: Architecture, local_batches: list[int], steps:
 
 def new_learner(comm: Comm, arch: Architecture, rows: int, problem: Problem, optimizer: str,
                 lr: float, seed: int, sync_mode: str = "overlap", bucket_mb: float = 1.0,
-                sync_dtype: str = "model") -> Learner:
+                sync_dtype: str = "model", shard: bool = False) -> Learner:
     """A learner for up to `rows` rows per rank: the model around a gradient sync,
-    initialised from the seed, and the optimizer."""
+    initialised from the seed, and the optimizer (of this rank's slice if shard)."""
     sync = GradientSync(comm, arch.n_params, arch.dtype, sync_mode, int(bucket_mb * 1e6),
                         test_in_flight=len(preflight.placement(comm)[0]) > 1,
-                        wire=None if sync_dtype == "model" else sync_dtype)
+                        wire=None if sync_dtype == "model" else sync_dtype, shard=shard)
     model = MLP(arch, rows, grads=sync.grads)
     model.init(np.random.default_rng(seed))
-    return Learner(model, make_optimizer(optimizer, model.params, lr, 0.0, 0.9), sync, problem)
+    owned = model.params[sync.shards.lo:sync.shards.hi] if shard else model.params
+    return Learner(model, make_optimizer(optimizer, owned, lr, 0.0, 0.9), sync, problem)
 
 
 def bench_step(comm: Comm, features: int, hidden: tuple[int, ...], classes: int,
                batch: int, steps: int, dtype: str, json_out: str | None,
                local_batches: list[int] | None = None, optimizer_name: str = "sgd",
                sync_mode: str = "overlap", bucket_mb: float = 1.0,
-               sync_dtype: str = "model") -> dict:
+               sync_dtype: str = "model", shard: bool = False) -> dict:
     """Training steps on in-memory data: compute vs GEMM peak; the gradient sync in flight
     and exposed (the wait after backward) vs a bare MPI Allreduce of its bytes; the
     update; anonymous memory per rank vs the model's parameters. With local_batches
@@ -124,7 +125,7 @@ def bench_step(comm: Comm, features: int, hidden: tuple[int, ...], classes: int,
     problem = Problem(DatasetInfo("(random, in memory)", batch, 0, features, "classification",
                                   classes), classes)
     learner = new_learner(comm, arch, rows, problem, optimizer_name, 1e-3, 1, sync_mode,
-                          bucket_mb, sync_dtype)
+                          bucket_mb, sync_dtype, shard)
     sync = learner.sync
     rng = np.random.default_rng(2)
     rows_here = Batch.in_memory(rng.standard_normal((hi - lo, features)).astype(np.float32),
@@ -159,7 +160,10 @@ def bench_step(comm: Comm, features: int, hidden: tuple[int, ...], classes: int,
               "compute_vs_gemm_peak": per_rank_gflops / (peak[0] / comm.size),
               "sync": sync_mode, "bucket_mb": bucket_mb,
               **sync_figures(comm, sync, times, raw[0], cast / steps),
-              "update_s": phases["update"]["max"], **memory_figures(memory[0], arch)}
+              "update_s": phases["update"]["max"], "shard_optimizer": shard,
+              "allgather_s": phases["allgather"]["max"],
+              "optimizer_bytes_per_rank": optimizer_bytes(learner.optimizer),
+              **memory_figures(memory[0], arch)}
     if local_batches:
         result["compute_fit"] = compute_fit(comm, arch, local_batches, steps)
     return report(comm, result, format_step(result), json_out)
@@ -203,7 +207,10 @@ def format_step(r: dict) -> str:
         f"compute: {r['compute_gflops_per_rank']:.1f} GFLOP/s per rank = "
         f"{r['compute_vs_gemm_peak']:.2f} x a {r['gemm_peak_gflops_per_rank']:.1f} GFLOP/s GEMM",
         format_sync(r),
-        f"update: {1e3 * r['update_s']:.3f} ms ({r['optimizer']}); memory: "
+        f"update: {1e3 * r['update_s']:.3f} ms ({r['optimizer']}"
+        + (f", of 1/{r['ranks']} of the parameters; their all-gather "
+           f"{1e3 * r['allgather_s']:.3f} ms" if r["shard_optimizer"] else "")
+        + f"; its arrays {r['optimizer_bytes_per_rank'] / 1e6:.2f} MB per rank); memory: "
         f"{r['anonymous_rss_bytes_per_rank'] / 1e6:.1f} MB anonymous per rank = "
         f"{r['rss_vs_model']:.1f} x the model's {r['model_bytes'] / 1e6:.2f} MB",
         f"throughput: {r['samples_per_s']:,.0f} samples/s"] + format_fit(r.get("compute_fit")))
@@ -227,6 +234,11 @@ def memory_figures(rss: float, arch: Architecture) -> dict:
     model = arch.n_params * np.dtype(arch.dtype).itemsize
     return {"anonymous_rss_bytes_per_rank": int(rss), "model_bytes": model,
             "rss_vs_model": rss / model}
+
+
+def optimizer_bytes(optimizer) -> int:
+    """The optimizer's own arrays on this rank: its state and its scratch array."""
+    return sum(v.nbytes for v in optimizer.state().values()) + optimizer._scratch.nbytes
 
 
 def anonymous_memory() -> int:

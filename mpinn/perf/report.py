@@ -119,7 +119,8 @@ def point_row(mode: str, ranks: int, runs: list[Run]) -> dict:
         raise UsageError(f"{mode} scaling at {ranks} ranks: runs with different global batches "
                          f"({', '.join(map(str, sorted(batches)))}) cannot be averaged")
     rates = [r.summary["samples_per_s"] for r in runs]
-    phases = [r.summary["step_time_s"] for r in runs]
+    zero = {"mean": 0.0, "max": 0.0}  # a phase older runs did not have (allgather)
+    phases = [{p: r.summary["step_time_s"].get(p, zero) for p in PHASES} for r in runs]
     row = {"mode": mode, "ranks": ranks,
            "hosts": max(len(r.summary["hosts"]) for r in runs),
            "ranks_per_host": max(max(r.summary["ranks_per_host"]) for r in runs),
@@ -136,8 +137,9 @@ def point_row(mode: str, ranks: int, runs: list[Run]) -> dict:
     row["sync_s"] = mean([r.summary.get("sync_s", ph["allreduce"])["mean"]
                           for r, ph in zip(runs, phases)])
     row["sync_exposed_s"] = row["allreduce_s"]
-    row["imbalance_s"] = mean([mean([ph[p]["max"] - ph[p]["mean"] for p in PHASES])
-                               for ph in phases])
+    ran = [p for p in PHASES if p != "allgather" or any(ph[p]["max"] > 0 for ph in phases)]
+    row["imbalance_s"] = mean([mean([ph[p]["max"] - ph[p]["mean"] for p in ran])
+                               for ph in phases])  # (the all-gather's: sharded runs only)
     return row
 
 

@@ -95,6 +95,8 @@ class TrainConfig:
         "global", "{default}: a new permutation of all rows every epoch (default); block: "
         "permuted blocks of consecutive rows, shuffled within a window in memory (large "
         "sequential reads, for files larger than memory; results depend on the rank count); "
+        "feistel: as global, the permutation computed (a keyed Feistel network) instead of "
+        "stored, so memory does not grow with the rows (a different order from global's); "
         "none: file order", choices=SHUFFLES, listed=True, trajectory=True, compared=True,
         alias=("--no-shuffle", "none", "the same as --shuffle none: batch k is rows k*B .. "
                "k*B+B-1"))
@@ -132,6 +134,14 @@ class TrainConfig:
         "then depends on P (relative error about 2e-4 float16, 2e-3 bfloat16). Worth it "
         "over networks, not on shared memory, where the casts cost more than they save",
         choices=("model", *WIRE_DTYPES), group="performance", trajectory=True, compared=True)
+    shard_optimizer: bool = setting(
+        False, "ZeRO stage 1: each rank keeps the optimizer state of 1/P of the parameters "
+        "and updates only them; the gradients are reduce-scattered onto their owners and "
+        "the updated parameters all-gathered (the same bytes as the Allreduce; the update "
+        "and the optimizer's memory are 1/P). The same weights as without it (float64: "
+        "within 1e-12); checkpoints keep the full state", const=True, group="performance",
+        compared=True, alias=("--no-shard-optimizer", False, "every rank updates all the "
+                              "parameters (the default; turns a resumed run's sharding off)"))
     bucket_mb: float = setting(
         1.0, "overlap: the least MB of gradients sent in one Allreduce (default {default})",
         metavar="MB", positive=True, group="performance")
@@ -253,6 +263,10 @@ class TrainConfig:
                              f"block (its contiguous reads would include the held-out rows); "
                              f"use shuffle global or none, or hold out a test split in the "
                              f"file instead")
+        if self.shard_optimizer and self.sync_dtype != "model":
+            # the half-precision sync's chunks are per bucket; the shards are contiguous
+            raise UsageError(f"{named('shard_optimizer')} cannot be used with "
+                             f"{named('sync_dtype')} {self.sync_dtype} yet: choose one")
 
 
 def settings() -> list[tuple[dataclasses.Field, Setting]]:

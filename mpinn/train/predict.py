@@ -109,7 +109,8 @@ def validation_rows(meta: checkpoint.Checkpoint, n_train: int, data_path: str
         raise UsageError(f"--split val: {data_path} has {n_train} training rows, but the run "
                          f"of {meta.path} held out its validation rows of {meta.data_shape[0]}"
                          f"; give the data file it trained on ({saved.get('data', '?')})")
-    return held_out_rows(seed, n_train, fraction), {"val_fraction": fraction, "seed": seed}
+    return (held_out_rows(seed, n_train, fraction, str(saved.get("shuffle", "global"))),
+            {"val_fraction": fraction, "seed": seed})
 
 
 def run_evaluate(comm: Comm, ckpt_path: str, data_path: str, split: str,

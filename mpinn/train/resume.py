@@ -25,38 +25,44 @@ DEFAULTS = tomllib.loads(to_toml(TrainConfig()))
 
 
 def resume(comm: Comm, cfg: TrainConfig, run: RunDir | None, model: MLP,
-           optimizer: Optimizer, shape: tuple[int, int, int],
-           sync: GradientSync | None = None) -> Checkpoint:
-    """Collective: load the run's checkpoint into model and optimizer on every rank.
+           optimizer: Optimizer, shape: tuple[int, int, int], sync: GradientSync
+           ) -> Checkpoint:
+    """Collective: load the run's checkpoint into model, optimizer and sync on every rank.
 
     Rank 0 reads it (checkpoint.h5, or the newest intact one of checkpoints/ if
     that is corrupt: History.load) and broadcasts it. UsageError on every
     rank if none can be read, or if it does not fit the configuration: a resumed
     run must continue the same trajectory (architecture, data, batch size, seed,
-    sampling, optimizer), whatever the number of ranks. Returns the metadata.
+    sampling, optimizer), whatever the number of ranks. The optimizer's state is
+    whole in the file: each rank takes its slice of it with --shard-optimizer, all
+    of it without. Returns the metadata.
     """
     def load() -> Checkpoint:
         assert run is not None
         ckpt = run.history.load()
         check_compatible(ckpt, cfg, model.arch, shape, comm.size)
         ckpt.restore(model)
-        state = optimizer.state()
-        saved = {k: v for k, v in ckpt.optimizer_state.items() if not k.startswith("sync_")}
-        if set(saved) != set(state) or any(
-                np.shape(saved[k]) != np.shape(v) for k, v in state.items()):
+        whole = {k: (model.arch.n_params,) if np.ndim(v) else ()
+                 for k, v in optimizer.state().items()}
+        saved = optimizer_part(ckpt)
+        if set(saved) != set(whole) or any(np.shape(saved[k]) != whole[k] for k in whole):
             raise UsageError(f"--resume: the optimizer state in the checkpoint of {cfg.out} "
                              f"does not fit the {cfg.optimizer} optimizer of this model")
-        optimizer.load_state(saved)
         run.keep_metrics(ckpt.epoch)
         return ckpt
     ckpt = collectives.root_tries(comm, load)
     meta = collectives.broadcast_object(comm, ckpt.metadata() if ckpt else None)
     # arrays travel as buffers, in the same order on every rank
-    for buf in (model.params, *optimizer.state().values()):
-        collectives.broadcast(comm, buf)
-    if sync is not None:  # a half-precision sync's residuals and scale (rank 0 has them)
-        sync.load_state(ckpt.optimizer_state if ckpt else None)
+    collectives.broadcast(comm, model.params)
+    sync.load_full_state(optimizer.state(), optimizer_part(ckpt) if ckpt else None)
+    # a half-precision sync's residuals and scale (rank 0 has them)
+    sync.load_state(ckpt.optimizer_state if ckpt else None)
     return meta
+
+
+def optimizer_part(ckpt: Checkpoint) -> dict[str, np.ndarray]:
+    """The optimizer's arrays of a checkpoint's /optimizer (the sync's have their own)."""
+    return {k: v for k, v in ckpt.optimizer_state.items() if not k.startswith("sync_")}
 
 
 def check_compatible(ckpt: Checkpoint, cfg: TrainConfig, arch: Architecture,

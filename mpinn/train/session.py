@@ -94,11 +94,15 @@ class Reading:
     buffers: Buffers
     val: SplitReader  # the train split again: evaluating never counts as training reads
     val_rows: np.ndarray  # held-out file rows of the train split (sorted; maybe none)
-    train_rows: np.ndarray | None  # the others; None: every row trains
+    train_rows: np.ndarray | None  # the others; None: every row trains (or feistel's plan
+    #                                 maps its positions past the hold-out: no list)
 
     @property
     def train_count(self) -> int:
-        return self.train.n if self.train_rows is None else len(self.train_rows)
+        if self.train_rows is None:
+            return self.train.n - (len(self.val_rows) if self.sampling.shuffle == "feistel"
+                                   else 0)
+        return len(self.train_rows)
 
 
 @dataclass(kw_only=True)
@@ -145,7 +149,8 @@ class Session:
         """This rank's batches of an epoch (from the resumed step in the first one)."""
         cfg, data, comm = self.cfg, self.data, self.comm
         plan = epoch_plan(data.sampling, cfg.seed, epoch, data.train.n, cfg.batch_size,
-                          comm.rank, comm.size, cfg.accumulate, rows=data.train_rows)
+                          comm.rank, comm.size, cfg.accumulate, rows=data.train_rows,
+                          held=len(data.val_rows))
         p = self.progress
         self.active_feed = Feed(data.train, plan, data.buffers, data.prefetch,
                                 p.step_in_epoch, p.step - p.step_in_epoch)
@@ -175,7 +180,8 @@ class Session:
         ckpt = Checkpoint(arch=self.model.arch, task=self.problem.info.task, epoch=p.epoch,
                           step=p.step, step_in_epoch=p.step_in_epoch, config=to_toml(cfg),
                           optimizer=cfg.optimizer,
-                          optimizer_state={**self.learner.optimizer.state(),
+                          optimizer_state={**self.sync.full_state(
+                                              self.learner.optimizer.state()),
                                            **self.sync.saved_state()},
                           epoch_sums=sums[:3], epoch_confusion=sums[3:],
                           data_shape=data_shape(self.problem),
@@ -214,7 +220,8 @@ def open_session(cfg: TrainConfig, comm: Comm) -> Session:
     """Collective: validate, agree, take the run directory, build and resume the model."""
     io = resolve_io(cfg.io)
     problem = check_data(comm, cfg.data, cfg.loss)
-    held = held_out_rows(cfg.seed, problem.info.n_train, cfg.val_fraction)  # alike on all
+    held = held_out_rows(cfg.seed, problem.info.n_train, cfg.val_fraction,  # alike on all
+                         cfg.shuffle)
     # the largest share of a global batch (no batch is larger than the data), and of
     # a micro-batch: the model's buffers hold one micro-batch (data/sampler.py)
     model_rows, max_rows = (max(1, r) for r in micro_rows(
@@ -273,10 +280,13 @@ def build_learner(comm: Comm, cfg: TrainConfig, problem: Problem, arch: Architec
     def build() -> Learner:
         sync = GradientSync(comm, arch.n_params, arch.dtype, cfg.sync,
                             int(cfg.bucket_mb * 1e6), test_in_flight=len(hosts[0]) > 1,
-                            wire=None if cfg.sync_dtype == "model" else cfg.sync_dtype)
+                            wire=None if cfg.sync_dtype == "model" else cfg.sync_dtype,
+                            shard=cfg.shard_optimizer)
         model = MLP(arch, max_rows, grads=sync.grads, dropout=any(cfg.dropout),
                     accumulate=cfg.accumulate > 1)
-        optimizer = make_optimizer(cfg.optimizer, model.params, cfg.lr, cfg.weight_decay,
+        owned = model.params if sync.shards is None else \
+            model.params[sync.shards.lo:sync.shards.hi]  # --shard-optimizer: its slice
+        optimizer = make_optimizer(cfg.optimizer, owned, cfg.lr, cfg.weight_decay,
                                    cfg.momentum, cfg.l1)
         dropout = Dropout(cfg.dropout, cfg.hidden, max_rows, cfg.seed, cfg.dtype) \
             if any(cfg.dropout) else None
@@ -323,4 +333,5 @@ def open_reading(cfg: TrainConfig, comm: Comm, io: str, max_rows: int,
                    test=datafile.reader("test", max_rows) if "test" in problem.info.splits
                    else None, buffers=buffers, sampling=sampling,
                    val=datafile.reader("train", max_rows), val_rows=held,
-                   train_rows=remaining(problem.info.n_train, held))
+                   train_rows=None if cfg.shuffle == "feistel"
+                   else remaining(problem.info.n_train, held))

@@ -102,10 +102,15 @@ def train_step(learner: Learner, batch: Batch, timer: PhaseTimer, stop: bool = F
         if applied:
             # Divide by the true global count (not by P, not by the local count):
             # g = (1/B) sum_{i in batch} grad loss_i, whatever the shares were.
-            model.grads *= 1.0 / batch.rows
-            clip(model.grads, sync.sq_norm / batch.rows**2, learner.clip_norm)
-            learner.optimizer.step(model.grads)
+            # (--shard-optimizer: this rank's slice of g, and of the parameters)
+            grads = sync.update_grads
+            grads *= 1.0 / batch.rows
+            clip(grads, sync.sq_norm / batch.rows**2, learner.clip_norm)
+            learner.optimizer.step(grads)
         sync.end_step(applied)  # a half-precision sync: its residuals and next scale
+    if applied and sync.shards:
+        with timer.phase("allgather"):  # every rank's updated slice to every rank
+            sync.gather_params(model.params)
     return StepResult(loss, correct, applied)
 
 

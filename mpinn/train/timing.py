@@ -18,7 +18,8 @@ import numpy as np
 from mpinn.comm import collectives
 from mpinn.comm.world import Comm
 
-PHASES = ("data", "forward", "backward", "allreduce", "update")
+PHASES = ("data", "forward", "backward", "allreduce", "update", "allgather")  # (the last:
+# --shard-optimizer's all-gather of the updated parameters; 0 without it)
 
 
 class PhaseTimer:
