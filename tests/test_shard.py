@@ -61,3 +61,14 @@ def test_the_divergence_guard_and_refusals(synth, tmp_path):
     expect_error(mpinn(2, "train", synth, "--out", tmp_path / "r", "--shard-optimizer",
                        "--sync-dtype", "float16"), 2,
                  "--shard-optimizer (shard_optimizer) cannot be used with --sync-dtype")
+
+
+def test_bitwise_at_two_ranks_without_clipping(synth, tmp_path):
+    """A sum of two is order-free: the reduce-scatter gives the Allreduce's bits."""
+    opts = ("--hidden", "16,8", "--batch-size", 50, "--lr", 0.01, "--optimizer", "adam",
+            "--dtype", "float64", "--epochs", 2)
+    ok(mpinn(2, "train", synth, "--out", tmp_path / "rep", *opts))
+    ok(mpinn(2, "train", synth, "--out", tmp_path / "shard", "--shard-optimizer", *opts))
+    for a, b in zip(load_weights(tmp_path / "rep" / "checkpoint.h5"),
+                    load_weights(tmp_path / "shard" / "checkpoint.h5")):
+        assert np.array_equal(a, b)
