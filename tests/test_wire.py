@@ -12,17 +12,22 @@ import pytest
 
 from conftest import RANKS, expect_error, load_weights, mpi_script, mpinn, ok
 
-CASES = [(n, "float16", "overlap") for n in RANKS] + [
-    (2, "float16", "blocking"), (3, "bfloat16", "overlap"), (2, "bfloat16", "blocking")]
+CASES = [(n, "float16", "overlap", "") for n in RANKS] + [
+    (2, "float16", "blocking", ""), (3, "bfloat16", "overlap", ""),
+    (2, "bfloat16", "blocking", ""),
+    # with --shard-optimizer: the owners' slices, one rounding
+    (2, "float16", "overlap", "shard"), (4, "float16", "overlap", "shard"),
+    (3, "bfloat16", "blocking", "shard")]
 
 
-@pytest.mark.parametrize("n,wire,mode", CASES)
-def test_sync_is_the_numpy_model_of_its_arithmetic(n, wire, mode):
-    """Bit for bit, every step, every rank: the reduced buckets and the residuals; the
-    applied sums plus the residuals equal the float32 sums; an overflow skips the step
-    on all ranks and halves the scale, keeping every rank's whole v."""
-    out = ok(mpi_script(n, "wire_sync.py", wire, mode)).stdout
-    assert f"ok {wire} {mode} P={n}" in out
+@pytest.mark.parametrize("n,wire,mode,shard", CASES)
+def test_sync_is_the_numpy_model_of_its_arithmetic(n, wire, mode, shard):
+    """Bit for bit, every step, every rank: the reduced buckets (sharded: each owner's
+    slice) and the residuals; the applied sums plus the residuals equal the float32
+    sums; an overflow skips the step on all ranks and halves the scale, keeping every
+    rank's whole v."""
+    out = ok(mpi_script(n, "wire_sync.py", wire, mode, *([shard] if shard else []))).stdout
+    assert f"ok {wire} {mode}{' shard' if shard else ''} P={n}" in out
 
 
 def train(n, data, out, *extra):

@@ -166,9 +166,6 @@ def bench_step_command(args: argparse.Namespace, comm: Comm) -> None:
         raise UsageError("--features must be >= 1 and --classes >= 2")
     if not args.bucket_mb > 0:
         raise UsageError(f"--bucket-mb must be positive, got {args.bucket_mb:g}")
-    if args.shard_optimizer and args.sync_dtype != "model":
-        raise UsageError("--shard-optimizer cannot be used with --sync-dtype "
-                         f"{args.sync_dtype} yet: choose one")
     bench_step(comm, args.features, parse_hidden(args.hidden), args.classes,
                args.batch_size, args.steps, args.dtype, args.json,
                local_batches(args.local_batches) if args.local_batches else None,

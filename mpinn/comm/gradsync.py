@@ -124,7 +124,7 @@ class GradientSync:
         if self.sent > 0:
             self._send(0, self.sent)
         if self.wire:  # the control slots after backward; every sum and all-gather
-            self._start_control()
+            self._start_control(alone=not self.shards)
             self._gather_in_order(wait=True)
         n = len(self.requests)
         for k, request in enumerate(self.requests):
@@ -134,7 +134,7 @@ class GradientSync:
             if self.wire:
                 self.used[k].decode(self.grads, self.wire.scale)
             self.bucket_times[k][1] = self.bucket_times[k][1] or time.perf_counter()
-        if self.wire:
+        if self.wire and not self.shards:
             complete(self.comm, self.control_request, "the step's control values")
         if self.shards:
             self._reduce_shard_control()
@@ -156,10 +156,10 @@ class GradientSync:
     def _send(self, lo: int, hi: int) -> None:
         now = time.perf_counter()
         self.started_at = self.started_at or now
-        if self.shards:
+        if self.shards and not self.wire:
             self.requests.append(self.shards.reduce_scatter(self.buffer[lo:hi], lo, self.own))
         elif self.wire:
-            bucket = self.wire.bucket(lo, hi)
+            bucket = self.wire.bucket(lo, hi, self.shards)
             bucket.start(self.comm, self.wire.residual, self.grads, self.wire.scale)
             self.used.append(bucket)
             self.requests.append(bucket.request)
@@ -222,17 +222,23 @@ class GradientSync:
                                                     f"of {n})")
             elif not bucket.request.Test():
                 return
+            if self.shards:  # the owner's sum into its slice: done, nothing to gather
+                bucket.reduce_into(self.own, self.wire.scale)
+                continue
             bucket.reduce(self.gather_comm)
             self.requests[k] = bucket.request
 
-    def _start_control(self) -> None:
-        """Wire mode: the control slots in the model's dtype, after backward. A rank whose
-        own gradient (with its residual) is not finite sends a NaN loss: divergence, which
-        a wire overflow (finite everywhere, out of the wire's range) is not."""
+    def _start_control(self, alone: bool = True) -> None:
+        """Wire mode: the control slots in the model's dtype, after backward (alone: in
+        their own Allreduce; sharded, with the slices' |g|^2). A rank whose own gradient
+        (with its residual) is not finite sends a NaN loss: divergence, which a wire
+        overflow (finite everywhere, out of the wire's range) is not."""
         residual = self.wire.residual
         if not np.isfinite(np.dot(residual, residual)):
             self.control[self.LOSS] = np.nan
-        self.control_request = self.comm.Iallreduce(MPI.IN_PLACE, self.control, op=MPI.SUM)
+        if alone:
+            self.control_request = self.comm.Iallreduce(MPI.IN_PLACE, self.control,
+                                                        op=MPI.SUM)
 
     def saved_state(self) -> dict[str, np.ndarray]:
         """Collective: what a checkpoint keeps of a half-precision sync (nothing else):
@@ -279,11 +285,16 @@ class GradientSync:
 
     @property
     def sent_bytes(self) -> int:
-        """What each rank sent of the last step's gradients: the wire's bytes, or for an
-        Allreduce the 2 (P - 1) / P of the buffer that reduce-scatter + all-gather move."""
+        """What each rank sent per step of gradients (and, sharded, of its updated slice
+        to the others): the wire's bytes, or for an Allreduce the 2 (P - 1) / P of the
+        buffer that reduce-scatter + all-gather move."""
+        p = self.comm.size
+        gathered = (p - 1) * len(self.own) * self.buffer.itemsize if self.shards else 0
         if self.wire:
-            return self.wire.wire_bytes(self.used)
-        return int(2 * (self.comm.size - 1) / self.comm.size * self.buffer.nbytes)
+            return self.wire.wire_bytes(self.used) + gathered
+        if self.shards:  # the reduce-scatter's (P - 1) / P of the gradients
+            return int((p - 1) / p * self.grads.nbytes) + gathered
+        return int(2 * (p - 1) / p * self.buffer.nbytes)
 
     @property
     def stop_requested(self) -> bool:
@@ -309,5 +320,7 @@ class GradientSync:
         self.sq_norm = float(self.shard_control[CONTROL_SLOTS] if self.shards  # |g|^2, for
                              else np.dot(self.grads, self.grads))  # --clip-norm too
         if self.wire and np.isfinite(self.sq_norm):  # the next scale's input, before the
-            self.top = max(float(self.grads.max()), -float(self.grads.min()))  # update
+            self.top = max(float(self.grads.max()), -float(self.grads.min())) \
+                if not self.shards else float(np.sqrt(self.sq_norm))  # update (sharded:
+            # no rank has the whole sum; |g| >= max |g_i|, the same on every rank)
         return bool(np.isfinite(self.control[self.LOSS]) and np.isfinite(self.sq_norm))

@@ -121,6 +121,61 @@ class WireBucket:
             residual[self.lo + first:self.lo + first + count] += lost
 
 
+class ShardBucket(WireBucket):
+    """With --shard-optimizer: a bucket's rounded values go to the owners of their
+    elements (an all-to-all of each owner's overlap with the bucket, the contiguous
+    slices of shards.py), and each owner sums its P parts in float32, in rank order,
+    into its slice of the gradient: one rounding (each rank's), no all-gather of
+    gradients (the updated parameters are all-gathered in the model's dtype)."""
+
+    def __init__(self, lo: int, hi: int, shards, wire: np.dtype) -> None:
+        self.lo, self.hi, self.size = lo, hi, shards.comm.size
+        self.rank = shards.comm.rank
+        self.counts = shards.overlaps(lo, hi)  # elements of each owner in the bucket
+        self.displs = np.r_[0, np.cumsum(self.counts)[:-1]].astype(int).tolist()
+        self.c = self.counts[self.rank]  # this rank's elements of the bucket
+        self.at = max(lo, shards.lo) - shards.lo  # ... where they go in its slice
+        self.send = np.zeros(hi - lo, wire)
+        self.recv = np.zeros(self.size * self.c, wire)
+        self.part = np.zeros(self.c, np.float32)
+        self.request, self.stage, self.cast_s = None, 0, 0.0
+
+    def start(self, comm, residual: np.ndarray, grads: np.ndarray, scale: float) -> None:
+        began = time.perf_counter()
+        r = residual[self.lo:self.hi]
+        r += grads[self.lo:self.hi]
+        np.multiply(r, scale, out=self.send, dtype=r.dtype, casting="unsafe")
+        self.cast_s = time.perf_counter() - began
+        u16 = MPI.UINT16_T
+        self.request = comm.Ialltoallv(
+            [self.send.view(np.uint16), self.counts, self.displs, u16],
+            [self.recv.view(np.uint16), [self.c] * self.size,
+             [k * self.c for k in range(self.size)], u16])
+        self.stage = 1
+
+    def reduce_into(self, own: np.ndarray, scale: float) -> None:
+        """The all-to-all done: own[at:at + c] <- (sum of the P parts) / s."""
+        began = time.perf_counter()
+        parts = self.recv.reshape(self.size, self.c)
+        np.copyto(self.part, parts[0], casting="unsafe")
+        for k in range(1, self.size):  # in rank order
+            np.add(self.part, parts[k], out=self.part, dtype=np.float32, casting="unsafe")
+        out = own[self.at:self.at + self.c]
+        np.multiply(self.part, 1.0 / scale, out=out, dtype=out.dtype, casting="unsafe")
+        self.stage = 3
+        self.cast_s += time.perf_counter() - began
+
+    def decode(self, grads: np.ndarray, scale: float) -> None:
+        """Nothing: the owner's sum went into its slice (reduce_into)."""
+
+    def commit(self, residual: np.ndarray, scale: float, scratch: np.ndarray) -> None:
+        """The step was applied: r <- v - q / s (the only rounding)."""
+        n = self.hi - self.lo
+        q = scratch[:n]
+        np.multiply(self.send, 1.0 / scale, out=q, dtype=q.dtype, casting="unsafe")
+        residual[self.lo:self.hi] -= q
+
+
 class WireSync:
     """The half-precision sync's state: residual, scale, buckets (gradsync.py drives it)."""
 
@@ -135,10 +190,12 @@ class WireSync:
         self.buckets: dict[tuple[int, int], WireBucket] = {}
         self.overflowed = False
 
-    def bucket(self, lo: int, hi: int) -> WireBucket:
+    def bucket(self, lo: int, hi: int, shards=None) -> WireBucket:
+        """The bucket [lo, hi)'s buffers (made at its first use); shards: sharded."""
         found = self.buckets.get((lo, hi))
         if found is None:
-            found = self.buckets[(lo, hi)] = WireBucket(lo, hi, self.size, self.rank, self.wire)
+            found = self.buckets[(lo, hi)] = ShardBucket(lo, hi, shards, self.wire) \
+                if shards is not None else WireBucket(lo, hi, self.size, self.rank, self.wire)
             if len(self.scratch) < hi - lo:
                 self.scratch = np.zeros(hi - lo, self.residual.dtype)
         return found
@@ -170,5 +227,8 @@ class WireSync:
 
     def wire_bytes(self, used: list[WireBucket]) -> int:
         """Bytes each rank sends in a step's buckets: P - 1 chunks out in the all-to-all,
-        its own chunk to P - 1 ranks in the all-gather."""
-        return sum(2 * (self.size - 1) * b.c for b in used) * self.wire.itemsize
+        its own chunk to P - 1 ranks in the all-gather (sharded: all but its own part
+        out, no all-gather)."""
+        item = self.wire.itemsize
+        return sum(((b.hi - b.lo - b.c) if isinstance(b, ShardBucket)
+                    else 2 * (self.size - 1) * b.c) for b in used) * item

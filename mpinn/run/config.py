@@ -263,10 +263,6 @@ class TrainConfig:
                              f"block (its contiguous reads would include the held-out rows); "
                              f"use shuffle global or none, or hold out a test split in the "
                              f"file instead")
-        if self.shard_optimizer and self.sync_dtype != "model":
-            # the half-precision sync's chunks are per bucket; the shards are contiguous
-            raise UsageError(f"{named('shard_optimizer')} cannot be used with "
-                             f"{named('sync_dtype')} {self.sync_dtype} yet: choose one")
 
 
 def settings() -> list[tuple[dataclasses.Field, Setting]]:

@@ -5,7 +5,9 @@ divided by the scale; residuals r <- v - q / s plus, for a chunk's owner, what i
 rounding lost. Also: error feedback (the applied sums plus the residuals equal the
 float32 sums), an overflow (skipped on all ranks, scale halved, nothing lost).
 
-    mpiexec -n P python wire_sync.py WIRE MODE     # WIRE float16|bfloat16, MODE overlap|blocking
+    mpiexec -n P python wire_sync.py WIRE MODE [shard]
+        # WIRE float16|bfloat16, MODE overlap|blocking; shard: --shard-optimizer's variant
+        # (each owner sums its slice's parts once, no second rounding, no all-gather)
 Prints one line "ok ..." from rank 0 or fails an assertion.
 """
 
@@ -52,6 +54,18 @@ def model_bucket(gs, rs, lo, hi, size, scale, wire):
     return (out[:n].astype(np.float32) * np.float32(1 / scale))
 
 
+def model_shard_bucket(gs, rs, lo, hi, scale, wire):
+    """The sharded variant: the owners' sums (one rounding: each rank's), residuals."""
+    qs = [(r[lo:hi] + g[lo:hi]) * np.float32(scale) for g, r in zip(gs, rs)]
+    qs = [q.astype(wire) for q in qs]
+    total = qs[0].astype(np.float32)
+    for q in qs[1:]:
+        total = total + q.astype(np.float32)
+    for r, g, q in zip(rs, gs, qs):
+        r[lo:hi] = (r[lo:hi] + g[lo:hi]) - q.astype(np.float32) * np.float32(1 / scale)
+    return total * np.float32(1 / scale)
+
+
 def run_step(sync, grads_all, overlap):
     comm = sync.comm
     sync.start(1.0)
@@ -67,12 +81,14 @@ def run_step(sync, grads_all, overlap):
 
 
 def main() -> None:
-    wire_name, mode = sys.argv[1], sys.argv[2]
+    wire_name, mode, shard = sys.argv[1], sys.argv[2], sys.argv[3:] == ["shard"]
     comm = world.start()
     rank, size = comm.rank, comm.size
     wire = wire_dtype(wire_name)
     sync = GradientSync(comm, N, "float32", mode, BUCKET_BYTES, test_in_flight=True,
-                        wire=wire_name)
+                        wire=wire_name, shard=shard)
+    model = model_shard_bucket if shard else \
+        (lambda gs, rs, lo, hi, scale, w: model_bucket(gs, rs, lo, hi, size, scale, w))
     rs = [np.zeros(N, np.float32) for _ in range(size)]
     total32, applied_sum = np.zeros(N, np.float64), np.zeros(N, np.float64)
     for step in range(STEPS):
@@ -82,11 +98,11 @@ def main() -> None:
         bounds = sorted(sync.buckets)
         expected = np.zeros(N, np.float32)
         for lo, hi in bounds:
-            expected[lo:hi] = model_bucket(gs, rs, lo, hi, size, scale, wire)
-        assert np.array_equal(sync.grads, expected), (step, scale, [
-            (lo, hi, float(np.abs(sync.grads[lo:hi] - expected[lo:hi]).max()))
-            for lo, hi in bounds])
-        applied_sum += sync.grads
+            expected[lo:hi] = model(gs, rs, lo, hi, scale, wire)
+        got = np.concatenate(comm.allgather(sync.own)) if shard else sync.grads
+        assert np.array_equal(got, expected), (step, scale, [
+            (lo, hi, float(np.abs(got[lo:hi] - expected[lo:hi]).max())) for lo, hi in bounds])
+        applied_sum += got
         total32 += np.sum(gs, axis=0, dtype=np.float64)
         sync.end_step(True)
         assert np.array_equal(sync.wire.residual, rs[rank]), step
@@ -112,8 +128,8 @@ def main() -> None:
         assert sync.wire.scale == scale / 2 and sync.wire.halvings == 1
         assert np.array_equal(sync.wire.residual, before + gs[rank])
     if rank == 0:
-        print(f"ok {wire_name} {mode} P={size}: {STEPS} steps equal to the model, "
-              f"buckets {len(sync.buckets)}")
+        print(f"ok {wire_name} {mode}{' shard' if shard else ''} P={size}: {STEPS} steps equal "
+              f"to the model, buckets {len(sync.buckets)}")
 
 
 if __name__ == "__main__":
