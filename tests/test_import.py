@@ -273,3 +273,19 @@ def test_evaluate_and_predict_name_the_classes_of_new_rows(cli, tmp_path):
         assert list(f.attrs["class_names"].astype(str)) == sorted(SPECIES)
     refused = cli("evaluate", tmp_path / "run", tmp_path / "new.h5", "--split", "train")
     assert refused.returncode == 2 and "missing group '/train'" in refused.stderr
+
+
+@fast
+def test_like_a_file_without_class_names_keeps_its_label_numbers(cli, tmp_path, synth):
+    """synth's labels are 0..3 without names: new labels 3 and 1 stay 3 and 1 (not the
+    codes of the classes the new rows happen to have), and 7 is refused."""
+    header = ",".join(f"x{k}" for k in range(12)) + ",y\n"
+    (tmp_path / "n.csv").write_text(header + "0," * 12 + "3\n" + "0," * 12 + "1\n")
+    ok(cli("data", "import", tmp_path / "n.h5", "--from", tmp_path / "n.csv", "--like", synth))
+    new, attrs = read(tmp_path / "n.h5")
+    assert list(new["test"][1]) == [3, 1]
+    assert list(attrs["class_names"].astype(str)) == ["0", "1", "2", "3"]
+    (tmp_path / "m.csv").write_text(header + "0," * 12 + "7\n")
+    refused = cli("data", "import", tmp_path / "m.h5", "--from", tmp_path / "m.csv",
+                  "--like", synth)
+    assert refused.returncode == 2 and "label '7' is not one of the classes" in refused.stderr

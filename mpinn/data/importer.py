@@ -131,8 +131,9 @@ def import_text(spec: ImportSpec, like: Like | None) -> str:
             scale = standardize_in_place(f, specs, moments, shift)
     probe.trust(spec.out)  # written whole, by us
     seconds = time.perf_counter() - began
-    return (summary_line(spec, plan, scale) + f"; read {table.size / 1e6:,.1f} MB twice in "
-            f"{seconds:.1f} s ({table.size / 1e6 / seconds:,.0f} MB/s)")
+    rate = (f"; read {table.size / 1e6:,.1f} MB twice in {seconds:.1f} s "
+            f"({table.size / 1e6 / seconds:,.0f} MB/s)" if table.size >= 10e6 else "")
+    return summary_line(spec, plan, scale) + rate
 
 
 def standardize_in_place(f: h5py.File, specs: dict, moments: Moments,

@@ -14,6 +14,7 @@ from mpinn.base.errors import UsageError
 from mpinn.base.hdf5 import hdf5_errors, open_hdf5
 from mpinn.data import probe
 from mpinn.data.labels import Classes, LabelCodes, Standardizer, StratifiedSplit
+from mpinn.data.layout import describe, label_range
 from mpinn.data.pwrite import SplitSpec
 
 TEXT = (".csv", ".tsv", ".tab", ".txt")
@@ -83,18 +84,21 @@ class Like:
 
 
 def read_like(path: str) -> Like:
+    """What TRAIN.h5 passes on: its class names (a file without them, as `data synth`
+    writes, labels 0..C-1, which new labels then name as numbers), its statistics."""
     probe.check(path)
+    info = describe(path)
     with open_hdf5(path) as f, hdf5_errors(path, "its attributes"):
-        split = next((s for s in ("train", "test") if s in f), None)
-        if split is None:
-            raise UsageError(f"--like {path}: not a dataset file (no /train)")
         names = f.attrs.get("class_names")
         mean, std = f.attrs.get("input_mean"), f.attrs.get("input_std")
-        features = f[split]["x"].shape[1]
+    if names is None and info.task == "classification":
+        count = info.outputs or 1 + max(label_range(path, s, 0, info.rows(s))[1]
+                                        for s in info.splits)
+        names = [str(k) for k in range(count)]
     scale = Standardizer(np.asarray(mean, np.float64), np.asarray(std, np.float64)) \
         if mean is not None and std is not None else None
     return Like([arrays_text(n) for n in names] if names is not None else None, scale,
-                features)
+                info.features)
 
 
 def arrays_text(name) -> str:
