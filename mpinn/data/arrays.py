@@ -92,13 +92,22 @@ def npz(path: str, key: str) -> RowArray:
         raise UsageError(f"{path}: array {key!r} is in Fortran order: save it in C order "
                          f"(np.ascontiguousarray) to import it a span of rows at a time")
     row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    opened: list = []  # the member, kept open: reads go forward (a deflated member
+    #                    seeks backwards only by decompressing again from its start)
 
     def read(lo: int, hi: int) -> np.ndarray:
-        with archive.open(key + ".npy") as member:
-            member.seek(start + lo * row)
-            data = member.read((hi - lo) * row)
+        at = start + lo * row
+        if not opened or opened[0].tell() > at:
+            close()
+            opened.append(archive.open(key + ".npy"))
+        opened[0].seek(at)
+        data = opened[0].read((hi - lo) * row)
         return np.frombuffer(data, dtype).reshape((hi - lo, *shape[1:]))
-    return RowArray(f"{path}:{key}", shape, dtype, read)
+
+    def close() -> None:
+        while opened:
+            opened.pop().close()
+    return RowArray(f"{path}:{key}", shape, dtype, read, close)
 
 
 def hdf5(path: str, name: str) -> RowArray:
