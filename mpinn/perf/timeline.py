@@ -13,7 +13,7 @@ from mpinn.base.files import check_writable, read_bytes
 from mpinn.perf.plot import load_pyplot, save_figure
 
 COLORS = {"data": "#bbbbbb", "forward": "#4c72b0", "backward": "#55a868",
-          "allreduce": "#c44e52", "update": "#8172b2"}
+          "allreduce": "#c44e52", "update": "#8172b2", "allgather": "#937860"}
 ROWS = ("phases", "buckets", "read-ahead")
 
 
@@ -66,6 +66,6 @@ def plot_trace(trace: str, out: str, steps: int = 3) -> str:
     ax.set_title(f"{os.path.basename(trace)}: the last {steps} steps, {len(ranks)} ranks")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in COLORS.values()]
     ax.legend(handles + [plt.Rectangle((0, 0), 1, 1, color="#dd8452")],
-              [*COLORS, "bucket Allreduce"], ncol=6, loc="upper center",
+              [*COLORS, "bucket Allreduce"], ncol=7, loc="upper center",
               bbox_to_anchor=(0.5, -0.12 - 0.1 / len(ranks)), fontsize="small")
     return save_figure(plt, fig, out)
