@@ -34,6 +34,9 @@ def test_sharded_and_replicated_updates_give_the_same_weights(synth, tmp_path, o
         ok(mpinn(n, "train", synth, "--out", out, "--epochs", 2, "--optimizer", optimizer,
                  "--shard-optimizer", *ARGS))
         assert close(reference, load_weights(out / "checkpoint.h5")) < 1e-12, n
+        import json
+        phases = json.loads((out / "summary.json").read_text())["step_time_s"]
+        assert phases["allgather"]["max"] > 0 and phases["update"]["max"] > 0
         got = state(out)  # the checkpoint holds the full state, gathered on rank 0
         assert set(got) == set(saved)
         assert all(got[k].shape == saved[k].shape and close([saved[k]], [got[k]]) < 1e-12
