@@ -131,7 +131,7 @@ class TrainConfig:
         "dtype, a sum that does not depend on P. float16 or bfloat16 send half the bytes: "
         "each rank rounds its gradient once, each chunk's owner sums in float32 and rounds "
         "once, and what the roundings lose is sent in later steps (error feedback). The sum "
-        "then depends on P (relative error about 2e-4 float16, 2e-3 bfloat16). Worth it "
+        "then depends on P (relative error per step about 4e-4 float16, 3e-3 bfloat16). Worth it "
         "over networks, not on shared memory, where the casts cost more than they save",
         choices=("model", *WIRE_DTYPES), group="performance", trajectory=True, compared=True)
     shard_optimizer: bool = setting(
