@@ -52,6 +52,22 @@ def largest(dtype: np.dtype) -> float:
     return 65504.0 if dtype == np.float16 else float(np.finfo(np.float32).max)
 
 
+def sum_parts(parts: np.ndarray, out: np.ndarray) -> None:
+    """out <- the float32 sum of the rows of parts (wire values), in row (rank) order:
+    the same bits on every run."""
+    np.copyto(out, parts[0], casting="unsafe")
+    for part in parts[1:]:
+        np.add(out, part, out=out, dtype=np.float32, casting="unsafe")
+
+
+def undo_rounding(residual: np.ndarray, sent: np.ndarray, scale: float,
+                  scratch: np.ndarray) -> None:
+    """residual (v, of the elements sent) <- v - q / s: what the rounding to q lost."""
+    q = scratch[:len(sent)]
+    np.multiply(sent, 1.0 / scale, out=q, dtype=q.dtype, casting="unsafe")
+    residual -= q
+
+
 class WireBucket:
     """One bucket's buffers (made once, reused every step) and its two stages."""
 
@@ -85,10 +101,7 @@ class WireBucket:
         """Stage 2 (the all-to-all done): the owner's float32 sum of its chunk, rounded
         once, then the all-gather."""
         began = time.perf_counter()
-        chunks = self.recv.reshape(self.size, self.c)
-        np.copyto(self.part, chunks[0], casting="unsafe")
-        for k in range(1, self.size):  # in rank order: the same bits on every run
-            np.add(self.part, chunks[k], out=self.part, dtype=np.float32, casting="unsafe")
+        sum_parts(self.recv.reshape(self.size, self.c), self.part)
         np.copyto(self.mine, self.part, casting="unsafe")
         self.cast_s += time.perf_counter() - began
         u16 = MPI.UINT16_T
@@ -107,10 +120,7 @@ class WireBucket:
     def commit(self, residual: np.ndarray, scale: float, scratch: np.ndarray) -> None:
         """The step was applied: r <- v - q / s; the owner adds (sum - q2) / s."""
         n = self.hi - self.lo
-        r = residual[self.lo:self.hi]
-        q = scratch[:n]
-        np.multiply(self.send[:n], 1.0 / scale, out=q, dtype=q.dtype, casting="unsafe")
-        r -= q
+        undo_rounding(residual[self.lo:self.hi], self.send[:n], scale, scratch)
         first = self.rank * self.c
         count = max(0, min(self.c, n - first))
         if count:
@@ -156,10 +166,7 @@ class ShardBucket(WireBucket):
     def reduce_into(self, own: np.ndarray, scale: float) -> None:
         """The all-to-all done: own[at:at + c] <- (sum of the P parts) / s."""
         began = time.perf_counter()
-        parts = self.recv.reshape(self.size, self.c)
-        np.copyto(self.part, parts[0], casting="unsafe")
-        for k in range(1, self.size):  # in rank order
-            np.add(self.part, parts[k], out=self.part, dtype=np.float32, casting="unsafe")
+        sum_parts(self.recv.reshape(self.size, self.c), self.part)
         out = own[self.at:self.at + self.c]
         np.multiply(self.part, 1.0 / scale, out=out, dtype=out.dtype, casting="unsafe")
         self.stage = 3
@@ -170,10 +177,7 @@ class ShardBucket(WireBucket):
 
     def commit(self, residual: np.ndarray, scale: float, scratch: np.ndarray) -> None:
         """The step was applied: r <- v - q / s (the only rounding)."""
-        n = self.hi - self.lo
-        q = scratch[:n]
-        np.multiply(self.send, 1.0 / scale, out=q, dtype=q.dtype, casting="unsafe")
-        residual[self.lo:self.hi] -= q
+        undo_rounding(residual[self.lo:self.hi], self.send, scale, scratch)
 
 
 class WireSync:

@@ -14,7 +14,7 @@ from mpinn.base.errors import UsageError
 from mpinn.base.hdf5 import hdf5_errors, open_hdf5
 from mpinn.data import probe
 from mpinn.data.labels import Classes, LabelCodes, Standardizer, StratifiedSplit
-from mpinn.data.layout import describe, label_range
+from mpinn.data.layout import describe, label_range, names_text
 from mpinn.data.pwrite import SplitSpec
 
 TEXT = (".csv", ".tsv", ".tab", ".txt")
@@ -97,12 +97,7 @@ def read_like(path: str) -> Like:
         names = [str(k) for k in range(count)]
     scale = Standardizer(np.asarray(mean, np.float64), np.asarray(std, np.float64)) \
         if mean is not None and std is not None else None
-    return Like([arrays_text(n) for n in names] if names is not None else None, scale,
-                info.features)
-
-
-def arrays_text(name) -> str:
-    return name.decode() if isinstance(name, bytes) else str(name)
+    return Like(names_text(names), scale, info.features)
 
 
 def attributes(spec: ImportSpec, source: str, names: list[str] | None,

@@ -32,6 +32,7 @@ from mpinn.base.hdf5 import hdf5_errors, open_hdf5
 from mpinn.comm import collectives
 from mpinn.comm.world import Comm
 from mpinn.data import probe
+from mpinn.data.labels import label_text
 from mpinn.data.sampler import share
 
 SPLITS = ("train", "test")
@@ -129,9 +130,12 @@ def classes_attribute(path: str, f: h5py.File) -> int:
 def class_names(path: str) -> list[str] | None:
     """The label each class had before import (the `class_names` attribute), if any."""
     with open_hdf5(path) as f, hdf5_errors(path, "its attributes"):
-        names = f.attrs.get("class_names")
-    return None if names is None else [n.decode() if isinstance(n, bytes) else str(n)
-                                       for n in np.ravel(names)]
+        return names_text(f.attrs.get("class_names"))
+
+
+def names_text(names) -> list[str] | None:
+    """A stored `class_names` attribute (bytes or str) as text; None if absent."""
+    return None if names is None else [label_text(n) for n in np.ravel(names)]
 
 
 def label_range(path: str, split: str, start: int, stop: int) -> tuple[int, int]:

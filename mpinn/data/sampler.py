@@ -234,8 +234,9 @@ def _feistel_plan(seed: int, epoch: int, n: int, batch_size: int, rank: int, siz
             positions = order(np.arange(k * batch_size + m_lo + lo, k * batch_size + m_lo + hi))
             out.append(hold(positions + held) if hold is not None else positions)
         return out
-    return EpochPlan(Lazy(steps, lambda k: np.concatenate(parts(k))), Lazy(steps, count),
-                     micro=Lazy(steps, lambda k: np.array([len(p) for p in parts(k)]))
+    step_parts = Lazy(steps, parts)  # computed once per step, for rows and micro lengths
+    return EpochPlan(Lazy(steps, lambda k: np.concatenate(step_parts[k])), Lazy(steps, count),
+                     micro=Lazy(steps, lambda k: np.array([len(p) for p in step_parts[k]]))
                      if accumulate > 1 else [])
 
 

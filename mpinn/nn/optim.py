@@ -45,6 +45,11 @@ class Optimizer:
         """Arrays (and 0-d arrays for counters) that restore the optimizer exactly."""
         return {}
 
+    @property
+    def nbytes(self) -> int:
+        """Its own arrays: the state and the scratch array."""
+        return sum(v.nbytes for v in self.state().values()) + self._scratch.nbytes
+
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         for name, value in state.items():
             getattr(self, name)[...] = value

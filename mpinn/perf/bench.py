@@ -162,7 +162,7 @@ def bench_step(comm: Comm, features: int, hidden: tuple[int, ...], classes: int,
               **sync_figures(comm, sync, times, raw[0], cast / steps),
               "update_s": phases["update"]["max"], "shard_optimizer": shard,
               "allgather_s": phases["allgather"]["max"],
-              "optimizer_bytes_per_rank": optimizer_bytes(learner.optimizer),
+              "optimizer_bytes_per_rank": learner.optimizer.nbytes,
               **memory_figures(memory[0], arch)}
     if local_batches:
         result["compute_fit"] = compute_fit(comm, arch, local_batches, steps)
@@ -234,11 +234,6 @@ def memory_figures(rss: float, arch: Architecture) -> dict:
     model = arch.n_params * np.dtype(arch.dtype).itemsize
     return {"anonymous_rss_bytes_per_rank": int(rss), "model_bytes": model,
             "rss_vs_model": rss / model}
-
-
-def optimizer_bytes(optimizer) -> int:
-    """The optimizer's own arrays on this rank: its state and its scratch array."""
-    return sum(v.nbytes for v in optimizer.state().values()) + optimizer._scratch.nbytes
 
 
 def anonymous_memory() -> int:

@@ -29,6 +29,7 @@ from mpinn.base.errors import UsageError
 from mpinn.base.files import check_writable, write_atomically
 from mpinn.base.hdf5 import hdf5_errors, open_hdf5
 from mpinn.data import probe
+from mpinn.data.layout import names_text
 from mpinn.run import checkpoint
 from mpinn.run.resolve import tomllib
 from mpinn.train.predict import load_checkpoint
@@ -56,7 +57,7 @@ def preprocessing(ckpt: checkpoint.Checkpoint, data: str | None) -> dict:
         names, mean, std = (f.attrs.get(k) for k in ("class_names", "input_mean", "input_std"))
     found = {"data": data}
     if names is not None:
-        found["class_names"] = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+        found["class_names"] = names_text(names)
     if mean is not None and std is not None:
         mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
         if mean.shape != (ckpt.arch.sizes[0],) or std.shape != mean.shape or not (std > 0).all():

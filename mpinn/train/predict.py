@@ -28,7 +28,7 @@ from mpinn.comm import collectives, console
 from mpinn.comm.world import Comm
 from mpinn.data import probe
 from mpinn.data.holdout import held_out_rows
-from mpinn.data.layout import Problem, check_data, class_names
+from mpinn.data.layout import Problem, check_data, class_names, names_text
 from mpinn.data.readers import DataFile, resolve_io
 from mpinn.nn import metrics
 from mpinn.nn.model import MLP
@@ -201,9 +201,8 @@ def predict(ckpt_path: str, input_path: str, out_path: str, dataset: str | None
                              f"rows of {ckpt.arch.sizes[0]} features")
         n, k = x.shape[0], ckpt.arch.sizes[-1]
         classes = ckpt.task == "classification"
-        names = src.attrs.get("class_names")
-        names = None if names is None or len(names) != k else [
-            v.decode() if isinstance(v, bytes) else str(v) for v in names]
+        names = names_text(src.attrs.get("class_names"))
+        names = names if names is not None and len(names) == k else None
 
         def layout(out: h5py.File) -> None:
             allocated(out, "outputs", (n, k), ckpt.arch.dtype)
