@@ -72,7 +72,8 @@ def test_the_derived_key_sets():
     assert set(TRAJECTORY_KEYS) == {"batch_size", "seed", "shuffle", "block_rows",
                                     "window_rows", "optimizer", "hidden", "activation",
                                     "loss", "dtype", "dropout", "val_fraction",
-                                    "sync_dtype"}  # (a half-precision sync's residuals)
+                                    "sync_dtype",  # (a half-precision sync's residuals)
+                                    "reproducible"}
     # the run's own files (a sweep's points would share them)
     assert set(names) - set(SWEEP_KEYS) == {"out", "overwrite", "resume", "trace"}
 

@@ -13,6 +13,7 @@ from mpinn.comm.collectives import complete
 from mpinn.comm.shards import Shards
 from mpinn.comm.wire import WireBucket, WireSync
 from mpinn.comm.world import Comm
+from mpinn.nn import fixed
 
 CONTROL_SLOTS = 3  # loss, stop, bad input: after the gradients, in the same buffer
 SYNC_MODES = ("overlap", "blocking")
@@ -42,6 +43,12 @@ class GradientSync:
     With wire (--sync-dtype float16|bfloat16) each bucket goes through wire.py's
     all-to-all, owner's sum and all-gather instead of an Allreduce, and the control
     slots travel on their own, in the model's dtype, after backward.
+
+    With exact (--reproducible: nn/exact.py's model, whose gradients are integers on
+    grids, in float64) every sum is exact in any order: the loss travels as integer
+    limbs (nn/fixed.py) after the three slots, the model's grid exponents and the
+    gradient's are reduced (MAX) in `extremes` after the buckets, and |g|^2 is summed
+    on a grid fixed by that maximum: the same bits on any number of ranks.
     """
 
     LOSS, STOP, BAD_INPUT = range(CONTROL_SLOTS)
@@ -49,14 +56,22 @@ class GradientSync:
     def __init__(self, comm: Comm, n_params: int, dtype: np.dtype | str,
                  mode: str = "overlap", bucket_bytes: int = 1 << 20,
                  test_in_flight: bool = True, wire: str | None = None,
-                 shard: bool = False) -> None:
+                 shard: bool = False, exact: int = 0) -> None:
         """test_in_flight: progress() tests the buckets. Where every rank shares one
         host the Allreduce is CPU work done inside those tests: they hide nothing and
         slow backward, so the buckets then wait for finish(). wire: float16 or bfloat16
         sends the gradients in half precision with error feedback (wire.py); the control
-        slots then travel on their own, in the model's dtype, after backward."""
+        slots then travel on their own, in the model's dtype, after backward. exact: the
+        number of the model's grid exponents (0: not --reproducible)."""
         assert mode in SYNC_MODES, mode
+        assert not (exact and wire), "an exact sync sends float64"
         self.comm = comm
+        self.exact = exact > 0
+        if exact:
+            dtype = np.float64
+        # --reproducible: the model's grid exponents, then the gradient's (MAX-reduced)
+        self.extremes = np.zeros(exact + 1)
+        self._squares = np.zeros(2 * fixed.CHUNK if exact else 0)  # square_parts' scratch
         self.wire = WireSync(n_params, np.dtype(dtype), wire, comm.rank, comm.size) \
             if wire else None
         # (MPI wants every rank to start the collectives of a communicator in the same
@@ -66,11 +81,12 @@ class GradientSync:
         # elements (shards.py); this rank's slice of the reduced gradient is `own`
         self.shards = Shards(comm, n_params) if shard else None
         self.own = np.zeros(self.shards.hi - self.shards.lo, dtype) if shard else None
-        self.shard_control = np.zeros(CONTROL_SLOTS + 1, dtype)  # ... and |g_shard|^2
+        slots = CONTROL_SLOTS + (fixed.LIMBS if exact else 0)  # exact: the loss's limbs
+        self.shard_control = np.zeros(slots + 2, dtype)  # and |g_shard|^2 (exact: 2 parts)
         self.used: list[WireBucket] = []  # the wire buckets of this step, in order
         self.control_request: MPI.Request | None = None
         self.test_in_flight = test_in_flight
-        self.buffer = np.zeros(n_params + CONTROL_SLOTS, dtype)
+        self.buffer = np.zeros(n_params + slots, dtype)
         self.grads = self.buffer[:n_params]
         self.control = self.buffer[n_params:]
         self.overlap = mode == "overlap"
@@ -83,10 +99,15 @@ class GradientSync:
         self.started_at = self.done_at = 0.0  # first send; completion, as first seen
         self.bucket_times: list[list[float]] = []  # [start, completion as first seen]
 
-    def start(self, loss: float, stop: bool = False, bad_input: bool = False) -> None:
-        """A step's sync begins: the control slots are final, no gradient is yet."""
-        self.control[:] = (loss, stop, bad_input)
-        self.front = len(self.buffer) - CONTROL_SLOTS
+    def start(self, loss: float, stop: bool = False, bad_input: bool = False,
+              exact_loss: int | None = 0) -> None:
+        """A step's sync begins: the control slots are final, no gradient is yet.
+        exact_loss (exact mode): the loss as fixed.exact_int() gave it (None: not finite)."""
+        self.control[:CONTROL_SLOTS] = (loss, stop, bad_input)
+        if self.exact:
+            self.control[self.LOSS] = 0.0 if exact_loss is not None else np.nan
+            fixed.to_limbs(exact_loss, self.control[CONTROL_SLOTS:])
+        self.front = len(self.buffer) - len(self.control)
         apart = self.wire or self.shards  # the control slots go on their own, at the end
         self.sent = self.front if apart else len(self.buffer)
         self.used.clear()
@@ -136,6 +157,8 @@ class GradientSync:
             self.bucket_times[k][1] = self.bucket_times[k][1] or time.perf_counter()
         if self.wire and not self.shards:
             complete(self.comm, self.control_request, "the step's control values")
+        if self.exact:
+            self._reduce_extremes()
         if self.shards:
             self._reduce_shard_control()
         self.done_at = max(t[1] for t in self.bucket_times)
@@ -174,10 +197,21 @@ class GradientSync:
         """Sharded: the control slots and this slice's |g|^2 summed in one small
         Allreduce after the reduce-scatters: every rank then has the global |g|^2 the
         divergence guard and --clip-norm need, before the update."""
-        self.shard_control[:CONTROL_SLOTS] = self.control
-        self.shard_control[CONTROL_SLOTS] = np.dot(self.own, self.own)
+        slots = len(self.control)
+        self.shard_control[:slots] = self.control
+        if self.exact:
+            fixed.square_parts(self.own, self.extremes[-1], len(self.grads), self._squares,
+                               self.shard_control[slots:])
+        else:
+            self.shard_control[slots] = np.dot(self.own, self.own)
         collectives.allreduce_sum(self.comm, self.shard_control, "the step's control values")
-        self.control[:] = self.shard_control[:CONTROL_SLOTS]
+        self.control[:] = self.shard_control[:slots]
+
+    def _reduce_extremes(self) -> None:
+        """Exact mode: the model's grid exponents (its `seen`, a view of extremes) and
+        the reduced gradient's, the largest over all ranks (sharded: each has a slice)."""
+        self.extremes[-1] = fixed.exponent(self.update_grads)
+        collectives.allreduce_max(self.comm, self.extremes, "the step's grid exponents")
 
     def full_state(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Collective: the optimizer's state as a checkpoint keeps it, whole (sharded:
@@ -306,7 +340,10 @@ class GradientSync:
 
     @property
     def loss(self) -> float:
-        """The loss summed over the global batch (after the sync)."""
+        """The loss summed over the global batch (after the sync; exact mode: exactly,
+        from its limbs)."""
+        if self.exact and np.isfinite(self.control[self.LOSS]):
+            return fixed.from_limbs(self.control[CONTROL_SLOTS:])
         return float(self.control[self.LOSS])
 
     def finite(self) -> bool:
@@ -317,10 +354,22 @@ class GradientSync:
         allocates nothing (|g|^2 overflows only for gradients beyond ~1e19 in
         float32, ~1e154 in float64: divergence by any measure).
         """
-        self.sq_norm = float(self.shard_control[CONTROL_SLOTS] if self.shards  # |g|^2, for
-                             else np.dot(self.grads, self.grads))  # --clip-norm too
+        self.sq_norm = self._square_norm()  # |g|^2, for --clip-norm too
         if self.wire and np.isfinite(self.sq_norm):  # the next scale's input, before the
             self.top = max(float(self.grads.max()), -float(self.grads.min())) \
                 if not self.shards else float(np.sqrt(self.sq_norm))  # update (sharded:
             # no rank has the whole sum; |g| >= max |g_i|, the same on every rank)
-        return bool(np.isfinite(self.control[self.LOSS]) and np.isfinite(self.sq_norm))
+        return bool(np.isfinite(self.loss) and np.isfinite(self.sq_norm))
+
+    def _square_norm(self) -> float:
+        """|g|^2 of the reduced gradient sum (sharded: the reduced slices' sum); exact
+        mode: on a grid fixed by its global maximum, the same bits on any P."""
+        slots = len(self.control)
+        if not self.exact:
+            return float(self.shard_control[slots] if self.shards
+                         else np.dot(self.grads, self.grads))
+        if not self.shards:  # (a non-finite gradient gives non-finite parts)
+            fixed.square_parts(self.grads, self.extremes[-1], len(self.grads),
+                               self._squares, self.shard_control[slots:])
+        return fixed.square_value(self.shard_control[slots:], self.extremes[-1],
+                                  len(self.grads))

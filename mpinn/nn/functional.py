@@ -54,8 +54,9 @@ def activation_backward(name: str, a: np.ndarray, delta: np.ndarray, scratch: np
     np.multiply(delta, scratch, out=delta)
 
 
-def softmax_cross_entropy(z: np.ndarray, y: np.ndarray, delta: np.ndarray) -> float:
-    """Summed cross-entropy of softmax(z) against integer labels y.
+def softmax_cross_entropy(z: np.ndarray, y: np.ndarray, delta: np.ndarray,
+                          losses: np.ndarray) -> float:
+    """Summed cross-entropy of softmax(z) against integer labels y (each row's: losses).
 
     loss = sum_i [ logsumexp(z_i) - z_{i, y_i} ]
     d loss / d z_i = softmax(z_i) - onehot(y_i)      (written into delta)
@@ -70,14 +71,17 @@ def softmax_cross_entropy(z: np.ndarray, y: np.ndarray, delta: np.ndarray) -> fl
     picked = delta[rows, y]  # shifted logit of the true class (a copy)
     np.exp(delta, out=delta)
     total = delta.sum(axis=1, keepdims=True)
-    loss = float(np.sum(np.log(total[:, 0]) - picked))
+    np.log(total[:, 0], out=losses)
+    losses -= picked
+    loss = float(losses.sum())
     delta /= total  # softmax
     delta[rows, y] -= 1
     return loss
 
 
-def mean_squared_error(z: np.ndarray, t: np.ndarray, delta: np.ndarray) -> float:
-    """Summed per-sample mean squared error over K outputs.
+def mean_squared_error(z: np.ndarray, t: np.ndarray, delta: np.ndarray,
+                       losses: np.ndarray) -> float:
+    """Summed per-sample mean squared error over K outputs (each row's: losses).
 
     loss = sum_i (1/K) sum_k (z_ik - t_ik)^2
     d loss / d z_ik = (2/K) (z_ik - t_ik)             (written into delta)
@@ -86,8 +90,10 @@ def mean_squared_error(z: np.ndarray, t: np.ndarray, delta: np.ndarray) -> float
     if n == 0:
         return 0.0
     np.subtract(z, t, out=delta)
-    loss = float(np.einsum("ij,ij->", delta, delta)) / k
+    np.einsum("ij,ij->i", delta, delta, out=losses)
+    losses *= 1.0 / k
     delta *= 2.0 / k
+    loss = float(losses.sum())
     return loss
 
 

@@ -112,8 +112,8 @@ class MLP:
         self.max_rows = max_rows
         self.params = np.zeros(arch.n_params, self.dtype)
         if grads is None:
-            grads = np.zeros(arch.n_params, self.dtype)
-        assert grads.dtype == self.dtype, grads.dtype
+            grads = np.zeros(arch.n_params, self.grad_dtype)
+        assert grads.dtype == self.grad_dtype, grads.dtype
         self.grads = grads
         self.W, self.b = arch.views(self.params)  # the flat layout is the architecture's
         self.dW, self.db = arch.views(self.grads)
@@ -123,18 +123,29 @@ class MLP:
         self._deltas = [np.zeros((max_rows, s), self.dtype) for s in arch.sizes[1:]]
         self._scratch = np.zeros(max_rows * max(arch.sizes), self.dtype)
         self._targets = np.zeros((max_rows, arch.sizes[-1]), self.dtype)
+        self.row_losses = np.zeros(max_rows, self.dtype)  # each row's, of the last loss()
         # with dropout: f(z) of each hidden layer before its mask (acts then hold m * f(z))
         self._unmasked = [np.zeros((max_rows, s), self.dtype) if dropout else None
                           for s in arch.sizes[1:-1]]
         self._masks: list[np.ndarray | None] = []  # of the last forward()
         # accumulate: one layer's dW, added to grads (a second, full gradient is not needed)
-        self._dw = np.zeros(max(w.size for w in self.dW) if accumulate else 0, self.dtype)
-        self._db = np.zeros(max(arch.sizes[1:]) if accumulate else 0, self.dtype)
+        self._dw = np.zeros(max(w.size for w in self.dW) if accumulate else 0,
+                            self.grad_dtype)
+        self._db = np.zeros(max(arch.sizes[1:]) if accumulate else 0, self.grad_dtype)
         self._n_rows = 0  # rows of the last forward(), which backward() differentiates
+
+    @property
+    def grad_dtype(self) -> np.dtype:
+        """The gradients' dtype: the model's (exact.py's fixed-point model: float64)."""
+        return self.dtype
 
     @property
     def n_layers(self) -> int:
         return len(self.W)
+
+    def prepare(self) -> None:
+        """Before a step or an evaluation, after the weights changed (exact.py: their
+        grids)."""
 
     def init(self, rng: np.random.Generator) -> None:
         """He-normal weights for relu, Glorot-uniform for tanh/sigmoid; zero biases.
@@ -165,9 +176,9 @@ class MLP:
         a = self._acts[0][:n]
         a[...] = x  # cast the input (stored float32) to the model dtype
         last = self.n_layers - 1
-        for i, (w, b) in enumerate(zip(self.W, self.b)):
+        for i, b in enumerate(self.b):
             z = self._acts[i + 1][:n]
-            np.matmul(a, w, out=z)  # (n, fan_in) @ (fan_in, fan_out)
+            self._product(i, a, z)  # (n, fan_in) @ (fan_in, fan_out)
             z += b
             if i < last:
                 F.activate(self.arch.activation, z)
@@ -217,12 +228,13 @@ class MLP:
         delta = self._deltas[-1][:n]
         ranges = self.arch.layer_ranges()
         for i in range(self.n_layers - 1, -1, -1):
+            self._delta_final(i, delta)
             a_prev = self._acts[i][:n]
             self._layer_grads(i, a_prev, delta, add, ranges[i], hooks)
             if i > 0:  # delta_{i-1} in column panels (row panels are slow for few rows)
                 prev = self._deltas[i - 1][:n]
                 for lo, hi in self.arch.panels(self.arch.sizes[i], n):
-                    np.matmul(delta, self.W[i][lo:hi].T, out=prev[:, lo:hi])
+                    self._delta_panel(i, delta, lo, hi, prev[:, lo:hi])
                     if hooks is not None:
                         hooks.progress()
                 scratch = self._scratch[: prev.size].reshape(prev.shape)
@@ -241,37 +253,61 @@ class MLP:
         start, stop = span
         if add:
             assert self._dw.size, "MLP built without accumulate=True"
-            np.sum(delta, axis=0, out=self._db[:fan_out])
+            self._bias_grad(i, delta, self._db[:fan_out])
             self.db[i] += self._db[:fan_out]
         else:
-            np.sum(delta, axis=0, out=self.db[i])
+            self._bias_grad(i, delta, self.db[i])
         if hooks is not None:
             hooks.ready(stop - fan_out, stop)
         for lo, hi in reversed(self.arch.panels(self.arch.sizes[i], fan_out)):
-            rows = a_prev[:, lo:hi].T  # (hi - lo, n): no copy, BLAS reads it transposed
             if add:
                 dw = self._dw[:(hi - lo) * fan_out].reshape(hi - lo, fan_out)
-                np.matmul(rows, delta, out=dw)
+                self._weight_panel(i, a_prev, delta, lo, hi, dw)
                 self.dW[i][lo:hi] += dw
             else:
-                np.matmul(rows, delta, out=self.dW[i][lo:hi])
+                self._weight_panel(i, a_prev, delta, lo, hi, self.dW[i][lo:hi])
             if hooks is not None:
                 hooks.ready(start + lo * fan_out, start + hi * fan_out)
                 hooks.progress()
 
+    # The products, which exact.py carries out in fixed point instead.
+    def _product(self, i: int, a: np.ndarray, z: np.ndarray) -> None:
+        """z <- a W_i (forward)."""
+        np.matmul(a, self.W[i], out=z)
+
+    def _delta_final(self, i: int, delta: np.ndarray) -> None:
+        """delta_i is computed: the products that read it follow (backward)."""
+
+    def _bias_grad(self, i: int, delta: np.ndarray, out: np.ndarray) -> None:
+        """out <- sum over rows of delta_i (db_i)."""
+        np.sum(delta, axis=0, out=out)
+
+    def _weight_panel(self, i: int, a_prev: np.ndarray, delta: np.ndarray, lo: int, hi: int,
+                      out: np.ndarray) -> None:
+        """out <- rows lo:hi of dW_i = a_{i-1}^T delta_i."""
+        np.matmul(a_prev[:, lo:hi].T, delta, out=out)  # no copy: BLAS reads it transposed
+
+    def _delta_panel(self, i: int, delta: np.ndarray, lo: int, hi: int,
+                     out: np.ndarray) -> None:
+        """out <- columns lo:hi of delta_i W_i^T (before f' and the mask)."""
+        np.matmul(delta, self.W[i][lo:hi].T, out=out)
+
     def loss(self, y: np.ndarray) -> float:
         """Summed loss of the last forward() against y (d loss / d logits kept for backward)."""
         n = self._n_rows
-        return self.loss_and_delta(self._acts[-1][:n], y, self._deltas[-1][:n])
+        return self.loss_and_delta(self._acts[-1][:n], y, self._deltas[-1][:n],
+                                   self.row_losses[:n])
 
-    def loss_and_delta(self, logits: np.ndarray, y: np.ndarray, delta: np.ndarray) -> float:
-        """Summed loss of logits against y; d loss / d logits into delta.
+    def loss_and_delta(self, logits: np.ndarray, y: np.ndarray, delta: np.ndarray,
+                       rows: np.ndarray) -> float:
+        """Summed loss of logits against y; d loss / d logits into delta, each row's
+        loss into rows.
 
         y holds integer class labels (n,) or float targets (n, K). MSE against
         class labels uses one-hot targets.
         """
         if self.arch.loss == "cross-entropy":
-            return F.softmax_cross_entropy(logits, y, delta)
+            return F.softmax_cross_entropy(logits, y, delta, rows)
         if y.ndim == 1:
             y = F.one_hot(y, logits.shape[1], self._targets)
-        return F.mean_squared_error(logits, y, delta)
+        return F.mean_squared_error(logits, y, delta, rows)

@@ -5,7 +5,8 @@ Layout:
     /model attrs: sizes, activation, loss, dtype
     /optimizer/<name>       optimizer state arrays (velocity; m, v, t), attr: optimizer;
                             with --sync-dtype float16|bfloat16 also sync_residual (the
-                            sum of all ranks' residuals) and sync_scale (scale, halvings)
+                            sum of all ranks' residuals) and sync_scale (scale, halvings);
+                            with --reproducible also grid_exponents (nn/exact.py's)
     /progress/epoch_sums    the epoch's running sums so far (loss, correct, rows; all ranks)
     /progress/epoch_confusion  the epoch's confusion counts so far (C*C; optional: absent
                             in older checkpoints, empty for regression)
@@ -62,6 +63,7 @@ from mpinn.nn.finite import all_finite
 from mpinn.nn.model import MLP, Architecture
 
 FORMAT = "mpinn-checkpoint-1"
+GRIDS = "grid_exponents"  # /optimizer's array of a --reproducible run's grids (exact.py)
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 DIGEST_MAGIC = b"mpinn-checkpoint-digest-1"
 USERBLOCK = 512  # bytes before HDF5's superblock: the header, then zeros

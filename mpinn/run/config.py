@@ -89,6 +89,14 @@ class TrainConfig:
                         trajectory=True)
     dtype: str = setting("float32", "{choices} (default {default})", choices=DTYPES,
                          trajectory=True, compared=True)
+    reproducible: bool = setting(
+        False, "the same bits on any number of ranks: weights, optimizer state and losses "
+        "identical for P = 1, 2, 3, ... (on machines with the same BLAS kernels). Every "
+        "product that sums over rows, inputs or ranks runs on integer grids in float64, "
+        "exactly (about 20 bits per value relative to each tensor's maximum: "
+        "docs/reproducible.md); a float32 model then computes its products in float64. "
+        "Not with a half-precision --sync-dtype or --shuffle block", const=True,
+        trajectory=True, compared=True)
     weight_decay: float = setting(0.0, "L2 weight decay (default {default})", minimum=0,
                                   compared=True)
     shuffle: str = setting(
@@ -257,6 +265,14 @@ class TrainConfig:
         if self.early_stopping and not self.val_fraction:
             raise UsageError(f"{named('early_stopping')} watches the validation loss: give "
                              f"{named('val_fraction')}")
+        if self.reproducible and (self.sync_dtype != "model" or self.shuffle == "block"):
+            what = (f"{named('sync_dtype')} {self.sync_dtype} rounds each rank's gradient "
+                    f"before the sum" if self.sync_dtype != "model" else
+                    f"{named('shuffle')} block gives each rank windows of its own, which "
+                    f"depend on P")
+            raise UsageError(f"{named('reproducible')}: {what}; use "
+                             + ("--sync-dtype model" if self.sync_dtype != "model"
+                                else "--shuffle global or feistel"))
         if self.val_fraction and self.shuffle == "block":
             # its windows read whole blocks of the file, held-out rows among them
             raise UsageError(f"{named('val_fraction')} cannot be used with {named('shuffle')} "

@@ -11,10 +11,11 @@ from mpinn.comm import collectives
 from mpinn.comm.gradsync import GradientSync
 from mpinn.comm.world import Comm
 from mpinn.data.sampler import Sampling
+from mpinn.nn.exact import ExactMLP
 from mpinn.nn.model import MLP, Architecture
 from mpinn.nn.optim import Optimizer
 from mpinn.nn.schedule import Schedule, scaled_rate
-from mpinn.run.checkpoint import Checkpoint
+from mpinn.run.checkpoint import GRIDS, Checkpoint
 from mpinn.run.config import TRAJECTORY_KEYS, TrainConfig, named
 from mpinn.run.resolve import to_toml, tomllib
 from mpinn.run.rundir import RunDir
@@ -57,12 +58,18 @@ def resume(comm: Comm, cfg: TrainConfig, run: RunDir | None, model: MLP,
     sync.load_full_state(optimizer.state(), optimizer_part(ckpt) if ckpt else None)
     # a half-precision sync's residuals and scale (rank 0 has them)
     sync.load_state(ckpt.optimizer_state if ckpt else None)
+    if isinstance(model, ExactMLP):  # --reproducible: the grids the run was on
+        if ckpt is not None and GRIDS in ckpt.optimizer_state:
+            model.grid_e[:] = ckpt.optimizer_state[GRIDS]
+        collectives.broadcast(comm, model.grid_e, what="the grid exponents")
     return meta
 
 
 def optimizer_part(ckpt: Checkpoint) -> dict[str, np.ndarray]:
-    """The optimizer's arrays of a checkpoint's /optimizer (the sync's have their own)."""
-    return {k: v for k, v in ckpt.optimizer_state.items() if not k.startswith("sync_")}
+    """The optimizer's arrays of a checkpoint's /optimizer (the sync's and the grids'
+    have their own)."""
+    return {k: v for k, v in ckpt.optimizer_state.items()
+            if not k.startswith("sync_") and k != GRIDS}
 
 
 def check_compatible(ckpt: Checkpoint, cfg: TrainConfig, arch: Architecture,

@@ -36,12 +36,14 @@ from mpinn.data.sampler import (
     steps_per_epoch,
 )
 from mpinn.nn.dropout import Dropout
+from mpinn.nn.exact import ExactMLP
+from mpinn.nn.fixed import Budget
 from mpinn.nn.model import MLP, Architecture
 from mpinn.nn.optim import make_optimizer
 from mpinn.nn.schedule import Schedule
 from mpinn.run import checkpoint
-from mpinn.run.checkpoint import Checkpoint
-from mpinn.run.config import TrainConfig
+from mpinn.run.checkpoint import GRIDS, Checkpoint
+from mpinn.run.config import TrainConfig, named
 from mpinn.run.resolve import to_toml
 from mpinn.run.rundir import RunDir
 from mpinn.train.resume import make_schedule, resume
@@ -182,7 +184,8 @@ class Session:
                           optimizer=cfg.optimizer,
                           optimizer_state={**self.sync.full_state(
                                               self.learner.optimizer.state()),
-                                           **self.sync.saved_state()},
+                                           **self.sync.saved_state(),
+                                           **grid_state(self.model)},
                           epoch_sums=sums[:3], epoch_confusion=sums[3:],
                           data_shape=data_shape(self.problem),
                           ranks=self.comm.size, lr_anchor=self.schedule.anchor,
@@ -210,6 +213,12 @@ class Session:
         self.data.file.close()
         if self.run is not None:
             self.run.close()
+
+
+def grid_state(model: MLP) -> dict[str, np.ndarray]:
+    """What a checkpoint keeps of an ExactMLP (--reproducible): its grid exponents, so
+    that a resumed run continues on the same grids."""
+    return {GRIDS: model.grid_e.copy()} if isinstance(model, ExactMLP) else {}
 
 
 def data_shape(problem: Problem) -> tuple[int, int, int]:
@@ -277,26 +286,52 @@ def build_learner(comm: Comm, cfg: TrainConfig, problem: Problem, arch: Architec
     """Collective: the sync buffer, the model around it, the optimizer and the dropout
     masks (for max_rows rows), or a UsageError on every rank if they do not fit in some
     rank's memory."""
+    budget = grids(cfg, arch)
+
     def build() -> Learner:
         sync = GradientSync(comm, arch.n_params, arch.dtype, cfg.sync,
                             int(cfg.bucket_mb * 1e6), test_in_flight=len(hosts[0]) > 1,
                             wire=None if cfg.sync_dtype == "model" else cfg.sync_dtype,
-                            shard=cfg.shard_optimizer)
-        model = MLP(arch, max_rows, grads=sync.grads, dropout=any(cfg.dropout),
-                    accumulate=cfg.accumulate > 1)
+                            shard=cfg.shard_optimizer,
+                            exact=2 * len(cfg.hidden) + 2 if budget else 0)
+        model = build_model(arch, max_rows, sync, budget, dropout=any(cfg.dropout),
+                            accumulate=cfg.accumulate > 1)
         owned = model.params if sync.shards is None else \
             model.params[sync.shards.lo:sync.shards.hi]  # --shard-optimizer: its slice
         optimizer = make_optimizer(cfg.optimizer, owned, cfg.lr, cfg.weight_decay,
                                    cfg.momentum, cfg.l1)
         dropout = Dropout(cfg.dropout, cfg.hidden, max_rows, cfg.seed, cfg.dtype) \
             if any(cfg.dropout) else None
-        return Learner(model, optimizer, sync, problem, dropout, cfg.clip_norm)
+        cast = np.zeros_like(owned) if model.grad_dtype != model.dtype else None
+        return Learner(model, optimizer, sync, problem, dropout, cfg.clip_norm, cast)
     gib = arch.n_params * np.dtype(arch.dtype).itemsize / 2**30
     return affordable(comm, build, (
         f"the model {'-'.join(map(str, arch.sizes))} has {arch.n_params:,} parameters "
         f"({gib:.3g} GiB each for the weights, the gradients and every {cfg.optimizer} state "
         f"array)", "choose smaller --hidden layers"
         + (" or --dtype float32" if arch.dtype == "float64" else "")))
+
+
+def grids(cfg: TrainConfig, arch: Architecture) -> Budget | None:
+    """--reproducible: the bits of every grid (nn/fixed.py), or a UsageError (on every
+    rank alike) if the batch and the widths leave too few; None without it."""
+    if not cfg.reproducible:
+        return None
+    try:
+        return Budget.plan(arch.sizes, cfg.batch_size)
+    except ValueError as exc:
+        raise UsageError(f"{named('reproducible')}: {exc}; choose a smaller "
+                         f"{named('batch_size')} or narrower layers") from None
+
+
+def build_model(arch: Architecture, max_rows: int, sync: GradientSync,
+                budget: Budget | None, **buffers: bool) -> MLP:
+    """The model around the sync's gradient buffer: an ExactMLP, whose grid exponents
+    the sync reduces, with a budget (--reproducible); an MLP without."""
+    if budget is None:
+        return MLP(arch, max_rows, grads=sync.grads, **buffers)
+    return ExactMLP(arch, max_rows, budget, seen=sync.extremes[:-1], grads=sync.grads,
+                    **buffers)
 
 
 def affordable(comm: Comm, build: Callable[[], T], what: tuple[str, str]) -> T:

@@ -11,7 +11,7 @@ order of floating-point summation.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -24,8 +24,9 @@ from mpinn.data.feed import Batch
 from mpinn.data.layout import Problem, nonfinite_message
 from mpinn.data.readers import ReadFailure, SplitReader
 from mpinn.data.sampler import ceil_div, share
-from mpinn.nn import metrics
+from mpinn.nn import fixed, metrics
 from mpinn.nn.dropout import Dropout
+from mpinn.nn.exact import ExactMLP
 from mpinn.nn.model import MLP
 from mpinn.nn.optim import Optimizer
 from mpinn.train.timing import PhaseTimer
@@ -54,6 +55,8 @@ class Learner:
     problem: Problem
     dropout: Dropout | None = None
     clip_norm: float = 0.0  # 0: off
+    cast: np.ndarray | None = None  # --reproducible, float32: the update's gradient
+    redos: list[int] = field(default_factory=lambda: [0])  # --reproducible: steps redone
 
 
 def train_step(learner: Learner, batch: Batch, timer: PhaseTimer, stop: bool = False,
@@ -65,15 +68,65 @@ def train_step(learner: Learner, batch: Batch, timer: PhaseTimer, stop: bool = F
     confusion (the flattened C x C counts of the epoch, classification only) gets
     this rank's predictions of the step added, from the logits before the update.
 
+    The update is skipped when any rank met bad input or the reduced loss or
+    gradient is not finite, so a bad step leaves the weights as they were; all ranks
+    see the same reduced buffer, so all skip alike. --reproducible (an ExactMLP): a
+    step whose values left their grids on some rank is redone, on every rank, on
+    grids from its maxima (nn/exact.py); its loss is the exact global sum on rank 0
+    (0 elsewhere), so that the epoch's sum is exact too.
+    """
+    model, sync = learner.model, learner.sync
+    exact = isinstance(model, ExactMLP)
+    counts = np.zeros_like(confusion) if exact and confusion is not None else confusion
+    for _ in range(2 * model.n_layers + 2 if exact else 1):  # a redo fixes >= 1 grid
+        loss, correct = gradient_sum(learner, batch, timer, stop, counts)
+        applied = not sync.bad_input and sync.finite()
+        if not exact:
+            break
+        fits = model.fits()
+        model.adopt()  # the next attempt's or step's grids: this one's maxima
+        if fits or not applied:
+            break
+        learner.redos[0] += 1
+        if counts is not None:
+            counts.fill(0)
+    if exact:
+        applied = applied and fits  # (values past 2^400: divergence by any measure)
+        loss = sync.loss if sync.comm.rank == 0 else 0.0
+        if confusion is not None:
+            confusion += counts
+    with timer.phase("update"):
+        if applied:
+            # Divide by the true global count (not by P, not by the local count):
+            # g = (1/B) sum_{i in batch} grad loss_i, whatever the shares were.
+            # (--shard-optimizer: this rank's slice of g, and of the parameters;
+            # --reproducible with a float32 model: cast from the exact float64 sum)
+            grads = sync.update_grads
+            if learner.cast is not None:
+                grads = np.multiply(grads, 1.0 / batch.rows, out=learner.cast)
+            else:
+                grads *= 1.0 / batch.rows
+            clip(grads, sync.sq_norm / batch.rows**2, learner.clip_norm)
+            learner.optimizer.step(grads)
+        sync.end_step(applied)  # a half-precision sync: its residuals and next scale
+    if applied and sync.shards:
+        with timer.phase("allgather"):  # every rank's updated slice to every rank
+            sync.gather_params(model.params)
+    return StepResult(loss, correct, applied)
+
+
+def gradient_sum(learner: Learner, batch: Batch, timer: PhaseTimer, stop: bool,
+                 confusion: np.ndarray | None) -> tuple[float, int]:
+    """Forward and backward on this rank's rows, and the sync: every rank then has the
+    gradient summed over the global batch. Returns this rank's loss and correct count.
+
     With micro-batches (gradient accumulation) forward and backward run on each in
-    turn, the 2nd..Kth adding into grads, before the one Allreduce. The update is
-    skipped when any rank met bad input or the reduced loss or gradient is not
-    finite, so a bad step leaves the weights as they were; all ranks see the same
-    reduced buffer, so all skip alike.
+    turn, the 2nd..Kth adding into grads, before the one Allreduce.
     """
     model, sync, x, y = learner.model, learner.sync, batch.x, batch.y
     micro = batch.micro if batch.micro.sum() == len(x) else [len(x)]
-    loss, correct, first = 0.0, 0, 0
+    loss, correct, first, exact = 0.0, 0, 0, 0
+    model.prepare()
     for k, count in enumerate(micro):
         part = slice(first, first + int(count))
         first += int(count)
@@ -85,33 +138,22 @@ def train_step(learner: Learner, batch: Batch, timer: PhaseTimer, stop: bool = F
             correct += count_correct(logits, y[part], learner.problem, confusion)
         with timer.phase("backward"):
             loss += model.loss(y[part])
+            if sync.exact:  # each row's loss on a grid, summed as integers
+                rows = fixed.exact_int(model.row_losses[:int(count)])
+                exact = None if exact is None or rows is None else exact + rows
             if k < len(micro) - 1:  # grads <- (+=) sum over the rows
                 model.backprop(add=k > 0)
                 continue
             # the last micro-batch: the gradient sync starts, its buckets go out while
             # backward computes (the losses and the stop / bad-input flags ride along)
-            sync.start(loss, stop, batch.bad is not None)
+            sync.start(loss, stop, batch.bad is not None, exact)
             model.backprop(add=k > 0, hooks=sync)
     with timer.phase("allreduce"):
         # the rest of the SUM of per-rank gradient sums: the gradient summed over the
         # global batch (what the step waits for after backward: the exposed sync)
         sync.finish()
     timer.add_sync(sync.in_flight)
-    with timer.phase("update"):
-        applied = not sync.bad_input and sync.finite()
-        if applied:
-            # Divide by the true global count (not by P, not by the local count):
-            # g = (1/B) sum_{i in batch} grad loss_i, whatever the shares were.
-            # (--shard-optimizer: this rank's slice of g, and of the parameters)
-            grads = sync.update_grads
-            grads *= 1.0 / batch.rows
-            clip(grads, sync.sq_norm / batch.rows**2, learner.clip_norm)
-            learner.optimizer.step(grads)
-        sync.end_step(applied)  # a half-precision sync: its residuals and next scale
-    if applied and sync.shards:
-        with timer.phase("allgather"):  # every rank's updated slice to every rank
-            sync.gather_params(model.params)
-    return StepResult(loss, correct, applied)
+    return loss, correct
 
 
 def clip(grads: np.ndarray, sq_norm: float, limit: float) -> None:
@@ -143,7 +185,10 @@ def evaluate(comm: Comm, model: MLP, reader: SplitReader | None, problem: Proble
     and the confusion counts are reduced in one Allreduce, then divided. Every
     rank makes the same number of reads (collective with mpio), the last ones maybe
     empty. A non-finite input row, or rows HDF5 cannot read (independent reads), are
-    bad input: UsageError on every rank, naming them.
+    bad input: UsageError on every rank, naming them. The loss is summed exactly (each
+    row's on a grid of 2^-64, as integers: nn/fixed.py): it does not depend on P given
+    the rows' losses, which --reproducible makes P-invariant too, so that early stopping
+    decides alike on any P.
     """
     if reader is None:
         return evaluation(0.0, 0, np.zeros(0), 0)
@@ -154,9 +199,10 @@ def evaluate(comm: Comm, model: MLP, reader: SplitReader | None, problem: Proble
     rows_per_read = max(model.max_rows, EVAL_READ_ROWS)
     x_buf, y_buf = reader.buffers(rows_per_read)
     classes = problem.outputs if problem.classification else 0
-    # loss, rows, ranks that met a non-finite row, then the C x C confusion counts
-    sums = np.zeros(3 + classes * classes)
-    bad = None
+    # rows, ranks that met a non-finite row, the loss's limbs, the C x C confusion counts
+    sums = np.zeros(2 + fixed.LIMBS + classes * classes)
+    bad, loss = None, 0
+    model.prepare()
     for first in range(start, start + ceil_div(n, comm.size), rows_per_read):
         indices = np.arange(first, max(first, min(stop, first + rows_per_read)))
         if rows is not None:
@@ -175,23 +221,31 @@ def evaluate(comm: Comm, model: MLP, reader: SplitReader | None, problem: Proble
             bad = bad or nonfinite_message(reader.file.path, reader.split, found[0],
                                            int(indices[found[1]]))
             continue
-        score(model, x, y, problem, sums, classes)
-    sums[2] = bad is not None
+        loss = score(model, x, y, problem, sums, loss)
+    sums[1] = bad is not None
+    fixed.to_limbs(loss, sums[2:])
     collectives.allreduce_sum(comm, sums)  # integer counts: exact, so the metrics are too
-    if sums[2]:
+    if sums[1]:
         raise UsageError(collectives.first_error(comm, bad))
-    return evaluation(sums[0], int(sums[1]), sums[3:], classes)
+    return evaluation(fixed.from_limbs(sums[2:]), int(sums[0]), sums[2 + fixed.LIMBS:],
+                      classes)
 
 
 def score(model: MLP, x: np.ndarray, y: np.ndarray, problem: Problem, sums: np.ndarray,
-          classes: int) -> None:
-    """sums[:2] += the rows' summed loss and count; sums[3:] += their confusion counts
-    (classification), model.max_rows rows at a time."""
+          loss: int | None) -> int | None:
+    """sums[0] += the rows' count, sums' confusion counts (classification: after the
+    loss's limbs) += theirs, model.max_rows rows at a time; returns loss (fixed.exact_int,
+    None: not finite) plus the rows' summed loss."""
+    confusion = sums[2 + fixed.LIMBS:]
     for lo in range(0, len(y), model.max_rows):
         part = slice(lo, lo + model.max_rows)
         logits = model.forward(x[part])
-        count_correct(logits, y[part], problem, sums[3:] if classes else None)
-        sums[:2] += (model.loss(y[part]), len(y[part]))
+        count_correct(logits, y[part], problem, confusion if len(confusion) else None)
+        sums[0] += len(y[part])
+        model.loss(y[part])
+        rows = fixed.exact_int(model.row_losses[:len(y[part])])
+        loss = None if loss is None or rows is None else loss + rows
+    return loss
 
 
 def evaluation(loss_sum: float, rows: int, counts: np.ndarray, classes: int) -> dict:
