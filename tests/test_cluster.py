@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from test_parallel import train_args
@@ -99,6 +100,20 @@ def test_weights_independent_of_hosts(cluster, shared_synth, tmp_path, across, o
         weights.append(np.concatenate([w.ravel() for w in load_weights(out / "checkpoint.h5")]))
     spread, reference = weights
     assert np.linalg.norm(spread - reference) / np.linalg.norm(reference) <= 1e-12
+
+
+def test_reproducible_is_bitwise_across_hosts(cluster, shared_synth, tmp_path):
+    """--reproducible: 2 hosts x 2 ranks (sums over TCP) end with the bits of 1 rank."""
+    states = []
+    for n in (4, 1):
+        out = tmp_path / f"p{n}"
+        ok(cluster.mpiexec(n, "-m", "mpinn", *train_args(shared_synth, out), "--reproducible",
+                           "--optimizer", "adam", "--dropout", "0.2", "--batch-size", "70",
+                           "--dtype", "float32"))
+        with h5py.File(out / "checkpoint.h5", "r") as f:
+            states.append({k: f[g][k][...].tobytes() for g in ("model", "optimizer")
+                           for k in f[g]})
+    assert states[0] == states[1]
 
 
 def test_gradients_cross_the_network(cluster, shared_synth, tmp_path):

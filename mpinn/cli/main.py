@@ -47,6 +47,7 @@ from mpinn.perf.plot import plot_run
 from mpinn.perf.projection import run_project
 from mpinn.perf.report import build
 from mpinn.perf.timeline import plot_trace
+from mpinn.run import checkpoint
 from mpinn.run.config import SWEEP_KEYS, keys
 from mpinn.run.resolve import load_toml, parse_hidden, resolve
 from mpinn.run.rundir import CONFIG, holds_run
@@ -210,6 +211,9 @@ def digits(args: argparse.Namespace) -> int:
 
 
 def inspect(args: argparse.Namespace) -> int:
+    if checkpoint.is_checkpoint(args.file):
+        print(checkpoint.describe(args.file))
+        return EXIT_OK
     print(datasets.inspect(args.file))
     if args.check:
         print(datasets.check_values(args.file, max_abs=args.max_abs))

@@ -61,6 +61,7 @@ from mpinn.base.hdf5 import hdf5_errors, open_hdf5_image
 from mpinn.data import probe
 from mpinn.nn.finite import all_finite
 from mpinn.nn.model import MLP, Architecture
+from mpinn.run.resolve import tomllib
 
 FORMAT = "mpinn-checkpoint-1"
 GRIDS = "grid_exponents"  # /optimizer's array of a --reproducible run's grids (exact.py)
@@ -248,3 +249,36 @@ def parse(path: str, f: h5py.File) -> Checkpoint:
         if int(a.get("lr_anchor_step", -1)) >= 0 else None,
         best_val_loss=float(a.get("best_val_loss", float("inf"))),
         best_epoch=int(a.get("best_epoch", 0)), stale_epochs=int(a.get("stale_epochs", 0)))
+
+
+def is_checkpoint(path: str) -> bool:
+    """Whether the file starts as mpinn writes checkpoints (its digest header)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(DIGEST_MAGIC)) == DIGEST_MAGIC
+    except OSError:
+        return False
+
+
+def describe(path: str) -> str:
+    """What `mpinn data inspect` says of a checkpoint: the model, where the run stands,
+    who wrote it, and whether it came from a --reproducible run."""
+    ckpt = load(path)
+    arch, cfg = ckpt.arch, tomllib.loads(ckpt.config)
+    state = ", ".join(f"{k} {np.shape(v)}" for k, v in ckpt.optimizer_state.items()
+                      if k != GRIDS)
+    lines = [f"{path}: mpinn checkpoint of a {ckpt.task} model "
+             f"{'-'.join(map(str, arch.sizes))} ({arch.activation}, {arch.loss}, "
+             f"{arch.dtype}; {arch.n_params:,} parameters)",
+             f"  epoch {ckpt.epoch}, global step {ckpt.step} ({ckpt.step_in_epoch} into the "
+             f"next epoch); written by {ckpt.ranks} rank{'s' if ckpt.ranks > 1 else ''} "
+             f"with mpinn {ckpt.version}",
+             f"  optimizer {ckpt.optimizer}: {state or 'no state'}"]
+    if cfg.get("reproducible", False):
+        lines.append("  reproducible: yes (--reproducible: its weights and optimizer state "
+                     "are those of this run on any number of ranks); grid exponents "
+                     + " ".join(f"{e:g}" for e in ckpt.optimizer_state.get(GRIDS, [])))
+    else:
+        lines.append("  reproducible: no (weights depend on the number of ranks in their "
+                     "last bits)")
+    return "\n".join(lines)

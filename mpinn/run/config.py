@@ -96,7 +96,8 @@ class TrainConfig:
         "exactly (about 20 bits per value relative to each tensor's maximum: "
         "docs/reproducible.md); a float32 model then computes its products in float64. "
         "Not with a half-precision --sync-dtype or --shuffle block", const=True,
-        trajectory=True, compared=True)
+        trajectory=True, compared=True, alias=("--no-reproducible", False, "floating-point "
+                                               "products (the default)"))
     weight_decay: float = setting(0.0, "L2 weight decay (default {default})", minimum=0,
                                   compared=True)
     shuffle: str = setting(

@@ -104,6 +104,9 @@ def summarize(s: Session, record: dict, test: dict) -> dict:
         # the gradient sync per step: in flight (first send to completion, overlapping
         # backward), and exposed (the step's wait for it after backward: "allreduce")
         "sync_s": times.sync, "sync_exposed_s": phases["allreduce"],
+        # --reproducible: the steps redone on wider grids (a value left its grid)
+        "reproducible": s.cfg.reproducible,
+        "redone_steps": s.learner.redos[0] if s.cfg.reproducible else None,
         # validation; the test scores above are the final model's, not best.h5's
         **s.watch.summary(len(data.val_rows), s.progress.epoch),
     }
@@ -170,6 +173,9 @@ def log_start(s: Session) -> None:
                       + f": {s.schedule.describe()}"
                       + (f"; {cfg.accumulate} micro-batches per update" if cfg.accumulate > 1
                          else ""))
+    if cfg.reproducible:
+        console.print0(comm, f"reproducible: the same bits on any number of ranks, products "
+                          f"on integer grids in float64 ({s.model.budget.describe()})")
     io, prefetch = s.data.io, s.data.prefetch
     console.print0(comm, f"io {io}{' (collective MPI-IO)' if io == 'mpio' else ''}, "
                       f"shuffle {cfg.shuffle}, prefetch {'on' if prefetch else 'off'}"
