@@ -288,3 +288,19 @@ def test_without_it_the_last_bits_differ(synth, tmp_path):
     ok(mpinn(2, "train", synth, "--out", tmp_path / "r", "--epochs", 1, *ARGS))
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["reproducible"] is True and summary["redone_steps"] >= 1  # step 1's
+
+
+def test_bench_step_reports_the_reproducible_step(tmp_path):
+    """--reproducible against the normal step on the same rows, phase by phase; the
+    reproducible sync sends float64 plus the loss's limbs; refused with a half-precision
+    wire."""
+    out = tmp_path / "step.json"
+    result = ok(mpinn(2, "bench", "step", "--features", 64, "--hidden", "128", "--batch-size",
+                      64, "--steps", 5, "--reproducible", "--json", out))
+    report = json.loads(out.read_text())["reproducible"]
+    assert report["vs_normal"] > 0 and report["grids_s"] > 0
+    assert set(report["phase_vs_normal"]) >= {"forward", "backward", "allreduce", "update"}
+    assert report["redone_steps"] >= 1 and "layer 1: a" in report["bits"]  # the first step
+    assert "x the normal step" in result.stdout
+    expect_error(mpinn(1, "bench", "step", "--reproducible", "--sync-dtype", "float16"), 2,
+                 "--reproducible", "float16")

@@ -165,6 +165,10 @@ BENCH = Command("bench", "benchmarks (run under mpiexec)", dest="bench_command",
                 arg("--shard-optimizer", action="store_true",
                     help="as in training: each rank updates 1/P of the parameters; reports "
                     "the update, the all-gather and the optimizer's memory per rank"),
+                arg("--reproducible", action="store_true",
+                    help="also time --reproducible's steps (products on integer grids in "
+                    "float64) on the same rows, each after a normal step, and report them "
+                    "against it: per phase, and the time spent putting tensors on grids"),
                 arg("--local-batches", metavar="B[,B...]",
                     help="also time forward + backward at these rows per rank (all ranks at "
                     "once) and fit c0 + c1 x rows: the compute term of the cost model, "

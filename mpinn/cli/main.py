@@ -167,11 +167,14 @@ def bench_step_command(args: argparse.Namespace, comm: Comm) -> None:
         raise UsageError("--features must be >= 1 and --classes >= 2")
     if not args.bucket_mb > 0:
         raise UsageError(f"--bucket-mb must be positive, got {args.bucket_mb:g}")
+    if args.reproducible and args.sync_dtype != "model":
+        raise UsageError(f"--reproducible sums exactly in float64: not with --sync-dtype "
+                         f"{args.sync_dtype}")
     bench_step(comm, args.features, parse_hidden(args.hidden), args.classes,
                args.batch_size, args.steps, args.dtype, args.json,
                local_batches(args.local_batches) if args.local_batches else None,
                args.optimizer, args.sync, args.bucket_mb, args.sync_dtype,
-               args.shard_optimizer)
+               args.shard_optimizer, args.reproducible)
 
 
 def bench_sampler_command(args: argparse.Namespace, comm: Comm) -> None:

@@ -21,6 +21,8 @@ to decide, alike on every rank, whether the step fits (fits()) or is redone.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from mpinn.nn import fixed
@@ -51,6 +53,7 @@ class ExactMLP(MLP):
         self._s_a = [1.0] * layers  # this attempt's grid steps (a, d, W)
         self._s_d = [1.0] * layers
         self._s_w = [1.0] * layers
+        self.grid_s = 0.0  # seconds spent putting tensors on their grids (benchmarks)
 
     @property
     def grad_dtype(self) -> np.dtype:
@@ -59,11 +62,13 @@ class ExactMLP(MLP):
     def prepare(self) -> None:
         """The weights on their grids (from their own maximum: the same on every rank),
         and this attempt's maxima reset."""
+        began = time.perf_counter()
         for i, w in enumerate(self.W):
             e, bits = fixed.exponent(w), self.budget.weight[i]
             self._s_w[i] = fixed.grid(e, bits, headroom=0)
             fixed.quantize(w, self._wq[i], self._s_w[i], bits, e, e, headroom=0)
         self.seen.fill(fixed.UNSEEN)
+        self.grid_s += time.perf_counter() - began
 
     def fits(self) -> bool:
         """After the sync reduced `seen`: whether every value was on its grid."""
@@ -75,10 +80,12 @@ class ExactMLP(MLP):
 
     def _on_grid(self, slot: int, t: np.ndarray, out: np.ndarray, bits: int) -> float:
         """t's integers into out on grid `slot`'s step (returned); its maximum noted."""
+        began = time.perf_counter()
         e = fixed.exponent(t)
         self.seen[slot] = max(self.seen[slot], e)
         step = fixed.grid(self.grid_e[slot], bits)
         fixed.quantize(t, out, step, bits, e, self.grid_e[slot])
+        self.grid_s += time.perf_counter() - began
         return step
 
     def _scaled(self, x: np.ndarray, y: np.ndarray, scale: float, out: np.ndarray) -> None:

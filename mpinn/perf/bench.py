@@ -22,9 +22,11 @@ from mpinn.comm.world import Comm
 from mpinn.data.feed import Batch
 from mpinn.data.layout import DatasetInfo, Problem
 from mpinn.data.sampler import ceil_div, share
+from mpinn.nn.fixed import Budget
 from mpinn.nn.model import MLP, Architecture
 from mpinn.nn.optim import make_optimizer
 from mpinn.perf import costmodel
+from mpinn.train.session import build_model
 from mpinn.train.step import Learner, train_step
 from mpinn.train.timing import PhaseTimer
 
@@ -98,27 +100,35 @@ def compute_fit(comm: Comm, arch: Architecture, local_batches: list[int], steps:
 
 def new_learner(comm: Comm, arch: Architecture, rows: int, problem: Problem, optimizer: str,
                 lr: float, seed: int, sync_mode: str = "overlap", bucket_mb: float = 1.0,
-                sync_dtype: str = "model", shard: bool = False) -> Learner:
+                sync_dtype: str = "model", shard: bool = False,
+                budget: Budget | None = None) -> Learner:
     """A learner for up to `rows` rows per rank: the model around a gradient sync,
-    initialised from the seed, and the optimizer (of this rank's slice if shard)."""
+    initialised from the seed, and the optimizer (of this rank's slice if shard); with a
+    budget, --reproducible's (an ExactMLP and an exact sync)."""
     sync = GradientSync(comm, arch.n_params, arch.dtype, sync_mode, int(bucket_mb * 1e6),
                         test_in_flight=len(preflight.placement(comm)[0]) > 1,
-                        wire=None if sync_dtype == "model" else sync_dtype, shard=shard)
-    model = MLP(arch, rows, grads=sync.grads)
+                        wire=None if sync_dtype == "model" else sync_dtype, shard=shard,
+                        exact=2 * (len(arch.sizes) - 1) if budget else 0)
+    model = build_model(arch, rows, sync, budget)
     model.init(np.random.default_rng(seed))
     owned = model.params[sync.shards.lo:sync.shards.hi] if shard else model.params
-    return Learner(model, make_optimizer(optimizer, owned, lr, 0.0, 0.9), sync, problem)
+    cast = np.zeros_like(owned) if model.grad_dtype != model.dtype else None
+    return Learner(model, make_optimizer(optimizer, owned, lr, 0.0, 0.9), sync, problem,
+                   cast=cast)
 
 
 def bench_step(comm: Comm, features: int, hidden: tuple[int, ...], classes: int,
                batch: int, steps: int, dtype: str, json_out: str | None,
                local_batches: list[int] | None = None, optimizer_name: str = "sgd",
                sync_mode: str = "overlap", bucket_mb: float = 1.0,
-               sync_dtype: str = "model", shard: bool = False) -> dict:
+               sync_dtype: str = "model", shard: bool = False,
+               reproducible: bool = False) -> dict:
     """Training steps on in-memory data: compute vs GEMM peak; the gradient sync in flight
     and exposed (the wait after backward) vs a bare MPI Allreduce of its bytes; the
     update; anonymous memory per rank vs the model's parameters. With local_batches
-    also the compute fit of the cost model (compute_fit)."""
+    also the compute fit of the cost model (compute_fit). With reproducible, also
+    --reproducible's steps on the same rows, each after a normal one (paired), against
+    them: per phase, and the time spent putting tensors on their grids."""
     rows = ceil_div(batch, comm.size)
     lo, hi = share(batch, comm.rank, comm.size)  # this rank's rows, as in training
     arch = Architecture((features, *hidden, classes), dtype=dtype)
@@ -130,15 +140,19 @@ def bench_step(comm: Comm, features: int, hidden: tuple[int, ...], classes: int,
     rng = np.random.default_rng(2)
     rows_here = Batch.in_memory(rng.standard_normal((hi - lo, features)).astype(np.float32),
                                 rng.integers(0, classes, hi - lo), batch)
-    timer = PhaseTimer()
+    timer, exact_timer = PhaseTimer(), PhaseTimer()
+    exact = new_learner(comm, arch, rows, problem, optimizer_name, 1e-3, 1, sync_mode,
+                        bucket_mb, sync_dtype, shard, Budget.plan(arch.sizes, batch)) \
+        if reproducible else None
     # as in training: the Allreduce is non-blocking, completed by the stall watchdog's loop
     with watchdog.watching(comm, 600, lambda: False, lambda: "mpinn bench step"):
-        cast = 0.0
+        cast, grids = 0.0, 0.0
         for step in range(steps + 1):  # the first is the warm-up step, left out of the figures
-            timer.begin_step()
-            train_step(learner, rows_here, timer)
-            timer.end_step(batch)
+            timed_step(learner, rows_here, timer)
             cast += sync.cast_s if step else 0.0
+            if exact is not None:
+                grids -= exact.model.grid_s if step == 1 else 0.0  # (ExactMLP's)
+                timed_step(exact, rows_here, exact_timer)
     times = timer.reduce_all(comm)
     phases = times.phases
     memory = np.array([anonymous_memory()])
@@ -164,9 +178,33 @@ def bench_step(comm: Comm, features: int, hidden: tuple[int, ...], classes: int,
               "allgather_s": phases["allgather"]["max"],
               "optimizer_bytes_per_rank": learner.optimizer.nbytes,
               **memory_figures(memory[0], arch)}
+    if exact is not None:
+        result["reproducible"] = exact_figures(comm, exact, exact_timer, phases,
+                                               (grids + exact.model.grid_s) / steps)
     if local_batches:
         result["compute_fit"] = compute_fit(comm, arch, local_batches, steps)
     return report(comm, result, format_step(result), json_out)
+
+
+def timed_step(learner: Learner, batch: Batch, timer: PhaseTimer) -> None:
+    timer.begin_step()
+    train_step(learner, batch, timer)
+    timer.end_step(batch.rows)
+
+
+def exact_figures(comm: Comm, exact: Learner, timer: PhaseTimer, normal: dict,
+                  grids: float) -> dict:
+    """Collective: --reproducible's step against the normal one (phases: the normal
+    step's), phase by phase, and its seconds per step on grids (the slowest rank's)."""
+    phases = timer.reduce_all(comm).phases
+    spent = np.array([grids])
+    collectives.allreduce_max(comm, spent)
+    step, base = (sum(p["max"] for p in ph.values()) for ph in (phases, normal))
+    return {"step_time_s": phases, "step_s": step, "vs_normal": step / base,
+            "phase_vs_normal": {k: phases[k]["max"] / v["max"] if v["max"] else None
+                                for k, v in normal.items()},
+            "grids_s": float(spent[0]), "redone_steps": exact.redos[0],
+            "bits": exact.model.budget.describe()}
 
 
 def sync_figures(comm: Comm, sync: GradientSync, times, raw: float, cast: float) -> dict:
@@ -213,7 +251,18 @@ def format_step(r: dict) -> str:
         + f"; its arrays {r['optimizer_bytes_per_rank'] / 1e6:.2f} MB per rank); memory: "
         f"{r['anonymous_rss_bytes_per_rank'] / 1e6:.1f} MB anonymous per rank = "
         f"{r['rss_vs_model']:.1f} x the model's {r['model_bytes'] / 1e6:.2f} MB",
-        f"throughput: {r['samples_per_s']:,.0f} samples/s"] + format_fit(r.get("compute_fit")))
+        f"throughput: {r['samples_per_s']:,.0f} samples/s"] + format_exact(r.get("reproducible"))
+        + format_fit(r.get("compute_fit")))
+
+
+def format_exact(e: dict | None) -> list[str]:
+    if not e:
+        return []
+    return [f"--reproducible: {1e3 * e['step_s']:.3f} ms per step = {e['vs_normal']:.2f} x the "
+            f"normal step (" + ", ".join(f"{k} {v:.2f} x" for k, v in
+                                         e["phase_vs_normal"].items() if v is not None)
+            + f"); {1e3 * e['grids_s']:.3f} ms of it putting tensors on their grids; "
+            f"{e['redone_steps']} steps redone; grids: {e['bits']}"]
 
 
 def format_sync(r: dict) -> str:
