@@ -278,10 +278,10 @@ def test_a_step_allocates_nothing_of_layer_size(comm, mode, reproducible):
 
     from mpinn.data.feed import Batch
     from mpinn.data.layout import DatasetInfo, Problem
-    from mpinn.nn.optim import make_optimizer
-    from mpinn.train.step import Learner, train_step
     from mpinn.nn.fixed import Budget
+    from mpinn.nn.optim import make_optimizer
     from mpinn.train.session import build_model
+    from mpinn.train.step import Learner, train_step
     from mpinn.train.timing import PhaseTimer
     # (--reproducible's model here is float64, where NumPy's ufuncs (the bias's broadcast
     # add, also without --reproducible) use a buffer of np.getbufsize() float64 values:
