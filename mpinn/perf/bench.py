@@ -140,19 +140,10 @@ def bench_step(comm: Comm, features: int, hidden: tuple[int, ...], classes: int,
     rng = np.random.default_rng(2)
     rows_here = Batch.in_memory(rng.standard_normal((hi - lo, features)).astype(np.float32),
                                 rng.integers(0, classes, hi - lo), batch)
-    timer, exact_timer = PhaseTimer(), PhaseTimer()
     exact = new_learner(comm, arch, rows, problem, optimizer_name, 1e-3, 1, sync_mode,
                         bucket_mb, sync_dtype, shard, Budget.plan(arch.sizes, batch)) \
         if reproducible else None
-    # as in training: the Allreduce is non-blocking, completed by the stall watchdog's loop
-    with watchdog.watching(comm, 600, lambda: False, lambda: "mpinn bench step"):
-        cast, grids = 0.0, 0.0
-        for step in range(steps + 1):  # the first is the warm-up step, left out of the figures
-            timed_step(learner, rows_here, timer)
-            cast += sync.cast_s if step else 0.0
-            if exact is not None:
-                grids -= exact.model.grid_s if step == 1 else 0.0  # (ExactMLP's)
-                timed_step(exact, rows_here, exact_timer)
+    timer, exact_timer, cast, grids = run_steps(comm, learner, exact, rows_here, steps)
     times = timer.reduce_all(comm)
     phases = times.phases
     memory = np.array([anonymous_memory()])
@@ -173,17 +164,36 @@ def bench_step(comm: Comm, features: int, hidden: tuple[int, ...], classes: int,
               "gemm_peak_gflops_per_rank": peak[0] / comm.size,
               "compute_vs_gemm_peak": per_rank_gflops / (peak[0] / comm.size),
               "sync": sync_mode, "bucket_mb": bucket_mb,
-              **sync_figures(comm, sync, times, raw[0], cast / steps),
+              **sync_figures(comm, sync, times, raw[0], cast),
               "update_s": phases["update"]["max"], "shard_optimizer": shard,
               "allgather_s": phases["allgather"]["max"],
               "optimizer_bytes_per_rank": learner.optimizer.nbytes,
               **memory_figures(memory[0], arch)}
     if exact is not None:
-        result["reproducible"] = exact_figures(comm, exact, exact_timer, phases,
-                                               (grids + exact.model.grid_s) / steps)
+        result["reproducible"] = exact_figures(comm, exact, exact_timer, phases, grids)
     if local_batches:
         result["compute_fit"] = compute_fit(comm, arch, local_batches, steps)
     return report(comm, result, format_step(result), json_out)
+
+
+def run_steps(comm: Comm, learner: Learner, exact: Learner | None, batch: Batch, steps: int
+              ) -> tuple[PhaseTimer, PhaseTimer, float, float]:
+    """steps + 1 training steps (the first, a warm-up, left out of the figures), each
+    followed by one of exact's (--reproducible) if given. Returns the timers and the
+    seconds per step of the half-precision casts and of exact's grids."""
+    timer, exact_timer = PhaseTimer(), PhaseTimer()
+    # as in training: the Allreduce is non-blocking, completed by the stall watchdog's loop
+    with watchdog.watching(comm, 600, lambda: False, lambda: "mpinn bench step"):
+        cast, grids = 0.0, 0.0
+        for step in range(steps + 1):
+            timed_step(learner, batch, timer)
+            cast += learner.sync.cast_s if step else 0.0
+            if exact is not None:
+                grids -= exact.model.grid_s if step == 1 else 0.0  # (ExactMLP's)
+                timed_step(exact, batch, exact_timer)
+    if exact is not None:
+        grids += exact.model.grid_s
+    return timer, exact_timer, cast / steps, grids / steps
 
 
 def timed_step(learner: Learner, batch: Batch, timer: PhaseTimer) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 from mpinn.comm import console, exits, world
 from mpinn.data import layout as data
 from mpinn.data import sampler
+from mpinn.nn import fixed
 from mpinn.run.resolve import resolve
 from mpinn.train.loop import train
 
@@ -61,9 +62,9 @@ def main() -> int:
     assert sum(n for _, n in pattern) == grad_bytes  # they tile the buffer
     assert sorted(pattern, reverse=True) == pattern  # from its end
     others = [c for c in comm.calls if c not in grad_calls]
-    # only small metric reductions: sums of loss, correct, rows, flags and the C x C
-    # confusion counts (float64), once per epoch
-    small = 8 * (4 + info.outputs ** 2)
+    # only small metric reductions: sums of loss, correct, rows, flags, the evaluation
+    # loss's limbs and the C x C confusion counts (float64), once per epoch
+    small = 8 * (2 + fixed.LIMBS + info.outputs ** 2)
     assert all(nbytes <= small for _, nbytes in others), others
     assert len(others) <= 4 * epochs + 4, len(others)  # per epoch, not per step
     console.print0(comm, f"allreduce ok: {steps} steps, {per_step} gradient Allreduces each")
