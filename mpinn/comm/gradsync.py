@@ -4,12 +4,14 @@ started while backward still computes (overlap) or after it (blocking)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 from mpi4py import MPI
 
 from mpinn.comm import collectives
 from mpinn.comm.collectives import complete
+from mpinn.comm.inflight import PanelRunner
 from mpinn.comm.shards import Shards
 from mpinn.comm.wire import WireBucket, WireSync
 from mpinn.comm.world import Comm
@@ -98,6 +100,7 @@ class GradientSync:
         self.front = self.sent = 0  # buffer[front:] is final, buffer[sent:] is sent
         self.started_at = self.done_at = 0.0  # first send; completion, as first seen
         self.bucket_times: list[list[float]] = []  # [start, completion as first seen]
+        self._panels = PanelRunner()  # compute()'s worker thread
 
     def start(self, loss: float, stop: bool = False, bad_input: bool = False,
               exact_loss: int | None = 0) -> None:
@@ -123,8 +126,18 @@ class GradientSync:
         if self.overlap and self.sent - self.front >= self.bucket:
             self._send(self.front, self.sent)
 
+    def compute(self, work: Callable[[], None]) -> None:
+        """Run a panel of backward (its hook). With buckets in flight over a network, the
+        panel runs in a worker thread while this one tests the buckets (inflight.py);
+        else here, then one test."""
+        if not self.requests or self.done_at or not self.test_in_flight:
+            work()
+            self.progress()
+            return
+        self._panels.run(work, self.progress)
+
     def progress(self) -> None:
-        """Test the buckets in flight (backward's hook, between panels)."""
+        """Test the buckets in flight (between and during backward's panels)."""
         if not self.requests or self.done_at or not self.test_in_flight:
             return
         if self.wire:
@@ -373,3 +386,4 @@ class GradientSync:
                                self._squares, self.shard_control[slots:])
         return fixed.square_value(self.shard_control[slots:], self.extremes[-1],
                                   len(self.grads))
+

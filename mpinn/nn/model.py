@@ -18,6 +18,7 @@ allocates no arrays of layer width.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -96,8 +97,17 @@ class BackwardHooks(Protocol):
     def ready(self, start: int, stop: int) -> None:
         """grads[start:stop] is final (the final part only grows, from the end)."""
 
-    def progress(self) -> None:
-        """A panel of compute is done: a moment to test messages in flight."""
+    def compute(self, work: Callable[[], None]) -> None:
+        """Run work, a panel of backward's products (a gradient sync tests its messages
+        in flight meanwhile, or at least when it is done)."""
+
+
+def run(hooks: BackwardHooks | None, work: Callable[..., None], *args: object) -> None:
+    """work(*args), a panel of backward, through the hooks if any (hooks.compute)."""
+    if hooks is None:
+        work(*args)
+    else:
+        hooks.compute(functools.partial(work, *args))
 
 
 class MLP:
@@ -221,8 +231,8 @@ class MLP:
         (Architecture.panels), whoever asks. With hooks, hooks.ready(start, stop) says
         when grads[start:stop] is final: the layers come last to first, each layer's
         bias, then its weight rows last to first, so what is final always grows from
-        the end of the vector (a contiguous tail); hooks.progress() is called between
-        panels (a gradient sync tests its messages there).
+        the end of the vector (a contiguous tail); every panel runs through
+        hooks.compute() (a gradient sync tests its messages meanwhile).
         """
         n = self._n_rows
         delta = self._deltas[-1][:n]
@@ -234,9 +244,7 @@ class MLP:
             if i > 0:  # delta_{i-1} in column panels (row panels are slow for few rows)
                 prev = self._deltas[i - 1][:n]
                 for lo, hi in self.arch.panels(self.arch.sizes[i], n):
-                    self._delta_panel(i, delta, lo, hi, prev[:, lo:hi])
-                    if hooks is not None:
-                        hooks.progress()
+                    run(hooks, self._delta_panel, i, delta, lo, hi, prev[:, lo:hi])
                 scratch = self._scratch[: prev.size].reshape(prev.shape)
                 mask = self._masks[i - 1] if self._masks else None
                 if mask is not None:
@@ -260,15 +268,20 @@ class MLP:
         if hooks is not None:
             hooks.ready(stop - fan_out, stop)
         for lo, hi in reversed(self.arch.panels(self.arch.sizes[i], fan_out)):
-            if add:
-                dw = self._dw[:(hi - lo) * fan_out].reshape(hi - lo, fan_out)
-                self._weight_panel(i, a_prev, delta, lo, hi, dw)
-                self.dW[i][lo:hi] += dw
-            else:
-                self._weight_panel(i, a_prev, delta, lo, hi, self.dW[i][lo:hi])
+            run(hooks, self._weight_rows, i, a_prev, delta, lo, hi, add)
             if hooks is not None:
                 hooks.ready(start + lo * fan_out, start + hi * fan_out)
-                hooks.progress()
+
+    def _weight_rows(self, i: int, a_prev: np.ndarray, delta: np.ndarray, lo: int, hi: int,
+                     add: bool) -> None:
+        """Rows lo:hi of dW_i into, or added to (add), grads."""
+        if add:
+            fan_out = self.arch.sizes[i + 1]
+            dw = self._dw[:(hi - lo) * fan_out].reshape(hi - lo, fan_out)
+            self._weight_panel(i, a_prev, delta, lo, hi, dw)
+            self.dW[i][lo:hi] += dw
+        else:
+            self._weight_panel(i, a_prev, delta, lo, hi, self.dW[i][lo:hi])
 
     # The products, which exact.py carries out in fixed point instead.
     def _product(self, i: int, a: np.ndarray, z: np.ndarray) -> None:

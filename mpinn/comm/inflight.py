@@ -1,0 +1,40 @@
+"""Backward's panels computed while messages are in flight: a panel runs in a worker
+thread (BLAS releases the GIL) and the calling thread, which makes every MPI call, tests
+the messages every TEST_EVERY seconds. MPI moves a message only inside MPI calls; a
+panel takes milliseconds, which would leave a network link idle between two tests, and
+smaller panels would slow the GEMMs (model.PANEL_ELEMENTS)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
+
+import numpy as np
+
+TEST_EVERY = 0.001  # seconds between tests while a panel computes (0.5 ms slowed backward
+#                     more on the lab, for no less exposed sync: docs/performance.md)
+
+
+class PanelRunner:
+    """One worker thread, made when first needed, for backward's panels."""
+
+    def __init__(self) -> None:
+        self._worker: ThreadPoolExecutor | None = None
+
+    def run(self, work: Callable[[], None], test: Callable[[], None]) -> None:
+        """work() in the worker while test() runs here every TEST_EVERY seconds; then
+        test() once more. The panel's exception, if any, is raised here."""
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, "mpinn-backward")
+        job = self._worker.submit(quietly, work)
+        while not wait((job,), timeout=TEST_EVERY).done:
+            test()
+        job.result()
+        test()
+
+
+def quietly(work: Callable[[], None]) -> None:
+    """work() with NumPy's floating-point warnings off, as the training loop has them
+    (a divergence is the guard's business; a worker thread has its own settings)."""
+    with np.errstate(all="ignore"):
+        work()
