@@ -96,6 +96,57 @@ def test_a_value_past_its_grid_is_saturated_and_seen():
 
 
 @pytest.mark.fast
+def test_evaluation_puts_each_row_on_its_own_grid():
+    """Inputs of 0-255 (raw pixels) on grids that never saw them (a fresh model's): an
+    evaluation's forward is neither clipped (within 1e-5 of the floating-point logits)
+    nor different for any split of the rows."""
+    x, _ = batch()
+    x = np.abs(x) * 80
+    model = exact_model("float64")
+    model.grid_e[:] = 0
+    model.prepare(evaluation=True)
+    logits = model.forward(x).copy()
+    for lo, hi in SPLITS:
+        assert (model.forward(x[lo:hi]) == logits[lo:hi]).all()
+    plain = MLP(model.arch, 100)
+    plain.params[:] = model.params
+    expected = plain.forward(x)
+    assert np.abs(logits - expected).max() < 1e-5 * np.abs(expected).max()
+
+
+@pytest.mark.fast
+def test_a_step_with_bad_input_keeps_its_grids():
+    """A rank with a non-finite row hides its maxima from the MAX: the step is not
+    applied, and its grids are not adopted either (they would depend on P)."""
+    from mpi4py import MPI
+
+    from mpinn.comm import world
+    from mpinn.comm.gradsync import GradientSync
+    from mpinn.data.feed import Batch
+    from mpinn.data.layout import DatasetInfo, Problem
+    from mpinn.nn.optim import make_optimizer
+    from mpinn.train.step import Learner, train_step
+    from mpinn.train.timing import PhaseTimer
+    arch = Architecture((50, 64, 32, 10), "tanh", "cross-entropy", "float64")
+    world.start()  # (importing mpinn.comm never starts MPI)
+    sync = GradientSync(MPI.COMM_SELF, arch.n_params, arch.dtype, exact=6)
+    model = ExactMLP(arch, 100, Budget.plan(arch.sizes, 100), seen=sync.extremes[:-1],
+                     grads=sync.grads)
+    model.init(np.random.default_rng(1))
+    learner = Learner(model, make_optimizer("adam", model.params, 1e-3, 0.0, 0.0), sync,
+                      Problem(DatasetInfo("-", 100, 0, 50, "classification", 10), 10))
+    x, y = batch()
+    good = Batch.in_memory(x, y, 100)
+    assert train_step(learner, good, PhaseTimer()).applied
+    grids, params = model.grid_e.copy(), model.params.copy()
+    x = x.copy()
+    x[3, 3] = np.nan
+    bad = good._replace(x=x, bad="row 3 is not finite")
+    assert not train_step(learner, bad, PhaseTimer()).applied
+    assert (model.grid_e == grids).all() and (model.params == params).all()
+
+
+@pytest.mark.fast
 @pytest.mark.parametrize("sizes, batch_rows", [((784, 1024, 1024, 10), 4096),
                                                ((50, 64, 32, 10), 100), ((3, 1), 1),
                                                ((20000, 30000, 5), 2**20)])

@@ -27,8 +27,11 @@ class PanelRunner:
         if self._worker is None:
             self._worker = ThreadPoolExecutor(1, "mpinn-backward")
         job = self._worker.submit(quietly, work)
-        while not wait((job,), timeout=TEST_EVERY).done:
-            test()
+        try:
+            while not wait((job,), timeout=TEST_EVERY).done:
+                test()
+        finally:  # (a failed test: the panel still ends before anything else runs)
+            wait((job,))
         job.result()
         test()
 

@@ -54,14 +54,17 @@ class ExactMLP(MLP):
         self._s_d = [1.0] * layers
         self._s_w = [1.0] * layers
         self.grid_s = 0.0  # seconds spent putting tensors on their grids (benchmarks)
+        self._rowwise = False  # prepare(evaluation=True): forward on each row's own grid
 
     @property
     def grad_dtype(self) -> np.dtype:
         return np.dtype(np.float64)
 
-    def prepare(self) -> None:
+    def prepare(self, evaluation: bool = False) -> None:
         """The weights on their grids (from their own maximum: the same on every rank),
-        and this attempt's maxima reset."""
+        and this attempt's maxima reset. evaluation: the forward passes that follow put
+        each row on a grid of its own (rowwise), not on the training grids."""
+        self._rowwise = evaluation
         began = time.perf_counter()
         for i, w in enumerate(self.W):
             e, bits = fixed.exponent(w), self.budget.weight[i]
@@ -88,9 +91,10 @@ class ExactMLP(MLP):
         self.grid_s += time.perf_counter() - began
         return step
 
-    def _scaled(self, x: np.ndarray, y: np.ndarray, scale: float, out: np.ndarray) -> None:
-        """out <- (x @ y) * scale, the product exact (integers) and the scale a power of two;
-        through float64 scratch for a float32 model."""
+    def _scaled(self, x: np.ndarray, y: np.ndarray, scale: float | np.ndarray,
+                out: np.ndarray) -> None:
+        """out <- (x @ y) * scale, the product exact (integers) and the scale a power of two
+        (or a column of them, one per row); through float64 scratch for a float32 model."""
         if out.dtype == np.float64:
             np.matmul(x, y, out=out)
             out *= scale
@@ -101,6 +105,10 @@ class ExactMLP(MLP):
 
     def _product(self, i: int, a: np.ndarray, z: np.ndarray) -> None:
         aq = self._aq[i][:len(a)]
+        if self._rowwise:
+            self._scaled(aq, self._wq[i], rowwise(a, aq, self.budget.act[i])
+                         * self._s_w[i], z)
+            return
         self._s_a[i] = self._on_grid(i, a, aq, self.budget.act[i])
         self._scaled(aq, self._wq[i], self._s_a[i] * self._s_w[i], z)
 
@@ -122,3 +130,15 @@ class ExactMLP(MLP):
                      out: np.ndarray) -> None:
         self._scaled(self._dq[i][:len(delta)], self._wq[i][lo:hi].T,
                      self._s_d[i] * self._s_w[i], out)
+
+
+def rowwise(a: np.ndarray, out: np.ndarray, bits: int) -> np.ndarray:
+    """Evaluation: each row of a on a grid of its own, from its own maximum, into out (so
+    no value is ever past a grid, whatever the training grids: a forward product never
+    sums across rows, so it stays exact). Returns the rows' grid steps, a column."""
+    top = np.maximum(a.max(axis=1, initial=0.0), -a.min(axis=1, initial=0.0))
+    e = np.clip(np.frexp(top)[1], fixed.LOWEST, fixed.HIGHEST)
+    steps = np.ldexp(1.0, e + fixed.HEADROOM - bits)[:, None]
+    np.divide(a, steps, out=out)  # powers of two: exact
+    np.rint(out, out=out)
+    return steps

@@ -123,7 +123,8 @@ def exact_int(values: np.ndarray) -> int | None:
 def to_limbs(total: int | None, out: np.ndarray) -> None:
     """An exact_int() total as LIMBS float64 limbs (SUM-reducible, exactly); NaN limbs
     for None or a total past the top limb's range."""
-    if total is None or abs(total) >= 1 << (LIMB_BITS * LIMBS + 16):
+    if total is None or abs(total) >= 1 << (LIMB_BITS * LIMBS):  # (the top limb too
+        #                                       stays below 2^24: exact for 2^29 ranks)
         out[:LIMBS] = np.nan
         return
     mask = (1 << LIMB_BITS) - 1

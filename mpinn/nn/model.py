@@ -153,9 +153,9 @@ class MLP:
     def n_layers(self) -> int:
         return len(self.W)
 
-    def prepare(self) -> None:
+    def prepare(self, evaluation: bool = False) -> None:
         """Before a step or an evaluation, after the weights changed (exact.py: their
-        grids)."""
+        grids, and for an evaluation each row's own)."""
 
     def init(self, rng: np.random.Generator) -> None:
         """He-normal weights for relu, Glorot-uniform for tanh/sigmoid; zero biases.

@@ -84,8 +84,10 @@ def train_step(learner: Learner, batch: Batch, timer: PhaseTimer, stop: bool = F
         if not exact:
             break
         fits = model.fits()
+        if not applied:  # bad input or divergence: nothing of it is kept, grids neither
+            break  # (a rank with a non-finite row would hide its maxima from the MAX)
         model.adopt()  # the next attempt's or step's grids: this one's maxima
-        if fits or not applied:
+        if fits:
             break
         learner.redos[0] += 1
         if counts is not None:
@@ -202,7 +204,7 @@ def evaluate(comm: Comm, model: MLP, reader: SplitReader | None, problem: Proble
     # rows, ranks that met a non-finite row, the loss's limbs, the C x C confusion counts
     sums = np.zeros(2 + fixed.LIMBS + classes * classes)
     bad, loss = None, 0
-    model.prepare()
+    model.prepare(evaluation=True)
     for first in range(start, start + ceil_div(n, comm.size), rows_per_read):
         indices = np.arange(first, max(first, min(stop, first + rows_per_read)))
         if rows is not None:
