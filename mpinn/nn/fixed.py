@@ -75,6 +75,11 @@ class Budget:
                              f"value in 53 (ceil(log2 batch) + 2 x bits <= 53)")
         return cls(tuple(act), tuple(delta), tuple(weight))
 
+    @property
+    def exponents(self) -> int:
+        """The grid exponents a step reduces: every layer's input and delta."""
+        return 2 * len(self.act)
+
     def describe(self) -> str:
         return ", ".join(f"layer {i + 1}: a {a}, d {d}, W {w} bits" for i, (a, d, w)
                          in enumerate(zip(self.act, self.delta, self.weight)))
@@ -150,8 +155,7 @@ def square_parts(g: np.ndarray, top: float, count: int, scratch: np.ndarray,
     one (part 1), so |g|^2 = part0 * s0 + part1 * s1 within count * 2^-104 of max g^2
     (square_value). The same for any order or split of the terms. scratch: two chunks
     (2 x CHUNK values, or fewer), which g is taken in."""
-    bits = MANTISSA - 1 - lg(max(count, 2))
-    s0 = math.ldexp(1.0, int(2 * min(top, HIGHEST)) - bits)
+    s0, bits = square_grid(top, count)
     chunk = len(scratch) // 2
     out[:2] = 0
     for lo in range(0, g.size, chunk):
@@ -170,6 +174,12 @@ def square_parts(g: np.ndarray, top: float, count: int, scratch: np.ndarray,
 
 def square_value(parts: np.ndarray, top: float, count: int) -> float:
     """|g|^2 from square_parts' (reduced) parts."""
-    bits = MANTISSA - 1 - lg(max(count, 2))
-    s0 = math.ldexp(1.0, int(2 * min(top, HIGHEST)) - bits)
+    s0, bits = square_grid(top, count)
     return float(parts[0]) * s0 + float(parts[1]) * math.ldexp(s0, -bits)
+
+
+def square_grid(top: float, count: int) -> tuple[float, int]:
+    """square_parts' coarse grid step for squares below 2^(2 top), and the bits of each
+    part: count terms of that many bits sum below 2^52."""
+    bits = MANTISSA - 1 - lg(max(count, 2))
+    return math.ldexp(1.0, int(2 * min(top, HIGHEST)) - bits), bits

@@ -27,7 +27,7 @@ from mpinn.nn.model import MLP, Architecture
 from mpinn.nn.optim import make_optimizer
 from mpinn.perf import costmodel
 from mpinn.train.session import build_model
-from mpinn.train.step import Learner, train_step
+from mpinn.train.step import Learner, train_step, update_cast
 from mpinn.train.timing import PhaseTimer
 
 
@@ -108,13 +108,12 @@ def new_learner(comm: Comm, arch: Architecture, rows: int, problem: Problem, opt
     sync = GradientSync(comm, arch.n_params, arch.dtype, sync_mode, int(bucket_mb * 1e6),
                         test_in_flight=len(preflight.placement(comm)[0]) > 1,
                         wire=None if sync_dtype == "model" else sync_dtype, shard=shard,
-                        exact=2 * (len(arch.sizes) - 1) if budget else 0)
+                        exact=budget.exponents if budget else 0)
     model = build_model(arch, rows, sync, budget)
     model.init(np.random.default_rng(seed))
     owned = model.params[sync.shards.lo:sync.shards.hi] if shard else model.params
-    cast = np.zeros_like(owned) if model.grad_dtype != model.dtype else None
     return Learner(model, make_optimizer(optimizer, owned, lr, 0.0, 0.9), sync, problem,
-                   cast=cast)
+                   cast=update_cast(model, owned))
 
 
 def bench_step(comm: Comm, features: int, hidden: tuple[int, ...], classes: int,

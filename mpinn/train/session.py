@@ -47,7 +47,7 @@ from mpinn.run.config import TrainConfig, named
 from mpinn.run.resolve import to_toml
 from mpinn.run.rundir import RunDir
 from mpinn.train.resume import make_schedule, resume
-from mpinn.train.step import Learner
+from mpinn.train.step import Learner, update_cast
 from mpinn.train.timing import PhaseTimer
 from mpinn.train.trace import CHECKPOINT_TID, Trace
 
@@ -293,7 +293,7 @@ def build_learner(comm: Comm, cfg: TrainConfig, problem: Problem, arch: Architec
                             int(cfg.bucket_mb * 1e6), test_in_flight=len(hosts[0]) > 1,
                             wire=None if cfg.sync_dtype == "model" else cfg.sync_dtype,
                             shard=cfg.shard_optimizer,
-                            exact=2 * len(cfg.hidden) + 2 if budget else 0)
+                            exact=budget.exponents if budget else 0)
         model = build_model(arch, max_rows, sync, budget, dropout=any(cfg.dropout),
                             accumulate=cfg.accumulate > 1)
         owned = model.params if sync.shards is None else \
@@ -302,8 +302,8 @@ def build_learner(comm: Comm, cfg: TrainConfig, problem: Problem, arch: Architec
                                    cfg.momentum, cfg.l1)
         dropout = Dropout(cfg.dropout, cfg.hidden, max_rows, cfg.seed, cfg.dtype) \
             if any(cfg.dropout) else None
-        cast = np.zeros_like(owned) if model.grad_dtype != model.dtype else None
-        return Learner(model, optimizer, sync, problem, dropout, cfg.clip_norm, cast)
+        return Learner(model, optimizer, sync, problem, dropout, cfg.clip_norm,
+                       update_cast(model, owned))
     gib = arch.n_params * np.dtype(arch.dtype).itemsize / 2**30
     return affordable(comm, build, (
         f"the model {'-'.join(map(str, arch.sizes))} has {arch.n_params:,} parameters "

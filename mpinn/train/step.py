@@ -158,6 +158,12 @@ def gradient_sum(learner: Learner, batch: Batch, timer: PhaseTimer, stop: bool,
     return loss, correct
 
 
+def update_cast(model: MLP, owned: np.ndarray) -> np.ndarray | None:
+    """Learner.cast: the update's gradient in the model's dtype, where the gradients are
+    not (an ExactMLP of float32: its exact sums are float64); None where they are."""
+    return np.zeros_like(owned) if model.grad_dtype != model.dtype else None
+
+
 def clip(grads: np.ndarray, sq_norm: float, limit: float) -> None:
     """g <- g * limit / |g| if |g| > limit (limit 0: off). |g|^2 comes from the divergence
     guard's dot product (of the reduced sum, so every rank clips alike: P-invariant)."""
