@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mpinn.nn import functional as F
+from mpinn.nn import model as model_module
 from mpinn.nn.model import MLP, Architecture
 from mpinn.nn.optim import SGD, Adam, Momentum
 
@@ -145,3 +146,56 @@ def test_optimizer_steps_do_not_reallocate():
         after = [a.__array_interface__["data"][0] for a in (opt.params, *opt.state().values())]
         assert before == after
         assert opt.params is w
+
+
+@pytest.mark.parametrize("sizes", [(784, 1024, 1024, 10), (3000, 700, 5), (2, 3, 2)])
+def test_weight_panels_tile_each_layer_and_shrink_toward_the_end(sizes):
+    """Each layer's dW panels tile its rows in order, none much over PANEL_ELEMENTS
+    outputs; the first layer's (computed last, first row last) shrink toward row 0, so
+    the message left after backward is small."""
+    arch = Architecture(sizes)
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        panels = arch.panels(i)
+        assert panels[0][0] == 0 and panels[-1][1] == fan_in
+        assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(panels, panels[1:]))
+        outputs = [(hi - lo) * fan_out for lo, hi in panels]
+        cap = max(fan_out, model_module.PANEL_ELEMENTS)
+        assert max(outputs) <= 1.5 * cap
+        if i == 0 and len(panels) > 1:
+            assert outputs[0] <= max(fan_out, model_module.TAIL_ELEMENTS)
+            assert outputs[:-1] == sorted(outputs[:-1])  # doubling up to the cap
+        elif i > 0:
+            assert max(outputs) - min(outputs) <= fan_out  # equal, to a row
+
+
+def test_backward_reports_a_growing_final_tail_through_its_panels():
+    """With hooks, every panel runs through compute() and ready() extends the final part
+    of the gradient from the end to 0, contiguously; the gradient equals backward()'s
+    without hooks, bit for bit (the same panels)."""
+    arch = Architecture((300, 500, 400, 3), dtype="float64")
+    model = MLP(arch, max_rows=9)
+    model.init(np.random.default_rng(3))
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(9, 300)), rng.integers(0, 3, 9)
+    model.forward(x)
+    model.backward(y)
+    plain = model.grads.copy()
+
+    class Hooks:
+        front, computed = arch.n_params, 0
+
+        def ready(self, start, stop):
+            assert stop == self.front and start < stop
+            self.front = start
+
+        def compute(self, work):
+            self.computed += 1
+            work()
+
+    hooks = Hooks()
+    model.grads[:] = np.nan
+    model.forward(x)
+    model.backward(y, hooks=hooks)
+    assert hooks.front == 0
+    assert hooks.computed == sum(len(arch.panels(i)) for i in range(3)) + 2  # + 2 deltas
+    np.testing.assert_array_equal(model.grads, plain)

@@ -126,9 +126,8 @@ class ExactMLP(MLP):
         np.matmul(self._aq[i][:n, lo:hi].T, self._dq[i][:n], out=out)
         out *= self._s_a[i] * self._s_d[i]
 
-    def _delta_panel(self, i: int, delta: np.ndarray, lo: int, hi: int,
-                     out: np.ndarray) -> None:
-        self._scaled(self._dq[i][:len(delta)], self._wq[i][lo:hi].T,
+    def _delta_product(self, i: int, delta: np.ndarray, out: np.ndarray) -> None:
+        self._scaled(self._dq[i][:len(delta)], self._wq[i].T,
                      self._s_d[i] * self._s_w[i], out)
 
 

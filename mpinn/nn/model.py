@@ -27,10 +27,15 @@ import numpy as np
 from mpinn.nn import functional as F
 
 DTYPES = ("float32", "float64")
-# outputs per panel of a backward product (1 MiB in float32): the granularity at which
-# a sync in flight is tested. Smaller panels test more often but cost GEMM speed: 16
-# panels of a 1024 x 1024 dW took 1.32x one GEMM here, 4 panels 1.05x.
-PANEL_ELEMENTS = 1 << 17
+# Backward computes each layer's dW in row panels, last rows first, so that a gradient
+# sync in flight sends the rows done while the others compute. At most PANEL_ELEMENTS
+# outputs a panel (2 MiB in float32): smaller panels cost GEMM speed (a 1024 x 1024 dW
+# at 2048 rows took 1.03x one GEMM in 2 panels here, 1.07x in 4, 1.29x in 16). The first
+# layer's dW comes last, with no product after it to hide its messages behind, so its
+# panels shrink toward its end, down to TAIL_ELEMENTS: the message left after backward
+# is small.
+PANEL_ELEMENTS = 1 << 19
+TAIL_ELEMENTS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -65,11 +70,11 @@ class Architecture:
             offset = ranges[-1][1]
         return ranges
 
-    def panels(self, rows: int, width: int) -> tuple[tuple[int, int], ...]:
-        """[lo, hi) panels of `rows` (of a backward product's output, `width` long each):
-        about PANEL_ELEMENTS outputs each, fixed by the shapes alone (so both sync modes
-        compute the same panels, and every rank the same dW panels), in order."""
-        return panels(rows, width)
+    def panels(self, i: int) -> tuple[tuple[int, int], ...]:
+        """[lo, hi) row panels of layer i's dW (fan_in x fan_out), in row order (backward
+        computes them last first): fixed by the shapes alone, so both sync modes compute
+        the same panels and every rank the same. Layer 0's shrink toward row 0."""
+        return panels(self.sizes[i], self.sizes[i + 1], tail=i == 0)
 
     def views(self, flat: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Every layer's W (fan_in x fan_out) and b (fan_out,) as views into a flat vector
@@ -84,10 +89,21 @@ class Architecture:
 
 
 @functools.cache
-def panels(rows: int, width: int) -> tuple[tuple[int, int], ...]:
-    """Architecture.panels, computed once per shape (backward asks at every step)."""
-    count = max(1, min(rows, -(-rows * width // PANEL_ELEMENTS)))
-    edges = [rows * k // count for k in range(count + 1)]
+def panels(rows: int, width: int, tail: bool) -> tuple[tuple[int, int], ...]:
+    """Row panels of a rows x width product (Architecture.panels): equal ones of at most
+    about PANEL_ELEMENTS outputs; with tail, doubling from TAIL_ELEMENTS at row 0 up to
+    that (a last panel under half the one before joins it)."""
+    cap = max(1, PANEL_ELEMENTS // width)
+    if not tail:
+        count = -(-rows // cap)
+        edges = [rows * k // count for k in range(count + 1)]
+    else:
+        edges, size = [0], max(1, TAIL_ELEMENTS // width)
+        while edges[-1] < rows:
+            edges.append(min(rows, edges[-1] + size))
+            size = min(2 * size, cap)
+        if len(edges) > 2 and 2 * (edges[-1] - edges[-2]) < edges[-2] - edges[-3]:
+            del edges[-2]
     return tuple(zip(edges[:-1], edges[1:]))
 
 
@@ -241,10 +257,9 @@ class MLP:
             self._delta_final(i, delta)
             a_prev = self._acts[i][:n]
             self._layer_grads(i, a_prev, delta, add, ranges[i], hooks)
-            if i > 0:  # delta_{i-1} in column panels (row panels are slow for few rows)
+            if i > 0:  # delta_{i-1}, in one product (its messages are tested meanwhile)
                 prev = self._deltas[i - 1][:n]
-                for lo, hi in self.arch.panels(self.arch.sizes[i], n):
-                    run(hooks, self._delta_panel, i, delta, lo, hi, prev[:, lo:hi])
+                run(hooks, self._delta_product, i, delta, prev)
                 scratch = self._scratch[: prev.size].reshape(prev.shape)
                 mask = self._masks[i - 1] if self._masks else None
                 if mask is not None:
@@ -267,7 +282,7 @@ class MLP:
             self._bias_grad(i, delta, self.db[i])
         if hooks is not None:
             hooks.ready(stop - fan_out, stop)
-        for lo, hi in reversed(self.arch.panels(self.arch.sizes[i], fan_out)):
+        for lo, hi in reversed(self.arch.panels(i)):
             run(hooks, self._weight_rows, i, a_prev, delta, lo, hi, add)
             if hooks is not None:
                 hooks.ready(start + lo * fan_out, start + hi * fan_out)
@@ -300,10 +315,9 @@ class MLP:
         """out <- rows lo:hi of dW_i = a_{i-1}^T delta_i."""
         np.matmul(a_prev[:, lo:hi].T, delta, out=out)  # no copy: BLAS reads it transposed
 
-    def _delta_panel(self, i: int, delta: np.ndarray, lo: int, hi: int,
-                     out: np.ndarray) -> None:
-        """out <- columns lo:hi of delta_i W_i^T (before f' and the mask)."""
-        np.matmul(delta, self.W[i][lo:hi].T, out=out)
+    def _delta_product(self, i: int, delta: np.ndarray, out: np.ndarray) -> None:
+        """out <- delta_i W_i^T (before f' and the mask)."""
+        np.matmul(delta, self.W[i].T, out=out)
 
     def loss(self, y: np.ndarray) -> float:
         """Summed loss of the last forward() against y (d loss / d logits kept for backward)."""

@@ -26,7 +26,7 @@ def bucket_schedule(sizes: list[int], itemsize: int, bucket_bytes: float
         fi, fo = layers[i]
         # the bias, then the weight rows panel by panel, each made final in its turn
         for elements, cost in ((fo, 0), *(((hi - lo) * fo, (hi - lo) * fo)
-                                          for lo, hi in reversed(arch.panels(fi, fo)))):
+                                          for lo, hi in reversed(arch.panels(i)))):
             pending += elements
             done += cost
             if pending >= threshold:
