@@ -26,6 +26,7 @@ from mpinn.nn.fixed import Budget
 from mpinn.nn.model import MLP, Architecture
 from mpinn.nn.optim import make_optimizer
 from mpinn.perf import costmodel
+from mpinn.run.config import TrainConfig
 from mpinn.train.session import build_model
 from mpinn.train.step import Learner, train_step, update_cast
 from mpinn.train.timing import PhaseTimer
@@ -99,7 +100,7 @@ def compute_fit(comm: Comm, arch: Architecture, local_batches: list[int], steps:
 
 
 def new_learner(comm: Comm, arch: Architecture, rows: int, problem: Problem, optimizer: str,
-                lr: float, seed: int, sync_mode: str = "overlap", bucket_mb: float = 1.0,
+                lr: float, seed: int, sync_mode: str = "overlap", bucket_mb: float = TrainConfig.bucket_mb,
                 sync_dtype: str = "model", shard: bool = False,
                 budget: Budget | None = None) -> Learner:
     """A learner for up to `rows` rows per rank: the model around a gradient sync,
@@ -119,7 +120,7 @@ def new_learner(comm: Comm, arch: Architecture, rows: int, problem: Problem, opt
 def bench_step(comm: Comm, features: int, hidden: tuple[int, ...], classes: int,
                batch: int, steps: int, dtype: str, json_out: str | None,
                local_batches: list[int] | None = None, optimizer_name: str = "sgd",
-               sync_mode: str = "overlap", bucket_mb: float = 1.0,
+               sync_mode: str = "overlap", bucket_mb: float = TrainConfig.bucket_mb,
                sync_dtype: str = "model", shard: bool = False,
                reproducible: bool = False) -> dict:
     """Training steps on in-memory data: compute vs GEMM peak; the gradient sync in flight

@@ -152,7 +152,7 @@ class TrainConfig:
         compared=True, alias=("--no-shard-optimizer", False, "every rank updates all the "
                               "parameters (the default; turns a resumed run's sharding off)"))
     bucket_mb: float = setting(
-        1.0, "overlap: the least MB of gradients sent in one Allreduce (default {default})",
+        0.25, "overlap: the least MB of gradients sent in one Allreduce (default {default})",
         metavar="MB", positive=True, group="performance")
     trace: str = setting(
         "", "write a timeline of the run to FILE (Chrome trace-event JSON; open it in "
