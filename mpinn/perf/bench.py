@@ -100,8 +100,9 @@ def compute_fit(comm: Comm, arch: Architecture, local_batches: list[int], steps:
 
 
 def new_learner(comm: Comm, arch: Architecture, rows: int, problem: Problem, optimizer: str,
-                lr: float, seed: int, sync_mode: str = "overlap", bucket_mb: float = TrainConfig.bucket_mb,
-                sync_dtype: str = "model", shard: bool = False,
+                lr: float, seed: int, sync_mode: str = "overlap",
+                bucket_mb: float = TrainConfig.bucket_mb, sync_dtype: str = "model",
+                shard: bool = False,
                 budget: Budget | None = None) -> Learner:
     """A learner for up to `rows` rows per rank: the model around a gradient sync,
     initialised from the seed, and the optimizer (of this rank's slice if shard); with a
