@@ -9,6 +9,7 @@ import signal
 import pytest
 
 from conftest import expect_error, finish, mpinn, ok, start_mpinn, wait_for
+from mpinn.perf import timeline
 
 
 def nest_without_overlap(events: list[dict]) -> bool:
@@ -73,3 +74,20 @@ def test_a_stop_writes_the_trace(synth, tmp_path):
     steps = [e for e in events if e["ph"] == "X" and e["name"].startswith("step ")]
     assert {e["pid"] for e in steps} == {0, 1} and len(steps) == 2 * 10  # first 5, last 5
     assert any(e["name"] == "checkpoint" for e in events if e["ph"] == "X")
+
+
+@pytest.mark.fast
+def test_the_picture_keeps_what_overlaps_its_window():
+    """The window is rank 0's last steps; rank 1's forward that began 5 us before it is
+    drawn clipped, not left out; what ends before it or begins after it is not drawn."""
+    span = lambda pid, name, ts, dur: {"pid": pid, "name": name, "ts": ts, "dur": dur}  # noqa: E731
+    spans = [span(0, "step 1", 0, 100), span(0, "step 2", 100, 100),
+             span(0, "forward", 100, 40), span(1, "forward", 95, 45),
+             span(1, "backward", 10, 50), span(1, "Allreduce 1.00 MB", 190, 30)]
+    lo, hi = timeline.window(spans, 1)
+    assert (lo, hi) == (100, 200)
+    drawn = timeline.bars(spans, 1, "phases", lo, hi)
+    assert [(e["name"], start, length) for e, start, length in drawn] == [
+        ("forward", 0.0, 0.04)]
+    assert [(start, length) for _, start, length in timeline.bars(spans, 1, "buckets", lo, hi)
+            ] == [(0.09, pytest.approx(0.01))]

@@ -43,6 +43,18 @@ def row_of(event: dict) -> str | None:
     return "read-ahead" if event["name"].startswith("read step") else None
 
 
+def bars(spans: list[dict], rank: int, row: str, lo: float, hi: float
+         ) -> list[tuple[dict, float, float]]:
+    """(event, start, length) in ms from lo of rank's events of `row` that overlap
+    [lo, hi], clipped to it (another rank's step may begin before rank 0's)."""
+    out = []
+    for e in spans:
+        start, end = max(e["ts"], lo), min(e["ts"] + e["dur"], hi)
+        if e["pid"] == rank and row_of(e) == row and start <= end:
+            out.append((e, (start - lo) / 1e3, (end - start) / 1e3))
+    return out
+
+
 def plot_trace(trace: str, out: str, steps: int = 3) -> str:
     """Write the last `steps` steps of the trace as a timeline to out; returns out."""
     spans = read_trace(trace)
@@ -56,11 +68,10 @@ def plot_trace(trace: str, out: str, steps: int = 3) -> str:
         for row in reversed(ROWS):
             y = len(labels)
             labels.append(f"rank {rank}: {row}")
-            for e in spans:
-                if e["pid"] == rank and row_of(e) == row and lo <= e["ts"] <= hi:
-                    ax.barh(y, e["dur"] / 1e3, left=(e["ts"] - lo) / 1e3, height=0.7,
-                            color=COLORS.get(e["name"], "#dd8452"), alpha=0.55 if
-                            row == "buckets" else 1.0, edgecolor="black", linewidth=0.3)
+            for e, start, length in bars(spans, rank, row, lo, hi):
+                ax.barh(y, length, left=start, height=0.7,
+                        color=COLORS.get(e["name"], "#dd8452"), alpha=0.55 if
+                        row == "buckets" else 1.0, edgecolor="black", linewidth=0.3)
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("ms")
     ax.set_title(f"{os.path.basename(trace)}: the last {steps} steps, {len(ranks)} ranks")
