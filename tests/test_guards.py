@@ -19,6 +19,7 @@ from mpinn.base.files import strict_json, temp_path, write_atomically
 from mpinn.comm import gradsync, world
 from mpinn.nn.finite import nonfinite_row
 from mpinn.nn.model import MLP, Architecture
+from mpinn.perf import overlap
 from mpinn.run import checkpoint
 from mpinn.run.checkpoint import Checkpoint
 from mpinn.run.lock import RunLock, break_stale
@@ -266,6 +267,26 @@ def test_the_buckets_tile_the_buffer_from_its_end(comm, mode, bucket_bytes):
     else:  # every bucket but the last (the rest) holds at least bucket_bytes
         assert len(sync.buckets) >= 3
         assert all((hi - lo) * 8 >= bucket_bytes for lo, hi in sync.buckets[:-1])
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("bucket_bytes", [1000, 300_000, 1 << 20])
+def test_the_cost_model_sends_the_buckets_the_sync_sends(comm, bucket_bytes):
+    """perf/overlap.py's schedule, from the shapes alone, names the buckets GradientSync
+    makes of backward's panels (here several per layer): the same bytes, in order."""
+    arch = Architecture((300, 500, 400, 3), dtype="float64")
+    sync = gradsync.GradientSync(comm, arch.n_params, arch.dtype, "overlap", bucket_bytes)
+    model = MLP(arch, 300, grads=sync.grads)
+    model.init(np.random.default_rng(1))
+    rng = np.random.default_rng(2)
+    model.forward(rng.standard_normal((300, 300)))
+    sync.start(model.loss(rng.integers(0, 3, 300)))
+    model.backprop(hooks=sync)
+    sync.finish()
+    sent = [(hi - lo) * 8 for lo, hi in sync.buckets]
+    assert len(sent) >= 2
+    assert sent == [nbytes for nbytes, _ in overlap.bucket_schedule(list(arch.sizes), 8,
+                                                                     bucket_bytes)]
 
 
 @pytest.mark.fast

@@ -148,38 +148,56 @@ def test_optimizer_steps_do_not_reallocate():
         assert opt.params is w
 
 
-@pytest.mark.parametrize("sizes", [(784, 1024, 1024, 10), (3000, 700, 5), (2, 3, 2)])
+@pytest.mark.parametrize("sizes", [(784, 1024, 1024, 10), (3000, 700, 5), (2, 3, 2),
+                                   (1, 5, 3)])
 def test_weight_panels_tile_each_layer_and_shrink_toward_the_end(sizes):
-    """Each layer's dW panels tile its rows in order, none much over PANEL_ELEMENTS
-    outputs; the first layer's (computed last, first row last) shrink toward row 0, so
-    the message left after backward is small."""
+    """Each layer's dW panels tile its rows in order, none over PANEL_ELEMENTS outputs
+    (or one row); the first layer's (computed last, row 0 last) start from a panel of at
+    most TAIL_ELEMENTS at row 0, the smallest, so the message left after backward is
+    small; the other layers' are equal, to a row."""
     arch = Architecture(sizes)
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         panels = arch.panels(i)
         assert panels[0][0] == 0 and panels[-1][1] == fan_in
         assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(panels, panels[1:]))
         outputs = [(hi - lo) * fan_out for lo, hi in panels]
-        cap = max(fan_out, model_module.PANEL_ELEMENTS)
-        assert max(outputs) <= 1.5 * cap
-        if i == 0 and len(panels) > 1:
-            assert outputs[0] <= max(fan_out, model_module.TAIL_ELEMENTS)
-            assert outputs[:-1] == sorted(outputs[:-1])  # doubling up to the cap
-        elif i > 0:
-            assert max(outputs) - min(outputs) <= fan_out  # equal, to a row
+        assert max(outputs) <= max(fan_out, model_module.PANEL_ELEMENTS)
+        if i == 0:
+            assert outputs[0] == min(outputs)
+            assert outputs[0] <= max(fan_out, model_module.TAIL_ELEMENTS) or len(panels) == 1
+        else:
+            assert max(outputs) - min(outputs) <= fan_out
+
+
+def test_weight_panels_at_the_edges():
+    """The shapes the docs name, and the corners: one row, a row over the cap, a small
+    top panel joining the one before (in halves when together they pass the cap)."""
+    panels = model_module.panels
+    assert panels(784, 1024, True) == ((0, 64), (64, 192), (192, 448), (448, 784))
+    assert panels(1024, 1024, False) == ((0, 512), (512, 1024))
+    assert panels(1, 1024, True) == ((0, 1),)
+    assert panels(3, 1 << 20, True) == panels(3, 1 << 20, False) == ((0, 1), (1, 2), (2, 3))
+    assert panels(200, 1024, True) == ((0, 64), (64, 200))  # 8 rows over 192: joined
+    assert panels(1024, 1024, True)[-2:] == ((448, 736), (736, 1024))  # 512 + 64 halved
 
 
 def test_backward_reports_a_growing_final_tail_through_its_panels():
-    """With hooks, every panel runs through compute() and ready() extends the final part
-    of the gradient from the end to 0, contiguously; the gradient equals backward()'s
-    without hooks, bit for bit (the same panels)."""
+    """With hooks, every panel runs through compute() (each delta passed down in one
+    product) and ready() extends the final part of the gradient from the end to 0,
+    contiguously; the gradient equals backward()'s without hooks bit for bit (the same
+    panels), and the first layer's dW, in 2 panels, equals x^T delta_0 in one product."""
     arch = Architecture((300, 500, 400, 3), dtype="float64")
-    model = MLP(arch, max_rows=9)
+    rows = 300  # (a delta of 300 x 500 is more than one panel's outputs)
+    model = MLP(arch, max_rows=rows)
     model.init(np.random.default_rng(3))
     rng = np.random.default_rng(4)
-    x, y = rng.normal(size=(9, 300)), rng.integers(0, 3, 9)
+    x, y = rng.normal(size=(rows, 300)), rng.integers(0, 3, rows)
     model.forward(x)
     model.backward(y)
     plain = model.grads.copy()
+    assert len(arch.panels(0)) == 2
+    np.testing.assert_allclose(model.dW[0], x.T @ model._deltas[0][:rows], rtol=1e-12,
+                               atol=1e-12)
 
     class Hooks:
         front, computed = arch.n_params, 0

@@ -1,6 +1,6 @@
 """Backward's panels computed while messages are in flight: a panel runs in a worker
 thread (BLAS releases the GIL) and the calling thread, which makes every MPI call, tests
-the messages every TEST_EVERY seconds. MPI moves a message only inside MPI calls; a
+the messages TESTS times every TEST_EVERY seconds. MPI moves a message only inside MPI calls; a
 panel takes milliseconds, which would leave a network link idle between two tests, and
 smaller panels would slow the GEMMs (model.PANEL_ELEMENTS)."""
 

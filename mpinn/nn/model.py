@@ -91,8 +91,8 @@ class Architecture:
 @functools.cache
 def panels(rows: int, width: int, tail: bool) -> tuple[tuple[int, int], ...]:
     """Row panels of a rows x width product (Architecture.panels): equal ones of at most
-    about PANEL_ELEMENTS outputs; with tail, doubling from TAIL_ELEMENTS at row 0 up to
-    that (a last panel under half the one before joins it)."""
+    PANEL_ELEMENTS outputs (or one row); with tail, doubling from TAIL_ELEMENTS at row 0
+    up to that. (Cached: tests that change the two sizes call panels.cache_clear().)"""
     cap = max(1, PANEL_ELEMENTS // width)
     if not tail:
         count = -(-rows // cap)
@@ -103,7 +103,9 @@ def panels(rows: int, width: int, tail: bool) -> tuple[tuple[int, int], ...]:
             edges.append(min(rows, edges[-1] + size))
             size = min(2 * size, cap)
         if len(edges) > 2 and 2 * (edges[-1] - edges[-2]) < edges[-2] - edges[-3]:
-            del edges[-2]
+            del edges[-2]  # a top panel under half the one before joins it, in two
+            if edges[-1] - edges[-2] > cap:  # halves if that is over the cap
+                edges.insert(-1, (edges[-2] + edges[-1]) // 2)
     return tuple(zip(edges[:-1], edges[1:]))
 
 

@@ -50,7 +50,8 @@ def bars(spans: list[dict], rank: int, row: str, lo: float, hi: float
     out = []
     for e in spans:
         start, end = max(e["ts"], lo), min(e["ts"] + e["dur"], hi)
-        if e["pid"] == rank and row_of(e) == row and start <= end:
+        inside = start < end or (e["dur"] == 0 and lo <= e["ts"] <= hi)  # (an instant)
+        if e["pid"] == rank and row_of(e) == row and inside:
             out.append((e, (start - lo) / 1e3, (end - start) / 1e3))
     return out
 
