@@ -177,3 +177,19 @@ def test_options_spelt_in_full_still_parse():
     args = build_parser().parse(["train", "d.h5", "--epochs", "3", "--dropout=0.2", "--lr",
                                  "0.1", "--no-shuffle"])
     assert (args.epochs, args.dropout, args.lr, args.shuffle) == (3, "0.2", 0.1, "none")
+
+
+def test_every_option_of_every_command_has_help():
+    """`--help` explains each option of each command and subcommand (not only training's)."""
+    missing = []
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{path} {name}")
+            elif action.option_strings and not action.help:
+                missing.append(f"{path} {action.option_strings[-1]}")
+
+    walk(build_parser(), "mpinn")
+    assert not missing, missing
