@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from mpi4py import MPI
 from conftest import mounted, root_only
 from mpinn.base.errors import CollectiveError, StorageError, UsageError
 from mpinn.base.files import strict_json, temp_path, write_atomically
-from mpinn.comm import gradsync, world
+from mpinn.comm import gradsync, inflight, world
 from mpinn.nn.finite import nonfinite_row
 from mpinn.nn.model import MLP, Architecture
 from mpinn.perf import overlap
@@ -267,6 +268,37 @@ def test_the_buckets_tile_the_buffer_from_its_end(comm, mode, bucket_bytes):
     else:  # every bucket but the last (the rest) holds at least bucket_bytes
         assert len(sync.buckets) >= 3
         assert all((hi - lo) * 8 >= bucket_bytes for lo, hi in sync.buckets[:-1])
+
+
+@pytest.mark.fast
+def test_a_panel_in_the_worker_is_tested_while_something_is_in_flight():
+    """PanelRunner tests TESTS times a wake-up while test() says something is in flight,
+    stops once it says nothing is (until the next panel), tests once after the panel, and
+    raises the panel's error after the panel ended, also when a test fails."""
+    runner, calls, ended = inflight.PanelRunner(), [], []
+
+    def panel(seconds: float, fail: bool = False):
+        def work():
+            time.sleep(seconds)
+            ended.append(True)
+            if fail:
+                raise ValueError("the panel failed")
+        return work
+
+    runner.run(panel(0.05), lambda: calls.append(1) or True)
+    assert len(calls) >= 2 * inflight.TESTS + 1 and len(calls) % inflight.TESTS == 1
+    calls.clear()
+    runner.run(panel(0.05), lambda: calls.append(1) or False)
+    assert len(calls) == 2  # one wake-up, then nothing until the panel ended
+    with pytest.raises(ValueError, match="the panel failed"):
+        runner.run(panel(0.01, fail=True), lambda: True)
+
+    def failing_test():
+        raise RuntimeError("MPI_Test failed")
+    ended.clear()
+    with pytest.raises(RuntimeError, match="MPI_Test failed"):
+        runner.run(panel(0.05), failing_test)
+    assert ended == [True]  # the panel ran to its end before the error left
 
 
 @pytest.mark.fast

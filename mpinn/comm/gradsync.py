@@ -136,10 +136,11 @@ class GradientSync:
             return
         self._panels.run(work, self.progress)
 
-    def progress(self) -> None:
-        """Test the buckets in flight (between and during backward's panels)."""
+    def progress(self) -> bool:
+        """Test the buckets in flight (between and during backward's panels); whether
+        one sent is still in flight (until backward sends the next, no test is needed)."""
         if not self.requests or self.done_at or not self.test_in_flight:
-            return
+            return False
         if self.wire:
             self._gather_in_order()
         done = MPI.Request.Testsome(self.requests)  # (completed ones become null requests)
@@ -150,6 +151,7 @@ class GradientSync:
                     self.bucket_times[k][1] = now
             if all(t[1] for t in self.bucket_times) and self.front == 0:
                 self.done_at = now
+        return not all(t[1] for t in self.bucket_times)
 
     def finish(self) -> None:
         """Send what is not sent yet, then wait for every bucket (through the

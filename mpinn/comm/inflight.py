@@ -24,16 +24,20 @@ class PanelRunner:
     def __init__(self) -> None:
         self._worker: ThreadPoolExecutor | None = None
 
-    def run(self, work: Callable[[], None], test: Callable[[], None]) -> None:
+    def run(self, work: Callable[[], None], test: Callable[[], bool]) -> None:
         """work() in the worker while test() runs here TESTS times every TEST_EVERY
-        seconds; then test() once more. The panel's exception, if any, is raised here."""
+        seconds, until it says nothing is in flight; then test() once more. The panel's
+        exception, if any, is raised here."""
         if self._worker is None:
             self._worker = ThreadPoolExecutor(1, "mpinn-backward")
         job = self._worker.submit(quietly, work)
         try:
-            while not wait((job,), timeout=TEST_EVERY).done:
+            in_flight = True
+            while in_flight and not wait((job,), timeout=TEST_EVERY).done:
                 for _ in range(TESTS):
-                    test()
+                    in_flight = test()
+                    if not in_flight:
+                        break
         finally:  # (a failed test: the panel still ends before anything else runs)
             wait((job,))
         job.result()
