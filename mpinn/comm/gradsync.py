@@ -149,9 +149,10 @@ class GradientSync:
             for k in done:
                 if not self.wire or self.used[k].stage == 2:
                     self.bucket_times[k][1] = now
-            if all(t[1] for t in self.bucket_times) and self.front == 0:
-                self.done_at = now
-        return not all(t[1] for t in self.bucket_times)
+        in_flight = not all(t[1] for t in self.bucket_times)
+        if done and not in_flight and self.front == 0:
+            self.done_at = now
+        return in_flight
 
     def finish(self) -> None:
         """Send what is not sent yet, then wait for every bucket (through the

@@ -1,8 +1,8 @@
 """Backward's panels computed while messages are in flight: a panel runs in a worker
 thread (BLAS releases the GIL) and the calling thread, which makes every MPI call, tests
-the messages TESTS times every TEST_EVERY seconds. MPI moves a message only inside MPI calls; a
-panel takes milliseconds, which would leave a network link idle between two tests, and
-smaller panels would slow the GEMMs (model.PANEL_ELEMENTS)."""
+the messages TESTS times every TEST_EVERY seconds. MPI moves a message only inside MPI
+calls; a panel takes milliseconds, which would leave a network link idle between two
+tests, and smaller panels would slow the GEMMs (model.PANEL_ELEMENTS)."""
 
 from __future__ import annotations
 
@@ -32,12 +32,9 @@ class PanelRunner:
             self._worker = ThreadPoolExecutor(1, "mpinn-backward")
         job = self._worker.submit(quietly, work)
         try:
-            in_flight = True
+            in_flight = True  # (all() stops at the test that finds nothing in flight)
             while in_flight and not wait((job,), timeout=TEST_EVERY).done:
-                for _ in range(TESTS):
-                    in_flight = test()
-                    if not in_flight:
-                        break
+                in_flight = all(test() for _ in range(TESTS))
         finally:  # (a failed test: the panel still ends before anything else runs)
             wait((job,))
         job.result()
